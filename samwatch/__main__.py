@@ -1,0 +1,3 @@
+from samwatch.cli import main
+
+raise SystemExit(main())

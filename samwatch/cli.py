@@ -1,0 +1,151 @@
+"""``samwatch``: argv -> a command, and exit codes (0 ok, 1 a job or check failed, 2 usage/config)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from samwatch import __version__
+from samwatch.config import Config, load_config
+from samwatch.errors import ConfigError
+from samwatch.logs import setup_logging
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="the YAML config file (default: built-in defaults)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from samwatch.daemon import Daemon
+    from samwatch.models.device import DeviceUnavailable
+
+    config = _load(args)
+    setup_logging(config.log_level)
+    try:
+        daemon = Daemon(config, config_path=args.config, threaded=not args.once)
+    except DeviceUnavailable as exc:
+        print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
+        return 2
+    daemon.install_signal_handlers()
+    if args.once:
+        return daemon.run_once()
+    daemon.run_forever(grace_seconds=args.grace)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from samwatch.checking import check_paths
+
+    config = _load(args)
+    problems = check_paths(config, [Path(p) for p in args.paths])
+    for line in problems:
+        print(line)
+    if not problems:
+        print("ok: config and sidecars are valid")
+    return 1 if problems else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    path = config.outbox / "_samwatch" / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"no status at {path}: samwatch has not run with this outbox")
+        return 1
+    updated = datetime.fromisoformat(status["updated"])
+    age = (datetime.now(timezone.utc) - updated).total_seconds()
+    stale = age > 3 * float(status.get("heartbeat_seconds", 5)) + 5
+    if args.json:
+        print(json.dumps({**status, "age_seconds": round(age, 1), "stale": stale}, indent=2))
+        return 1 if stale else 0
+    print(f"samwatch {status['version']} on {status['instance']} (pid {status['pid']}), device {status['device']}")
+    heartbeat = f"last heartbeat {age:.0f} s ago"
+    print(f"state: {status['state']}; {heartbeat}" + ("  -- STALE: the daemon is not running or is hung" if stale else ""))
+    queue = status["queue"]
+    print(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
+    current = status.get("current")
+    if current:
+        print(f"running: {current['job']} {current['stage']} {current['percent']}% ({current['seconds']} s)")
+    models = ", ".join(f"{m['type']}/{m['weights']}" for m in status.get("loaded_models", [])) or "none"
+    print(f"loaded models: {models}")
+    for download in status.get("downloads", []):
+        print(f"downloading: {download.get('type')}/{download.get('name')} {download.get('percent', 0):.0f}%")
+    if status.get("config", {}).get("error"):
+        print(f"config error (old config in force): {status['config']['error']}")
+    failures = status.get("recent_failures", [])
+    if failures:
+        print("recent failures:")
+        for failure in failures[-10:]:
+            print(f"  {failure['at']} {failure['job']}: {failure['error']}: {failure['message']}")
+    return 1 if stale else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from samwatch.sidecar import sidecar_json_schema
+
+    schema = sidecar_json_schema() if args.which == "sidecar" else Config.model_json_schema()
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from samwatch.weights_cli import add_arguments as add_weights_arguments
+
+    parser = argparse.ArgumentParser(prog="samwatch", description="Segment Anything for watched folders.")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="the daemon, in the foreground")
+    _config_option(run)
+    run.add_argument("--once", action="store_true", help="process what is ready now, then exit")
+    run.add_argument("--grace", type=float, default=60.0, help="seconds a running job may finish on SIGTERM")
+    run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser("check", help="validate the config and sidecars")
+    _config_option(check)
+    check.add_argument("paths", nargs="*", help="sidecars (default: every sidecar in the inbox)")
+    check.set_defaults(func=cmd_check)
+
+    status = commands.add_parser("status", help="what the daemon is doing (from the outbox heartbeat)")
+    _config_option(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of the sidecar or the config")
+    schema.add_argument("which", choices=["sidecar", "config"])
+    schema.set_defaults(func=cmd_schema)
+
+    add_weights_arguments(commands)
+    _ensure_config_option(commands.choices["weights"])
+    return parser
+
+
+def _ensure_config_option(parser: argparse.ArgumentParser) -> None:
+    """Every ``weights`` sub-command takes --config like the others."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--config" in a.option_strings for a in sub._actions):
+                    _config_option(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"samwatch: invalid config {exc.file}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

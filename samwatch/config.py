@@ -1,0 +1,243 @@
+"""The daemon's configuration: one pydantic model, the single source of the schema.
+
+Relative paths in a config file are resolved against the folder of that file (so a unit
+file and a person in a shell mean the same folders); with no config file they are relative
+to the working directory, which gives the contract's ./inbox, ./outbox and ./.samwatch.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from samwatch.errors import ConfigError
+from samwatch.modeltypes import ModelType
+
+MAX_CONFIG_BYTES = 1024 * 1024
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_URL_SCHEMES = ("http://", "https://", "hf://", "file://")
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WatchSettings(StrictModel):
+    mode: Literal["auto", "native", "polling"] = Field(
+        "auto",
+        description="auto: native events on local disks, polling on network/FUSE mounts; "
+        "native: inotify & co plus periodic rescans; polling: scans only.",
+    )
+    poll_interval_seconds: float = Field(2.0, gt=0, description="Seconds between polling passes.")
+    settle_seconds: float = Field(
+        2.0, ge=0, description="A file is read only after size and mtime stood still this long."
+    )
+    rescan_interval_seconds: float = Field(
+        60.0, gt=0, description="In native mode, a full rescan this often catches missed events."
+    )
+
+
+class DefaultSettings(StrictModel):
+    model: ModelType = "vit_t"
+    weights: str = "default"
+    label: str = Field("object", description="Classification of features when the sidecar sets none.")
+    priority: int = Field(0, description="Higher runs first; sidecars and folder defaults may override.")
+
+
+class LimitSettings(StrictModel):
+    max_image_pixels: int = Field(178_956_970, gt=0, description="Per frame; larger images are refused.")
+    max_sidecar_bytes: int = Field(1_048_576, gt=0)
+    max_image_bytes: int = Field(8 * 1024**3, gt=0, description="Larger input files are refused unread.")
+    max_video_bytes: int = Field(
+        4 * 1024**3, gt=0, description="RGB bytes of a whole sequence a video job may hold."
+    )
+
+
+class InputSettings(StrictModel):
+    after: Literal["keep", "move"] = Field(
+        "keep", description="move: inputs go to inbox/_done/ or inbox/_failed/ after their job."
+    )
+
+
+class ModelSettings(StrictModel):
+    max_loaded: int = Field(2, ge=1, description="Models kept loaded between jobs (least recently used evicted).")
+    memory_budget_mb: int | None = Field(
+        None, gt=0, description="Evict loaded models beyond this many MB of parameters; none: max_loaded only."
+    )
+    embedding_cache: int = Field(4, ge=0, description="Image embeddings kept per model for re-runs.")
+    prompt_batch_size: int | None = Field(
+        None, ge=1, description="Prompts decoded per batch; none: chosen per device (1 on CPU, 64 on GPU)."
+    )
+
+
+class ServiceSettings(StrictModel):
+    instance: str = Field(default_factory=socket.gethostname, description="This daemon's name in claims and status.")
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    job_stall_seconds: float = Field(
+        1800.0, gt=0, description="A job without progress this long stops the systemd watchdog pings."
+    )
+    claim_ttl_seconds: float = Field(
+        120.0, gt=0, description="A claim not refreshed this long is taken over by another daemon."
+    )
+    recent_failures: int = Field(20, ge=0)
+
+
+class WeightsEntry(StrictModel):
+    name: str
+    type: ModelType
+    url: str | None = None
+    path: Path | None = None
+    sha256: str | None = None
+    config: str | None = Field(
+        None, description="SAM2 only: the Hydra config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _check_sha256(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_RE.match(value.lower()):
+            raise ValueError("must be 64 hexadecimal digits")
+        return value.lower() if value else value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_URL_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(_URL_SCHEMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WeightsEntry:
+        if (self.url is None) == (self.path is None):
+            raise ValueError("give exactly one of url or path")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self.url if self.url is not None else str(self.path)
+
+
+class Config(StrictModel):
+    inbox: Path = Path("inbox")
+    outbox: Path = Path("outbox")
+    state_dir: Path = Path(".samwatch")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    watch: WatchSettings = WatchSettings()
+    defaults: DefaultSettings = DefaultSettings()
+    limits: LimitSettings = LimitSettings()
+    inputs: InputSettings = InputSettings()
+    models: ModelSettings = ModelSettings()
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    weights: list[WeightsEntry] = Field(
+        default_factory=list, description="Registry entries; each type also has a built-in 'default'."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _unique_names(cls, entries: list[WeightsEntry]) -> list[WeightsEntry]:
+        seen: set[tuple[str, str]] = set()
+        for entry in entries:
+            key = (entry.type, entry.name)
+            if key in seen:
+                raise ValueError(f"two entries named {entry.name!r} for type {entry.type}")
+            seen.add(key)
+        return entries
+
+    def resolved(self, base: Path) -> Config:
+        """The same config with every relative path anchored at ``base``."""
+
+        def anchor(path: Path) -> Path:
+            return path if path.is_absolute() else (base / path).resolve()
+
+        weights = [
+            entry.model_copy(update={"path": anchor(entry.path)}) if entry.path else entry
+            for entry in self.weights
+        ]
+        return self.model_copy(
+            update={
+                "inbox": anchor(self.inbox),
+                "outbox": anchor(self.outbox),
+                "state_dir": anchor(self.state_dir),
+                "weights": weights,
+            }
+        )
+
+
+def describe_validation_error(error: ValidationError) -> list[str]:
+    """One line per problem, ``key.path: reason`` — what a person needs to fix it."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        reason = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            reason = "unknown key"
+        lines.append(f"{where}: {reason}")
+    return lines
+
+
+def read_yaml_mapping(path: Path, max_bytes: int) -> dict[str, Any]:
+    """Safe-load a YAML (or JSON) mapping, refusing oversized files before parsing."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"file is {size} bytes, more than the limit of {max_bytes}")
+    with path.open("rb") as handle:
+        data = yaml.safe_load(handle.read(max_bytes + 1))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping of keys, found {type(data).__name__}")
+    return data
+
+
+def load_config(path: Path | None, *, check_files: bool = True) -> Config:
+    """The config from ``path`` (or the defaults), validated; raises ConfigError."""
+    if path is None:
+        return Config().resolved(Path.cwd())
+    try:
+        data = read_yaml_mapping(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["the config file does not exist"]) from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), [f"cannot read it as YAML: {exc}"]) from None
+    try:
+        config = Config.model_validate(data).resolved(path.resolve().parent)
+    except ValidationError as exc:
+        raise ConfigError(str(path), describe_validation_error(exc)) from None
+    if check_files:
+        missing = [
+            f"weights.{index}.path: no such file {entry.path}"
+            for index, entry in enumerate(config.weights)
+            if entry.path is not None and not entry.path.is_file()
+        ]
+        if missing:
+            raise ConfigError(str(path), missing)
+    return config
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Keys that a running daemon cannot apply without a restart."""
+    return [key for key in ("inbox", "outbox", "state_dir", "device") if getattr(old, key) != getattr(new, key)]

@@ -1,0 +1,174 @@
+"""From the files in the inbox to jobs: pairing images with sidecars and folder defaults.
+
+A job is one image plus one sidecar (``img001.yaml``, or a tagged ``img001.cells.yaml``), or
+an image with no sidecar of its own under a folder holding ``samwatch.yaml`` (folder
+defaults, nearest folder up the tree wins). Files named ``*.mask.*`` are mask prompts, never
+images of their own. A job is ready only when every file it involves has settled.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from samwatch.errors import JobError
+from samwatch.media import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
+
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+MASK_MARK = ".mask"
+
+
+@dataclass(frozen=True)
+class JobSource:
+    job_id: str  # output stem, relative: exp1/img001.cells
+    sidecar: str | None  # the job's own sidecar
+    defaults: str | None  # folder defaults file used
+    image: str | None  # the image, None when it cannot be resolved (the run reports why)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.image, self.sidecar, self.defaults) if p)
+
+
+def split_name(rel: str) -> tuple[str, str, str]:
+    """``exp1/a.b.tif`` -> (``exp1``, ``a.b``, ``.tif``)."""
+    folder, name = posixpath.split(rel)
+    if name.endswith(FRAMES_DIR_SUFFIX):
+        return folder, name[: -len(FRAMES_DIR_SUFFIX)], FRAMES_DIR_SUFFIX
+    stem, suffix = posixpath.splitext(name)
+    return folder, stem, suffix.lower()
+
+
+def is_sidecar(rel: str) -> bool:
+    _, stem, suffix = split_name(rel)
+    return suffix in SIDECAR_SUFFIXES and stem != FOLDER_DEFAULTS_STEM
+
+
+def is_folder_defaults(rel: str) -> bool:
+    _, stem, suffix = split_name(rel)
+    return suffix in SIDECAR_SUFFIXES and stem == FOLDER_DEFAULTS_STEM
+
+
+def is_image(rel: str) -> bool:
+    _, stem, suffix = split_name(rel)
+    return (suffix in MEDIA_SUFFIXES or suffix == FRAMES_DIR_SUFFIX) and not stem.endswith(MASK_MARK)
+
+
+def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str, sidecar: str) -> str:
+    """``reference`` (relative to ``base_folder``) as an inbox-relative path, never outside it."""
+    if PurePosixPath(reference).is_absolute() or Path(reference).is_absolute():
+        raise JobError(
+            "path_outside_inbox",
+            f"{field} {reference!r} is an absolute path; name a file relative to the sidecar, inside the inbox.",
+            file=sidecar, field=field,
+        )
+    joined = posixpath.normpath(posixpath.join(base_folder, reference))
+    if joined == ".." or joined.startswith("../"):
+        raise JobError(
+            "path_outside_inbox",
+            f"{field} {reference!r} leads outside the inbox; name a file next to the sidecar or below it.",
+            file=sidecar, field=field,
+        )
+    root = inbox.resolve()
+    real = (inbox / joined).resolve()
+    if real != root and root not in real.parents:
+        raise JobError(
+            "path_outside_inbox",
+            f"{field} {reference!r} is a link that leads outside the inbox ({real}); copy the file into the inbox instead.",
+            file=sidecar, field=field,
+        )
+    return joined
+
+
+ImageIndex = Mapping[tuple[str, str], list[str]]
+
+
+def index_images(files: Collection[str]) -> dict[tuple[str, str], list[str]]:
+    """Images by (folder, stem), so pairing costs one lookup per sidecar, not a scan."""
+    index: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(files):
+        if is_image(path):
+            folder, stem, _ = split_name(path)
+            index.setdefault((folder, stem), []).append(path)
+    return index
+
+
+def implicit_image(sidecar_rel: str, images: ImageIndex) -> str | None:
+    """The image a sidecar belongs to by name: ``a.cells.yaml`` -> ``a.cells.*`` or ``a.*``."""
+    folder, stem, _ = split_name(sidecar_rel)
+    parts = stem.split(".")
+    for keep in range(len(parts), 0, -1):
+        matches = images.get((folder, ".".join(parts[:keep])))
+        if matches:
+            return matches[0]
+    return None
+
+
+def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: ImageIndex) -> str:
+    """The job's image, or a JobError saying why there is none."""
+    folder, stem, _ = split_name(sidecar_rel)
+    if image_ref is not None:
+        rel = resolve_inside(inbox, folder, image_ref, field="image", sidecar=sidecar_rel)
+        if not (inbox / rel).exists():
+            raise JobError(
+                "image_not_found",
+                f"The image {image_ref!r} named by the sidecar does not exist in the inbox; copy it next to the sidecar or fix 'image'.",
+                file=sidecar_rel, field="image",
+            )
+        return rel
+    found = implicit_image(sidecar_rel, images)
+    if found is None:
+        raise JobError(
+            "image_not_found",
+            f"No image named {stem.split('.')[0]}.<png|jpg|tif|...> next to the sidecar; add the image "
+            "or name it with 'image:' in the sidecar.",
+            file=sidecar_rel, field="image",
+        )
+    # Found by name, it may still be a link leading out of the inbox.
+    return resolve_inside(inbox, folder, posixpath.basename(found), field="image", sidecar=sidecar_rel)
+
+
+def nearest_defaults(folder: str, defaults_by_folder: Mapping[str, str]) -> str | None:
+    while True:
+        if folder in defaults_by_folder:
+            return defaults_by_folder[folder]
+        if not folder:
+            return None
+        folder = posixpath.dirname(folder)
+
+
+def find_jobs(
+    inbox: Path,
+    files: Collection[str],
+    image_ref_of: Callable[[str], str | None],
+) -> list[JobSource]:
+    """Every job the inbox's files define (ready or not)."""
+    jobs: list[JobSource] = []
+    claimed: set[str] = set()
+    images = index_images(files)
+    for rel in sorted(files):
+        if not is_sidecar(rel):
+            continue
+        folder, stem, _ = split_name(rel)
+        try:
+            image = resolve_image(inbox, rel, image_ref_of(rel), images)
+        except JobError:
+            image = None
+        if image:
+            claimed.add(image)
+        job_id = f"{folder}/{stem}" if folder else stem
+        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=None, image=image))
+    defaults_by_folder = {split_name(rel)[0]: rel for rel in sorted(files, reverse=True) if is_folder_defaults(rel)}
+    if defaults_by_folder:
+        for rel in (path for paths in images.values() for path in paths):
+            if rel in claimed:
+                continue
+            folder, stem, _ = split_name(rel)
+            defaults = nearest_defaults(folder, defaults_by_folder)
+            if defaults is not None:
+                job_id = f"{folder}/{stem}" if folder else stem
+                jobs.append(JobSource(job_id=job_id, sidecar=None, defaults=defaults, image=rel))
+    return jobs

@@ -1,0 +1,85 @@
+"""The stable error codes of samwatch, in one place.
+
+A code is part of the user contract (scripts match on it), so codes are only ever added,
+never renamed. Each job failure becomes one ``.error.json`` carrying the code, a sentence a
+person can act on, and where known the file and the field at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: code -> what it means; ``samwatch`` documents this table in the README.
+ERROR_CODES: dict[str, str] = {
+    "sidecar_parse_error": "the sidecar is not valid YAML/JSON",
+    "sidecar_invalid": "the sidecar does not match the schema (unknown key, wrong type, bad value)",
+    "sidecar_too_large": "the sidecar is larger than limits.max_sidecar_bytes",
+    "checkpoint_url_refused": "a sidecar may only name registered weights, never a URL",
+    "path_outside_inbox": "a path in the sidecar leaves the inbox (.., absolute path, symlink out)",
+    "image_not_found": "the image named by the sidecar does not exist",
+    "image_unreadable": "the image file is empty, truncated or not an image",
+    "image_too_large": "the image exceeds limits.max_image_pixels (decompression-bomb guard)",
+    "unsupported_format": "the file type is not one samwatch reads",
+    "prompt_out_of_bounds": "a box or point lies outside the image",
+    "mask_invalid": "the mask prompt is unreadable or of the wrong size",
+    "unknown_model": "the model type is not one samwatch knows",
+    "unknown_weights": "no registry entry of that name for that model type",
+    "model_not_installed": "the Python package for that model family is not installed",
+    "model_requires_cuda": "this model path cannot run on the chosen device",
+    "weights_unavailable": "the weights cannot be obtained (gated, no access, no token)",
+    "weights_download_failed": "downloading the weights failed",
+    "weights_checksum_mismatch": "the weights file does not match its sha256",
+    "weights_unsafe": "the checkpoint needs pickle code to load and was refused",
+    "weights_wrong_architecture": "the checkpoint does not fit the model type",
+    "video_too_large": "the sequence does not fit the configured memory limit",
+    "out_of_memory": "the device ran out of memory for this job",
+    "cancelled": "the job was cancelled (its sidecar was deleted, or the daemon stopped)",
+    "internal_error": "a bug in samwatch or a model library; the log has the traceback",
+}
+
+
+class JobError(Exception):
+    """A job's failure: becomes that job's ``.error.json``, never the daemon's."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        file: str | None = None,
+        **details: Any,
+    ) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.file = file
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.file is not None:
+            body["file"] = self.file
+        if self.field is not None:
+            body["field"] = self.field
+        body.update(self.details)
+        return body
+
+
+class JobCancelled(JobError):
+    """Raised from a progress callback when the job's cancel flag is set."""
+
+    def __init__(self, message: str = "The job was cancelled.") -> None:
+        super().__init__("cancelled", message)
+
+
+class ConfigError(Exception):
+    """An invalid config file: names file, key and reason; the CLI exits 2."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__(f"{file}: " + "; ".join(problems))

@@ -1,0 +1,494 @@
+"""Binary masks to GeoJSON geometry and QuPath-ready features.
+
+This module knows nothing of models or files: it turns a 2-D mask into polygons, and
+polygons into GeoJSON ``Feature``/``FeatureCollection`` objects that QuPath imports.
+
+Conventions
+-----------
+Pixel corners
+    Coordinates are pixels, x to the right, y down, origin at the top-left corner of the
+    image. Pixel ``(x, y)`` covers the square ``[x, x+1] x [y, y+1]``, and every vertex lies
+    on a pixel corner, as in QuPath's own contour tracing. A one-pixel object at ``(x, y)``
+    is therefore the unit square ``[[x, y], [x+1, y], [x+1, y+1], [x, y+1], [x, y]]``, and
+    filling the polygons by pixel centres (:func:`rasterize`) gives back exactly the mask.
+
+Connectivity
+    Foreground is 4-connected, background 8-connected. Each 4-connected part of the mask
+    becomes one polygon, so pixels touching only at a corner are separate polygons of a
+    MultiPolygon that touch at that single point. A background pocket closed off except at
+    a corner is a hole of the polygon around it, touching its exterior at that point. Both
+    are valid OGC/shapely geometry: every ring is simple (no vertex visited twice), rings
+    touch only at isolated points, and each polygon's interior is connected.
+
+Orientation
+    RFC 7946 (right-hand rule) on the coordinates as written: exterior rings have positive
+    shoelace area and holes negative, i.e. exteriors are counter-clockwise and holes
+    clockwise when the numbers are plotted with y up (as GeoJSON tools and shapely's
+    ``orient`` see them); on screen, with y down, exteriors appear clockwise. Each ring
+    starts at its top-most, then left-most vertex.
+
+Rings are closed (first == last), hold at least four positions, and keep only corners:
+no repeated consecutive vertices, no collinear vertices along straight runs.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+from typing import Any
+
+import cv2
+import numpy as np
+
+OBJECT_TYPES = ("annotation", "detection")
+
+#: Simplification retries a polygon at tolerance, tolerance/2, tolerance/4, then exactly.
+_SIMPLIFY_ATTEMPTS = 3
+
+#: Upper bound on candidate segment pairs tested at once, to bound memory.
+_PAIR_CHUNK = 1 << 21
+
+
+# --------------------------------------------------------------------------- tracing
+#
+# cv2.findContours follows 8-connected regions of nonzero pixels, so it is run on the
+# padded *inverted* mask: the regions it follows are then the 8-connected background, and
+# the zero regions between them are exactly the 4-connected foreground parts. It returns
+# pixel-centre chains; each chain is turned into the crack boundary (pixel corners) with a
+# lookup table indexed by the step into and out of each chain pixel. cv2 traces every
+# border with the zero region (our foreground) on its right, so the crack boundary walks
+# around each traced background pixel keeping it on the left, i.e. visiting that pixel's
+# corners anticlockwise on screen: top-left, bottom-left, bottom-right, top-right.
+
+
+def _step_turn_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Corners emitted at a chain pixel, indexed by ``9 * code(step in) + code(step out)``.
+
+    Points are doubled so that the pixel centre (1, 1) and corners ({0,2}, {0,2}) are
+    integers. A straight step crosses the shared edge at its corner on the foreground
+    (right-hand) side; a diagonal step crosses the single shared corner. The walk emits the
+    corners from the entry corner (inclusive) to the exit corner (exclusive).
+    """
+    corners = [(0, 0), (0, 2), (2, 2), (2, 0)]  # TL, BL, BR, TR: anticlockwise on screen
+    steps = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # index == _step_code
+    count = np.zeros(81, np.int64)
+    offsets = np.zeros((81, 4, 2), np.int64)
+    for i, (ax, ay) in enumerate(steps):
+        for j, (bx, by) in enumerate(steps):
+            key = 9 * i + j
+            if (ax, ay) == (bx, by) == (0, 0):  # a lone traced pixel: all four sides
+                count[key], offsets[key] = 4, np.array(corners) // 2
+                continue
+            if (ax, ay) == (0, 0) or (bx, by) == (0, 0):
+                continue  # cannot occur in a chain of two or more pixels
+            right_a, right_b = (-ay, ax), (-by, bx)
+            if ax and ay:
+                entry = (1 - ax, 1 - ay)
+            else:
+                entry = (1 + right_a[0] - ax, 1 + right_a[1] - ay)
+            if bx and by:
+                exit_ = (1 + bx, 1 + by)
+            else:
+                exit_ = (1 + bx + right_b[0], 1 + by + right_b[1])
+            start = corners.index(entry)
+            n = (corners.index(exit_) - start) % 4
+            if n == 0 and (ax, ay) == (-bx, -by):
+                n = 4  # in and out through the same corner: around the whole pixel
+            count[key] = n
+            for k in range(n):
+                offsets[key, k] = np.array(corners[(start + k) % 4]) // 2
+    count.flags.writeable = False
+    offsets.flags.writeable = False
+    return count, offsets
+
+
+_TURN_COUNT, _TURN_CORNERS = _step_turn_tables()
+
+
+def _step_code(step: np.ndarray) -> np.ndarray:
+    return (step[:, 1] + 1) * 3 + (step[:, 0] + 1)
+
+
+def _ring_index(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cyclic previous/next index of every vertex of rings stored flat with ``bounds``."""
+    n = int(bounds[-1])
+    prev = np.arange(-1, n - 1)
+    nxt = np.arange(1, n + 1)
+    prev[bounds[:-1]] = bounds[1:] - 1
+    nxt[bounds[1:] - 1] = bounds[:-1]
+    return prev, nxt
+
+
+def _crack_rings(chains: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre chains -> crack rings (corner vertices, flat, with ring bounds)."""
+    points = np.concatenate(chains).reshape(-1, 2).astype(np.int64)
+    bounds = np.concatenate([[0], np.cumsum([len(c) for c in chains])])
+    prev, nxt = _ring_index(bounds)
+    key = 9 * _step_code(points - points[prev]) + _step_code(points[nxt] - points)
+    count = _TURN_COUNT[key]
+    first = np.cumsum(count) - count
+    owner = np.repeat(np.arange(len(points)), count)
+    k = np.arange(len(owner)) - first[owner]
+    vertices = points[owner] + _TURN_CORNERS[key[owner], k]
+    ring_bounds = np.concatenate([[0], np.cumsum(count)])[bounds]
+    return vertices, ring_bounds
+
+
+def _drop_straight(vertices: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only vertices where a ring turns (crack rings move in unit steps)."""
+    prev, nxt = _ring_index(bounds)
+    turns = np.any(vertices - vertices[prev] != vertices[nxt] - vertices, axis=1)
+    kept = np.concatenate([[0], np.cumsum(turns)])
+    return vertices[turns], kept[bounds]
+
+
+def _signed_areas(vertices: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Twice the shoelace area of each ring (exact for integer vertices)."""
+    _, nxt = _ring_index(bounds)
+    cross = vertices[:, 0] * vertices[nxt, 1] - vertices[nxt, 0] * vertices[:, 1]
+    return np.add.reduceat(cross, bounds[:-1])
+
+
+def _split_at_touches(ring: np.ndarray) -> list[np.ndarray]:
+    """Split a ring that passes a saddle corner twice into simple rings.
+
+    The two visits to a saddle never cross, so the visit pairs nest like brackets:
+    cutting out the innermost loops first leaves each outer loop simple.
+    """
+    order = np.lexsort((ring[:, 0], ring[:, 1]))
+    same = np.all(ring[order[1:]] == ring[order[:-1]], axis=1)
+    if not same.any():
+        return [ring]
+    firsts = np.minimum(order[:-1][same], order[1:][same])
+    seconds = np.maximum(order[:-1][same], order[1:][same])
+    alive = np.ones(len(ring), bool)
+    loops = []
+    for i in np.argsort(seconds):
+        start, stop = firsts[i], seconds[i]
+        loops.append(ring[start + np.flatnonzero(alive[start:stop])])
+        alive[start:stop] = False
+    loops.append(ring[alive])
+    return loops
+
+
+def _trace(binary: np.ndarray) -> list[list[np.ndarray]]:
+    """Polygons (exterior ring, then holes; rings open, int64) of a uint8 mask."""
+    background = cv2.compare(
+        cv2.copyMakeBorder(binary, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), 0, cv2.CMP_EQ
+    )
+    contours, hierarchy = cv2.findContours(background, cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+    parent = hierarchy[0, :, 3]
+    inner = np.flatnonzero(parent >= 0)  # the one root is the padding frame: not an object
+    if len(inner) == 0:
+        return []
+    vertices, bounds = _crack_rings([contours[i] for i in inner])
+    vertices, bounds = _drop_straight(vertices - 1, bounds)
+    # A contour enclosing foreground is an exterior; one enclosing background is a hole
+    # whose polygon is the exterior contour it lies in (its parent in the tree).
+    is_exterior = _signed_areas(vertices, bounds) > 0
+    group = np.where(is_exterior, inner, parent[inner])
+    polygons: dict[int, list[np.ndarray]] = {}
+    holes: dict[int, list[np.ndarray]] = {}
+    for c in range(len(inner)):
+        for loop in _split_at_touches(vertices[bounds[c] : bounds[c + 1]]):
+            if _signed_areas(loop, np.array([0, len(loop)]))[0] > 0:
+                polygons[int(group[c])] = [loop]
+            else:
+                holes.setdefault(int(group[c]), []).append(loop)
+    return [shell + holes.get(g, []) for g, shell in polygons.items()]
+
+
+# ----------------------------------------------------------------------- simplification
+
+
+def _simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray | None:
+    """Douglas-Peucker on a closed ring; None when it collapses to a line or a point."""
+    kept = cv2.approxPolyDP(ring.astype(np.int32).reshape(-1, 1, 2), tolerance, True)
+    kept = kept.reshape(-1, 2).astype(np.int64)
+    if len(kept) < 3 or _signed_areas(kept, np.array([0, len(kept)]))[0] == 0:
+        return None
+    return kept
+
+
+def _simplify_polygon(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
+    """Simplified rings of one polygon; [] when its exterior collapses."""
+    if tolerance <= 0:
+        return rings
+    simplified = [_simplify_ring(r, tolerance) for r in rings]
+    if simplified[0] is None:
+        return []
+    return [r for r in simplified if r is not None]
+
+
+def _segments(polygons: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every edge of every ring, with the ring, polygon and position it belongs to."""
+    rings = [r for p in polygons for r in p]
+    lengths = np.array([len(r) for r in rings], np.int64)
+    ring_of = np.repeat(np.arange(len(rings)), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    start = np.concatenate(rings)
+    _, nxt = _ring_index(starts)
+    return {
+        "p": start,
+        "q": start[nxt],
+        "ring": ring_of,
+        "polygon": np.repeat(np.arange(len(polygons)), [len(p) for p in polygons])[ring_of],
+        "pos": np.arange(len(start)) - starts[ring_of],
+        "len": lengths[ring_of],
+    }
+
+
+def _candidate_pairs(lo: np.ndarray, hi: np.ndarray):
+    """Index pairs (i, j) of intervals [lo, hi] that overlap, by a sort-and-sweep.
+
+    Yields chunks so that a geometry with very many overlapping edges cannot exhaust memory.
+    """
+    order = np.argsort(lo, kind="stable")
+    end = np.searchsorted(lo[order], hi[order], side="right")
+    counts = np.maximum(end - np.arange(len(order)) - 1, 0)
+    cumulative = np.cumsum(counts)
+    i = 0
+    while i < len(order):
+        stop = max(int(np.searchsorted(cumulative, cumulative[i] - counts[i] + _PAIR_CHUNK)), i + 1)
+        stop = min(stop, len(order))
+        n = counts[i:stop]
+        first = np.repeat(np.arange(i, stop), n)
+        offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        yield order[first], order[first + 1 + offset]
+        i = stop
+
+
+def _orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.sign(
+        (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    )
+
+
+def _within_box(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Whether c lies in the bounding box of segment ab (c is collinear with it)."""
+    return np.all((np.minimum(a, b) <= c) & (c <= np.maximum(a, b)), axis=1)
+
+
+def _touching(p1: np.ndarray, q1: np.ndarray, p2: np.ndarray, q2: np.ndarray) -> np.ndarray:
+    """Whether closed segments p1q1 and p2q2 share any point."""
+    o1, o2 = _orient(p1, q1, p2), _orient(p1, q1, q2)
+    o3, o4 = _orient(p2, q2, p1), _orient(p2, q2, q1)
+    return (
+        ((o1 * o2 < 0) & (o3 * o4 < 0))
+        | ((o1 == 0) & _within_box(p1, q1, p2))
+        | ((o2 == 0) & _within_box(p1, q1, q2))
+        | ((o3 == 0) & _within_box(p2, q2, p1))
+        | ((o4 == 0) & _within_box(p2, q2, q1))
+    )
+
+
+def _invalid_polygons(polygons: list[list[np.ndarray]], simplified: np.ndarray) -> set[int]:
+    """Simplified polygons whose rings self-intersect, touch another ring or flipped over.
+
+    Exact rings are valid by construction (they may touch at a saddle corner), so only
+    pairs involving a simplified polygon are checked, and any contact at all counts:
+    stricter than OGC, which is safe since such a polygon is just simplified less.
+    """
+    bad = set()
+    for n, rings in enumerate(polygons):
+        signs = [_signed_areas(r, np.array([0, len(r)]))[0] for r in rings]
+        if simplified[n] and (signs[0] <= 0 or any(s >= 0 for s in signs[1:])):
+            bad.add(n)
+    seg = _segments(polygons)
+    p, q = seg["p"], seg["q"]
+    lo, hi = np.minimum(p, q), np.maximum(p, q)
+    for i, j in _candidate_pairs(lo[:, 0], hi[:, 0]):
+        keep = (lo[i, 1] <= hi[j, 1]) & (lo[j, 1] <= hi[i, 1])
+        keep &= simplified[seg["polygon"][i]] | simplified[seg["polygon"][j]]
+        i, j = i[keep], j[keep]
+        gap = np.abs(seg["pos"][i] - seg["pos"][j])
+        adjacent = (seg["ring"][i] == seg["ring"][j]) & ((gap == 1) | (gap == seg["len"][i] - 1))
+        # Neighbouring edges share a vertex by design; they are only wrong when they fold
+        # back onto each other (collinear, pointing apart).
+        d1, d2 = q[i] - p[i], q[j] - p[j]
+        folded = (d1[:, 0] * d2[:, 1] == d1[:, 1] * d2[:, 0]) & (np.sum(d1 * d2, axis=1) < 0)
+        hit = np.where(adjacent, folded, _touching(p[i], q[i], p[j], q[j]))
+        for s in np.concatenate([i[hit], j[hit]]):
+            if simplified[seg["polygon"][s]]:
+                bad.add(int(seg["polygon"][s]))
+    return bad
+
+
+def _simplify(polygons: list[list[np.ndarray]], tolerance: float) -> list[list[np.ndarray]]:
+    """Simplify every polygon, backing off (down to exact) wherever validity would break."""
+    tolerances = np.full(len(polygons), float(tolerance))
+    attempts = np.zeros(len(polygons), np.int64)
+    result = [_simplify_polygon(p, tolerance) for p in polygons]
+    while True:
+        present = [n for n, rings in enumerate(result) if rings]
+        if not present:
+            return []
+        bad = _invalid_polygons([result[n] for n in present], tolerances[present] > 0)
+        if not bad:
+            return [result[n] for n in present]
+        for n in (present[b] for b in bad):
+            attempts[n] += 1
+            tolerances[n] = tolerance / 2 ** attempts[n] if attempts[n] < _SIMPLIFY_ATTEMPTS else 0.0
+            result[n] = _simplify_polygon(polygons[n], tolerances[n])
+
+
+# ------------------------------------------------------------------------------ public
+
+
+def _as_uint8(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if mask.dtype == np.bool_:
+        return mask.view(np.uint8)
+    if mask.dtype == np.uint8:
+        return mask
+    return (mask != 0).view(np.uint8)
+
+
+def _start_top_left(ring: np.ndarray) -> np.ndarray:
+    return np.roll(ring, -int(np.lexsort((ring[:, 0], ring[:, 1]))[0]), axis=0)
+
+
+def _ring_coordinates(ring: np.ndarray, offset: np.ndarray) -> list[list[float]]:
+    ring = _start_top_left(ring)
+    return (np.concatenate([ring, ring[:1]]) + offset).tolist()
+
+
+def mask_to_geometry(
+    mask: np.ndarray,
+    *,
+    simplify_tolerance: float = 0.0,
+    offset: tuple[float, float] = (0, 0),
+) -> dict[str, Any] | None:
+    """GeoJSON Polygon/MultiPolygon outlining the nonzero pixels of ``mask``.
+
+    Returns None for an empty mask (or one whose every part collapses when simplified).
+    ``simplify_tolerance`` > 0 applies Douglas-Peucker (in pixels) to each ring, drops
+    rings that collapse, and falls back to less simplification for any polygon whose
+    simplified rings would cross or touch. ``offset`` (x, y) is added to every coordinate;
+    coordinates are Python ints unless the offset is fractional.
+    """
+    binary = _as_uint8(mask)
+    x, y, width, height = cv2.boundingRect(binary)
+    if width == 0 or height == 0:
+        return None
+    # Tracing only the bounding box keeps small objects in large frames cheap.
+    polygons = [[r + (x, y) for r in p] for p in _trace(binary[y : y + height, x : x + width])]
+    if simplify_tolerance > 0:
+        polygons = _simplify(polygons, simplify_tolerance)
+    if not polygons:
+        return None
+    shift = np.asarray(offset, np.float64)
+    if np.all(shift == np.round(shift)):
+        shift = shift.astype(np.int64)
+    polygons.sort(key=lambda rings: tuple(_start_top_left(rings[0])[0][::-1]))
+    coordinates = [
+        [_ring_coordinates(r, shift) for r in rings[:1] + sorted(rings[1:], key=_hole_key)]
+        for rings in polygons
+    ]
+    if len(coordinates) == 1:
+        return {"type": "Polygon", "coordinates": coordinates[0]}
+    return {"type": "MultiPolygon", "coordinates": coordinates}
+
+
+def _hole_key(ring: np.ndarray) -> tuple[int, int]:
+    y_first = _start_top_left(ring)[0]
+    return int(y_first[1]), int(y_first[0])
+
+
+def _polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:
+    if geometry["type"] == "Polygon":
+        return [geometry["coordinates"]]
+    if geometry["type"] == "MultiPolygon":
+        return geometry["coordinates"]
+    raise ValueError(f"unsupported geometry type {geometry['type']!r}")
+
+
+def rasterize(geometry: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
+    """Boolean mask of the pixels whose centre lies inside ``geometry``.
+
+    Inverse of :func:`mask_to_geometry`: ``rasterize(mask_to_geometry(m), m.shape) == m``.
+    Uses the even-odd rule over all rings, which for valid geometry is the union of the
+    polygons minus their holes. Scanlines through pixel centres never meet a corner of an
+    exact (pixel-corner) polygon, so the result has no boundary ambiguity.
+    """
+    height, width = shape
+    edges = [
+        np.asarray(ring, np.float64) for rings in _polygons_of(geometry) for ring in rings
+    ]
+    if not edges:
+        return np.zeros(shape, bool)
+    p = np.concatenate([e[:-1] for e in edges])
+    q = np.concatenate([e[1:] for e in edges])
+    p, q = p[p[:, 1] != q[:, 1]], q[p[:, 1] != q[:, 1]]
+    # Rows whose centre y + 0.5 lies in [min(y), max(y)) of an edge cross that edge once.
+    first = np.clip(np.ceil(np.minimum(p[:, 1], q[:, 1]) - 0.5), 0, height).astype(np.int64)
+    stop = np.clip(np.ceil(np.maximum(p[:, 1], q[:, 1]) - 0.5), 0, height).astype(np.int64)
+    n = np.maximum(stop - first, 0)
+    edge = np.repeat(np.arange(len(p)), n)
+    row = first[edge] + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    t = (row + 0.5 - p[edge, 1]) / (q[edge, 1] - p[edge, 1])
+    x = p[edge, 0] + t * (q[edge, 0] - p[edge, 0])
+    # Each crossing flips inside/outside for every pixel whose centre lies to its right.
+    column = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
+    flips = np.bincount(row * (width + 1) + column, minlength=height * (width + 1))
+    inside = np.cumsum(flips.reshape(height, width + 1), axis=1) % 2 == 1
+    return inside[:, :width]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 1.0 when both are empty."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def class_color(name: str) -> list[int]:
+    """A stable, saturated [r, g, b] colour for a classification name.
+
+    Derived from SHA-256 of the name, so it is the same in every process and run (Python's
+    own ``hash`` is salted per process).
+    """
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    hue = int.from_bytes(digest[:4], "big") / 2**32
+    saturation = 0.55 + 0.35 * digest[4] / 255
+    value = 0.75 + 0.20 * digest[5] / 255
+    return [round(c * 255) for c in colorsys.hsv_to_rgb(hue, saturation, value)]
+
+
+def make_feature(
+    geometry: dict[str, Any],
+    *,
+    label: str,
+    object_type: str = "annotation",
+    color: list[int] | None = None,
+    plane: dict[str, int] | None = None,
+    properties: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A GeoJSON Feature as QuPath imports it.
+
+    ``plane`` (e.g. ``{"c": -1, "z": 0, "t": 3}``) goes inside the geometry, where QuPath
+    and samapi put it. ``properties`` adds caller fields (object_idx, quality, ...); it may
+    not redefine ``objectType`` or ``classification``, which come from the arguments.
+    """
+    if object_type not in OBJECT_TYPES:
+        raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+    extra = dict(properties or {})
+    clash = {"objectType", "classification"} & extra.keys()
+    if clash:
+        raise ValueError(f"properties may not set {sorted(clash)}; use the arguments")
+    geometry = dict(geometry) if plane is None else {**geometry, "plane": dict(plane)}
+    classification = {"name": label, "color": list(color) if color else class_color(label)}
+    return {
+        "type": "Feature",
+        "geometry": geometry,
+        "properties": {"objectType": object_type, "classification": classification, **extra},
+    }
+
+
+def feature_collection(features: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection with samwatch's job metadata under ``"samwatch"``."""
+    return {"type": "FeatureCollection", "features": list(features), "samwatch": meta}

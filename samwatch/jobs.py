@@ -1,0 +1,372 @@
+"""Running one job: sidecar -> image -> model -> features -> outbox.
+
+``run_job`` is the whole pipeline of one job; every failure inside it becomes that job's
+``Outcome`` (a ``JobError`` with its stable code, or ``internal_error`` with the traceback in
+the log) and never escapes to the daemon.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+from samwatch import __version__
+from samwatch.config import Config
+from samwatch.discovery import index_images, is_folder_defaults, resolve_image, split_name
+from samwatch.errors import JobCancelled, JobError
+from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
+from samwatch.media import ChannelRule, Media, MediaLimits, probe
+from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.device import describe
+from samwatch.models.pool import ModelPool, adapter_class
+from samwatch.outbox import JobOutputs
+from samwatch.prompts import prompt_masks
+from samwatch.sidecar import (
+    FOLDER_DEFAULTS_STEM,
+    SIDECAR_SUFFIXES,
+    Sidecar,
+    merge_folder_defaults,
+    read_sidecar_data,
+    validate_sidecar,
+)
+
+#: stage -> the span of the overall percent it covers
+STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "reading": (0, 5),
+    "waiting for weights": (5, 10),
+    "loading model": (10, 20),
+    "encoding image": (20, 40),
+    "decoding prompts": (40, 95),
+    "automask": (20, 95),
+    "tracking": (20, 95),
+    "frames": (20, 95),
+    "writing": (95, 100),
+}
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    """What the daemon hands the worker: one job version."""
+
+    job_id: str
+    sidecar: str | None  # own sidecar, or the folder defaults file for defaults-only jobs
+    image: str | None
+    image_sha: str | None
+    version: str
+
+
+@dataclass
+class Outcome:
+    state: str  # done | failed | cancelled | waiting
+    error: JobError | None = None
+    features: int = 0
+    waiting_for: tuple[str, str] | None = None
+    seconds: float = 0.0
+    summary: str = ""
+
+
+@dataclass
+class Progress:
+    """The running job's progress: written to its progress file, read by the heartbeat."""
+
+    outputs: JobOutputs
+    cancel: threading.Event
+    clock: Callable[[], float] = time.monotonic
+    min_interval: float = 0.5
+    stage: str = "reading"
+    percent: float = 0.0
+    last_change: float = field(default=0.0)
+    _last_write: float = field(default=float("-inf"))
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if self.cancel.is_set():
+            raise JobCancelled("The job was cancelled: its sidecar was removed or the daemon is stopping.")
+        low, high = STAGE_SPANS.get(stage, (20, 95))
+        percent = low + (high - low) * max(0.0, min(1.0, fraction))
+        now = self.clock()
+        self.last_change = now
+        if stage != self.stage or now - self._last_write >= self.min_interval or fraction >= 1.0:
+            self.outputs.write_progress("running", stage, percent, message)
+            self._last_write = now
+        self.stage, self.percent = stage, percent
+
+
+class JobRunner:
+    """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
+
+    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int) -> None:
+        self.config = config
+        self.registry = registry
+        self.pool = pool
+        self.prompt_batch_size = prompt_batch_size
+
+    def run(self, ticket: JobTicket, progress: Progress) -> Outcome:
+        started = time.perf_counter()
+        try:
+            outcome = self._run(ticket, progress, started)
+        except JobCancelled as exc:
+            outcome = Outcome("cancelled", error=exc)
+        except JobError as exc:
+            outcome = Outcome("failed", error=exc)
+        except torch.cuda.OutOfMemoryError:
+            outcome = Outcome("failed", error=JobError(
+                "out_of_memory",
+                "The device ran out of memory for this job; use a smaller model, fewer frames or prompts, or device: cpu.",
+            ))
+        except Exception as exc:  # a bug must fail its job, never the daemon
+            logger.error(f"job {ticket.job_id} internal error: {exc!r}\n{traceback.format_exc()}")
+            outcome = Outcome("failed", error=JobError(
+                "internal_error",
+                f"samwatch failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); the log has the details. "
+                "Please report it with the sidecar.",
+            ))
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+
+    # ---- the pipeline -----------------------------------------------------------------
+
+    def load_sidecar(self, ticket: JobTicket) -> Sidecar:
+        inbox = self.config.inbox
+        max_bytes = self.config.limits.max_sidecar_bytes
+        if ticket.sidecar is None:
+            raise JobError("image_not_found", "The job has no sidecar.")
+        if is_folder_defaults(ticket.sidecar):
+            return validate_sidecar(
+                read_sidecar_data(inbox / ticket.sidecar, max_bytes=max_bytes, name=ticket.sidecar),
+                name=ticket.sidecar,
+            )
+        own = read_sidecar_data(inbox / ticket.sidecar, max_bytes=max_bytes, name=ticket.sidecar)
+        defaults_path = nearest_defaults_file(inbox, split_name(ticket.sidecar)[0])
+        if defaults_path is not None:
+            defaults = read_sidecar_data(defaults_path, max_bytes=max_bytes, name=str(defaults_path.relative_to(inbox)))
+            own = merge_folder_defaults(own, defaults)
+        return validate_sidecar(own, name=ticket.sidecar)
+
+    def image_path(self, ticket: JobTicket, sidecar: Sidecar) -> str:
+        if ticket.sidecar is None or is_folder_defaults(ticket.sidecar):
+            if ticket.image is None:
+                raise JobError("image_not_found", "The image of this job vanished.")
+            return ticket.image
+        folder = split_name(ticket.sidecar)[0]
+        listing = [
+            f"{folder}/{p.name}" if folder else p.name for p in (self.config.inbox / folder).iterdir()
+        ]
+        return resolve_image(self.config.inbox, ticket.sidecar, sidecar.image, index_images(listing))
+
+    def _run(self, ticket: JobTicket, progress: Progress, started: float) -> Outcome:
+        timings: dict[str, float] = {}
+        progress("reading", 0.0)
+        sidecar = self.load_sidecar(ticket)
+        model_type = sidecar.model or self.config.defaults.model
+        weights_name = sidecar.weights or self.config.defaults.weights
+        adapter_type = adapter_class(model_type)
+        if sidecar.mode not in adapter_type.modes:
+            raise JobError(
+                "sidecar_invalid",
+                f"Model {model_type} cannot do {sidecar.mode} jobs (it does: {', '.join(sorted(adapter_type.modes))}); "
+                + _MODE_ADVICE.get(sidecar.mode, ""),
+                file=ticket.sidecar, field="model",
+            )
+        image_rel = self.image_path(ticket, sidecar)
+        media = self._open_media(image_rel, sidecar)
+        timings["read"] = time.perf_counter() - started
+
+        spec = self.registry.request(model_type, weights_name)
+        if not isinstance(spec, LoadSpec):
+            if spec.error is not None:
+                raise spec.error
+            progress.outputs.write_progress(
+                "queued", "waiting for weights", 5,
+                f"downloading weights {weights_name} for {model_type}: {spec.percent:.0f}%",
+            )
+            return Outcome("waiting", waiting_for=(model_type, weights_name))
+
+        progress("loading model", 0.0)
+        load_started = time.perf_counter()
+        adapter = self.pool.get(spec)
+        timings["load"] = time.perf_counter() - load_started
+
+        infer_started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
+            detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch))
+        timings["inference"] = time.perf_counter() - infer_started
+
+        progress("writing", 0.0)
+        geometry_started = time.perf_counter()
+        features = self._features(detections, sidecar, model_type, media)
+        timings["geometry"] = time.perf_counter() - geometry_started
+        timings["total"] = time.perf_counter() - started
+        meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features))
+        progress.outputs.write_result(feature_collection(features, meta))
+        summary = (
+            f"job {ticket.job_id} done model={model_type} weights={weights_name} size={media.width}x{media.height}"
+            f"{'x' + str(media.n_frames) if media.n_frames > 1 else ''} features={len(features)} "
+            f"seconds={timings['total']:.2f}"
+        )
+        return Outcome("done", features=len(features), summary=summary)
+
+    def _open_media(self, image_rel: str, sidecar: Sidecar) -> Media:
+        path = self.config.inbox / image_rel
+        limits = self.config.limits
+        if path.is_file() and path.stat().st_size > limits.max_image_bytes:
+            raise JobError(
+                "image_too_large",
+                f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
+                file=image_rel,
+            )
+        rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
+        video = sidecar.video
+        return probe(
+            path,
+            limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes),
+            channels=rule,
+            frame_axis=(video.axes[-1] if video else None),
+            plane_position=(video.plane_position if video else 0),
+            max_frames=_frames_held(video),
+        )
+
+    def _infer(
+        self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
+    ) -> list[Detection]:
+        base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
+        if sidecar.mode == "video":
+            ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
+                             prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
+            return adapter.run(ctx)
+        masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
+                             image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
+        detections: list[Detection] = []
+        for frame_index in range(media.n_frames):
+            # A stack without a video block: every plane is segmented as an image.
+            frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
+            ctx = RunContext(
+                sidecar=sidecar, image=media.frame(frame_index), image_key=f"{base_key}:{frame_index}",
+                prompt_masks=masks, progress=frame_progress, prompt_batch_size=self.prompt_batch_size,
+                scratch_dir=scratch,
+            )
+            for detection in adapter.run(ctx):
+                if media.n_frames > 1:
+                    detection.frame = frame_index
+                detections.append(detection)
+        return detections
+
+    def _features(self, detections: list[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
+        default_label = sidecar.label or self.config.defaults.label
+        axes = sidecar.video.axes if sidecar.video else ("XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT")
+        plane_position = sidecar.video.plane_position if sidecar.video else 0
+        features = []
+        for detection in detections:
+            geometry = mask_to_geometry(detection.mask, simplify_tolerance=sidecar.output.simplify_tolerance)
+            if geometry is None:
+                continue
+            label = detection.label or default_label
+            color = detection.color or sidecar.color or class_color(label)
+            plane = None
+            if detection.frame is not None:
+                z, t = (detection.frame, plane_position) if axes == "XYZ" else (plane_position, detection.frame)
+                plane = {"c": -1, "z": z, "t": t}
+            properties: dict[str, Any] = {
+                "object_idx": detection.obj_id if detection.obj_id is not None else len(features),
+                "prompt_idx": detection.prompt_idx,
+                "label": label,
+                "quality": float(detection.score),
+                "sam_model": model_type,
+            }
+            if sidecar.mask_choice != "single":
+                properties["mask_idx"] = detection.mask_idx
+            if detection.obj_id is not None:
+                properties["obj_id"] = detection.obj_id
+            if detection.frame is not None:
+                properties["frame"] = detection.frame
+            properties.update(detection.extra)
+            features.append(make_feature(
+                geometry, label=label, object_type=sidecar.output.object_type, color=list(color),
+                plane=plane, properties=properties,
+            ))
+        return features
+
+    def _meta(
+        self, ticket: JobTicket, sidecar: Sidecar, spec: LoadSpec, adapter: Any, media: Media,
+        image_rel: str, timings: dict[str, float], n_features: int,
+    ) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "job": ticket.job_id,
+            "model": spec.model_type,
+            "weights": {
+                "name": spec.weights_name, "sha256": spec.sha256, "source": spec.source,
+                "config": getattr(adapter, "config_used", spec.config),
+            },
+            "device": describe(self.pool.device),
+            "host": self.config.service.instance,
+            "image": {
+                "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
+                "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,
+            },
+            "sidecar": ticket.sidecar,
+            "input_version": ticket.version,
+            "parameters": sidecar.model_dump(mode="json", exclude_none=True),
+            "features": n_features,
+            "timings": {key: round(value, 4) for key, value in timings.items()},
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
+
+
+_MODE_ADVICE = {
+    "text": "text prompts need model: sam3.",
+    "video": "tracking through frames needs a sam2_* or sam3 model.",
+    "automask": "give prompts, or use a SAM/MobileSAM/SAM2 model for automatic masks.",
+    "prompts": "use text/positive_bboxes for sam3, or a SAM/SAM2 model for box and point prompts.",
+}
+
+
+def _frames_held(video: Any) -> int | None:
+    """How many frames a video job may touch: what the memory limit is checked against."""
+    if video is None or video.max_frame_num_to_track is None or video.reverse:
+        return None
+    return (video.start_frame_idx or 0) + video.max_frame_num_to_track + 1
+
+
+def _frame_progress(progress: Progress, index: int, total: int) -> Callable[[str, float], None]:
+    def report(stage: str, fraction: float, message: str = "") -> None:
+        progress("frames", (index + fraction) / total, f"plane {index + 1} of {total}: {stage}")
+
+    return report
+
+
+def nearest_defaults_file(inbox: Path, folder: str) -> Path | None:
+    """The folder defaults file for ``folder``: its own or the nearest above it in the inbox."""
+    current = folder
+    while True:
+        for suffix in SIDECAR_SUFFIXES:
+            candidate = inbox / current / f"{FOLDER_DEFAULTS_STEM}{suffix}"
+            if candidate.is_file():
+                return candidate
+        if not current:
+            return None
+        current = str(Path(current).parent) if "/" in current else ""
+
+
+def move_inputs(inbox: Path, paths: list[str], success: bool) -> None:
+    """inputs.after: move — to inbox/_done/ or inbox/_failed/, keeping the relative path."""
+    target_root = inbox / ("_done" if success else "_failed")
+    for rel in paths:
+        source = inbox / rel
+        if not source.exists():
+            continue
+        target = target_root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), str(target))

@@ -1,0 +1,189 @@
+"""The job ledger: which job versions exist, their state, and the file-hash cache.
+
+SQLite in WAL mode under ``state_dir`` so a restart knows what is finished (not redone) and
+what is not (redone): a job is identified by its output stem and a *version*, the hash of
+the contents it was made from. Only the daemon's main thread uses the connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id      TEXT PRIMARY KEY,   -- output stem, e.g. exp1/img001.cells
+    sidecar     TEXT,               -- relative path of the sidecar or folder defaults
+    image       TEXT,               -- relative path of the image (NULL: not found)
+    image_sha   TEXT,               -- sha256 of the image's bytes (embedding cache key)
+    version     TEXT NOT NULL,      -- hash of image + sidecar (+ folder defaults) contents
+    state       TEXT NOT NULL,      -- queued | waiting | running | done | failed | cancelled
+    priority    INTEGER NOT NULL DEFAULT 0,
+    grp         TEXT NOT NULL DEFAULT '',  -- fairness group: the top-level folder
+    seen        REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    error       TEXT,
+    updated     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS groups (grp TEXT PRIMARY KEY, served REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
+);
+"""
+
+ACTIVE_STATES = ("queued", "waiting", "running")
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    sidecar: str | None
+    image: str | None
+    image_sha: str | None
+    version: str
+    state: str
+    priority: int
+    grp: str
+    attempts: int
+    error: str | None
+
+
+class Ledger:
+    def __init__(self, path: Path, *, wallclock=time.time) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a job reported done survives a power cut, as the result file does.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._wallclock = wallclock
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---- jobs -------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRow | None:
+        row = self._db.execute(
+            "SELECT job_id, sidecar, image, image_sha, version, state, priority, grp, attempts, error "
+            "FROM jobs WHERE job_id = ?",
+            (job_id,),
+        ).fetchone()
+        return JobRow(*row) if row else None
+
+    def upsert(
+        self,
+        job_id: str,
+        *,
+        sidecar: str | None,
+        image: str | None,
+        image_sha: str | None,
+        version: str,
+        priority: int,
+        grp: str,
+    ) -> bool:
+        """Record the job's current version; True when it needs (re)running."""
+        now = self._wallclock()
+        current = self.get(job_id)
+        if current is not None and current.version == version and current.state != "cancelled":
+            if current.priority != priority:
+                self._db.execute("UPDATE jobs SET priority = ? WHERE job_id = ?", (priority, job_id))
+            return False
+        self._db.execute(
+            "INSERT INTO jobs (job_id, sidecar, image, image_sha, version, state, priority, grp, seen, updated) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) "
+            "ON CONFLICT(job_id) DO UPDATE SET sidecar = excluded.sidecar, image = excluded.image, "
+            "image_sha = excluded.image_sha, "
+            "version = excluded.version, priority = excluded.priority, grp = excluded.grp, "
+            "state = CASE WHEN jobs.state = 'running' THEN 'running' ELSE 'queued' END, "
+            "seen = excluded.seen, attempts = 0, error = NULL, updated = excluded.updated",
+            (job_id, sidecar, image, image_sha, version, priority, grp, now, now),
+        )
+        return True
+
+    def set_state(self, job_id: str, state: str, *, version: str | None = None, error: str | None = None) -> bool:
+        """Move a job to ``state``; with ``version``, only if that is still its version."""
+        query = "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE job_id = ?"
+        params: tuple = (state, error, self._wallclock(), job_id)
+        if version is not None:
+            query += " AND version = ?"
+            params += (version,)
+        return self._db.execute(query, params).rowcount > 0
+
+    def start(self, job: JobRow) -> None:
+        self._db.execute(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated = ? WHERE job_id = ?",
+            (self._wallclock(), job.job_id),
+        )
+        self._db.execute(
+            "INSERT INTO groups (grp, served) VALUES (?, ?) "
+            "ON CONFLICT(grp) DO UPDATE SET served = excluded.served",
+            (job.grp, self._wallclock()),
+        )
+
+    def finish(self, job: JobRow, state: str, error: str | None = None) -> None:
+        """Record the outcome of ``job``'s version; a newer version stays queued."""
+        if not self.set_state(job.job_id, state, version=job.version, error=error):
+            self.set_state(job.job_id, "queued")
+
+    def next_job(self, *, exclude: frozenset[str] = frozenset()) -> JobRow | None:
+        """Highest priority first; among equals, the folder served longest ago, then oldest."""
+        rows = self._db.execute(
+            "SELECT j.job_id, j.sidecar, j.image, j.image_sha, j.version, j.state, j.priority, j.grp, j.attempts, j.error "
+            "FROM jobs j LEFT JOIN groups g ON g.grp = j.grp WHERE j.state = 'queued' "
+            "ORDER BY j.priority DESC, COALESCE(g.served, 0) ASC, j.seen ASC, j.job_id ASC LIMIT ?",
+            (len(exclude) + 1,),
+        ).fetchall()
+        for row in rows:
+            if row[0] not in exclude:
+                return JobRow(*row)
+        return None
+
+    def jobs_in(self, states: tuple[str, ...]) -> list[JobRow]:
+        marks = ",".join("?" * len(states))
+        rows = self._db.execute(
+            "SELECT job_id, sidecar, image, image_sha, version, state, priority, grp, attempts, error "
+            f"FROM jobs WHERE state IN ({marks}) ORDER BY priority DESC, seen ASC",
+            states,
+        ).fetchall()
+        return [JobRow(*row) for row in rows]
+
+    def jobs_of_sidecar(self, sidecar: str) -> list[JobRow]:
+        rows = self._db.execute(
+            "SELECT job_id, sidecar, image, image_sha, version, state, priority, grp, attempts, error "
+            "FROM jobs WHERE sidecar = ?",
+            (sidecar,),
+        ).fetchall()
+        return [JobRow(*row) for row in rows]
+
+    def all_job_ids(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT job_id FROM jobs")}
+
+    def recover(self) -> int:
+        """After a crash or kill: jobs that were running run again."""
+        return self._db.execute(
+            "UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'", (self._wallclock(),)
+        ).rowcount
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+    # ---- file hashes ----------------------------------------------------------------
+
+    def cached_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
+        row = self._db.execute(
+            "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
+            (path, size, mtime_ns),
+        ).fetchone()
+        return row[0] if row else None
+
+    def store_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        self._db.execute(
+            "INSERT INTO file_hashes (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+            "sha256 = excluded.sha256",
+            (path, size, mtime_ns, sha256),
+        )

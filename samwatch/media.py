@@ -1,0 +1,811 @@
+"""Images, stacks and videos on disk -> the RGB uint8 frames the models take, plus metadata.
+
+This module knows nothing of models, sidecars or outputs: it opens a file (or a
+``name.frames/`` folder), checks it against :class:`MediaLimits` from its header alone, and
+hands out frames lazily as ``H x W x 3`` ``uint8`` arrays.
+
+Readers
+-------
+* PNG, JPEG, BMP: Pillow, first frame only (a phone JPEG may carry a second MPO frame, an
+  APNG several; both are stills here). EXIF orientation is *not* applied: GeoJSON
+  coordinates must match the pixel grid as stored, which is what QuPath displays.
+* GIF: Pillow, every frame (a one-frame GIF is a still).
+* TIFF (all bit depths, multi-page, OME, ImageJ): tifffile, ``series[0]`` only, one frame's
+  pages at a time. Pages compressed with a codec tifffile cannot decode without the
+  optional ``imagecodecs`` package (LZW, PackBits, JPEG...) are decoded by Pillow instead,
+  as long as each page is a plain ``YX`` or ``YXS`` image.
+* MP4, AVI, MOV: PyAV, decoded sequentially on demand (``Media.frames`` is the cheap way to
+  walk a video; ``Media.frame(i)`` decodes from the start). The count comes from the
+  container, or from one decoding pass when the container does not say.
+* ``name.frames/``: every image file in the folder (hidden files skipped), sorted naturally
+  (``frame2`` before ``frame10``); each file gives its first frame. All frames must have the
+  same size, dtype and channel count.
+
+Which axis is the frame axis (stacks)
+-------------------------------------
+Axes are tifffile's series axes (``Media.axes``). Y and X are the image plane, C and S the
+channels (both present: flattened, C major), everything else selects frames:
+
+* the file has both T and Z: frames run along ``frame_axis`` (``"T"`` when None) and the
+  other of the two is fixed at ``plane_position``;
+* the file has only one of T or Z: frames run along that one, whatever ``frame_axis`` says;
+* any further axis (tifffile's I, Q, R, E, ...) is then fixed at index 0;
+* the file has neither T nor Z: frames run over all those further axes, flattened in file
+  order, so a plain multi-page TIFF with no metadata (axes ``IYX``) is a stack of pages.
+
+A file with one frame is ``kind="image"``, more than one ``kind="stack"``. Note that a
+``C x Y x X`` TIFF written without axes metadata reads as ``QYX``: a stack of pages.
+
+Conversion to RGB uint8 (:func:`to_rgb8`)
+-----------------------------------------
+1. Channel axis: given by the reader (channels last); for a bare array, the last axis if
+   ``shape[-1] <= 4``, else the first if ``shape[0] <= 8``.
+2. Channel choice: ``ChannelRule.channels`` lists the channels (0-based) for R, G, B; one
+   channel is grey replicated to R, G and B, two give R and G with B = 0, three give RGB.
+   With ``channels=None``: the first three channels (so RGBA drops alpha, a 5-channel
+   image shows channels 0, 1, 2); one channel is grey; two channels are R and G.
+3. Intensities, per chosen channel:
+   bool / 1-bit -> 0 and 255 whatever ``normalize`` says;
+   ``"auto"``: uint8 untouched, any other dtype as ``"percentile"``;
+   ``"percentile"``: the ``low`` .. ``high`` percentiles map linearly onto 0 .. 255, clipped;
+   ``"minmax"``: min .. max onto 0 .. 255;
+   ``"none"``: uint8 untouched, other integers scaled from their dtype's full range
+   (uint16 0 .. 65535 -> 0 .. 255), floats taken as 0 .. 1.
+   A constant channel (high == low) becomes 0, NaN becomes 0; bounds ignore NaN and inf.
+   For a stack the bounds are computed once, from up to five frames spread over it, and
+   used for every frame, so brightness stays comparable over time (a frame the objects
+   have left is not stretched into noise). A still, and :func:`read_image`, use the one
+   frame's own bounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import re
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import av
+import numpy as np
+import tifffile
+from PIL import Image
+
+from samwatch.errors import JobError
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+#: TIFFs are listed with the images: a multi-page one is a stack, known only once opened.
+VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".gif"})
+FRAMES_DIR_SUFFIX = ".frames"
+
+_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+_AV_SUFFIXES = frozenset({".mp4", ".avi", ".mov"})
+_NORMALIZE_MODES = ("auto", "percentile", "minmax", "none")
+_HASH_CHUNK = 1 << 20
+# Percentiles over 100-megapixel frames are slow; a strided sample of this many values per
+# channel and frame gives the same bounds to well under one grey level.
+_STRETCH_SAMPLES = 1 << 20
+_STRETCH_FRAMES = 5
+# Pillow modes whose arrays are usable as they are; every other mode (palette, LA, CMYK,
+# YCbCr, ...) is converted to RGB, since Pillow knows what colours those encode.
+_PIL_16BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_PIL_NATIVE_MODES = frozenset({"1", "L", "I", "F", "RGB", "RGBA"}) | _PIL_16BIT_MODES
+_PIL_DTYPES = {"1": "bool", "I": "int32", "F": "float32"} | dict.fromkeys(_PIL_16BIT_MODES,
+                                                                          "uint16")
+_PIL_ALPHA_MODES = frozenset({"LA", "PA", "RGBA"})
+_MASK_DIRECT_MODES = frozenset({"1", "L", "P", "I", "F", "RGB"}) | _PIL_16BIT_MODES
+# What decoders raise on damaged or foreign bytes (Pillow's UnidentifiedImageError is an
+# OSError, PyAV's InvalidDataError a ValueError).
+_DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, IndexError, struct.error,
+                  zlib.error, tifffile.TiffFileError, av.FFmpegError)
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Guards checked from headers, before any pixel is decoded."""
+
+    max_image_pixels: int = 178_956_970
+    max_video_bytes: int = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """How >3-channel or non-uint8 data become RGB uint8 (see the module docstring)."""
+
+    channels: tuple[int, ...] | None = None
+    normalize: str = "auto"
+    low: float = 0.5
+    high: float = 99.5
+
+    def __post_init__(self) -> None:
+        if self.normalize not in _NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, not {self.normalize!r}")
+        if not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"need 0 <= low < high <= 100, got low={self.low}, high={self.high}")
+        if self.channels is not None and (
+            not 1 <= len(self.channels) <= 3 or any(c < 0 for c in self.channels)
+        ):
+            raise ValueError(f"channels must list 1 to 3 indices >= 0, got {self.channels}")
+
+
+class _Source(Protocol):
+    def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        """Yield the frames at ascending ``indices`` as H x W x C arrays in the file's dtype."""
+        ...
+
+
+@dataclass
+class Media:
+    """An opened image, stack or video: metadata now, frames on demand."""
+
+    path: Path
+    kind: str
+    width: int
+    height: int
+    n_frames: int
+    axes: str
+    source_dtype: str
+    _source: _Source = field(repr=False, compare=False)
+    _rule: ChannelRule = field(repr=False, compare=False)
+
+    def frame(self, index: int) -> np.ndarray:
+        """Frame ``index`` as RGB uint8 H x W x 3."""
+        if not 0 <= index < self.n_frames:
+            raise IndexError(f"frame {index} is outside 0..{self.n_frames - 1}")
+        (raw,) = self._source.read([index])
+        return self._convert(raw)
+
+    def frames(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Frames ``start`` .. ``stop - 1`` (slice semantics), one at a time."""
+        for raw in self._source.read(range(self.n_frames)[start:stop]):
+            yield self._convert(raw)
+
+    def _convert(self, raw: np.ndarray) -> np.ndarray:
+        return to_rgb8(raw, self._rule, channel_axis=-1, bounds=self._stack_bounds)
+
+    @cached_property
+    def _stack_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.n_frames == 1 or not _needs_stretch(np.dtype(self.source_dtype), self._rule):
+            return None
+        picks = np.linspace(0, self.n_frames - 1, min(self.n_frames, _STRETCH_FRAMES))
+        indices = sorted({int(round(i)) for i in picks})
+        samples = [_select_channels(raw, self._rule.channels) for raw in self._source.read(indices)]
+        return _stretch_bounds(samples, self._rule)
+
+
+# ---------------------------------------------------------------------------------------
+# public entry points
+
+
+def probe(
+    path: Path,
+    *,
+    limits: MediaLimits = MediaLimits(),
+    channels: ChannelRule = ChannelRule(),
+    frame_axis: str | None = None,
+    plane_position: int = 0,
+    max_frames: int | None = None,
+) -> Media:
+    """Open ``path`` from its header, check the limits, and return it ready to read.
+
+    ``frame_axis`` ("T" or "Z") and ``plane_position`` choose the frames of a stack (module
+    docstring). ``max_frames`` is how many frames the caller will hold at once (the
+    sidecar's ``max_frame_num_to_track``); the memory check uses it when smaller than the
+    stack. Pixel errors of a header-valid file surface from ``Media.frame``/``frames``.
+    """
+    media = _open(Path(path), limits, channels, frame_axis, plane_position)
+    held = media.n_frames if max_frames is None else min(media.n_frames, max_frames)
+    _check_sequence(media, held, limits)
+    return media
+
+
+def read_image(
+    path: Path, *, limits: MediaLimits = MediaLimits(), channels: ChannelRule = ChannelRule()
+) -> np.ndarray:
+    """A still as RGB uint8; for a multi-frame file its frame 0 (T=0, Z=0), alone."""
+    media = _open(Path(path), limits, channels, None, 0)
+    (raw,) = media._source.read([0])
+    return to_rgb8(raw, channels, channel_axis=-1)
+
+
+def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A mask prompt image as float32 ``shape`` (H, W): 1 where any colour band is nonzero.
+
+    A palette image counts by palette index; alpha is ignored.
+    """
+    path = Path(path)
+    height, width = shape
+    if not path.is_file():
+        raise JobError("mask_invalid", f"The mask '{path.name}' does not exist; put it next to "
+                       "the image or fix its name in the sidecar.", file=str(path))
+    try:
+        with Image.open(path) as im:
+            if im.size != (width, height):
+                raise JobError(
+                    "mask_invalid",
+                    f"The mask '{path.name}' is {im.size[0]}x{im.size[1]} pixels but the image "
+                    f"is {width}x{height}; save the mask at the image's size.",
+                    file=str(path))
+            values = _mask_values(im)
+    except (Image.DecompressionBombError, *_DECODE_ERRORS) as exc:
+        raise JobError("mask_invalid", f"The mask '{path.name}' could not be read ({exc}); save "
+                       "it again as a PNG.", file=str(path)) from exc
+    return values.reshape(height, width, -1).any(axis=-1).astype(np.float32)
+
+
+def to_rgb8(
+    array: np.ndarray,
+    rule: ChannelRule = ChannelRule(),
+    *,
+    channel_axis: int | None = None,
+    bounds: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Convert a 2-D or 3-D array to RGB uint8 H x W x 3 by the module docstring's rule.
+
+    ``channel_axis`` overrides the guess for 3-D input; ``bounds`` (low, high per chosen
+    channel) replaces the array's own stretch bounds, so a stack shares one stretch.
+    """
+    chosen = _select_channels(_to_hwc(np.asarray(array), channel_axis), rule.channels)
+    return _assemble_rgb(_to_uint8(chosen, rule, bounds))
+
+
+def content_hash(path: Path) -> str:
+    """sha256 hex of a file's bytes; for a ``.frames`` folder, of its frames' names and bytes."""
+    path = Path(path)
+    if not path.exists():
+        raise _not_found(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in _frame_files(path):
+            # Name and length delimit each file: moving bytes between frames changes the hash.
+            digest.update(file.name.encode() + b"\0" + file.stat().st_size.to_bytes(8, "little"))
+            for chunk in _chunks(file):
+                digest.update(chunk)
+    else:
+        for chunk in _chunks(path):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_media_path(path: Path) -> bool:
+    """Whether samwatch reads ``path``, by suffix (a ``.frames`` name must be a folder).
+
+    Hidden names are never media: macOS writes ``._name.png`` companions that are not images.
+    """
+    path = Path(path)
+    if path.name.startswith("."):
+        return False
+    if path.name.lower().endswith(FRAMES_DIR_SUFFIX):
+        return path.is_dir()
+    return path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------
+# opening
+
+
+@dataclass(frozen=True)
+class _Opened:
+    source: _Source
+    width: int
+    height: int
+    n_frames: int
+    n_channels: int
+    axes: str
+    dtype: str
+
+
+def _open(
+    path: Path, limits: MediaLimits, rule: ChannelRule, frame_axis: str | None, plane_position: int
+) -> Media:
+    if frame_axis not in (None, "T", "Z"):
+        raise ValueError(f"frame_axis must be 'T', 'Z' or None, not {frame_axis!r}")
+    opened = _open_any(path, limits, frame_axis, plane_position)
+    _check_channels(rule.channels, opened.n_channels, path)
+    return Media(
+        path=path, kind="stack" if opened.n_frames > 1 else "image", width=opened.width,
+        height=opened.height, n_frames=opened.n_frames, axes=opened.axes,
+        source_dtype=opened.dtype, _source=opened.source, _rule=rule)
+
+
+def _open_any(
+    path: Path, limits: MediaLimits, frame_axis: str | None, plane_position: int
+) -> _Opened:
+    if not path.exists():
+        raise _not_found(path)
+    if path.is_dir():
+        if path.name.lower().endswith(FRAMES_DIR_SUFFIX):
+            return _open_folder(path, limits)
+        raise JobError("unsupported_format", f"'{path.name}' is a folder; to use its images as "
+                       f"frames, rename it to '{path.name}{FRAMES_DIR_SUFFIX}'.", file=str(path))
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+        known = ", ".join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+        raise JobError("unsupported_format", f"'{path.name}' is not a type samwatch reads; "
+                       f"convert it to one of {known}.", file=str(path))
+    if path.stat().st_size == 0:
+        raise JobError("image_unreadable", f"'{path.name}' is empty (0 bytes); copy it again "
+                       "once it is fully written.", file=str(path))
+    if suffix in _TIFF_SUFFIXES:
+        return _open_tiff(path, limits, frame_axis, plane_position)
+    if suffix in _AV_SUFFIXES:
+        return _open_video(path, limits)
+    return _open_pil(path, limits, animated=suffix == ".gif")
+
+
+def _not_found(path: Path) -> JobError:
+    return JobError("image_not_found", f"'{path.name}' does not exist; check the name, or wait "
+                    "until it has been copied in.", file=str(path))
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a decoder's failure into the job error a person can act on."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise _not_found(path) from exc
+    except PermissionError as exc:
+        raise JobError("image_unreadable", f"'{path.name}' cannot be read (permission denied); "
+                       "make it readable by the user samwatch runs as.", file=str(path)) from exc
+    except _DECODE_ERRORS as exc:
+        raise JobError("image_unreadable", f"'{path.name}' is truncated, damaged or not the "
+                       f"format its name says ({type(exc).__name__}: {exc}); export or copy it "
+                       "again.", file=str(path)) from exc
+
+
+def _check_pixels(path: Path, width: int, height: int, limits: MediaLimits) -> None:
+    if width * height > limits.max_image_pixels:
+        raise JobError(
+            "image_too_large",
+            f"'{path.name}' is {width}x{height} = {width * height:,} pixels per frame, over "
+            f"limits.max_image_pixels ({limits.max_image_pixels:,}); downscale or tile it, or "
+            "raise the limit in the config if you trust the file.",
+            file=str(path))
+
+
+def _check_sequence(media: Media, held: int, limits: MediaLimits) -> None:
+    need = held * media.width * media.height * 3
+    if media.kind == "stack" and need > limits.max_video_bytes:
+        raise JobError(
+            "video_too_large",
+            f"'{media.path.name}' needs {_human_bytes(need)} as RGB frames ({held} frames of "
+            f"{media.width}x{media.height}), over limits.max_video_bytes "
+            f"({_human_bytes(limits.max_video_bytes)}); track fewer frames with the sidecar's "
+            "max_frame_num_to_track, or raise limits.max_video_bytes in the config.",
+            file=str(media.path))
+
+
+def _check_channels(channels: tuple[int, ...] | None, n_channels: int, path: Path | None) -> None:
+    missing = [c for c in channels or () if c >= n_channels]
+    if missing:
+        name = f"'{path.name}'" if path else "the image"
+        raise JobError(
+            "sidecar_invalid",
+            f"Channel {missing[0]} was asked for but {name} has {n_channels} channel(s), "
+            f"numbered from 0; pick channels between 0 and {n_channels - 1}.",
+            field="channels", file=str(path) if path else None)
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+# ---------------------------------------------------------------------------------------
+# Pillow: PNG, JPEG, BMP, GIF
+
+
+@contextmanager
+def _pil_open(path: Path) -> Iterator[Image.Image]:
+    # Pillow's own guard fires inside Image.open, before ours can look at the size.
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise JobError("image_too_large", f"'{path.name}' has more pixels than Pillow's "
+                       f"decompression-bomb guard allows ({exc}); downscale or tile it.",
+                       file=str(path)) from exc
+    with im:
+        yield im
+
+
+def _pil_array(im: Image.Image) -> np.ndarray:
+    if im.mode not in _PIL_NATIVE_MODES:
+        im = im.convert("RGB")
+    array = np.asarray(im)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array.reshape(array.shape[0], array.shape[1], -1)
+
+
+def _pil_channels(mode: str) -> int:
+    if mode == "RGBA":
+        return 4
+    if mode in _PIL_NATIVE_MODES and mode != "RGB":
+        return 1
+    return 3  # RGB, or a mode _pil_array converts to RGB
+
+
+@dataclass(frozen=True)
+class _PilSource:
+    path: Path
+
+    def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        with _reading(self.path), _pil_open(self.path) as im:
+            for index in indices:
+                im.seek(index)
+                yield _pil_array(im)
+
+
+def _open_pil(path: Path, limits: MediaLimits, *, animated: bool) -> _Opened:
+    with _reading(path), _pil_open(path) as im:
+        width, height = im.size
+        _check_pixels(path, width, height, limits)
+        n_frames = getattr(im, "n_frames", 1) if animated else 1
+        mode = im.mode
+    n_channels = _pil_channels(mode)
+    axes = ("T" if n_frames > 1 else "") + ("YX" if n_channels == 1 else "YXS")
+    return _Opened(_PilSource(path), width, height, n_frames, n_channels, axes,
+                   _PIL_DTYPES.get(mode, "uint8"))
+
+
+def _mask_values(im: Image.Image) -> np.ndarray:
+    if im.mode in _PIL_ALPHA_MODES:
+        return np.asarray(im)[..., :-1]
+    if im.mode in _MASK_DIRECT_MODES:
+        return np.asarray(im)
+    return np.asarray(im.convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------------
+# tifffile: TIFF, OME-TIFF, ImageJ hyperstacks
+
+
+def _ravel(index: Sequence[int], sizes: Sequence[int]) -> int:
+    flat = 0
+    for i, size in zip(index, sizes):
+        flat = flat * size + i
+    return flat
+
+
+def _unravel(flat: int, sizes: Sequence[int]) -> tuple[int, ...]:
+    index = []
+    for size in reversed(sizes):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+@dataclass(frozen=True)
+class _TiffLayout:
+    """Where a frame's pixels sit in a tifffile series (axes and shape are squeezed)."""
+
+    axes: str
+    shape: tuple[int, ...]
+    n_lead: int  # leading axes stored as separate pages; the rest lie within one page
+    frame_axes: tuple[int, ...]
+    fixed: tuple[tuple[int, int], ...]  # (axis position, index) held constant
+
+    @property
+    def n_frames(self) -> int:
+        return math.prod(self.shape[p] for p in self.frame_axes)
+
+    @property
+    def n_channels(self) -> int:
+        return math.prod(s for s, a in zip(self.shape, self.axes) if a in "CS")
+
+    def picked(self, frame: int) -> dict[int, int]:
+        """Axis position -> index for every axis that is not Y, X or a channel."""
+        sizes = [self.shape[p] for p in self.frame_axes]
+        return dict(self.fixed) | dict(zip(self.frame_axes, _unravel(frame, sizes)))
+
+    def pages(self, picked: dict[int, int]) -> tuple[list[int], tuple[int, ...]]:
+        """The series' page numbers holding those pixels, and their leading shape."""
+        lead = self.shape[: self.n_lead]
+        ranges = [(picked[p],) if p in picked else range(lead[p]) for p in range(self.n_lead)]
+        return [_ravel(i, lead) for i in itertools.product(*ranges)], tuple(map(len, ranges))
+
+    def to_hwc(self, data: np.ndarray, picked: dict[int, int], lead: tuple[int, ...]) -> np.ndarray:
+        data = data.reshape(lead + self.shape[self.n_lead :])
+        # Picked leading axes were read at one index; picked in-page axes still need indexing.
+        data = data[tuple(
+            (0 if p < self.n_lead else picked[p]) if p in picked else slice(None)
+            for p in range(len(self.axes)))]
+        kept = [a for p, a in enumerate(self.axes) if p not in picked]
+        order = [kept.index("Y"), kept.index("X")] + [i for i, a in enumerate(kept) if a in "CS"]
+        data = data.transpose(order)
+        return data.reshape(data.shape[0], data.shape[1], -1)
+
+
+def _tiff_plan(
+    path: Path, axes: str, shape: tuple[int, ...], frame_axis: str | None, plane_position: int
+) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """(frame axes, fixed axes) by the module docstring's rule."""
+    t, z = axes.find("T"), axes.find("Z")
+    others = tuple(p for p, a in enumerate(axes) if a not in "YXCS" and p not in (t, z))
+    if t < 0 and z < 0:
+        return others, ()
+    at_zero = tuple((p, 0) for p in others)
+    if t < 0 or z < 0:
+        return (t if t >= 0 else z,), at_zero
+    main, other = (z, t) if frame_axis == "Z" else (t, z)
+    if not 0 <= plane_position < shape[other]:
+        raise JobError(
+            "sidecar_invalid",
+            f"plane_position {plane_position} is outside the {axes[other]} axis of "
+            f"'{path.name}', which has {shape[other]} planes; use 0 to {shape[other] - 1}.",
+            field="plane_position", file=str(path))
+    return (main,), ((other, plane_position),) + at_zero
+
+
+def _unsupported_tiff(path: Path, why: str) -> JobError:
+    return JobError("unsupported_format", f"'{path.name}' {why}; save it again as an "
+                    "uncompressed TIFF (for example with Fiji or tifffile).", file=str(path))
+
+
+@dataclass(frozen=True)
+class _TiffSource:
+    path: Path
+    layout: _TiffLayout
+    via_pil: bool  # the pages use a codec tifffile lacks without imagecodecs
+
+    def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        with _reading(self.path), tifffile.TiffFile(self.path) as tif:
+            for index in indices:
+                picked = self.layout.picked(index)
+                pages, lead = self.layout.pages(picked)
+                yield self.layout.to_hwc(self._read_pages(tif, pages), picked, lead)
+
+    def _read_pages(self, tif: tifffile.TiffFile, pages: list[int]) -> np.ndarray:
+        if not self.via_pil:
+            return tif.asarray(key=pages, series=0)
+        series = tif.series[0]
+        with _pil_open(self.path) as im:
+            planes = []
+            for page in pages:
+                im.seek(series.pages[page].index)
+                planes.append(np.asarray(im))
+        data = np.stack(planes)
+        if data.shape[1:] != series.keyframe.shape:
+            raise _unsupported_tiff(self.path, f"has pages Pillow decodes as {data.shape[1:]} "
+                                    f"instead of {series.keyframe.shape}")
+        return data.astype(series.dtype)
+
+
+def _open_tiff(
+    path: Path, limits: MediaLimits, frame_axis: str | None, plane_position: int
+) -> _Opened:
+    with _reading(path), tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes, shape = series.axes, tuple(series.shape)
+        page_shape, n_pages = tuple(series.keyframe.shape), len(series.pages)
+        page_axes = axes[len(shape) - len(page_shape):]
+        via_pil = series.keyframe.compression not in tifffile.TIFF.DECOMPRESSORS
+        dtype = np.dtype(series.dtype)
+    n_lead = len(shape) - len(page_shape)
+    if "Y" not in axes or "X" not in axes or n_lead < 0 or shape[n_lead:] != page_shape \
+            or math.prod(shape[:n_lead]) != n_pages:
+        raise _unsupported_tiff(path, f"has a layout samwatch does not understand (axes "
+                                f"{axes}, shape {shape})")
+    if dtype.kind not in "biuf":
+        raise _unsupported_tiff(path, f"holds {dtype} pixels")
+    if via_pil and page_axes not in ("YX", "YXS"):
+        raise _unsupported_tiff(path, "uses a compression that needs the optional imagecodecs "
+                                "package for its page layout")
+    width, height = shape[axes.index("X")], shape[axes.index("Y")]
+    _check_pixels(path, width, height, limits)
+    frame_axes, fixed = _tiff_plan(path, axes, shape, frame_axis, plane_position)
+    layout = _TiffLayout(axes, shape, n_lead, frame_axes, fixed)
+    return _Opened(_TiffSource(path, layout, via_pil), width, height, layout.n_frames,
+                   layout.n_channels, axes, str(dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# PyAV: MP4, AVI, MOV
+
+
+@dataclass(frozen=True)
+class _VideoSource:
+    path: Path
+    width: int
+    height: int
+
+    def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        wanted = iter(indices)
+        target = next(wanted, None)
+        if target is None:
+            return
+        decoded = 0
+        with _reading(self.path), av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                decoded += 1
+                if decoded - 1 < target:
+                    continue
+                # Scaling to the probed size keeps every frame the same shape even if
+                # the stream changes resolution midway.
+                yield frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                target = next(wanted, None)
+                if target is None:
+                    return
+        raise JobError("image_unreadable", f"'{self.path.name}' ends after {decoded} frames, "
+                       f"before frame {target} that its header promises; export or copy it "
+                       "again.", file=str(self.path))
+
+
+def _open_video(path: Path, limits: MediaLimits) -> _Opened:
+    with _reading(path), av.open(str(path)) as container:
+        if not container.streams.video:
+            raise JobError("image_unreadable", f"'{path.name}' contains no video stream; "
+                           "export the video again.", file=str(path))
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        _check_pixels(path, width, height, limits)
+        n_frames = stream.frames or sum(1 for _ in container.decode(stream))
+    if n_frames == 0:
+        raise JobError("image_unreadable", f"'{path.name}' contains no frames; export the "
+                       "video again.", file=str(path))
+    return _Opened(_VideoSource(path, width, height), width, height, n_frames, 3, "TYXS", "uint8")
+
+
+# ---------------------------------------------------------------------------------------
+# name.frames/ folders
+
+
+def _natural_key(path: Path) -> tuple[list[int | str], str]:
+    # re.split with a group alternates text and digits, so ints only meet ints.
+    parts = re.split(r"(\d+)", path.name.lower())
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)], path.name
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    files = (p for p in folder.iterdir()
+             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(files, key=_natural_key)
+
+
+@dataclass(frozen=True)
+class _FolderSource:
+    stills: tuple[_Source, ...]
+
+    def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        for index in indices:
+            (raw,) = self.stills[index].read([0])
+            yield raw
+
+
+def _open_folder(folder: Path, limits: MediaLimits) -> _Opened:
+    files = _frame_files(folder)
+    if not files:
+        raise JobError("image_unreadable", f"'{folder.name}' holds no image files; put frames "
+                       f"({', '.join(sorted(IMAGE_SUFFIXES))}) in it.", file=str(folder))
+    opened = [_open_any(f, limits, None, 0) for f in files]
+    first = opened[0]
+    for file, other in zip(files[1:], opened[1:]):
+        if (other.width, other.height, other.dtype, other.n_channels) != \
+                (first.width, first.height, first.dtype, first.n_channels):
+            raise JobError(
+                "image_unreadable",
+                f"Frame '{file.name}' in '{folder.name}' is {other.width}x{other.height} "
+                f"{other.dtype} with {other.n_channels} channel(s) but the first frame "
+                f"'{files[0].name}' is {first.width}x{first.height} {first.dtype} with "
+                f"{first.n_channels}; save all frames alike.",
+                file=str(file))
+    source = _FolderSource(tuple(o.source for o in opened))
+    return _Opened(source, first.width, first.height, len(files), first.n_channels,
+                   "T" + first.axes, first.dtype)
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            yield chunk
+
+
+# ---------------------------------------------------------------------------------------
+# conversion
+
+
+def _to_hwc(array: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    if array.ndim == 2:
+        return array[..., np.newaxis]
+    if array.ndim != 3:
+        raise ValueError(f"expected a 2-D or 3-D image array, got shape {array.shape}")
+    if channel_axis is None:
+        channel_axis = _guess_channel_axis(array.shape)
+    return np.moveaxis(array, channel_axis, -1)
+
+
+def _guess_channel_axis(shape: tuple[int, ...]) -> int:
+    if shape[-1] <= 4:
+        return -1
+    if shape[0] <= 8:
+        return 0
+    raise ValueError(f"cannot tell which axis of shape {shape} holds the channels; "
+                     "pass channel_axis")
+
+
+def _select_channels(hwc: np.ndarray, channels: tuple[int, ...] | None) -> np.ndarray:
+    n_channels = hwc.shape[-1]
+    _check_channels(channels, n_channels, None)
+    picks = list(channels) if channels is not None else list(range(min(n_channels, 3)))
+    return hwc if picks == list(range(n_channels)) else hwc[..., picks]
+
+
+def _needs_stretch(dtype: np.dtype, rule: ChannelRule) -> bool:
+    if dtype == np.bool_ or rule.normalize == "none":
+        return False
+    return rule.normalize != "auto" or dtype != np.uint8
+
+
+def _to_uint8(chosen: np.ndarray, rule: ChannelRule,
+              bounds: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    if chosen.dtype == np.bool_:
+        return chosen.astype(np.uint8) * np.uint8(255)
+    if _needs_stretch(chosen.dtype, rule):
+        low, high = bounds if bounds is not None else _stretch_bounds([chosen], rule)
+        return _stretch(chosen, low, high)
+    if chosen.dtype == np.uint8:
+        return chosen
+    return _dtype_range(chosen)
+
+
+def _stretch_bounds(samples: list[np.ndarray], rule: ChannelRule) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (low, high) over H x W x k samples; a channel with no finite value gets 0, 0."""
+    n_channels = samples[0].shape[-1]
+    low, high = np.zeros(n_channels, np.float32), np.zeros(n_channels, np.float32)
+    for c in range(n_channels):
+        values = np.concatenate([_subsample(s[..., c]) for s in samples]).astype(np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        picked = (values.min(), values.max()) if rule.normalize == "minmax" \
+            else np.percentile(values, [rule.low, rule.high])
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf: a flat, black channel
+            low[c], high[c] = picked
+    return low, high
+
+
+def _subsample(plane: np.ndarray) -> np.ndarray:
+    flat = plane.ravel()
+    return flat[:: max(1, flat.size // _STRETCH_SAMPLES)]
+
+
+def _stretch(chosen: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    span = high - low
+    scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = (chosen.astype(np.float32) - low) * scale
+    return _clip_to_uint8(scaled)
+
+
+def _dtype_range(chosen: np.ndarray) -> np.ndarray:
+    if chosen.dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):  # huge float64 -> inf -> 255
+            return _clip_to_uint8(chosen.astype(np.float32) * 255)
+    info = np.iinfo(chosen.dtype)
+    return _clip_to_uint8((chosen.astype(np.float64) - info.min) * (255 / (info.max - info.min)))
+
+
+def _clip_to_uint8(values: np.ndarray) -> np.ndarray:
+    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.rint(np.clip(values, 0, 255, out=values), out=values).astype(np.uint8)
+
+
+def _assemble_rgb(channels8: np.ndarray) -> np.ndarray:
+    n_channels = channels8.shape[-1]
+    if n_channels == 1:
+        return np.repeat(channels8, 3, axis=-1)
+    if n_channels == 2:
+        return np.concatenate([channels8, np.zeros_like(channels8[..., :1])], axis=-1)
+    return np.ascontiguousarray(channels8)

@@ -1,0 +1,167 @@
+"""The adapter protocol every model family implements, and what flows through it.
+
+An adapter is set up once per (model type, weights) with ``setup`` and then serves many jobs
+through ``run``; it may keep per-image state (embeddings) between jobs, keyed by
+``RunContext.image_key``, so a re-run with a changed sidecar skips the image encoder.
+Adapters know nothing of files, folders or outputs: the job runner hands them pixels and a
+validated sidecar, and turns their :class:`Detection` list into GeoJSON.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from samwatch.errors import JobError
+from samwatch.sidecar import Sidecar
+
+ProgressFn = Callable[[str, float], None]
+"""``progress(stage, fraction)``: fraction in [0, 1] of that stage; raises JobCancelled."""
+
+
+@dataclass
+class Detection:
+    """One mask an adapter found; becomes one GeoJSON feature (if not empty)."""
+
+    mask: np.ndarray  # bool, H×W of the input image
+    score: float
+    prompt_idx: int | None = None  # index into the sidecar's prompts (None: automask/text)
+    mask_idx: int = 0  # which of a prompt's multimask outputs
+    frame: int | None = None  # frame index for stacks and videos
+    obj_id: int | None = None  # video object id
+    label: str | None = None
+    color: tuple[int, int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. stability_score
+
+
+@dataclass
+class RunContext:
+    """Everything one job gives the adapter."""
+
+    sidecar: Sidecar
+    image: np.ndarray | None  # RGB uint8 H×W×3 for image jobs
+    image_key: str  # content identity of the pixels (for embedding reuse)
+    frames: Any = None  # a samwatch.media.Media for video jobs
+    prompt_masks: list[np.ndarray | None] = field(default_factory=list)  # low-res logits per prompt
+    progress: ProgressFn = lambda stage, fraction: None
+    prompt_batch_size: int = 1
+    scratch_dir: Path | None = None  # a private temporary folder for this job
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What ``setup`` loads: a verified local checkpoint for one model type."""
+
+    model_type: str
+    checkpoint: Path
+    weights_name: str
+    sha256: str | None = None
+    config: str | None = None  # family-specific (SAM2 Hydra config)
+    source: str = ""  # URL or path, for messages
+
+
+class ModelAdapter(Protocol):
+    """One model family behind one small protocol (LitServe-style ``setup``/``run``)."""
+
+    def setup(self, spec: LoadSpec, device: torch.device, *, embedding_cache: int = 4) -> None: ...
+
+    def run(self, ctx: RunContext) -> list[Detection]: ...
+
+    def parameter_bytes(self) -> int: ...
+
+
+T = TypeVar("T")
+
+
+class LruCache(Generic[T]):
+    """A tiny bounded LRU map; adapters keep image embeddings in one."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, T] = OrderedDict()
+
+    def get(self, key: str) -> T | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: str, value: T) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, Any], spec: LoadSpec) -> None:
+    """Load ``state`` into ``model`` or refuse with an error naming the type."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise JobError(
+            "weights_wrong_architecture",
+            f"The weights {spec.weights_name!r} ({spec.source}) do not fit model type "
+            f"{spec.model_type}: {first[0].strip()}. Register them under the type they were trained for.",
+            field="weights",
+        ) from None
+    if missing or unexpected:
+        raise JobError(
+            "weights_wrong_architecture",
+            f"The weights {spec.weights_name!r} ({spec.source}) do not fit model type {spec.model_type}: "
+            f"{len(missing)} missing and {len(unexpected)} unexpected tensors "
+            f"(e.g. {(list(missing) + list(unexpected))[:2]}). Register them under the type they were trained for.",
+            field="weights",
+        )
+
+
+def select_masks(
+    masks: np.ndarray, scores: np.ndarray, choice: str
+) -> list[tuple[int, np.ndarray, float]]:
+    """Apply samapi's output types to one prompt's masks: ``(mask_idx, mask, score)``."""
+    indices = list(range(len(masks)))
+    if choice in ("single", "all") or len(masks) == 1:
+        chosen = indices
+    elif choice == "best":
+        chosen = [int(np.argmax(scores))]
+    else:
+        areas = [int(np.count_nonzero(mask)) for mask in masks]
+        pick = max if choice == "largest" else min
+        chosen = [pick(indices, key=lambda i: areas[i])]
+    return [(i, masks[i].astype(bool), float(scores[i])) for i in chosen]
+
+
+def check_prompt_bounds(sidecar: Sidecar, width: int, height: int) -> None:
+    """Boxes and points must lie on the image; say which prompt is off and where."""
+    for index, prompt in enumerate(sidecar.prompts):
+        if prompt.bbox is not None:
+            x1, y1, x2, y2 = prompt.bbox
+            if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+                raise JobError(
+                    "prompt_out_of_bounds",
+                    f"prompts[{index}].bbox {list(prompt.bbox)} lies outside the {width}×{height} image; "
+                    "coordinates are pixels of the image as stored, origin top-left.",
+                    field=f"prompts.{index}.bbox",
+                )
+        for point_index, (x, y) in enumerate(prompt.points):
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise JobError(
+                    "prompt_out_of_bounds",
+                    f"prompts[{index}].points[{point_index}] ({x}, {y}) lies outside the {width}×{height} image.",
+                    field=f"prompts.{index}.points.{point_index}",
+                )

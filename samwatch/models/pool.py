@@ -1,0 +1,85 @@
+"""Loaded models kept between jobs, keyed by type + weights, within a budget."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from loguru import logger
+
+from samwatch.config import ModelSettings
+from samwatch.errors import JobError
+from samwatch.models.base import LoadSpec, ModelAdapter
+from samwatch.modeltypes import FAMILY_OF
+
+
+def adapter_class(model_type: str) -> type:
+    family = FAMILY_OF[model_type]
+    try:
+        module = importlib.import_module(f"samwatch.models.{family}")
+    except ImportError as exc:
+        raise JobError(
+            "model_not_installed",
+            f"Model type {model_type} cannot be used: {exc}. Install samwatch with its dependencies.",
+            field="model",
+        ) from None
+    return module.Adapter
+
+
+class ModelPool:
+    def __init__(self, device: torch.device, settings: ModelSettings) -> None:
+        self.device = device
+        self.settings = settings
+        self._loaded: OrderedDict[tuple[str, str, str], ModelAdapter] = OrderedDict()
+
+    @staticmethod
+    def key(spec: LoadSpec) -> tuple[str, str, str]:
+        return (spec.model_type, spec.weights_name, spec.sha256 or str(spec.checkpoint))
+
+    def get(self, spec: LoadSpec) -> Any:
+        key = self.key(spec)
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        adapter = adapter_class(spec.model_type)()
+        started = time.perf_counter()
+        adapter.setup(spec, self.device, embedding_cache=self.settings.embedding_cache)
+        logger.info(
+            f"model loaded type={spec.model_type} weights={spec.weights_name} device={self.device} "
+            f"params_mb={adapter.parameter_bytes() / 1e6:.0f} seconds={time.perf_counter() - started:.1f}"
+        )
+        self._loaded[key] = adapter
+        self._enforce_budget(keep=key)
+        return adapter
+
+    def _enforce_budget(self, keep: tuple[str, str, str]) -> None:
+        budget = self.settings.memory_budget_mb
+        while len(self._loaded) > 1:
+            total_mb = sum(a.parameter_bytes() for a in self._loaded.values()) / 1e6
+            over_count = len(self._loaded) > self.settings.max_loaded
+            over_memory = budget is not None and total_mb > budget
+            if not (over_count or over_memory):
+                break
+            oldest = next(iter(self._loaded))
+            if oldest == keep:
+                break
+            self._drop(oldest)
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        self._loaded.pop(key, None)
+        logger.info(f"model unloaded type={key[0]} weights={key[1]}")
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def evict(self, changed: set[tuple[str, str]]) -> None:
+        """Unload models whose registry entry changed or vanished (live reload)."""
+        for key in [k for k in self._loaded if (k[0], k[1]) in changed]:
+            self._drop(key)
+
+    def loaded(self) -> list[dict[str, str]]:
+        return [{"type": k[0], "weights": k[1]} for k in self._loaded]

@@ -1,0 +1,121 @@
+"""Everything samwatch writes: results, progress, errors, status; always atomically.
+
+Each file is written to a hidden temporary name in its final folder, fsync'd, then renamed
+into place (and the folder fsync'd), so a reader on a share never sees half a file and a
+crash leaves either the old file or the new one. Temporary names start with ``.samwatch-``
+so a restart can sweep the ones a killed process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".samwatch-"
+STATE_FOLDER = "_samwatch"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some network file systems refuse to open folders; the rename still happened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that no reader ever sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, payload: Any, *, durable: bool = True) -> None:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":") if durable else None)
+    atomic_write_bytes(path, data.encode("utf-8"), durable=durable)
+
+
+def sweep_temporaries(root: Path) -> int:
+    """Remove temporaries a killed process left behind; returns how many."""
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+@dataclass(frozen=True)
+class JobOutputs:
+    """The outbox files of one job, mirroring its inbox path (``exp1/img001.cells``)."""
+
+    outbox: Path
+    stem: str  # relative path without suffix, e.g. "exp1/img001.cells"
+
+    def _path(self, suffix: str) -> Path:
+        return self.outbox / f"{self.stem}{suffix}"
+
+    @property
+    def result(self) -> Path:
+        return self._path(".geojson")
+
+    @property
+    def progress(self) -> Path:
+        return self._path(".progress.json")
+
+    @property
+    def error(self) -> Path:
+        return self._path(".error.json")
+
+    def write_progress(self, state: str, stage: str, percent: float, message: str = "", **extra: Any) -> None:
+        # Progress is advisory and frequent: atomic, but not fsync'd each time.
+        payload = {
+            "state": state,
+            "stage": stage,
+            "percent": int(max(0, min(100, round(percent)))),
+            "message": message,
+            "updated": now_iso(),
+            **extra,
+        }
+        atomic_write_json(self.progress, payload, durable=state in ("done", "failed", "cancelled"))
+
+    def write_result(self, collection: dict[str, Any]) -> None:
+        atomic_write_json(self.result, collection)
+        self.error.unlink(missing_ok=True)
+
+    def write_error(self, body: dict[str, Any]) -> None:
+        # One outcome per content version: a stale result of an earlier version goes.
+        atomic_write_json(self.error, {**body, "updated": now_iso()})
+        self.result.unlink(missing_ok=True)
+
+    def remove_all(self) -> None:
+        for path in (self.result, self.progress, self.error):
+            path.unlink(missing_ok=True)

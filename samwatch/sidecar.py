@@ -1,0 +1,371 @@
+"""The sidecar: a job's prompts and settings, one pydantic model, native and samapi forms.
+
+A samapi request body saved as JSON (minus ``b64img``) is a valid sidecar: its keys are folded
+into the native form before validation (``SAMAPI_KEYS`` says where each goes), so the rest of
+samwatch only ever sees the native :class:`Sidecar`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from samwatch.config import describe_validation_error
+from samwatch.errors import JobError
+from samwatch.modeltypes import MODEL_TYPES, ModelType
+
+SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")
+FOLDER_DEFAULTS_STEM = "samwatch"
+
+#: Keys of a folder's ``samwatch.yaml`` that an image's own sidecar inherits when it does
+#: not set them; prompts never are (they belong to one image).
+INHERITED_KEYS = (
+    "model", "type", "weights", "label", "color", "priority", "output", "channels",
+    "normalize", "confidence_threshold",
+)
+
+OutputType = Literal[
+    "Single Mask",
+    "Multi-mask",
+    "Multi-mask (all)",
+    "Multi-mask (largest)",
+    "Multi-mask (smallest)",
+    "Multi-mask (best quality)",
+]
+MaskChoice = Literal["single", "all", "largest", "smallest", "best"]
+_OUTPUT_TYPE_CHOICE: dict[str, MaskChoice] = {
+    "Single Mask": "single",
+    "Multi-mask": "all",
+    "Multi-mask (all)": "all",
+    "Multi-mask (largest)": "largest",
+    "Multi-mask (smallest)": "smallest",
+    "Multi-mask (best quality)": "best",
+}
+
+Box = tuple[float, float, float, float]
+Point = tuple[float, float]
+Color = tuple[int, int, int]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _check_box(box: Box | None) -> Box | None:
+    if box is not None and not (box[2] >= box[0] and box[3] >= box[1]):
+        raise ValueError("a box is [x1, y1, x2, y2] with x2 >= x1 and y2 >= y1")
+    return box
+
+
+def _check_color(color: Color | None) -> Color | None:
+    if color is not None and not all(0 <= channel <= 255 for channel in color):
+        raise ValueError("colour channels are 0-255")
+    return color
+
+
+class Prompt(StrictModel):
+    """One object to segment: a box, points, a mask, or a combination."""
+
+    bbox: Box | None = Field(None, description="[x1, y1, x2, y2] in pixels")
+    points: list[Point] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("points", "point_coords"),
+        description="[[x, y], ...] in pixels",
+    )
+    point_labels: list[Literal[0, 1]] | None = Field(
+        None, description="1 foreground, 0 background; default all 1"
+    )
+    mask: str | None = Field(None, description="low-res mask prompt: a PNG next to the sidecar")
+    b64mask: str | None = Field(None, description="samapi's base64 PNG mask prompt")
+    label: str | None = None
+    color: Color | None = None
+
+    _box = field_validator("bbox")(_check_box)
+    _color = field_validator("color")(_check_color)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Prompt:
+        if self.bbox is None and not self.points and self.mask is None and self.b64mask is None:
+            raise ValueError("a prompt needs a bbox, points or a mask")
+        if self.point_labels is not None and len(self.point_labels) != len(self.points):
+            raise ValueError(
+                f"{len(self.points)} points but {len(self.point_labels)} point_labels"
+            )
+        if self.mask is not None and self.b64mask is not None:
+            raise ValueError("give mask or b64mask, not both")
+        return self
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self.point_labels) if self.point_labels is not None else [1] * len(self.points)
+
+
+class AutomaskParams(StrictModel):
+    """samapi's /sam/automask/ fields, with its defaults."""
+
+    points_per_side: int | None = Field(32, ge=1)
+    points_per_batch: int = Field(64, ge=1)
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = Field(0, ge=0)
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = Field(1, ge=1)
+    min_mask_region_area: int = Field(0, ge=0)
+    output_type: OutputType = "Single Mask"
+    include_image_edge: bool = False
+
+
+class VideoObject(StrictModel):
+    """One object prompted on one frame (samapi's ``objs`` entries, both bodies)."""
+
+    obj_id: int
+    bbox: Box | None = None
+    points: list[Point] = Field(
+        default_factory=list, validation_alias=AliasChoices("points", "point_coords")
+    )
+    point_labels: list[Literal[0, 1]] | None = None
+    text: str | None = Field(None, description="SAM3 concept prompt")
+    boxes_xywh: list[Box] = Field(default_factory=list, description="SAM3 boxes, pixel x, y, w, h")
+    box_labels: list[Literal[0, 1]] | None = None
+
+    _box = field_validator("bbox")(_check_box)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VideoObject:
+        if self.bbox is None and not self.points and self.text is None and not self.boxes_xywh:
+            raise ValueError("an object needs a bbox, points, text or boxes_xywh")
+        if self.point_labels is not None and len(self.point_labels) != len(self.points):
+            raise ValueError(f"{len(self.points)} points but {len(self.point_labels)} point_labels")
+        if self.box_labels is not None and len(self.box_labels) != len(self.boxes_xywh):
+            raise ValueError(f"{len(self.boxes_xywh)} boxes_xywh but {len(self.box_labels)} box_labels")
+        return self
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self.point_labels) if self.point_labels is not None else [1] * len(self.points)
+
+
+class VideoSpec(StrictModel):
+    axes: Literal["XYT", "XYZ"] = Field("XYT", description="which axis the frames run along")
+    plane_position: int = Field(0, ge=0, description="index on the other of T/Z for hyperstacks")
+    start_frame_idx: int | None = Field(None, ge=0)
+    max_frame_num_to_track: int | None = Field(None, ge=1)
+    reverse: bool = Field(False, description="also propagate backwards from start_frame_idx")
+    objects: dict[int, list[VideoObject]] = Field(
+        default_factory=dict, description="frame index -> objects prompted on that frame"
+    )
+
+
+class OutputSpec(StrictModel):
+    object_type: Literal["annotation", "detection"] = "annotation"
+    simplify_tolerance: float = Field(0.0, ge=0, description="pixels; 0 keeps every contour vertex")
+
+
+class Sidecar(StrictModel):
+    """A job: which model, which image, which prompts, what to write."""
+
+    model: ModelType | None = Field(
+        None, validation_alias=AliasChoices("model", "type"), description="alias: type"
+    )
+    weights: str | None = Field(None, description="a registry name; default from the config")
+    image: str | None = Field(None, description="relative to the sidecar; default: same stem")
+    label: str | None = None
+    color: Color | None = None
+    priority: int | None = None
+    prompts: list[Prompt] = Field(default_factory=list)
+    multimask_output: bool = Field(False, description="three masks per prompt (all kept)")
+    output_type: OutputType | None = Field(None, description="samapi's mask choice; overrides multimask_output")
+    automask: AutomaskParams | None = None
+    text: str | None = Field(None, description="SAM3 concept prompt")
+    positive_bboxes: list[Box] = Field(default_factory=list)
+    negative_bboxes: list[Box] = Field(default_factory=list)
+    box_format: Literal["xyxy", "xywh"] = Field(
+        "xyxy", description="of positive/negative_bboxes; samapi's SAM3 body (text_prompt) means xywh"
+    )
+    confidence_threshold: float = Field(0.5, ge=0, le=1)
+    video: VideoSpec | None = None
+    output: OutputSpec = OutputSpec()
+    channels: list[int] | None = Field(None, description="channels to R, G, B (0-based)")
+    normalize: Literal["auto", "percentile", "minmax", "none"] = "auto"
+
+    _color = field_validator("color")(_check_color)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_samapi_form(cls, data: Any) -> Any:
+        return fold_samapi_form(data) if isinstance(data, dict) else data
+
+    @property
+    def mask_choice(self) -> MaskChoice:
+        if self.output_type is not None:
+            return _OUTPUT_TYPE_CHOICE[self.output_type]
+        if self.automask is not None:
+            return _OUTPUT_TYPE_CHOICE[self.automask.output_type]
+        return "all" if self.multimask_output else "single"
+
+    @property
+    def mode(self) -> Literal["video", "text", "prompts", "automask"]:
+        """What kind of work this is; a sidecar with no prompts at all means automask."""
+        if self.video is not None:
+            return "video"
+        if self.text is not None or self.positive_bboxes:
+            return "text"
+        if self.prompts:
+            return "prompts"
+        return "automask"
+
+    def boxes_xyxy(self, positive: bool) -> list[Box]:
+        boxes = self.positive_bboxes if positive else self.negative_bboxes
+        if self.box_format == "xyxy":
+            return list(boxes)
+        return [(x, y, x + w, y + h) for x, y, w, h in boxes]
+
+
+_AUTOMASK_KEYS = frozenset(AutomaskParams.model_fields) - {"output_type"}
+_VIDEO_KEYS = {"axes", "plane_position", "start_frame_idx", "max_frame_num_to_track", "objs"}
+_PROMPT_KEYS = {"bbox", "point_coords", "point_labels", "b64mask", "mask"}
+
+#: samapi body key -> where it lands in the native form (documented by ``samwatch schema``).
+SAMAPI_KEYS: dict[str, str] = {
+    "type": "model",
+    "bbox": "prompts[0].bbox",
+    "point_coords": "prompts[0].points",
+    "point_labels": "prompts[0].point_labels",
+    "b64mask": "prompts[0].b64mask",
+    "text_prompt": "text (boxes then read as xywh: box_format xywh)",
+    "reset_prompts": "ignored: every job starts from a fresh state",
+    **{key: f"automask.{key}" for key in sorted(_AUTOMASK_KEYS)},
+    "output_type": "output_type (and automask.output_type for automask jobs)",
+    **{key: f"video.{key}" for key in sorted(_VIDEO_KEYS - {'objs'})},
+    "objs": "video.objects",
+}
+_REFUSED_KEYS = {
+    "b64img": "the image is the file next to the sidecar (or its 'image' key); remove b64img",
+    "b64imgs": "frames come from the stack, video or name.frames/ folder; remove b64imgs",
+    "dirname": "frames come from the stack, video or name.frames/ folder; remove dirname",
+}
+
+
+def fold_samapi_form(data: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite samapi body keys into the native form; native keys pass unchanged."""
+    data = dict(data)
+    for key, advice in _REFUSED_KEYS.items():
+        if key in data:
+            raise ValueError(f"{key}: {advice}")
+    prompt = {key: data.pop(key) for key in list(data) if key in _PROMPT_KEYS}
+    if prompt:
+        if "point_coords" in prompt:
+            prompt["points"] = prompt.pop("point_coords")
+        data["prompts"] = [prompt, *data.get("prompts", [])]
+    automask = {key: data.pop(key) for key in list(data) if key in _AUTOMASK_KEYS}
+    if automask:
+        if "output_type" in data:
+            automask["output_type"] = data["output_type"]
+        data["automask"] = {**automask, **(data.get("automask") or {})}
+    video = {key: data.pop(key) for key in list(data) if key in _VIDEO_KEYS}
+    if video:
+        if "objs" in video:
+            video["objects"] = video.pop("objs")
+        data["video"] = {**video, **(data.get("video") or {})}
+    if "text_prompt" in data:
+        data["text"] = data.pop("text_prompt")
+        data.setdefault("box_format", "xywh")
+    data.pop("reset_prompts", None)
+    return data
+
+
+def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
+    """YAML or JSON text -> a mapping (JSON is YAML); ``name`` goes into the error."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise JobError(
+            "sidecar_parse_error",
+            f"The sidecar is not valid YAML/JSON{where}: {getattr(exc, 'problem', exc)}. Fix the syntax and save it again.",
+            file=name,
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise JobError(
+            "sidecar_parse_error",
+            f"The sidecar must be a mapping of keys (model:, prompts:, ...), not a {type(data).__name__}.",
+            file=name,
+        )
+    return data
+
+
+def read_sidecar_data(path: Path, *, max_bytes: int, name: str) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise JobError(
+            "sidecar_too_large",
+            f"The sidecar is {size} bytes, more than limits.max_sidecar_bytes ({max_bytes}); "
+            "split it into several tagged sidecars or raise the limit.",
+            file=name,
+        )
+    with path.open("rb") as handle:
+        return parse_sidecar_text(handle.read(max_bytes + 1), name=name)
+
+
+def validate_sidecar(data: dict[str, Any], *, name: str) -> Sidecar:
+    if "checkpoint_url" in data:
+        raise JobError(
+            "checkpoint_url_refused",
+            "A sidecar cannot name a checkpoint URL; register the weights in the config "
+            "(samwatch weights add NAME TYPE URL) and put 'weights: NAME' in the sidecar.",
+            file=name,
+            field="checkpoint_url",
+        )
+    try:
+        return Sidecar.model_validate(data)
+    except ValidationError as exc:
+        problems = describe_validation_error(exc)
+        first_field = problems[0].split(":", 1)[0] if problems else None
+        if any(problem["loc"][:1] in (("model",), ("type",)) for problem in exc.errors()):
+            model = data.get("model", data.get("type"))
+            raise JobError(
+                "unknown_model",
+                f"Unknown model type {model!r}; use one of {', '.join(MODEL_TYPES)}.",
+                file=name, field="model",
+            ) from None
+        raise JobError(
+            "sidecar_invalid",
+            "The sidecar does not match the schema: " + "; ".join(problems) + ". "
+            "See 'samwatch schema sidecar' for every key.",
+            file=name,
+            field=first_field,
+            problems=problems,
+        ) from None
+
+
+def merge_folder_defaults(own: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """An image's own sidecar, with settings it leaves unset taken from folder defaults."""
+    inherited = {key: value for key, value in defaults.items() if key in INHERITED_KEYS}
+    if "model" in own or "type" in own:
+        inherited.pop("model", None)
+        inherited.pop("type", None)
+    return {**inherited, **own}
+
+
+def sidecar_json_schema() -> dict[str, Any]:
+    schema = Sidecar.model_json_schema(by_alias=False)
+    schema["x-samapi-keys"] = SAMAPI_KEYS
+    schema["x-refused-keys"] = {**_REFUSED_KEYS, "checkpoint_url": "register weights in the config"}
+    return schema

@@ -1,0 +1,120 @@
+"""Helpers for tests that drive the real daemon as a subprocess on temp folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+FAST_WATCH = {"mode": "polling", "poll_interval_seconds": 0.1, "settle_seconds": 0.4}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, *, what: str = "condition", interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(root: Path, weights: list[dict[str, Any]], **overrides: Any) -> Path:
+    config = {
+        "inbox": str(root / "inbox"),
+        "outbox": str(root / "outbox"),
+        "state_dir": str(root / "state"),
+        "device": "cpu",
+        "watch": dict(FAST_WATCH),
+        "service": {"heartbeat_seconds": 0.5, "instance": "test"},
+        "weights": weights,
+    }
+    config.update(overrides)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for folder in ("inbox", "outbox"):
+        (root / folder).mkdir(exist_ok=True)
+    return path
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def progress_state(outbox: Path, stem: str) -> str | None:
+    data = read_json(outbox / f"{stem}.progress.json")
+    return data.get("state") if data else None
+
+
+def finished(outbox: Path, stem: str) -> bool:
+    return progress_state(outbox, stem) in ("done", "failed", "cancelled")
+
+
+def save_image(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def write_sidecar(path: Path, body: dict[str, Any]) -> Path:
+    """Written aside and renamed, as a careful client would; tests of slow writers do otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(body) if path.suffix == ".json" else yaml.safe_dump(body))
+    os.replace(tmp, path)
+    return path
+
+
+def coins() -> np.ndarray:
+    from skimage import data
+
+    return data.coins()  # 303×384 greyscale, real microscopy-like blobs
+
+
+class DaemonProcess:
+    """``samwatch run`` as a subprocess, with its log captured to a file."""
+
+    def __init__(self, config: Path, *extra: str) -> None:
+        self.config = config
+        self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+        env.pop("NOTIFY_SOCKET", None)
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "samwatch", "run", "--config", str(config), *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.alive():
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._log.close()

@@ -1,0 +1,243 @@
+"""SAM2 video tracking against sam2's own SAM2VideoPredictor, on a real (panned) image sequence.
+
+Both sides load the same random-weight hiera_t checkpoint. Frames are written as JPEG once and
+the stand-in Media reads those JPEGs back, so samwatch and the direct predictor (which reads the
+folder itself) see identical pixels. The model runs at image_size 256 instead of 1024 to keep the
+CPU time small; samwatch mirrors the loaded model's image size, so nothing else changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from samwatch.errors import JobCancelled, JobError
+from samwatch.models.base import Detection, RunContext
+from samwatch.models.sam2_video import memory_reach, new_inference_state, track, video_predictor
+from samwatch.sidecar import Sidecar
+from tests.conftest import SAM2_TINY_CONFIG
+
+IMAGE_SIZE = 256
+N_FRAMES = 8
+SIZE_OVERRIDE = [f"++model.image_size={IMAGE_SIZE}"]
+OBJECTS = {
+    0: [
+        {"obj_id": 1, "bbox": [40, 30, 90, 80]},
+        {"obj_id": 2, "points": [[120, 60], [20, 100]], "point_labels": [1, 0]},
+    ],
+    2: [{"obj_id": 3, "bbox": [60, 70, 110, 120], "points": [[85, 95]]}],
+}
+
+
+class JpegMedia:
+    """The duck type of samwatch.media.Media over a folder of JPEG frames; counts reads."""
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = sorted(folder.glob("*.jpg"), key=lambda path: int(path.stem))
+        self.n_frames = len(self.paths)
+        self.width, self.height = Image.open(self.paths[0]).size
+        self.reads: list[int] = []
+
+    def frame(self, index: int) -> np.ndarray:
+        self.reads.append(index)
+        return np.array(Image.open(self.paths[index]).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 128×160 window panning 4 px per frame across skimage's coins."""
+    folder = tmp_path_factory.mktemp("frames")
+    coins = data.coins()
+    for index in range(N_FRAMES):
+        crop = coins[40:168, 30 + 4 * index : 190 + 4 * index]
+        Image.fromarray(crop).convert("RGB").save(folder / f"{index}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(sam2_t_checkpoint: Path) -> SimpleNamespace:
+    """What samwatch.models.sam2.Adapter offers the video path: model, device, config_used."""
+    from sam2.build_sam import build_sam2
+
+    model = build_sam2(SAM2_TINY_CONFIG, None, device="cpu", hydra_overrides_extra=SIZE_OVERRIDE)
+    model.load_state_dict(torch.load(sam2_t_checkpoint, weights_only=True)["model"])
+    return SimpleNamespace(model=model, device=torch.device("cpu"), config_used=SAM2_TINY_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def direct(sam2_t_checkpoint: Path) -> Any:
+    from sam2.build_sam import build_sam2_video_predictor
+
+    return build_sam2_video_predictor(
+        SAM2_TINY_CONFIG, str(sam2_t_checkpoint), device="cpu", hydra_overrides_extra=SIZE_OVERRIDE
+    )
+
+
+def make_ctx(media: JpegMedia, progress: Any = None, **video: Any) -> RunContext:
+    sidecar = Sidecar.model_validate({"model": "sam2_t", "video": {"objects": OBJECTS, **video}})
+    ctx = RunContext(sidecar=sidecar, image=None, image_key="", frames=media)
+    if progress is not None:
+        ctx.progress = progress
+    return ctx
+
+
+def run_direct(predictor: Any, folder: Path, start: int | None = None, limit: int | None = None,
+               reverse: bool = False) -> dict[tuple[int, int], tuple[np.ndarray, float]]:
+    """samapi's get_video_segments (plus a reverse pass, forward results first), by the book."""
+    state = predictor.init_state(video_path=str(folder))
+    for frame_idx, objects in OBJECTS.items():
+        for obj in objects:
+            points = obj.get("points")
+            labels = obj.get("point_labels", [1] * len(points)) if points else None
+            predictor.add_new_points_or_box(state, frame_idx, obj["obj_id"], points=points,
+                                            labels=labels, box=obj.get("bbox"))
+    results: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
+    for backwards in [False, True] if reverse else [False]:
+        for frame_idx, obj_ids, logits in predictor.propagate_in_video(
+            state, start_frame_idx=start, max_frame_num_to_track=limit, reverse=backwards
+        ):
+            for obj_idx, obj_id in enumerate(obj_ids):
+                outputs = state["output_dict_per_obj"][obj_idx]
+                out = outputs["cond_frame_outputs"].get(frame_idx) or outputs["non_cond_frame_outputs"][frame_idx]
+                mask = (logits[obj_idx, 0] > 0).numpy()
+                if mask.any():
+                    score = float(torch.sigmoid(out["object_score_logits"]))
+                    results.setdefault((frame_idx, obj_id), (mask, score))
+    return results
+
+
+def by_key(detections: list[Detection]) -> dict[tuple[int, int], Detection]:
+    keyed = {(d.frame, d.obj_id): d for d in detections}
+    assert len(keyed) == len(detections), "one detection per object per frame"
+    return keyed
+
+
+def assert_same_as_direct(detections: list[Detection], expected: dict) -> None:
+    got = by_key(detections)
+    assert set(got) == set(expected)
+    for key, (mask, score) in expected.items():
+        ours = got[key]
+        assert ours.mask.dtype == bool and ours.mask.shape == mask.shape
+        iou = np.logical_and(ours.mask, mask).sum() / np.logical_or(ours.mask, mask).sum()
+        assert iou >= 0.99, f"frame {key[0]} object {key[1]}: IoU {iou:.4f}"
+        assert ours.score == pytest.approx(score, abs=1e-5)
+        assert ours.prompt_idx is None
+
+
+def test_matches_direct_predictor(adapter, direct, frames_dir) -> None:
+    media = JpegMedia(frames_dir)
+    detections = track(adapter, make_ctx(media))
+    assert_same_as_direct(detections, run_direct(direct, frames_dir))
+    # every object on every frame from the earliest prompted frame (0) to the end
+    assert set(by_key(detections)) == {(f, o) for f in range(N_FRAMES) for o in (1, 2, 3)}
+    assert [d.frame for d in detections] == sorted(d.frame for d in detections)
+    assert media.reads.count(N_FRAMES - 1) == 1, "each frame is decoded about once, on demand"
+
+
+def test_state_and_pixels_match_sam2_init_state(adapter, direct, frames_dir) -> None:
+    predictor = video_predictor(adapter)
+    ours = new_inference_state(predictor, JpegMedia(frames_dir))
+    theirs = direct.init_state(video_path=str(frames_dir))
+    assert set(ours) == set(theirs)
+    assert (ours["video_height"], ours["video_width"]) == (theirs["video_height"], theirs["video_width"])
+    for index in (0, N_FRAMES - 1):
+        assert torch.equal(ours["images"][index], theirs["images"][index])
+
+
+def test_predictor_shares_the_adapters_weights_and_is_cached(adapter) -> None:
+    predictor = video_predictor(adapter)
+    assert video_predictor(adapter) is predictor
+    assert predictor.image_size == adapter.model.image_size == IMAGE_SIZE
+    shared = dict(adapter.model.named_parameters())
+    assert all(param is shared[name] for name, param in predictor.named_parameters())
+
+
+def test_reverse_and_bounded_memory_match_direct(adapter, direct, frames_dir, monkeypatch) -> None:
+    """With a reach of one frame, dropping old memories must not change a single result."""
+    predictor = video_predictor(adapter)
+    for model in (predictor, direct):
+        monkeypatch.setattr(model, "num_maskmem", 2)
+        monkeypatch.setattr(model, "max_obj_ptrs_in_encoder", 2)
+    assert memory_reach(predictor) == 1
+    kept: list[int] = []
+    propagate_in_video = predictor.propagate_in_video
+
+    def spy(state: dict, **kwargs: Any):
+        for item in propagate_in_video(state, **kwargs):
+            kept.append(len(state["output_dict_per_obj"][0]["non_cond_frame_outputs"]))
+            yield item
+
+    monkeypatch.setattr(predictor, "propagate_in_video", spy)
+    start = 3
+    detections = track(adapter, make_ctx(JpegMedia(frames_dir), start_frame_idx=start, reverse=True))
+    assert_same_as_direct(detections, run_direct(direct, frames_dir, start=start, reverse=True))
+    assert {frame for frame, _ in by_key(detections)} == set(range(N_FRAMES))
+    # forward frames 3..7 then reverse 3..0; without pruning object 1 would hold 7 outputs
+    assert len(kept) == (N_FRAMES - start) + (start + 1)
+    assert max(kept) <= 2 * (memory_reach(predictor) + 1)
+
+
+def test_forward_only_skips_frames_before_start(adapter, frames_dir) -> None:
+    detections = track(adapter, make_ctx(JpegMedia(frames_dir), start_frame_idx=3, max_frame_num_to_track=1))
+    assert {frame for frame, _ in by_key(detections)} == {3, 4}
+
+
+def test_max_frame_num_to_track_streams_only_the_frames_it_tracks(adapter, frames_dir) -> None:
+    media = JpegMedia(frames_dir)
+    calls: list[tuple[str, float]] = []
+    detections = track(adapter, make_ctx(media, lambda s, f: calls.append((s, f)), max_frame_num_to_track=2))
+    # sam2 (and so samapi) tracks the start frame plus max_frame_num_to_track frames
+    assert set(by_key(detections)) == {(f, o) for f in (0, 1, 2) for o in (1, 2, 3)}
+    assert set(media.reads) == {0, 1, 2}
+    assert calls == [("tracking", 1 / 3), ("tracking", 2 / 3), ("tracking", 1.0)]
+
+
+def test_cancel_stops_tracking_and_releases_the_state(adapter, frames_dir) -> None:
+    media = JpegMedia(frames_dir)
+    calls: list[float] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        calls.append(fraction)
+        if len(calls) == 2:
+            raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        track(adapter, make_ctx(media, progress))
+    assert calls == [1 / N_FRAMES, 2 / N_FRAMES]
+    assert max(media.reads) <= 2, "no frame past the cancelled one is read"
+
+
+@pytest.mark.parametrize(
+    ("video", "field"),
+    [
+        ({"objects": {N_FRAMES: [{"obj_id": 1, "bbox": [0, 0, 5, 5]}]}}, f"video.objects.{N_FRAMES}"),
+        ({"objects": {0: [{"obj_id": 1, "points": [[1, 1]]}, {"obj_id": 2, "bbox": [0, 0, 161, 5]}]}},
+         "video.objects.0.1.bbox"),
+        ({"objects": {1: [{"obj_id": 1, "points": [[5, 5], [3, 129]]}]}}, "video.objects.1.0.points.1"),
+        ({"objects": {0: [{"obj_id": 1, "bbox": [0, 0, 5, 5]}]}, "start_frame_idx": N_FRAMES},
+         "video.start_frame_idx"),
+    ],
+)
+def test_prompt_out_of_bounds(adapter, frames_dir, video: dict, field: str) -> None:
+    ctx = RunContext(sidecar=Sidecar.model_validate({"video": video}), image=None, image_key="",
+                     frames=JpegMedia(frames_dir))
+    with pytest.raises(JobError) as caught:
+        track(adapter, ctx)
+    assert (caught.value.code, caught.value.field) == ("prompt_out_of_bounds", field)
+
+
+@pytest.mark.parametrize("obj", [{"obj_id": 1, "text": "coin"}, {"obj_id": 1, "boxes_xywh": [[0, 0, 5, 5]]}])
+def test_sam3_prompts_are_refused(adapter, frames_dir, obj: dict) -> None:
+    ctx = RunContext(sidecar=Sidecar.model_validate({"video": {"objects": {0: [obj]}}}), image=None,
+                     image_key="", frames=JpegMedia(frames_dir))
+    with pytest.raises(JobError) as caught:
+        track(adapter, ctx)
+    assert (caught.value.code, caught.value.field) == ("sidecar_invalid", "video.objects.0.0")
+    assert "sam3" in caught.value.message
