@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -149,6 +150,32 @@ def _signed_areas(vertices: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return np.add.reduceat(cross, bounds[:-1])
 
 
+def _ring_owner(bounds: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+
+
+def _from_list(rings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    bounds = np.concatenate([[0], np.cumsum([len(r) for r in rings], dtype=np.int64)])
+    vertices = np.concatenate(rings) if rings else np.zeros((0, 2), np.int64)
+    return vertices, bounds
+
+
+def _to_list(vertices: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    return np.split(vertices, bounds[1:-1])
+
+
+class _Rings(NamedTuple):
+    """Open rings stored flat: ring k is ``vertices[bounds[k]:bounds[k + 1]]``.
+
+    ``polygon[k]`` names the polygon ring k belongs to; a ring is that polygon's exterior
+    when its signed area is positive and a hole when negative.
+    """
+
+    vertices: np.ndarray
+    bounds: np.ndarray
+    polygon: np.ndarray
+
+
 def _split_at_touches(ring: np.ndarray) -> list[np.ndarray]:
     """Split a ring that passes a saddle corner twice into simple rings.
 
@@ -157,8 +184,6 @@ def _split_at_touches(ring: np.ndarray) -> list[np.ndarray]:
     """
     order = np.lexsort((ring[:, 0], ring[:, 1]))
     same = np.all(ring[order[1:]] == ring[order[:-1]], axis=1)
-    if not same.any():
-        return [ring]
     firsts = np.minimum(order[:-1][same], order[1:][same])
     seconds = np.maximum(order[:-1][same], order[1:][same])
     alive = np.ones(len(ring), bool)
@@ -171,31 +196,44 @@ def _split_at_touches(ring: np.ndarray) -> list[np.ndarray]:
     return loops
 
 
-def _trace(binary: np.ndarray) -> list[list[np.ndarray]]:
-    """Polygons (exterior ring, then holes; rings open, int64) of a uint8 mask."""
+def _split_touching(
+    vertices: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Make every ring simple; also returns, per new ring, the ring it came from."""
+    owner = _ring_owner(bounds)
+    width, height = (int(v) + 1 for v in vertices.max(axis=0))
+    key = np.sort((owner * height + vertices[:, 1]) * width + vertices[:, 0])
+    touching = np.unique(key[1:][key[1:] == key[:-1]] // (width * height))
+    if len(touching) == 0:
+        return vertices, bounds, np.arange(len(bounds) - 1)
+    intact = np.ones(len(bounds) - 1, bool)
+    intact[touching] = False
+    pieces = [_split_at_touches(vertices[bounds[k] : bounds[k + 1]]) for k in touching]
+    split_vertices, split_bounds = _from_list([loop for loops in pieces for loop in loops])
+    kept_bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[intact])])
+    return (
+        np.concatenate([vertices[intact[owner]], split_vertices]),
+        np.concatenate([kept_bounds, kept_bounds[-1] + split_bounds[1:]]),
+        np.concatenate([np.flatnonzero(intact), np.repeat(touching, [len(p) for p in pieces])]),
+    )
+
+
+def _trace(binary: np.ndarray) -> _Rings:
+    """Exact rings of a non-empty uint8 mask."""
     background = cv2.compare(
         cv2.copyMakeBorder(binary, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), 0, cv2.CMP_EQ
     )
     contours, hierarchy = cv2.findContours(background, cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
     parent = hierarchy[0, :, 3]
     inner = np.flatnonzero(parent >= 0)  # the one root is the padding frame: not an object
-    if len(inner) == 0:
-        return []
     vertices, bounds = _crack_rings([contours[i] for i in inner])
     vertices, bounds = _drop_straight(vertices - 1, bounds)
     # A contour enclosing foreground is an exterior; one enclosing background is a hole
-    # whose polygon is the exterior contour it lies in (its parent in the tree).
-    is_exterior = _signed_areas(vertices, bounds) > 0
-    group = np.where(is_exterior, inner, parent[inner])
-    polygons: dict[int, list[np.ndarray]] = {}
-    holes: dict[int, list[np.ndarray]] = {}
-    for c in range(len(inner)):
-        for loop in _split_at_touches(vertices[bounds[c] : bounds[c + 1]]):
-            if _signed_areas(loop, np.array([0, len(loop)]))[0] > 0:
-                polygons[int(group[c])] = [loop]
-            else:
-                holes.setdefault(int(group[c]), []).append(loop)
-    return [shell + holes.get(g, []) for g, shell in polygons.items()]
+    # of the polygon whose exterior contour it lies in (its parent in the tree). Splitting
+    # an exterior at its saddles leaves one exterior plus pockets, which are its holes.
+    polygon = np.where(_signed_areas(vertices, bounds) > 0, inner, parent[inner])
+    vertices, bounds, source = _split_touching(vertices, bounds)
+    return _Rings(vertices, bounds, polygon[source])
 
 
 # ----------------------------------------------------------------------- simplification
@@ -203,6 +241,8 @@ def _trace(binary: np.ndarray) -> list[list[np.ndarray]]:
 
 def _simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray | None:
     """Douglas-Peucker on a closed ring; None when it collapses to a line or a point."""
+    if tolerance <= 0:
+        return ring
     kept = cv2.approxPolyDP(ring.astype(np.int32).reshape(-1, 1, 2), tolerance, True)
     kept = kept.reshape(-1, 2).astype(np.int64)
     if len(kept) < 3 or _signed_areas(kept, np.array([0, len(kept)]))[0] == 0:
@@ -210,35 +250,7 @@ def _simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray | None:
     return kept
 
 
-def _simplify_polygon(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
-    """Simplified rings of one polygon; [] when its exterior collapses."""
-    if tolerance <= 0:
-        return rings
-    simplified = [_simplify_ring(r, tolerance) for r in rings]
-    if simplified[0] is None:
-        return []
-    return [r for r in simplified if r is not None]
-
-
-def _segments(polygons: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Every edge of every ring, with the ring, polygon and position it belongs to."""
-    rings = [r for p in polygons for r in p]
-    lengths = np.array([len(r) for r in rings], np.int64)
-    ring_of = np.repeat(np.arange(len(rings)), lengths)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    start = np.concatenate(rings)
-    _, nxt = _ring_index(starts)
-    return {
-        "p": start,
-        "q": start[nxt],
-        "ring": ring_of,
-        "polygon": np.repeat(np.arange(len(polygons)), [len(p) for p in polygons])[ring_of],
-        "pos": np.arange(len(start)) - starts[ring_of],
-        "len": lengths[ring_of],
-    }
-
-
-def _candidate_pairs(lo: np.ndarray, hi: np.ndarray):
+def _candidate_pairs(lo: np.ndarray, hi: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Index pairs (i, j) of intervals [lo, hi] that overlap, by a sort-and-sweep.
 
     Yields chunks so that a geometry with very many overlapping edges cannot exhaust memory.
@@ -249,8 +261,8 @@ def _candidate_pairs(lo: np.ndarray, hi: np.ndarray):
     cumulative = np.cumsum(counts)
     i = 0
     while i < len(order):
-        stop = max(int(np.searchsorted(cumulative, cumulative[i] - counts[i] + _PAIR_CHUNK)), i + 1)
-        stop = min(stop, len(order))
+        stop = int(np.searchsorted(cumulative, cumulative[i] - counts[i] + _PAIR_CHUNK))
+        stop = min(max(stop, i + 1), len(order))
         n = counts[i:stop]
         first = np.repeat(np.arange(i, stop), n)
         offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
@@ -282,54 +294,65 @@ def _touching(p1: np.ndarray, q1: np.ndarray, p2: np.ndarray, q2: np.ndarray) ->
     )
 
 
-def _invalid_polygons(polygons: list[list[np.ndarray]], simplified: np.ndarray) -> set[int]:
+def _invalid_polygons(rings: _Rings, is_hole: np.ndarray, simplified: np.ndarray) -> np.ndarray:
     """Simplified polygons whose rings self-intersect, touch another ring or flipped over.
 
-    Exact rings are valid by construction (they may touch at a saddle corner), so only
-    pairs involving a simplified polygon are checked, and any contact at all counts:
-    stricter than OGC, which is safe since such a polygon is just simplified less.
+    ``rings.polygon`` indexes ``simplified``. Exact rings are valid by construction (they
+    may touch at a saddle corner), so only pairs involving a simplified polygon are
+    checked, and any contact at all counts: stricter than OGC, which is safe since such a
+    polygon is just simplified less.
     """
-    bad = set()
-    for n, rings in enumerate(polygons):
-        signs = [_signed_areas(r, np.array([0, len(r)]))[0] for r in rings]
-        if simplified[n] and (signs[0] <= 0 or any(s >= 0 for s in signs[1:])):
-            bad.add(n)
-    seg = _segments(polygons)
-    p, q = seg["p"], seg["q"]
+    vertices, bounds, polygon = rings
+    flipped = (_signed_areas(vertices, bounds) > 0) == is_hole
+    bad = [polygon[flipped & simplified[polygon]]]
+    owner = _ring_owner(bounds)
+    _, nxt = _ring_index(bounds)
+    p, q = vertices, vertices[nxt]
+    pos = np.arange(len(p)) - bounds[owner]
+    length = np.diff(bounds)[owner]
     lo, hi = np.minimum(p, q), np.maximum(p, q)
     for i, j in _candidate_pairs(lo[:, 0], hi[:, 0]):
         keep = (lo[i, 1] <= hi[j, 1]) & (lo[j, 1] <= hi[i, 1])
-        keep &= simplified[seg["polygon"][i]] | simplified[seg["polygon"][j]]
+        keep &= simplified[polygon[owner[i]]] | simplified[polygon[owner[j]]]
         i, j = i[keep], j[keep]
-        gap = np.abs(seg["pos"][i] - seg["pos"][j])
-        adjacent = (seg["ring"][i] == seg["ring"][j]) & ((gap == 1) | (gap == seg["len"][i] - 1))
+        gap = np.abs(pos[i] - pos[j])
+        adjacent = (owner[i] == owner[j]) & ((gap == 1) | (gap == length[i] - 1))
         # Neighbouring edges share a vertex by design; they are only wrong when they fold
         # back onto each other (collinear, pointing apart).
         d1, d2 = q[i] - p[i], q[j] - p[j]
         folded = (d1[:, 0] * d2[:, 1] == d1[:, 1] * d2[:, 0]) & (np.sum(d1 * d2, axis=1) < 0)
         hit = np.where(adjacent, folded, _touching(p[i], q[i], p[j], q[j]))
-        for s in np.concatenate([i[hit], j[hit]]):
-            if simplified[seg["polygon"][s]]:
-                bad.add(int(seg["polygon"][s]))
-    return bad
+        bad.append(polygon[owner[np.concatenate([i[hit], j[hit]])]])
+    bad_polygons = np.unique(np.concatenate(bad))
+    return bad_polygons[simplified[bad_polygons]]
 
 
-def _simplify(polygons: list[list[np.ndarray]], tolerance: float) -> list[list[np.ndarray]]:
+def _simplify(rings: _Rings, tolerance: float) -> _Rings:
     """Simplify every polygon, backing off (down to exact) wherever validity would break."""
-    tolerances = np.full(len(polygons), float(tolerance))
-    attempts = np.zeros(len(polygons), np.int64)
-    result = [_simplify_polygon(p, tolerance) for p in polygons]
+    exact = _to_list(rings.vertices, rings.bounds)
+    is_hole = _signed_areas(rings.vertices, rings.bounds) < 0
+    _, polygon = np.unique(rings.polygon, return_inverse=True)
+    tolerances = np.full(polygon.max() + 1, float(tolerance))
+    attempts = np.zeros(len(tolerances), np.int64)
+    current = [_simplify_ring(r, tolerance) for r in exact]
     while True:
-        present = [n for n, rings in enumerate(result) if rings]
-        if not present:
-            return []
-        bad = _invalid_polygons([result[n] for n in present], tolerances[present] > 0)
-        if not bad:
-            return [result[n] for n in present]
-        for n in (present[b] for b in bad):
-            attempts[n] += 1
-            tolerances[n] = tolerance / 2 ** attempts[n] if attempts[n] < _SIMPLIFY_ATTEMPTS else 0.0
-            result[n] = _simplify_polygon(polygons[n], tolerances[n])
+        collapsed = np.array([r is None for r in current], bool)
+        lost = np.zeros(len(tolerances), bool)
+        lost[polygon[collapsed & ~is_hole]] = True  # a polygon without exterior is gone
+        keep = np.flatnonzero(~collapsed & ~lost[polygon])
+        vertices, bounds = _from_list([current[k] for k in keep])
+        candidate = _Rings(vertices, bounds, polygon[keep])
+        if len(keep) == 0:
+            return candidate
+        bad = _invalid_polygons(candidate, is_hole[keep], tolerances > 0)
+        if len(bad) == 0:
+            return candidate
+        attempts[bad] += 1
+        tolerances[bad] = np.where(
+            attempts[bad] < _SIMPLIFY_ATTEMPTS, tolerance / 2.0 ** attempts[bad], 0.0
+        )
+        for k in np.flatnonzero(np.isin(polygon, bad)):
+            current[k] = _simplify_ring(exact[k], tolerances[polygon[k]])
 
 
 # ------------------------------------------------------------------------------ public
@@ -346,13 +369,36 @@ def _as_uint8(mask: np.ndarray) -> np.ndarray:
     return (mask != 0).view(np.uint8)
 
 
-def _start_top_left(ring: np.ndarray) -> np.ndarray:
-    return np.roll(ring, -int(np.lexsort((ring[:, 0], ring[:, 1]))[0]), axis=0)
-
-
-def _ring_coordinates(ring: np.ndarray, offset: np.ndarray) -> list[list[float]]:
-    ring = _start_top_left(ring)
-    return (np.concatenate([ring, ring[:1]]) + offset).tolist()
+def _geojson(rings: _Rings, offset: np.ndarray) -> dict[str, Any]:
+    """Closed, ordered, offset GeoJSON rings: polygons by exterior, exterior then holes."""
+    vertices, bounds, polygon = rings
+    lengths = np.diff(bounds)
+    owner = _ring_owner(bounds)
+    # Each ring starts at its top-most, then left-most vertex (unique within a ring).
+    key = vertices[:, 1] * (int(vertices[:, 0].max()) + 1) + vertices[:, 0]
+    first = np.flatnonzero(key == np.minimum.reduceat(key, bounds[:-1])[owner])
+    start = vertices[first]
+    is_hole = _signed_areas(vertices, bounds) < 0
+    _, polygon = np.unique(polygon, return_inverse=True)
+    exterior = np.empty(polygon.max() + 1, np.int64)
+    exterior[polygon[~is_hole]] = np.flatnonzero(~is_hole)
+    outer = start[exterior[polygon]]
+    order = np.lexsort((start[:, 0], start[:, 1], is_hole, outer[:, 0], outer[:, 1]))
+    # Gather each ring rotated to its start and closed (n + 1 positions), in output order.
+    n = lengths[order]
+    closed = np.concatenate([[0], np.cumsum(n + 1)])
+    ring = np.repeat(np.arange(len(order)), n + 1)
+    step = np.arange(closed[-1]) - closed[ring]
+    rotation = (first - bounds[:-1])[order]
+    gather = bounds[:-1][order][ring] + (step + rotation[ring]) % n[ring]
+    coordinates = (vertices[gather] + offset).tolist()
+    edges = closed.tolist()
+    ring_lists = [coordinates[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    heads = np.flatnonzero(~is_hole[order]).tolist() + [len(order)]
+    polygons = [ring_lists[a:b] for a, b in zip(heads[:-1], heads[1:])]
+    if len(polygons) == 1:
+        return {"type": "Polygon", "coordinates": polygons[0]}
+    return {"type": "MultiPolygon", "coordinates": polygons}
 
 
 def mask_to_geometry(
@@ -374,27 +420,15 @@ def mask_to_geometry(
     if width == 0 or height == 0:
         return None
     # Tracing only the bounding box keeps small objects in large frames cheap.
-    polygons = [[r + (x, y) for r in p] for p in _trace(binary[y : y + height, x : x + width])]
+    rings = _trace(binary[y : y + height, x : x + width])
     if simplify_tolerance > 0:
-        polygons = _simplify(polygons, simplify_tolerance)
-    if not polygons:
-        return None
-    shift = np.asarray(offset, np.float64)
+        rings = _simplify(rings, simplify_tolerance)
+        if len(rings.polygon) == 0:
+            return None
+    shift = np.asarray(offset, np.float64) + (x, y)
     if np.all(shift == np.round(shift)):
         shift = shift.astype(np.int64)
-    polygons.sort(key=lambda rings: tuple(_start_top_left(rings[0])[0][::-1]))
-    coordinates = [
-        [_ring_coordinates(r, shift) for r in rings[:1] + sorted(rings[1:], key=_hole_key)]
-        for rings in polygons
-    ]
-    if len(coordinates) == 1:
-        return {"type": "Polygon", "coordinates": coordinates[0]}
-    return {"type": "MultiPolygon", "coordinates": coordinates}
-
-
-def _hole_key(ring: np.ndarray) -> tuple[int, int]:
-    y_first = _start_top_left(ring)[0]
-    return int(y_first[1]), int(y_first[0])
+    return _geojson(rings, shift)
 
 
 def _polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:

@@ -588,6 +588,10 @@ class WeightsRegistry:
         except JobError as error:
             logger.warning("weights {}/{}: {}", entry.type, entry.name, error.message)
             self._finish(download, error)
+        except OSError as exc:  # network errors are JobErrors by now: this is the local disk
+            reason = f"cannot write into {download.target.parent} ({exc.strerror or exc})"
+            logger.warning("weights {}/{}: {}", entry.type, entry.name, reason)
+            self._finish(download, _download_failed(entry, reason))
         except Exception as exc:  # a bug must fail the waiting jobs, not leave them waiting forever
             logger.exception("weights {}/{}: the download crashed", entry.type, entry.name)
             self._finish(download, _download_failed(entry, f"{type(exc).__name__}: {exc}"))

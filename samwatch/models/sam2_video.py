@@ -1,7 +1,7 @@
 """SAM2 video tracking: samapi's ``/sam/video/`` on frames streamed from a ``Media``.
 
 ``track(adapter, ctx)`` does what samapi's ``get_video_segments`` does (prompt objects with
-``add_new_points_or_box``, then ``propagate_in_video``), with four differences:
+``add_new_points_or_box``, then ``propagate_in_video``), with these differences:
 
 * **Shared weights.** The ``SAM2VideoPredictor`` is built once per loaded model with sam2's own
   ``build_sam2_video_predictor`` (so every video-only setting, ``fill_hole_area=8``,
@@ -29,6 +29,8 @@
   the length. Because it is bounded it stays on the compute device
   (``offload_state_to_cpu=False``, which sam2 says costs 10-15 % fps); frames live on the CPU
   until used (``offload_video_to_cpu=True``).
+* **Objects prompted after the start frame** are tracked from the start frame, where sam2 1.1
+  crashes on a dtype mismatch (see :class:`FloatMemoryAttention`).
 * **Reverse.** With ``video.reverse`` a second pass runs backwards from the same start frame
   (samapi has no such option). The start frame is in both passes; its forward result is kept,
   since only the forward pass matches what samapi returns.
@@ -137,8 +139,28 @@ def build_video_predictor(config: str, model: torch.nn.Module) -> SAM2VideoPredi
         config, None, device="cpu", hydra_overrides_extra=[f"++model.image_size={model.image_size}"]
     )
     predictor.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    predictor.memory_attention = FloatMemoryAttention(predictor.memory_attention)
     # Moves what is not in the state dict (e.g. RoPE tables) to where the shared weights are.
     return predictor.to(model.device)
+
+
+class FloatMemoryAttention(torch.nn.Module):
+    """sam2's memory attention, given mask memories in the dtype of their positional encoding.
+
+    sam2 stores mask memories as bfloat16 and counts on the float object pointers concatenated
+    after them to promote the dtype. On the first frame an object is tracked before the frame it
+    was prompted on there is no pointer yet, and without autocast sam2 1.1 (so samapi too) fails
+    with "mat1 and mat2 must have the same dtype". The cast is the promotion every other frame
+    gets, so results elsewhere are unchanged. It wraps the shared module rather than hooking it,
+    so the image model stays exactly as the adapter built it.
+    """
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *, memory: torch.Tensor, memory_pos: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.inner(memory=memory.to(memory_pos.dtype), memory_pos=memory_pos, **kwargs)
 
 
 def new_inference_state(predictor: SAM2VideoPredictor, media: Media) -> dict[str, Any]:

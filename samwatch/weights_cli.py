@@ -1,0 +1,292 @@
+"""``samwatch weights list|add|fetch|remove|cancel``: the weights registry from a shell.
+
+The main CLI calls :func:`add_arguments` with its sub-parsers and adds ``--config`` to every
+command (``args.config``: a Path or None). Each handler takes the parsed args and returns the
+exit code: 0 ok, 1 a failure (a download failed), 2 bad usage or a bad config. Without
+``--config`` the config is ``./samwatch.yaml``: read if it exists (else the built-in defaults),
+created by ``add``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from samwatch.config import WeightsEntry, describe_validation_error, load_config
+from samwatch.config_edit import add_weights_entry, remove_weights_entry
+from samwatch.errors import ConfigError, JobError
+from samwatch.models.registry import WeightsRegistry, download_path, request_cancel
+from samwatch.modeltypes import MODEL_TYPES
+
+DEFAULT_CONFIG = Path("samwatch.yaml")
+_URL_PREFIXES = ("http://", "https://", "hf://", "file://")
+_MB = 1024 * 1024
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _UsageError(Exception):
+    """Arguments that cannot be acted on: printed, exit code 2."""
+
+
+def add_arguments(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``weights`` and its sub-commands; each sets ``func`` to its handler."""
+    parser = subparsers.add_parser(
+        "weights",
+        help="list, add, fetch or remove registered weights",
+        description="The weights registry: every model type has a built-in 'default'; the config adds more.",
+    )
+    commands = parser.add_subparsers(dest="weights_command", metavar="COMMAND", required=True)
+
+    listing = commands.add_parser("list", help="every entry and whether its file is on disk")
+    listing.add_argument("--type", choices=MODEL_TYPES, help="only this model type")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=run_list)
+
+    add = commands.add_parser("add", help="register weights in the config (a running daemon picks them up)")
+    add.add_argument("name", help="the name sidecars use in 'weights:'")
+    add.add_argument("type", choices=MODEL_TYPES, help="the model type the weights were trained for")
+    add.add_argument("source", metavar="URL_OR_PATH", help="http(s)://, hf://owner/repo/file[@rev], file:// or a local file")
+    add.add_argument("--sha256", help="the file's expected sha256; a mismatch is an error, never a silent load")
+    add.add_argument("--sam2-config", help="SAM2 only: the Hydra config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml")
+    add.set_defaults(func=run_add)
+
+    fetch = commands.add_parser("fetch", help="download (or verify) weights now")
+    fetch.add_argument("name", nargs="?")
+    fetch.add_argument("--type", choices=MODEL_TYPES, help="needed when the name exists for several types")
+    fetch.add_argument("--all", action="store_true", help="every entry (of --type, if given)")
+    fetch.set_defaults(func=run_fetch)
+
+    remove = commands.add_parser("remove", help="remove an entry from the config (its downloaded file is kept)")
+    remove.add_argument("name")
+    remove.add_argument("--type", choices=MODEL_TYPES, help="needed when the name exists for several types")
+    remove.set_defaults(func=run_remove)
+
+    cancel = commands.add_parser("cancel", help="stop the downloads under way (in a daemon or a fetch)")
+    cancel.add_argument("name", nargs="?", help="only downloads of this name")
+    cancel.add_argument("--type", choices=MODEL_TYPES, help="only downloads of this type")
+    cancel.set_defaults(func=run_cancel)
+
+
+def _handler(run: Handler) -> Handler:
+    """Turn the errors a person can fix into messages and exit codes, not tracebacks."""
+
+    @functools.wraps(run)
+    def handle(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except _UsageError as exc:
+            print(f"samwatch weights: {exc}", file=sys.stderr)
+            return 2
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"{exc.file}: {problem}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"samwatch weights: {exc}", file=sys.stderr)
+            return 1
+
+    return handle
+
+
+@_handler
+def run_list(args: argparse.Namespace) -> int:
+    registry = _open_registry(args)
+    try:
+        items = [item for item in registry.listing() if args.type in (None, item["type"])]
+    finally:
+        registry.close()
+    print(json.dumps(items, indent=2) if args.json else _table(items))
+    return 0
+
+
+@_handler
+def run_add(args: argparse.Namespace) -> int:
+    if args.sam2_config and not args.type.startswith("sam2"):
+        raise _UsageError("--sam2-config applies to the sam2_* types only")
+    entry = _new_entry(args)
+    path = add_weights_entry(_edit_path(args), entry)
+    print(f"Registered {entry.type} {entry.name!r} ({entry.source}) in {path}; a running daemon picks it up.")
+    if entry.url is not None:
+        print(f"Download it now with: samwatch weights fetch {entry.name} --type {entry.type}")
+    return 0
+
+
+@_handler
+def run_fetch(args: argparse.Namespace) -> int:
+    if args.all == (args.name is not None):
+        raise _UsageError("give either a NAME or --all")
+    registry = _open_registry(args)
+    try:
+        if args.all:
+            entries = [e for e in registry.entries() if args.type in (None, e.type)]
+        else:
+            entries = [_one_named(registry.entries(), args.name, args.type)]
+        failed = [entry for entry in entries if not _fetch_one(registry, entry)]
+    except KeyboardInterrupt:
+        print("Interrupted: the download was cancelled.", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    return 1 if failed else 0
+
+
+@_handler
+def run_remove(args: argparse.Namespace) -> int:
+    path = _edit_path(args)
+    if not path.exists():
+        raise _UsageError(f"{path} does not exist: there is nothing to remove")
+    config = load_config(path, check_files=False)
+    named = [e for e in config.weights if e.name == args.name and args.type in (None, e.type)]
+    if not named and args.name == "default":
+        raise _UsageError("the built-in 'default' entries cannot be removed; `samwatch weights add default TYPE URL` overrides one")
+    entry = _one_named(named, args.name, args.type)
+    if not remove_weights_entry(path, entry.type, entry.name):
+        print(f"{path}: {entry.type} {entry.name!r} vanished before it could be removed", file=sys.stderr)
+        return 1
+    print(f"Removed {entry.type} {entry.name!r} from {path}; a running daemon picks it up.")
+    if entry.url is not None and (file := download_path(config.state_dir / "weights", entry)).is_file():
+        print(f"Its downloaded file {file} is kept ({file.stat().st_size / _MB:.1f} MB); delete it to free the space.")
+    return 0
+
+
+@_handler
+def run_cancel(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args), check_files=False)
+    request_cancel(config.state_dir, args.type, args.name)
+    which = " ".join(part for part in (args.type, repr(args.name) if args.name else None) if part) or "every"
+    print(f"Asked the downloads ({which}) under {config.state_dir} to stop; they stop within a chunk.")
+    return 0
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """--config, else ./samwatch.yaml when it exists; None means the built-in defaults."""
+    given = getattr(args, "config", None)
+    if given is not None:
+        return Path(given)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+
+
+def _edit_path(args: argparse.Namespace) -> Path:
+    given = getattr(args, "config", None)
+    return Path(given) if given is not None else DEFAULT_CONFIG
+
+
+def _open_registry(args: argparse.Namespace) -> WeightsRegistry:
+    # a path entry whose file is gone is shown as missing, not a reason to refuse the whole config
+    config = load_config(_config_path(args), check_files=False)
+    return WeightsRegistry(config.weights, config.state_dir)
+
+
+def _new_entry(args: argparse.Namespace) -> WeightsEntry:
+    source: dict[str, Any]
+    if args.source.startswith(_URL_PREFIXES):
+        source = {"url": args.source}
+    else:
+        path = Path(args.source).expanduser().resolve()
+        if not path.is_file():
+            raise _UsageError(
+                f"{args.source}: no such file (a URL must start with {', '.join(_URL_PREFIXES)})"
+            )
+        source = {"path": path}
+    try:
+        return WeightsEntry(name=args.name, type=args.type, sha256=args.sha256, config=args.sam2_config, **source)
+    except ValidationError as exc:
+        raise _UsageError("; ".join(describe_validation_error(exc))) from None
+
+
+def _one_named(entries: Iterable[WeightsEntry], name: str, model_type: str | None) -> WeightsEntry:
+    matches = [e for e in entries if e.name == name and model_type in (None, e.type)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        where = f" for {model_type}" if model_type else ""
+        raise _UsageError(f"no weights named {name!r}{where}; see `samwatch weights list`")
+    raise _UsageError(f"{name!r} exists for {', '.join(e.type for e in matches)}; choose one with --type")
+
+
+def _fetch_one(registry: WeightsRegistry, entry: WeightsEntry) -> bool:
+    label = f"{entry.type}/{entry.name}"
+    line = _ProgressLine(label, sys.stderr)
+    try:
+        spec = registry.fetch(entry.type, entry.name, line)
+    except JobError as exc:
+        line.end()
+        print(f"{label}: {exc.code}: {exc.message}", file=sys.stderr)
+        return False
+    line.end()
+    print(f"{label}: {spec.checkpoint} (sha256 {spec.sha256})")
+    return True
+
+
+class _ProgressLine:
+    """Download progress: one rewritten line on a terminal, a plain line per 10 % otherwise."""
+
+    def __init__(self, label: str, stream: TextIO) -> None:
+        self._label = label
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._step = -1
+        self._drawn = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        text = f"{self._label}: {_amount(done, total)}"
+        if self._tty:
+            self._stream.write(f"\r{text}")
+            self._stream.flush()
+            self._drawn = True
+            return
+        step = 10 * done // total if total else done // (100 * _MB)
+        if step > self._step:
+            self._step = step
+            print(text, file=self._stream, flush=True)
+
+    def end(self) -> None:
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _amount(done: int, total: int | None) -> str:
+    if total:
+        return f"{100 * done / total:3.0f}% {done / _MB:.1f}/{total / _MB:.1f} MB"
+    return f"{done / _MB:.1f} MB"
+
+
+def _table(items: list[dict[str, Any]]) -> str:
+    header = ("TYPE", "NAME", "STATE", "SIZE", "SHA256")
+    rows = [header] + [
+        (
+            item["type"],
+            item["name"],
+            _state_text(item),
+            f"{item['size_bytes'] / _MB:.1f} MB" if item["size_bytes"] is not None else "-",
+            (item["sha256"] or "-")[:12],
+        )
+        for item in items
+    ]
+    sources = ["SOURCE"] + [item["source"] for item in items]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + source
+        for row, source in zip(rows, sources)
+    )
+
+
+def _state_text(item: dict[str, Any]) -> str:
+    if item["state"] == "downloading":
+        percent = f" {item['percent']:.0f}%" if item.get("percent") is not None else ""
+        return f"downloading{percent}" + (" (other process)" if item.get("elsewhere") else "")
+    if item["state"] == "failed" and item.get("error"):
+        return f"failed: {item['error']['error']}"
+    return str(item["state"])
