@@ -53,7 +53,6 @@ Embedding = Mapping[str, Any]
 _SAMAPI_ONLY = frozenset({"output_type", "include_image_edge"})
 _ONE_PER_POINT = frozenset({"largest", "smallest", "best"})
 _EDGE_TOLERANCE = 20.0  # pixels: upstream's is_box_near_crop_edge atol, which the fork reuses
-_SAM1_STATE = ("features", "original_size", "input_size", "is_image_set")
 
 
 class _SamapiGenerator:
@@ -269,10 +268,10 @@ def _params(ctx: RunContext) -> AutomaskParams:
 
 
 def build_sam1_generator(predictor: Any, ctx: RunContext, embedding: Embedding | None = None) -> Any:
-    """The generator for a segment_anything / mobile_sam ``SamPredictor`` (the model's own package)."""
-    package = type(predictor).__module__.split(".")[0]
+    """The generator of the package the predictor's model comes from (mobile_sam or segment_anything)."""
+    package = type(predictor.model).__module__.split(".")[0]
     cls = _generator_class(_Sam1Hooks, package, "SamAutomaticMaskGenerator")
-    return cls(predictor, _params(ctx), ctx.sidecar.mask_choice, ctx.progress, embedding)
+    return cls(predictor.model, _params(ctx), ctx.sidecar.mask_choice, ctx.progress, embedding)
 
 
 def build_sam2_generator(sam2_model: Any, ctx: RunContext, embedding: Embedding | None = None) -> Any:
@@ -281,19 +280,10 @@ def build_sam2_generator(sam2_model: Any, ctx: RunContext, embedding: Embedding 
 
 
 def generate_sam1(predictor: Any, ctx: RunContext, *, embedding: Embedding | None = None) -> list[Detection]:
-    """Automask with a ``SamPredictor``; ``embedding``: its cached ``features``/``original_size``/
-    ``input_size`` for ``ctx.image`` (then the whole image is not encoded again).
-
-    The generator sets this image and any crops on the adapter's own predictor; what the
-    predictor held before is put back afterwards, so the adapter's record of which image its
-    predictor holds stays true.
-    """
-    saved = {name: getattr(predictor, name, None) for name in _SAM1_STATE}
-    try:
-        return _detections(build_sam1_generator(predictor, ctx, embedding), ctx.image)
-    finally:
-        for name, value in saved.items():
-            setattr(predictor, name, value)
+    """Automask with a ``SamPredictor``'s model; ``embedding``: the predictor's ``features``,
+    ``original_size`` and ``input_size`` for ``ctx.image`` (then the whole image is not encoded
+    again). The generator works on a predictor of its own: the adapter's is left as it was."""
+    return _detections(build_sam1_generator(predictor, ctx, embedding), ctx.image)
 
 
 def generate_sam2(sam2_model: Any, ctx: RunContext, *, embedding: Embedding | None = None) -> list[Detection]:
