@@ -8,7 +8,7 @@ from samwatch.config import Config
 from samwatch.discovery import index_images, is_folder_defaults, is_sidecar, resolve_image, split_name
 from samwatch.errors import JobError
 from samwatch.jobs import nearest_defaults_file
-from samwatch.modeltypes import MODEL_TYPES
+from samwatch.models.registry import WeightsRegistry
 from samwatch.sidecar import merge_folder_defaults, read_sidecar_data, validate_sidecar
 from samwatch.watcher import scan_tree
 
@@ -34,9 +34,7 @@ def check_sidecar(config: Config, path: Path) -> list[str]:
         sidecar = validate_sidecar(data, name=name)
         model = sidecar.model or config.defaults.model
         weights = sidecar.weights or config.defaults.weights
-        known = {(entry.type, entry.name) for entry in config.weights} | {(t, "default") for t in MODEL_TYPES}
-        if (model, weights) not in known:
-            raise JobError("unknown_weights", f"no weights named {weights!r} for {model} in the registry", file=name, field="weights")
+        WeightsRegistry(config.weights, config.state_dir).entry(model, weights)
         if rel is not None and not is_folder_defaults(rel):
             folder = split_name(rel)[0]
             listing = [f"{folder}/{p.name}" if folder else p.name for p in path.parent.iterdir()]

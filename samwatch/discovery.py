@@ -62,14 +62,14 @@ def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str,
     if PurePosixPath(reference).is_absolute() or Path(reference).is_absolute():
         raise JobError(
             "path_outside_inbox",
-            f"{field} {reference!r} is an absolute path; name a file relative to the sidecar, inside the inbox.",
+            f"The {field} path {reference!r} is absolute; name a file relative to the sidecar, inside the inbox.",
             file=sidecar, field=field,
         )
     joined = posixpath.normpath(posixpath.join(base_folder, reference))
     if joined == ".." or joined.startswith("../"):
         raise JobError(
             "path_outside_inbox",
-            f"{field} {reference!r} leads outside the inbox; name a file next to the sidecar or below it.",
+            f"The {field} path {reference!r} leads outside the inbox; name a file next to the sidecar or below it.",
             file=sidecar, field=field,
         )
     root = inbox.resolve()
@@ -77,7 +77,7 @@ def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str,
     if real != root and root not in real.parents:
         raise JobError(
             "path_outside_inbox",
-            f"{field} {reference!r} is a link that leads outside the inbox ({real}); copy the file into the inbox instead.",
+            f"The {field} path {reference!r} is a link that leads outside the inbox ({real}); copy the file into the inbox instead.",
             file=sidecar, field=field,
         )
     return joined

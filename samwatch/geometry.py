@@ -71,7 +71,7 @@ def _step_turn_tables() -> tuple[np.ndarray, np.ndarray]:
     corners from the entry corner (inclusive) to the exit corner (exclusive).
     """
     corners = [(0, 0), (0, 2), (2, 2), (2, 0)]  # TL, BL, BR, TR: anticlockwise on screen
-    steps = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # index == _step_code
+    steps = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # index == dx + 3 dy + 4
     count = np.zeros(81, np.int64)
     offsets = np.zeros((81, 4, 2), np.int64)
     for i, (ax, ay) in enumerate(steps):
@@ -106,10 +106,6 @@ def _step_turn_tables() -> tuple[np.ndarray, np.ndarray]:
 _TURN_COUNT, _TURN_CORNERS = _step_turn_tables()
 
 
-def _step_code(step: np.ndarray) -> np.ndarray:
-    return (step[:, 1] + 1) * 3 + (step[:, 0] + 1)
-
-
 def _ring_index(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cyclic previous/next index of every vertex of rings stored flat with ``bounds``."""
     n = int(bounds[-1])
@@ -120,34 +116,42 @@ def _ring_index(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return prev, nxt
 
 
-def _crack_rings(chains: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre chains -> crack rings (corner vertices, flat, with ring bounds)."""
-    points = np.concatenate(chains).reshape(-1, 2).astype(np.int64)
-    bounds = np.concatenate([[0], np.cumsum([len(c) for c in chains])])
+def _crack_rings(
+    points: np.ndarray, bounds: np.ndarray, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre chains -> crack rings: corners of the pixels, reduced to the turns.
+
+    Points are packed as ``x + stride * y`` so that every step is 1-D arithmetic; with
+    stride above the largest corner x, packing is exact and steps never wrap a row.
+    """
+    packed = points[:, 0].astype(np.int64) + stride * points[:, 1]
     prev, nxt = _ring_index(bounds)
-    key = 9 * _step_code(points - points[prev]) + _step_code(points[nxt] - points)
+    row_step, column_step = np.divmod(packed - packed[prev] + stride + 1, stride)
+    code = column_step + 3 * row_step  # (dx, dy) in row-major order of the 3x3 block
+    key = 9 * code + code[nxt]
     count = _TURN_COUNT[key]
-    first = np.cumsum(count) - count
-    owner = np.repeat(np.arange(len(points)), count)
-    k = np.arange(len(owner)) - first[owner]
-    vertices = points[owner] + _TURN_CORNERS[key[owner], k]
-    ring_bounds = np.concatenate([[0], np.cumsum(count)])[bounds]
-    return vertices, ring_bounds
-
-
-def _drop_straight(vertices: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep only vertices where a ring turns (crack rings move in unit steps)."""
+    corner = _TURN_CORNERS[..., 0] + stride * _TURN_CORNERS[..., 1]
+    vertices = (packed[:, None] + corner[key])[np.arange(4) < count[:, None]]
+    bounds = _offsets(count)[bounds]
+    # Crack rings move in unit steps; only where the step changes is a corner.
     prev, nxt = _ring_index(bounds)
-    turns = np.any(vertices - vertices[prev] != vertices[nxt] - vertices, axis=1)
-    kept = np.concatenate([[0], np.cumsum(turns)])
-    return vertices[turns], kept[bounds]
+    step = vertices - vertices[prev]
+    turns = step != step[nxt]
+    return vertices[turns], _offsets(turns)[bounds]
 
 
 def _signed_areas(vertices: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Twice the shoelace area of each ring (exact for integer vertices)."""
     _, nxt = _ring_index(bounds)
-    cross = vertices[:, 0] * vertices[nxt, 1] - vertices[nxt, 0] * vertices[:, 1]
-    return np.add.reduceat(cross, bounds[:-1])
+    x, y = vertices[:, 0], vertices[:, 1]
+    return np.add.reduceat(x * y[nxt] - x[nxt] * y, bounds[:-1])
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    """Start of each run of ``counts`` items, plus the total: ``[0, c0, c0 + c1, ...]``."""
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
 
 
 def _ring_owner(bounds: np.ndarray) -> np.ndarray:
@@ -155,7 +159,7 @@ def _ring_owner(bounds: np.ndarray) -> np.ndarray:
 
 
 def _from_list(rings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    bounds = np.concatenate([[0], np.cumsum([len(r) for r in rings], dtype=np.int64)])
+    bounds = _offsets(np.array([len(r) for r in rings], np.int64))
     vertices = np.concatenate(rings) if rings else np.zeros((0, 2), np.int64)
     return vertices, bounds
 
@@ -167,54 +171,53 @@ def _to_list(vertices: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
 class _Rings(NamedTuple):
     """Open rings stored flat: ring k is ``vertices[bounds[k]:bounds[k + 1]]``.
 
-    ``polygon[k]`` names the polygon ring k belongs to; a ring is that polygon's exterior
-    when its signed area is positive and a hole when negative.
+    Ring k belongs to polygon ``polygon[k]`` (numbered from 0) and is one of its holes
+    when ``is_hole[k]`` (negative signed area), else its exterior (positive).
     """
 
     vertices: np.ndarray
     bounds: np.ndarray
     polygon: np.ndarray
+    is_hole: np.ndarray
 
 
-def _split_at_touches(ring: np.ndarray) -> list[np.ndarray]:
-    """Split a ring that passes a saddle corner twice into simple rings.
+def _split_touching(rings: _Rings) -> _Rings:
+    """Make every ring simple: split rings that visit a (saddle) vertex twice.
 
-    The two visits to a saddle never cross, so the visit pairs nest like brackets:
-    cutting out the innermost loops first leaves each outer loop simple.
+    The two visits to a saddle never cross, so within a ring the visit pairs [first,
+    second) nest like brackets. Each vertex goes to the innermost pair around it (or stays
+    in its ring when none is), which cuts out inner loops first and leaves every loop
+    simple. Loops keep their ring's polygon; a pocket split off an exterior turns the
+    other way, so it becomes a hole touching that exterior at the saddle.
     """
-    order = np.lexsort((ring[:, 0], ring[:, 1]))
-    same = np.all(ring[order[1:]] == ring[order[:-1]], axis=1)
-    firsts = np.minimum(order[:-1][same], order[1:][same])
-    seconds = np.maximum(order[:-1][same], order[1:][same])
-    alive = np.ones(len(ring), bool)
-    loops = []
-    for i in np.argsort(seconds):
-        start, stop = firsts[i], seconds[i]
-        loops.append(ring[start + np.flatnonzero(alive[start:stop])])
-        alive[start:stop] = False
-    loops.append(ring[alive])
-    return loops
-
-
-def _split_touching(
-    vertices: np.ndarray, bounds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Make every ring simple; also returns, per new ring, the ring it came from."""
+    vertices, bounds, polygon, _ = rings
     owner = _ring_owner(bounds)
     width, height = (int(v) + 1 for v in vertices.max(axis=0))
-    key = np.sort((owner * height + vertices[:, 1]) * width + vertices[:, 0])
-    touching = np.unique(key[1:][key[1:] == key[:-1]] // (width * height))
-    if len(touching) == 0:
-        return vertices, bounds, np.arange(len(bounds) - 1)
-    intact = np.ones(len(bounds) - 1, bool)
-    intact[touching] = False
-    pieces = [_split_at_touches(vertices[bounds[k] : bounds[k + 1]]) for k in touching]
-    split_vertices, split_bounds = _from_list([loop for loops in pieces for loop in loops])
-    kept_bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[intact])])
-    return (
-        np.concatenate([vertices[intact[owner]], split_vertices]),
-        np.concatenate([kept_bounds, kept_bounds[-1] + split_bounds[1:]]),
-        np.concatenate([np.flatnonzero(intact), np.repeat(touching, [len(p) for p in pieces])]),
+    key = (owner * height + vertices[:, 1]) * width + vertices[:, 0]
+    order = np.argsort(key, kind="stable")
+    twice = key[order[1:]] == key[order[:-1]]
+    if not twice.any():
+        return rings
+    # The stable sort puts a vertex's first visit before its second; number the pairs in
+    # order of their first visit.
+    opens, closes = np.sort(order[:-1][twice]), order[1:][twice]
+    size = len(vertices)
+    depth = np.cumsum(np.bincount(opens, minlength=size) - np.bincount(closes, minlength=size))
+    # The innermost pair around a vertex at depth d is the last pair opened at level d
+    # before it: one search over pairs sorted by (level, position).
+    by_level = np.sort(depth[opens] * size + opens)
+    inside = np.flatnonzero(depth)
+    innermost = by_level[np.searchsorted(by_level, depth[inside] * size + inside, "right") - 1]
+    loop = owner.copy()
+    loop[inside] = len(bounds) - 1 + np.searchsorted(opens, innermost % size)
+    regrouped = np.argsort(loop, kind="stable")
+    new_bounds = _offsets(np.bincount(loop))
+    new_vertices = vertices[regrouped]
+    return _Rings(
+        new_vertices,
+        new_bounds,
+        np.concatenate([polygon, polygon[owner[opens]]]),
+        _signed_areas(new_vertices, new_bounds) < 0,
     )
 
 
@@ -226,14 +229,22 @@ def _trace(binary: np.ndarray) -> _Rings:
     contours, hierarchy = cv2.findContours(background, cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
     parent = hierarchy[0, :, 3]
     inner = np.flatnonzero(parent >= 0)  # the one root is the padding frame: not an object
-    vertices, bounds = _crack_rings([contours[i] for i in inner])
-    vertices, bounds = _drop_straight(vertices - 1, bounds)
+    chains = [contours[i] for i in inner]
+    stride = background.shape[1] + 1
+    packed, bounds = _crack_rings(
+        np.concatenate(chains).reshape(-1, 2),
+        _offsets(np.array([len(c) for c in chains], np.int64)),
+        stride,
+    )
+    row, column = np.divmod(packed, stride)
+    vertices = np.stack([column - 1, row - 1], axis=1)  # drop the padding
     # A contour enclosing foreground is an exterior; one enclosing background is a hole
-    # of the polygon whose exterior contour it lies in (its parent in the tree). Splitting
-    # an exterior at its saddles leaves one exterior plus pockets, which are its holes.
-    polygon = np.where(_signed_areas(vertices, bounds) > 0, inner, parent[inner])
-    vertices, bounds, source = _split_touching(vertices, bounds)
-    return _Rings(vertices, bounds, polygon[source])
+    # of the polygon whose exterior contour it lies in (its parent in the tree).
+    exterior = _signed_areas(vertices, bounds) > 0
+    number = np.zeros(len(parent), np.int64)
+    number[inner[exterior]] = np.arange(np.count_nonzero(exterior))
+    polygon = number[np.where(exterior, inner, parent[inner])]
+    return _split_touching(_Rings(vertices, bounds, polygon, ~exterior))
 
 
 # ----------------------------------------------------------------------- simplification
@@ -294,7 +305,7 @@ def _touching(p1: np.ndarray, q1: np.ndarray, p2: np.ndarray, q2: np.ndarray) ->
     )
 
 
-def _invalid_polygons(rings: _Rings, is_hole: np.ndarray, simplified: np.ndarray) -> np.ndarray:
+def _invalid_polygons(rings: _Rings, simplified: np.ndarray) -> np.ndarray:
     """Simplified polygons whose rings self-intersect, touch another ring or flipped over.
 
     ``rings.polygon`` indexes ``simplified``. Exact rings are valid by construction (they
@@ -302,7 +313,7 @@ def _invalid_polygons(rings: _Rings, is_hole: np.ndarray, simplified: np.ndarray
     checked, and any contact at all counts: stricter than OGC, which is safe since such a
     polygon is just simplified less.
     """
-    vertices, bounds, polygon = rings
+    vertices, bounds, polygon, is_hole = rings
     flipped = (_signed_areas(vertices, bounds) > 0) == is_hole
     bad = [polygon[flipped & simplified[polygon]]]
     owner = _ring_owner(bounds)
@@ -330,8 +341,7 @@ def _invalid_polygons(rings: _Rings, is_hole: np.ndarray, simplified: np.ndarray
 def _simplify(rings: _Rings, tolerance: float) -> _Rings:
     """Simplify every polygon, backing off (down to exact) wherever validity would break."""
     exact = _to_list(rings.vertices, rings.bounds)
-    is_hole = _signed_areas(rings.vertices, rings.bounds) < 0
-    _, polygon = np.unique(rings.polygon, return_inverse=True)
+    polygon, is_hole = rings.polygon, rings.is_hole
     tolerances = np.full(polygon.max() + 1, float(tolerance))
     attempts = np.zeros(len(tolerances), np.int64)
     current = [_simplify_ring(r, tolerance) for r in exact]
@@ -341,10 +351,10 @@ def _simplify(rings: _Rings, tolerance: float) -> _Rings:
         lost[polygon[collapsed & ~is_hole]] = True  # a polygon without exterior is gone
         keep = np.flatnonzero(~collapsed & ~lost[polygon])
         vertices, bounds = _from_list([current[k] for k in keep])
-        candidate = _Rings(vertices, bounds, polygon[keep])
+        candidate = _Rings(vertices, bounds, polygon[keep], is_hole[keep])
         if len(keep) == 0:
             return candidate
-        bad = _invalid_polygons(candidate, is_hole[keep], tolerances > 0)
+        bad = _invalid_polygons(candidate, tolerances > 0)
         if len(bad) == 0:
             return candidate
         attempts[bad] += 1
@@ -371,27 +381,22 @@ def _as_uint8(mask: np.ndarray) -> np.ndarray:
 
 def _geojson(rings: _Rings, offset: np.ndarray) -> dict[str, Any]:
     """Closed, ordered, offset GeoJSON rings: polygons by exterior, exterior then holes."""
-    vertices, bounds, polygon = rings
-    lengths = np.diff(bounds)
-    owner = _ring_owner(bounds)
-    # Each ring starts at its top-most, then left-most vertex (unique within a ring).
+    vertices, bounds, polygon, is_hole = rings
+    # Each ring starts at its top-most, then left-most vertex: the smallest row-major key
+    # (unique within a ring); rings are ordered by that same key.
     key = vertices[:, 1] * (int(vertices[:, 0].max()) + 1) + vertices[:, 0]
-    first = np.flatnonzero(key == np.minimum.reduceat(key, bounds[:-1])[owner])
-    start = vertices[first]
-    is_hole = _signed_areas(vertices, bounds) < 0
-    _, polygon = np.unique(polygon, return_inverse=True)
-    exterior = np.empty(polygon.max() + 1, np.int64)
-    exterior[polygon[~is_hole]] = np.flatnonzero(~is_hole)
-    outer = start[exterior[polygon]]
-    order = np.lexsort((start[:, 0], start[:, 1], is_hole, outer[:, 0], outer[:, 1]))
+    first = np.flatnonzero(key == np.minimum.reduceat(key, bounds[:-1])[_ring_owner(bounds)])
+    order = np.zeros(1, np.int64)
+    if len(first) > 1:
+        exterior = np.zeros(polygon.max() + 1, np.int64)
+        exterior[polygon[~is_hole]] = key[first[~is_hole]]
+        order = np.lexsort((key[first], is_hole, exterior[polygon]))
     # Gather each ring rotated to its start and closed (n + 1 positions), in output order.
-    n = lengths[order]
-    closed = np.concatenate([[0], np.cumsum(n + 1)])
+    n = np.diff(bounds)[order]
+    closed = _offsets(n + 1)
     ring = np.repeat(np.arange(len(order)), n + 1)
-    step = np.arange(closed[-1]) - closed[ring]
-    rotation = (first - bounds[:-1])[order]
-    gather = bounds[:-1][order][ring] + (step + rotation[ring]) % n[ring]
-    coordinates = (vertices[gather] + offset).tolist()
+    step = np.arange(closed[-1]) - closed[ring] + (first[order] - bounds[order])[ring]
+    coordinates = (vertices[bounds[order][ring] + step % n[ring]] + offset).tolist()
     edges = closed.tolist()
     ring_lists = [coordinates[a:b] for a, b in zip(edges[:-1], edges[1:])]
     heads = np.flatnonzero(~is_hole[order]).tolist() + [len(order)]

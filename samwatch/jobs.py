@@ -228,14 +228,18 @@ class JobRunner:
             )
         rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
         video = sidecar.video
-        return probe(
-            path,
-            limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes),
-            channels=rule,
-            frame_axis=(video.axes[-1] if video else None),
-            plane_position=(video.plane_position if video else 0),
-            max_frames=_frames_held(video),
-        )
+        try:
+            return probe(
+                path,
+                limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes),
+                channels=rule,
+                frame_axis=(video.axes[-1] if video else None),
+                plane_position=(video.plane_position if video else 0),
+                max_frames=_frames_held(video),
+            )
+        except JobError as exc:
+            exc.file = image_rel  # inbox-relative: what the person sees on the share
+            raise
 
     def _infer(
         self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path

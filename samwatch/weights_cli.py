@@ -53,7 +53,9 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     add = commands.add_parser("add", help="register weights in the config (a running daemon picks them up)")
     add.add_argument("name", help="the name sidecars use in 'weights:'")
     add.add_argument("type", choices=MODEL_TYPES, help="the model type the weights were trained for")
-    add.add_argument("source", metavar="URL_OR_PATH", help="http(s)://, hf://owner/repo/file[@rev], file:// or a local file")
+    add.add_argument(
+        "source", metavar="URL_OR_PATH", help="http(s)://, hf://owner/repo/file[@rev], file:// or a local file"
+    )
     add.add_argument("--sha256", help="the file's expected sha256; a mismatch is an error, never a silent load")
     add.add_argument("--sam2-config", help="SAM2 only: the Hydra config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml")
     add.set_defaults(func=run_add)
@@ -146,7 +148,9 @@ def run_remove(args: argparse.Namespace) -> int:
     config = load_config(path, check_files=False)
     named = [e for e in config.weights if e.name == args.name and args.type in (None, e.type)]
     if not named and args.name == "default":
-        raise _UsageError("the built-in 'default' entries cannot be removed; `samwatch weights add default TYPE URL` overrides one")
+        raise _UsageError(
+            "the built-in 'default' entries cannot be removed; `samwatch weights add default TYPE URL` overrides one"
+        )
     entry = _one_named(named, args.name, args.type)
     if not remove_weights_entry(path, entry.type, entry.name):
         print(f"{path}: {entry.type} {entry.name!r} vanished before it could be removed", file=sys.stderr)
@@ -161,8 +165,8 @@ def run_remove(args: argparse.Namespace) -> int:
 def run_cancel(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args), check_files=False)
     request_cancel(config.state_dir, args.type, args.name)
-    which = " ".join(part for part in (args.type, repr(args.name) if args.name else None) if part) or "every"
-    print(f"Asked the downloads ({which}) under {config.state_dir} to stop; they stop within a chunk.")
+    which = " ".join(part for part in (args.type, repr(args.name) if args.name else None) if part)
+    print(f"Asked {f'the {which} download' if which else 'every download'} under {config.state_dir} to stop.")
     return 0
 
 
@@ -285,7 +289,7 @@ def _table(items: list[dict[str, Any]]) -> str:
 
 def _state_text(item: dict[str, Any]) -> str:
     if item["state"] == "downloading":
-        percent = f" {item['percent']:.0f}%" if item.get("percent") is not None else ""
+        percent = f" {item['percent']:.0f}%" if item.get("bytes_total") else ""
         return f"downloading{percent}" + (" (other process)" if item.get("elsewhere") else "")
     if item["state"] == "failed" and item.get("error"):
         return f"failed: {item['error']['error']}"

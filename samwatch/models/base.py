@@ -154,7 +154,7 @@ def check_prompt_bounds(sidecar: Sidecar, width: int, height: int) -> None:
             if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
                 raise JobError(
                     "prompt_out_of_bounds",
-                    f"prompts[{index}].bbox {list(prompt.bbox)} lies outside the {width}×{height} image; "
+                    f"The box prompts[{index}].bbox {list(prompt.bbox)} lies outside the {width}×{height} image; "
                     "coordinates are pixels of the image as stored, origin top-left.",
                     field=f"prompts.{index}.bbox",
                 )
@@ -162,6 +162,6 @@ def check_prompt_bounds(sidecar: Sidecar, width: int, height: int) -> None:
             if not (0 <= x <= width and 0 <= y <= height):
                 raise JobError(
                     "prompt_out_of_bounds",
-                    f"prompts[{index}].points[{point_index}] ({x}, {y}) lies outside the {width}×{height} image.",
+                    f"The point prompts[{index}].points[{point_index}] ({x}, {y}) lies outside the {width}×{height} image.",
                     field=f"prompts.{index}.points.{point_index}",
                 )

@@ -74,9 +74,10 @@ class DownloadState:
     finished: float | None = None
 
     @property
-    def percent(self) -> float | None:
+    def percent(self) -> float:
+        """0-100; 0 while the size is unknown (bytes_total None), so progress files stay numeric."""
         if not self.bytes_total:
-            return None
+            return 0.0
         # hf (xet) progress can count some bytes twice; a percentage above 100 helps nobody
         return min(100.0, 100.0 * self.bytes_done / self.bytes_total)
 
@@ -166,7 +167,9 @@ class _CancelCheck:
     def __call__(self) -> None:
         if self.event.is_set() or self._requested_by_file():
             raise JobError(
-                "cancelled", f"The download of the {self.model_type} weights {self.name!r} was cancelled."
+                "cancelled",
+                f"The download of the {self.model_type} weights {self.name!r} was cancelled "
+                "(samwatch weights cancel, a config change or shutdown); a later job starts it again.",
             )
 
     def _requested_by_file(self) -> bool:
@@ -325,9 +328,9 @@ class _Transfer:
         # the record first: a crash before the rename leaves a record without a file, i.e. not on disk
         record = {"url": self.entry.url, "sha256": sha, "size": source.stat().st_size, "fetched": _now_iso()}
         _write_json(_sibling(self.target, ".json"), record)
+        self.part_info.unlink(missing_ok=True)  # housekeeping done before the file becomes visible
         os.replace(source, self.target)
         _fsync_dir(self.target.parent)
-        self.part_info.unlink(missing_ok=True)
 
     def _discard(self) -> None:
         self.part.unlink(missing_ok=True)
@@ -416,7 +419,8 @@ class WeightsRegistry:
         """The verified checkpoint, or the state of the (background) download that fetches it.
 
         Never waits for a download. A failed download is returned as is until
-        ``retry_after_seconds`` have passed; the next request after that retries.
+        ``retry_after_seconds`` have passed; the next request after that retries. A path entry's
+        file is hashed here, once per version of the file (size, mtime, inode).
         """
         entry = self.entry(model_type, name)
         if entry.path is not None:
@@ -497,6 +501,10 @@ class WeightsRegistry:
             size = _size(path)
             if size is not None:
                 item.update(on_disk=True, size_bytes=size, state="ready")
+            with self._lock:
+                cached = self._hashes.get(path)
+            if entry.sha256 is None and cached is not None:
+                item["sha256"] = cached[3]  # listing never hashes: only what a request already did
             return item
         sha = _verified_sha(entry, path)
         if sha is not None:
@@ -508,7 +516,9 @@ class WeightsRegistry:
             item.update(download.state.to_dict())
         elif _held_elsewhere(_sibling(path, ".lock")):
             done, total = _part_progress(path)
-            elsewhere = DownloadState(entry.type, entry.name, entry.source, bytes_done=done, bytes_total=total, elsewhere=True)
+            elsewhere = DownloadState(
+                entry.type, entry.name, entry.source, bytes_done=done, bytes_total=total, elsewhere=True
+            )
             item.update(elsewhere.to_dict())
         return item
 
@@ -850,6 +860,7 @@ def _write_json(path: Path, body: dict[str, Any]) -> None:
     """Write aside, fsync, rename: a reader never sees half a record."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide records and cancel requests from other users
         with os.fdopen(fd, "w") as handle:
             json.dump(body, handle, indent=2)
             handle.flush()

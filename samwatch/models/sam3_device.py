@@ -15,6 +15,10 @@ What it does not need to touch, and why:
   "Input type (BFloat16) and bias type (float)" errors, so the mode keeps float32 instead.
 * ``torch.cuda.is_available()`` guards choose CUDA only where CUDA exists; the tensors they
   would place on it are redirected like any other ``device="cuda"`` argument.
+* sam3's CPU fallback for connected components (``connected_components_cpu``) fails on an
+  empty batch, which its video code passes on every frame without new detections;
+  :func:`empty_safe_connected_components` swaps in a fixed version for the duration of the
+  video calls (on CUDA sam3 uses cc_torch or triton and never reaches it).
 * ``torch.cuda.*`` housekeeping calls (``current_device``, ``set_device``, memory stats) are
   not torch functions and cannot be redirected: the adapter avoids the sam3 code that uses
   them (the multi-GPU video predictor's constructor and its logging helpers).
@@ -22,9 +26,10 @@ What it does not need to touch, and why:
 
 from __future__ import annotations
 
+import importlib
 import re
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -84,6 +89,29 @@ def _keep_float32(
     if kwargs.get("dtype") is torch.bfloat16:
         kwargs["dtype"] = torch.float32
     return tuple(torch.float32 if arg is torch.bfloat16 else arg for arg in args), kwargs
+
+
+@contextmanager
+def empty_safe_connected_components() -> Iterator[None]:
+    """sam3's CPU connected components, answering an empty batch with empty labels.
+
+    A module attribute, so not thread-local like the mode; only sam3 calls it, and the
+    replacement behaves the same on every batch the original could handle.
+    """
+    module = importlib.import_module("sam3.perflib.connected_components")
+    original = module.connected_components_cpu
+
+    def connected_components_cpu(input_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_tensor.shape[0] == 0:
+            labels = torch.zeros(input_tensor.shape, dtype=torch.int64, device=input_tensor.device)
+            return labels, labels.clone()
+        return original(input_tensor)
+
+    module.connected_components_cpu = connected_components_cpu
+    try:
+        yield
+    finally:
+        module.connected_components_cpu = original
 
 
 def on_device(device: torch.device) -> AbstractContextManager[Any]:
