@@ -9,16 +9,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from samwatch import __version__
-from samwatch.config import Config, load_config
+from samwatch.config import Config, config_path_from, load_config
 from samwatch.errors import ConfigError
 from samwatch.logs import setup_logging
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="the YAML config file (default: built-in defaults)")
+    parser.add_argument("--config", type=Path, default=None, help="the YAML config file (default: ./samwatch.config.yaml if it exists, else built-in defaults)")
 
 
 def _load(args: argparse.Namespace) -> Config:
+    args.config = config_path_from(args.config)
     return load_config(args.config)
 
 

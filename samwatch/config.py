@@ -19,6 +19,8 @@ from samwatch.errors import ConfigError
 from samwatch.modeltypes import ModelType
 
 MAX_CONFIG_BYTES = 1024 * 1024
+#: Read by every command given no --config, when it exists; ``weights add`` creates it.
+DEFAULT_CONFIG_PATH = Path("samwatch.config.yaml")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -211,6 +213,13 @@ def read_yaml_mapping(path: Path, max_bytes: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"expected a mapping of keys, found {type(data).__name__}")
     return data
+
+
+def config_path_from(given: Path | None) -> Path | None:
+    """--config if given, else ./samwatch.config.yaml if it exists; None: built-in defaults."""
+    if given is not None:
+        return given
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
 
 
 def load_config(path: Path | None, *, check_files: bool = True) -> Config:

@@ -62,48 +62,56 @@ _PAIR_CHUNK = 1 << 21
 # corners anticlockwise on screen: top-left, bottom-left, bottom-right, top-right.
 
 
-def _step_turn_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Corners emitted at a chain pixel, indexed by ``9 * code(step in) + code(step out)``.
+#: Pixel corners doubled (centre at (1, 1)), in the order the walk visits them.
+_CORNER_CYCLE = ((0, 0), (0, 2), (2, 2), (2, 0))  # TL, BL, BR, TR: anticlockwise on screen
 
-    Points are doubled so that the pixel centre (1, 1) and corners ({0,2}, {0,2}) are
-    integers. A straight step crosses the shared edge at its corner on the foreground
-    (right-hand) side; a diagonal step crosses the single shared corner. The walk emits the
-    corners from the entry corner (inclusive) to the exit corner (exclusive).
+
+def _exit_corner(dx: int, dy: int) -> tuple[int, int]:
+    """Doubled corner where the walk leaves a pixel along the chain step (dx, dy).
+
+    A diagonal step crosses the one corner shared with the next pixel; a straight step
+    crosses the shared edge at its end on the right-hand (foreground) side, (-dy, dx).
     """
-    corners = [(0, 0), (0, 2), (2, 2), (2, 0)]  # TL, BL, BR, TR: anticlockwise on screen
-    steps = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # index == dx + 3 dy + 4
+    if dx and dy:
+        return 1 + dx, 1 + dy
+    return 1 + dx - dy, 1 + dy + dx
+
+
+def _step_turn_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Corners emitted at a chain pixel, keyed by ``9 * code(step in) + code(step out)``.
+
+    ``code(dx, dy) = dx + 3 dy + 4``. Returns, per key, how many corners and where they
+    start in one flat table of corner offsets (dx, dy) from the pixel's top-left. The walk
+    enters where the previous pixel's exit lies and emits corners from there (inclusive)
+    to its own exit (exclusive).
+    """
+    steps = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     count = np.zeros(81, np.int64)
-    offsets = np.zeros((81, 4, 2), np.int64)
+    first = np.zeros(81, np.int64)
+    table: list[tuple[int, int]] = []
     for i, (ax, ay) in enumerate(steps):
         for j, (bx, by) in enumerate(steps):
             key = 9 * i + j
-            if (ax, ay) == (bx, by) == (0, 0):  # a lone traced pixel: all four sides
-                count[key], offsets[key] = 4, np.array(corners) // 2
-                continue
-            if (ax, ay) == (0, 0) or (bx, by) == (0, 0):
+            first[key] = len(table)
+            if (ax, ay) == (bx, by) == (0, 0):
+                n, start = 4, 0  # a lone traced pixel: all four sides
+            elif (ax, ay) == (0, 0) or (bx, by) == (0, 0):
                 continue  # cannot occur in a chain of two or more pixels
-            right_a, right_b = (-ay, ax), (-by, bx)
-            if ax and ay:
-                entry = (1 - ax, 1 - ay)
             else:
-                entry = (1 + right_a[0] - ax, 1 + right_a[1] - ay)
-            if bx and by:
-                exit_ = (1 + bx, 1 + by)
-            else:
-                exit_ = (1 + bx + right_b[0], 1 + by + right_b[1])
-            start = corners.index(entry)
-            n = (corners.index(exit_) - start) % 4
-            if n == 0 and (ax, ay) == (-bx, -by):
-                n = 4  # in and out through the same corner: around the whole pixel
+                ex, ey = _exit_corner(ax, ay)
+                start = _CORNER_CYCLE.index((ex - 2 * ax, ey - 2 * ay))
+                n = (_CORNER_CYCLE.index(_exit_corner(bx, by)) - start) % 4
+                if n == 0 and (ax, ay) == (-bx, -by):
+                    n = 4  # in and out through the same corner: around the whole pixel
             count[key] = n
-            for k in range(n):
-                offsets[key, k] = np.array(corners[(start + k) % 4]) // 2
-    count.flags.writeable = False
-    offsets.flags.writeable = False
-    return count, offsets
+            table += [(cx // 2, cy // 2) for cx, cy in _CORNER_CYCLE[start:] + _CORNER_CYCLE][:n]
+    offsets = np.array(table, np.int64)
+    for array in (count, first, offsets):
+        array.flags.writeable = False
+    return count, first, offsets
 
 
-_TURN_COUNT, _TURN_CORNERS = _step_turn_tables()
+_TURN_COUNT, _TURN_FIRST, _TURN_CORNERS = _step_turn_tables()
 
 
 def _ring_index(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,9 +138,11 @@ def _crack_rings(
     code = column_step + 3 * row_step  # (dx, dy) in row-major order of the 3x3 block
     key = 9 * code + code[nxt]
     count = _TURN_COUNT[key]
-    corner = _TURN_CORNERS[..., 0] + stride * _TURN_CORNERS[..., 1]
-    vertices = (packed[:, None] + corner[key])[np.arange(4) < count[:, None]]
-    bounds = _offsets(count)[bounds]
+    ends = _offsets(count)
+    emitted = np.arange(ends[-1]) + np.repeat(_TURN_FIRST[key] - ends[:-1], count)
+    corner = _TURN_CORNERS[:, 0] + stride * _TURN_CORNERS[:, 1]
+    vertices = np.repeat(packed, count) + corner[emitted]
+    bounds = ends[bounds]
     # Crack rings move in unit steps; only where the step changes is a corner.
     prev, nxt = _ring_index(bounds)
     step = vertices - vertices[prev]

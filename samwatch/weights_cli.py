@@ -3,7 +3,7 @@
 The main CLI calls :func:`add_arguments` with its sub-parsers and adds ``--config`` to every
 command (``args.config``: a Path or None). Each handler takes the parsed args and returns the
 exit code: 0 ok, 1 a failure (a download failed), 2 bad usage or a bad config. Without
-``--config`` the config is ``./samwatch.yaml``: read if it exists (else the built-in defaults),
+``--config`` the config is ``./samwatch.config.yaml``: read if it exists (else the built-in defaults),
 created by ``add``.
 """
 
@@ -19,13 +19,12 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from samwatch.config import WeightsEntry, describe_validation_error, load_config
+from samwatch.config import DEFAULT_CONFIG_PATH, WeightsEntry, config_path_from, describe_validation_error, load_config
 from samwatch.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError, JobError
 from samwatch.models.registry import WeightsRegistry, download_path, request_cancel
 from samwatch.modeltypes import MODEL_TYPES
 
-DEFAULT_CONFIG = Path("samwatch.yaml")
 _URL_PREFIXES = ("http://", "https://", "hf://", "file://")
 _MB = 1024 * 1024
 
@@ -174,16 +173,13 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
-    """--config, else ./samwatch.yaml when it exists; None means the built-in defaults."""
     given = getattr(args, "config", None)
-    if given is not None:
-        return Path(given)
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    return config_path_from(Path(given) if given is not None else None)
 
 
 def _edit_path(args: argparse.Namespace) -> Path:
     given = getattr(args, "config", None)
-    return Path(given) if given is not None else DEFAULT_CONFIG
+    return Path(given) if given is not None else DEFAULT_CONFIG_PATH
 
 
 def _open_registry(args: argparse.Namespace) -> WeightsRegistry:

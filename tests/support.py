@@ -96,7 +96,7 @@ class DaemonProcess:
         env.pop("NOTIFY_SOCKET", None)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "samwatch", "run", "--config", str(config), *extra],
+            [sys.executable, "-m", "samwatch", "run", "--config", str(config), "--grace", "5", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
 

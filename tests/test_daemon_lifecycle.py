@@ -27,7 +27,7 @@ def _jobs(inbox: Path, count: int) -> list[str]:
 def test_kill_9_mid_queue_then_restart_loses_and_doubles_nothing(tmp_path: Path, vit_t_checkpoint: Path) -> None:
     config = write_config(tmp_path, [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)}])
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    stems = _jobs(inbox, 6)
+    stems = _jobs(inbox, 5)
     first = DaemonProcess(config)
     wait_for(lambda: sum(finished(outbox, s) for s in stems) >= 2, 180, what="two jobs done")
     first.kill()

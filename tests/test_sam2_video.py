@@ -53,6 +53,15 @@ class JpegMedia:
         return np.array(Image.open(self.paths[index]).convert("RGB"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner, two threads spin against other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 128×160 window panning 4 px per frame across skimage's coins."""

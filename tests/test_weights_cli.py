@@ -204,7 +204,7 @@ def listed(cli: Any, capsys: pytest.CaptureFixture[str], *extra: str) -> dict[tu
 
 def test_add_list_remove_with_the_default_config(cli: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("weights", "add", "lab", "vit_b", "https://example.org/lab.pth", "--sha256", "B" * 64) == 0
-    assert (tmp_path / "samwatch.yaml").exists()
+    assert (tmp_path / "samwatch.config.yaml").exists()
     items = listed(cli, capsys)
     assert items[("vit_b", "lab")]["sha256"] == "b" * 64
     assert items[("vit_b", "lab")]["state"] == "not fetched"
