@@ -74,7 +74,9 @@ def best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
     return best
 
 
-def run_batch(outline: Callable[[np.ndarray], object], masks: list[np.ndarray]) -> Callable[[], None]:
+def run_batch(
+    outline: Callable[[np.ndarray], object], masks: list[np.ndarray]
+) -> Callable[[], None]:
     def batch() -> None:
         for mask in masks:
             outline(mask)
@@ -111,7 +113,8 @@ def main() -> int:
             [run_batch(samapi_outline, masks), run_batch(mask_to_geometry, masks)], repeats
         )
         rows.append((baseline, ours))
-        print(f"{name:32s} {baseline * 1e3:10.2f} {ours * 1e3:9.2f} {baseline / ours:6.1f}x  {exact}")
+        ratio = baseline / ours
+        print(f"{name:32s} {baseline * 1e3:10.2f} {ours * 1e3:9.2f} {ratio:6.1f}x  {exact}")
     total_baseline = sum(b for b, _ in rows)
     total_ours = sum(o for _, o in rows)
     geomean = math.exp(sum(math.log(b / o) for b, o in rows) / len(rows))

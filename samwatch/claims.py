@@ -58,12 +58,29 @@ class ClaimStore:
             return True
         return False
 
+    def _owner_is_dead(self, lock: Path) -> bool:
+        """A claim of this instance by a process that no longer runs (we were restarted)."""
+        try:
+            owner = json.loads(lock.read_text()).get("owner", "")
+        except (OSError, ValueError):
+            return False
+        instance, _, pid = owner.rpartition(":")
+        if instance != self.instance.rpartition(":")[0] or not pid.isdigit() or int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
     def _take_over_if_stale(self, lock: Path) -> bool:
         try:
             age = self._wallclock() - lock.stat().st_mtime
         except FileNotFoundError:
             return True
-        if age < self.ttl:
+        if age < self.ttl and not self._owner_is_dead(lock):
             return False
         try:
             os.rename(lock, lock.with_name(f"{lock.name}.stale-{secrets.token_hex(4)}"))

@@ -159,7 +159,7 @@ class Daemon:
         try:
             while not self.flags.stop:
                 self.step(self.clock())
-                time.sleep(self._sleep_time())
+                self._wait(self._sleep_time())
             self._stop(grace_seconds)
         finally:
             self.close()
@@ -178,6 +178,17 @@ class Daemon:
         finally:
             self.close()
         return 1 if self.stats.failed else 0
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until the next pass, waking at once when the running job ends."""
+        if self.worker is None or self.running is None:
+            time.sleep(timeout)
+            return
+        try:
+            ticket, outcome = self.worker.results.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._record(ticket, outcome)
 
     def _sleep_time(self) -> float:
         if self.watcher.pending or self.running is not None:
@@ -228,13 +239,14 @@ class Daemon:
         settled = self.watcher.settled
         files = set(settled) | self.watcher.pending
         jobs = {job.job_id: job for job in find_jobs(self.config.inbox, files, self._image_ref)}
-        for job_id in set(self._known_jobs) - set(jobs):
-            self._forget(self._known_jobs[job_id])
+        previous = self._known_jobs
+        for job_id in set(previous) - set(jobs):
+            self._forget(previous[job_id])
         self._known_jobs = jobs
         touched = changed | vanished
         for job in jobs.values():
-            if not (set(job.inputs) & touched) and self.ledger.get(job.job_id) is not None:
-                continue
+            if job.job_id in previous and previous[job.job_id] == job and not (set(job.inputs) & touched):
+                continue  # nothing it depends on changed
             if any(path not in settled for path in job.inputs):
                 continue  # something it needs is still being written
             self._enqueue(job)
@@ -508,7 +520,10 @@ class Daemon:
         }
 
     def heartbeat(self) -> None:
-        atomic_write_json(self.status_dir / "status.json", self.status(), durable=False)
+        status = self.status()
+        # Several daemons may share an outbox: each keeps its own file, status.json is the latest.
+        atomic_write_json(self.status_dir / "instances" / f"{self.config.service.instance}.json", status, durable=False)
+        atomic_write_json(self.status_dir / "status.json", status, durable=False)
         atomic_write_json(self.status_dir / "weights.json", self.registry.samapi_listing(), durable=False)
         self.notifier.status(self.status_line())
         if self.notifier.watchdog_seconds and not self.job_stalled():

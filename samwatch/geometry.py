@@ -104,7 +104,8 @@ def _step_turn_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 if n == 0 and (ax, ay) == (-bx, -by):
                     n = 4  # in and out through the same corner: around the whole pixel
             count[key] = n
-            table += [(cx // 2, cy // 2) for cx, cy in _CORNER_CYCLE[start:] + _CORNER_CYCLE][:n]
+            visited = (_CORNER_CYCLE[start:] + _CORNER_CYCLE)[:n]
+            table += [(cx // 2, cy // 2) for cx, cy in visited]
     offsets = np.array(table, np.int64)
     for array in (count, first, offsets):
         array.flags.writeable = False
@@ -395,7 +396,8 @@ def _geojson(rings: _Rings, offset: np.ndarray) -> dict[str, Any]:
     # Each ring starts at its top-most, then left-most vertex: the smallest row-major key
     # (unique within a ring); rings are ordered by that same key.
     key = vertices[:, 1] * (int(vertices[:, 0].max()) + 1) + vertices[:, 0]
-    first = np.flatnonzero(key == np.minimum.reduceat(key, bounds[:-1])[_ring_owner(bounds)])
+    lowest = np.repeat(np.minimum.reduceat(key, bounds[:-1]), np.diff(bounds))
+    first = np.flatnonzero(key == lowest)
     order = np.zeros(1, np.int64)
     if len(first) > 1:
         exterior = np.zeros(polygon.max() + 1, np.int64)
@@ -440,10 +442,10 @@ def mask_to_geometry(
         rings = _simplify(rings, simplify_tolerance)
         if len(rings.polygon) == 0:
             return None
-    shift = np.asarray(offset, np.float64) + (x, y)
-    if np.all(shift == np.round(shift)):
-        shift = shift.astype(np.int64)
-    return _geojson(rings, shift)
+    dx, dy = offset
+    if float(dx).is_integer() and float(dy).is_integer():
+        return _geojson(rings, np.array([int(dx) + x, int(dy) + y]))
+    return _geojson(rings, np.array([dx + x, dy + y], np.float64))
 
 
 def _polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:
@@ -470,7 +472,8 @@ def rasterize(geometry: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape, bool)
     p = np.concatenate([e[:-1] for e in edges])
     q = np.concatenate([e[1:] for e in edges])
-    p, q = p[p[:, 1] != q[:, 1]], q[p[:, 1] != q[:, 1]]
+    sloped = p[:, 1] != q[:, 1]  # horizontal edges never cross a pixel-centre scanline
+    p, q = p[sloped], q[sloped]
     # Rows whose centre y + 0.5 lies in [min(y), max(y)) of an edge cross that edge once.
     first = np.clip(np.ceil(np.minimum(p[:, 1], q[:, 1]) - 0.5), 0, height).astype(np.int64)
     stop = np.clip(np.ceil(np.maximum(p[:, 1], q[:, 1]) - 0.5), 0, height).astype(np.int64)
@@ -530,7 +533,8 @@ def make_feature(
     if clash:
         raise ValueError(f"properties may not set {sorted(clash)}; use the arguments")
     geometry = dict(geometry) if plane is None else {**geometry, "plane": dict(plane)}
-    classification = {"name": label, "color": list(color) if color else class_color(label)}
+    colour = class_color(label) if color is None else list(color)
+    classification = {"name": label, "color": colour}
     return {
         "type": "Feature",
         "geometry": geometry,

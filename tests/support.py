@@ -31,6 +31,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, *, what: str = "condi
         time.sleep(interval)
 
 
+def fake_weights(root: Path) -> list[dict[str, Any]]:
+    """A registry entry for the fake model: any file will do, it is never loaded."""
+    path = root / "fake.pt"
+    path.write_bytes(b"fake weights")
+    return [{"name": "default", "type": "vit_t", "path": str(path)}]
+
+
 def write_config(root: Path, weights: list[dict[str, Any]], **overrides: Any) -> Path:
     config = {
         "inbox": str(root / "inbox"),
@@ -89,14 +96,15 @@ def coins() -> np.ndarray:
 class DaemonProcess:
     """``samwatch run`` as a subprocess, with its log captured to a file."""
 
-    def __init__(self, config: Path, *extra: str) -> None:
+    def __init__(self, config: Path, *extra: str, fake_model: bool = False) -> None:
         self.config = config
         self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
         env.pop("NOTIFY_SOCKET", None)
         self._log = self.log_path.open("wb")
+        program = [str(Path(__file__).with_name("fake_samwatch.py"))] if fake_model else ["-m", "samwatch"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "samwatch", "run", "--config", str(config), "--grace", "5", *extra],
+            [sys.executable, *program, "run", "--config", str(config), "--grace", "5", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
 

@@ -15,7 +15,7 @@
 * **Streamed frames.** sam2's ``init_state`` decodes the whole video into one float tensor
   (3×1024×1024×4 B = 12 MiB per frame). Here ``inference_state["images"]`` is a
   :class:`LazyFrames`: frame *i* is read from ``ctx.frames.frame(i)``, resized and normalised
-  exactly as sam2's ``load_video_frames`` does, when sam2 asks for it; only the last
+  to the same values as sam2's ``load_video_frames`` makes, when sam2 asks for it; only the last
   ``FRAME_CACHE`` frames are kept. Frame 0 is not encoded up front (sam2's warm-up), so a job
   prompted on frame 40 never touches frames 0-39.
 * **Bounded tracking state.** sam2 keeps every tracked frame's memory (per object and frame:
@@ -26,9 +26,9 @@
   non-conditioning outputs are dropped as tracking moves on; prompted (conditioning) frames are
   always kept. The results are unchanged, and the state stays below
   objects × (prompted frames + 2·(reach + 1)) × 0.77 MiB (≈25 MiB per object for SAM2.1) whatever
-  the length. Because it is bounded it stays on the compute device
-  (``offload_state_to_cpu=False``, which sam2 says costs 10-15 % fps); frames live on the CPU
-  until used (``offload_video_to_cpu=True``).
+  the length. Being bounded, it stays on the compute device (``offload_state_to_cpu=False``:
+  sam2 measures offloading at 10-15 % fewer frames per second). Frames are never offloaded
+  either (``offload_video_to_cpu=False``): only ``FRAME_CACHE`` of them exist, on the device.
 * **Objects prompted after the start frame** are tracked from the start frame, where sam2 1.1
   crashes on a dtype mismatch (see :class:`FloatMemoryAttention`).
 * **Reverse.** With ``video.reverse`` a second pass runs backwards from the same start frame
@@ -80,13 +80,19 @@ class Media(Protocol):
 class LazyFrames:
     """sam2's ``inference_state["images"]``, decoded on demand from a ``Media``.
 
-    Item *i* is frame *i* as sam2's ``load_video_frames`` makes it: PIL-resized to S×S,
-    scaled to [0, 1], normalised with ImageNet mean and std, float32 3×S×S, on the CPU.
+    Item *i* is frame *i* as sam2's ``load_video_frames`` makes it: PIL-resized to S×S, scaled
+    to [0, 1] in float64, then float32 normalised with ImageNet mean and std, 3×S×S. The
+    arithmetic runs on ``device`` (the uint8 pixels travel, a quarter of the float bytes); each
+    step is an exactly rounded IEEE operation, so the values equal sam2's CPU-made ones.
     """
 
-    def __init__(self, media: Media, image_size: int, cache_size: int = FRAME_CACHE) -> None:
+    def __init__(self, media: Media, image_size: int, device: torch.device,
+                 cache_size: int = FRAME_CACHE) -> None:
         self._media = media
         self._image_size = image_size
+        self._device = device
+        self._mean = _IMG_MEAN.to(device)
+        self._std = _IMG_STD.to(device)
         self._cache: LruCache[torch.Tensor] = LruCache(cache_size)
 
     def __len__(self) -> int:
@@ -103,9 +109,8 @@ class LazyFrames:
     def _load(self, index: int) -> torch.Tensor:
         size = (self._image_size, self._image_size)
         pixels = np.array(Image.fromarray(self._media.frame(index)).convert("RGB").resize(size))
-        # float64 division then a float32 tensor: the same rounding as sam2's frame loader
-        tensor = torch.from_numpy(pixels / 255.0).permute(2, 0, 1).float()
-        return (tensor - _IMG_MEAN) / _IMG_STD
+        tensor = torch.from_numpy(pixels).to(self._device).permute(2, 0, 1)
+        return ((tensor.double() / 255.0).float() - self._mean) / self._std
 
 
 def track(adapter: Any, ctx: RunContext) -> list[Detection]:
@@ -167,9 +172,9 @@ def new_inference_state(predictor: SAM2VideoPredictor, media: Media) -> dict[str
     """sam2's ``init_state`` dict, but with lazily loaded frames and no frame-0 warm-up."""
     device = predictor.device
     return {
-        "images": LazyFrames(media, predictor.image_size),
+        "images": LazyFrames(media, predictor.image_size, device),
         "num_frames": media.n_frames,
-        "offload_video_to_cpu": True,
+        "offload_video_to_cpu": False,
         "offload_state_to_cpu": False,
         "video_height": media.height,
         "video_width": media.width,
