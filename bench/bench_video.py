@@ -58,8 +58,9 @@ class JpegMedia:
 def write_frames(folder: Path, n_frames: int) -> None:
     image = data.coffee()
     height, width = CROP
+    room = image.shape[1] - width
     for index in range(n_frames):
-        x = PAN * index
+        x = abs(PAN * index % (2 * room) - room)  # back and forth, so any length fits
         Image.fromarray(image[:height, x : x + width]).save(folder / f"{index}.jpg", quality=95)
 
 

@@ -113,9 +113,13 @@ def test_single_mask_turns_multimask_off(family: Family) -> None:
     assert generator.multimask_output is False and generator.choice == "single"
 
 
-def test_points_per_side_none_is_refused(family: Family) -> None:
+@pytest.mark.parametrize(
+    "params",
+    [{"points_per_side": None}, {"points_per_side": 3, "crop_n_layers": 2, "crop_n_points_downscale_factor": 2}],
+)
+def test_grids_without_points_are_refused(family: Family, params: dict[str, Any]) -> None:
     with pytest.raises(JobError) as caught:
-        family.build(family.ctx(points_per_side=None))
+        family.build(family.ctx(**params))
     assert caught.value.code == "sidecar_invalid" and caught.value.field == "automask.points_per_side"
 
 

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops.boxes import batched_nms
+from torchvision.ops.boxes import batched_nms, box_area
 
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn, RunContext
@@ -56,12 +56,13 @@ _EDGE_TOLERANCE = 20.0  # pixels: upstream's is_box_near_crop_edge atol, which t
 
 
 class _SamapiGenerator:
-    """Mixed in before an upstream generator: owns the per-crop and per-batch steps.
+    """Mixed in before an upstream generator: owns the crop, batch and per-point steps.
 
-    The upstream ``generate`` (records, SAM1's small-region post-processing) and
-    ``_generate_masks`` (crop loop, cross-crop NMS) are kept; ``_process_crop`` and
-    ``_process_batch`` are replaced because upstream hard-codes what samapi's fields change:
-    multimask on, NMS by predicted IoU, the edge test, and encoding every crop.
+    Upstream's constructor (fields, point grids), ``generate`` (records, SAM1's small-region
+    post-processing) and ``postprocess_small_regions`` are kept. ``_generate_masks``,
+    ``_process_crop`` and ``_process_batch`` are replaced: upstream hard-codes what samapi's
+    fields change (multimask on, NMS by predicted IoU, the edge test), encodes every crop, and
+    reports no progress. Cross-crop NMS is upstream's rule unchanged.
     """
 
     amg: Any  # the upstream package's utils.amg module
@@ -74,8 +75,11 @@ class _SamapiGenerator:
     stability_score_offset: float
     box_nms_thresh: float
     crop_n_layers: int
+    crop_nms_thresh: float
     crop_overlap_ratio: float
     mask_threshold: float
+    min_mask_region_area: int
+    postprocess_small_regions: Callable[[Any, int, float], Any]
 
     def __init__(
         self,
@@ -99,14 +103,22 @@ class _SamapiGenerator:
         raise NotImplementedError
 
     def _generate_masks(self, image: np.ndarray) -> Any:
-        crop_boxes, layer_idxs = self.amg.generate_crop_boxes(
-            image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio
-        )
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = self.amg.generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         self.batches_done = 0
         self.batches_total = sum(
             math.ceil(len(self.point_grids[layer]) / self.points_per_batch) for layer in layer_idxs
         )
-        return super()._generate_masks(image)  # type: ignore[misc]
+        data = _joined(self.amg, [
+            self._process_crop(image, crop_box, layer_idx, orig_size)
+            for crop_box, layer_idx in zip(crop_boxes, layer_idxs)
+        ])
+        if len(crop_boxes) > 1:  # duplicates between crops: upstream prefers masks from smaller crops
+            boxes = data["boxes"].float()
+            scores = 1 / box_area(data["crop_boxes"]).to(boxes.device)
+            data.filter(batched_nms(boxes, scores, torch.zeros_like(boxes[:, 0]), iou_threshold=self.crop_nms_thresh))
+        data.to_numpy()
+        return data
 
     def _encode(self, image: np.ndarray, whole_image: bool) -> None:
         if whole_image and self.embedding is not None:
@@ -124,11 +136,12 @@ class _SamapiGenerator:
         crop_size = crop.shape[:2]
         self._encode(crop, whole_image=crop_layer_idx == 0)
         points_for_crop = self.point_grids[crop_layer_idx] * np.array(crop_size)[None, ::-1]
-        data = self.amg.MaskData()
+        batches = []
         for (points,) in self.amg.batch_iterator(self.points_per_batch, points_for_crop):
-            data.cat(self._process_batch(points, crop_size, crop_box, orig_size))
+            batches.append(self._process_batch(points, crop_size, crop_box, orig_size))
             self.batches_done += 1
             self.progress("automask", self.batches_done / self.batches_total)
+        data = _joined(self.amg, batches)
         if self.choice != "all":
             boxes = data["boxes"].float()
             keep = batched_nms(
@@ -138,7 +151,7 @@ class _SamapiGenerator:
             data.filter(keep)
         data["boxes"] = self.amg.uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = self.amg.uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor([crop_box for _ in range(len(data["rles"]))])
+        data["crop_boxes"] = torch.as_tensor(crop_box).repeat(len(data["rles"]), 1)
         return data
 
     def _nms_priority(self, data: Any) -> torch.Tensor:
@@ -240,11 +253,21 @@ class _Sam2Hooks(_SamapiGenerator):
 
     def _generate_masks(self, image: np.ndarray) -> Any:
         data = super()._generate_masks(image)
-        if self.min_mask_region_area > 0:  # type: ignore[attr-defined]
-            data = self.postprocess_small_regions(  # type: ignore[attr-defined]
-                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)  # type: ignore[attr-defined]
+        if self.min_mask_region_area > 0:
+            data = self.postprocess_small_regions(
+                data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
         return data
+
+
+def _joined(amg: Any, parts: list[Any]) -> Any:
+    """One MaskData of several. MaskData.cat deep-copies every RLE it appends, which costs more
+    than decoding when masks are ragged; these parts are fresh and ours alone."""
+    joined = amg.MaskData()
+    for key, first in parts[0].items():
+        values = [part[key] for part in parts]
+        joined[key] = torch.cat(values) if isinstance(first, torch.Tensor) else [item for value in values for item in value]
+    return joined
 
 
 @cache
@@ -262,6 +285,15 @@ def _params(ctx: RunContext) -> AutomaskParams:
             "sidecar_invalid",
             "automask.points_per_side must be a number: samwatch samples a regular grid of "
             "points_per_side² points (explicit point grids are not supported).",
+            field="automask.points_per_side",
+        )
+    deepest = params.points_per_side / params.crop_n_points_downscale_factor**params.crop_n_layers
+    if int(deepest) < 1:  # upstream divides by zero building an empty grid
+        raise JobError(
+            "sidecar_invalid",
+            f"automask: the deepest crop layer would get no points (points_per_side {params.points_per_side} "
+            f"/ crop_n_points_downscale_factor {params.crop_n_points_downscale_factor} ^ crop_n_layers "
+            f"{params.crop_n_layers} < 1); raise points_per_side or lower the other two.",
             field="automask.points_per_side",
         )
     return params
