@@ -81,12 +81,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"downloading: {download.get('type')}/{download.get('name')} {download.get('percent', 0):.0f}%")
     if status.get("config", {}).get("error"):
         print(f"config error (old config in force): {status['config']['error']}")
+    others = _other_instances(path.parent / "instances", status.get("instance"))
+    for name, other_state, other_age in others:
+        print(f"other daemon on this outbox: {name}: {other_state}, heartbeat {other_age:.0f} s ago")
     failures = status.get("recent_failures", [])
     if failures:
         print("recent failures:")
         for failure in failures[-10:]:
             print(f"  {failure['at']} {failure['job']}: {failure['error']}: {failure['message']}")
     return 1 if stale else 0
+
+
+def _other_instances(folder: Path, own: str | None) -> list[tuple[str, str, float]]:
+    """Other daemons sharing this outbox (each writes ``_samwatch/instances/<name>.json``)."""
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("instance") != own:
+            age = (datetime.now(timezone.utc) - datetime.fromisoformat(other["updated"])).total_seconds()
+            found.append((other.get("instance", path.stem), other.get("state", "?"), age))
+    return found
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
