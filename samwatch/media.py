@@ -613,34 +613,45 @@ def _open_tiff(
 # PyAV: MP4, AVI, MOV
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _VideoSource:
     path: Path
     width: int
     height: int
 
+    # Decoding is sequential: one open decoder is kept and moved forward, so reading the
+    # frames of a video in order (as tracking does) costs one pass, not one pass per frame.
+    _decoder: Iterator[np.ndarray] | None = field(default=None, init=False, repr=False)
+    _position: int = field(default=0, init=False, repr=False)
+
     def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
-        wanted = iter(indices)
-        target = next(wanted, None)
-        if target is None:
-            return
-        decoded = 0
+        for index in indices:
+            yield self._frame_at(index)
+
+    def _frame_at(self, index: int) -> np.ndarray:
+        if self._decoder is None or index < self._position:
+            self._decoder = self._decode_all()
+            self._position = 0
+        while True:
+            try:
+                frame = next(self._decoder)
+            except StopIteration:
+                self._decoder = None
+                raise JobError("image_unreadable", f"'{self.path.name}' ends after {self._position} frames, "
+                               f"before frame {index} that its header promises; export or copy it "
+                               "again.", file=str(self.path)) from None
+            self._position += 1
+            if self._position - 1 == index:
+                return frame
+
+    def _decode_all(self) -> Iterator[np.ndarray]:
         with _reading(self.path), av.open(str(self.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                decoded += 1
-                if decoded - 1 < target:
-                    continue
                 # Scaling to the probed size keeps every frame the same shape even if
                 # the stream changes resolution midway.
                 yield frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
-                target = next(wanted, None)
-                if target is None:
-                    return
-        raise JobError("image_unreadable", f"'{self.path.name}' ends after {decoded} frames, "
-                       f"before frame {target} that its header promises; export or copy it "
-                       "again.", file=str(self.path))
 
 
 def _open_video(path: Path, limits: MediaLimits) -> _Opened:

@@ -1,6 +1,7 @@
 """SAM3 for real: the 841M-parameter image model through samwatch's Adapter on the CPU.
 
-The random-weight run takes 1-2 minutes and several GB of RAM. sam3 leaves two text-encoder
+The random-weight run takes 1-2 minutes and several GB of RAM. The CPU video run takes
+minutes more and ~7.5 GB, so it only runs when SAMWATCH_SAM3_CPU_VIDEO=1. sam3 leaves two text-encoder
 tensors uninitialised (torch.empty: garbage, then NaN scores) because the checkpoint fills
 them, so the fixture initialises them. Random weights then score every query near
 sigmoid(0) × sigmoid(0) = 0.25, so the fixture also biases the two heads that make the score
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from samwatch.models.base import LoadSpec, RunContext
-from samwatch.models.sam3 import Adapter, build_image_model
+from samwatch.models.sam3 import Adapter, build_image_model, build_video_model
 from samwatch.models.sam3_device import on_device
 from samwatch.sidecar import Sidecar
 
@@ -65,6 +66,21 @@ def random_sam3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bias_towards_detections(model)
     path = tmp_path_factory.mktemp("weights") / "sam3_random.pt"
     torch.save({"model": {"detector." + key: value for key, value in model.state_dict().items()}}, path)
+    del model
+    gc.collect()
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_sam3_video_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights in the full official layout: detector.* (with the tracker's neck) and tracker.*."""
+    torch.manual_seed(0)
+    with on_device(torch.device("cpu")):
+        model = build_video_model()
+    initialise_what_the_checkpoint_fills(model)
+    bias_towards_detections(model.detector)
+    path = tmp_path_factory.mktemp("weights") / "sam3_video_random.pt"
+    torch.save({"model": model.state_dict()}, path)
     del model
     gc.collect()
     return path
@@ -124,6 +140,38 @@ def test_random_weights_through_the_adapter_on_cpu(random_sam3_checkpoint: Path)
     assert prompt_only < encode_and_prompt / 2
 
 
+class ShiftedFrames:
+    """A few frames of one image drifting right (a samwatch.media.Media's interface)."""
+
+    def __init__(self, image: np.ndarray, n_frames: int) -> None:
+        self.images = [np.roll(image, 8 * index, axis=1) for index in range(n_frames)]
+        self.n_frames = n_frames
+        self.height, self.width = image.shape[:2]
+
+    def frame(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SAMWATCH_SAM3_CPU_VIDEO"), reason="minutes of CPU; set SAMWATCH_SAM3_CPU_VIDEO=1")
+def test_random_weights_track_on_cpu(random_sam3_video_checkpoint: Path) -> None:
+    frames = ShiftedFrames(np.repeat(skimage_data.coins()[::2, ::2, None], 3, axis=2), n_frames=2)
+    spec = LoadSpec(model_type="sam3", checkpoint=random_sam3_video_checkpoint, weights_name="random",
+                    source=str(random_sam3_video_checkpoint))
+    sidecar = Sidecar.model_validate({"model": "sam3", "video": {"objects": {0: [{"obj_id": 1, "text": "coin"}]}}})
+    stages: list[str] = []
+    ctx = RunContext(sidecar=sidecar, image=None, image_key="coins", frames=frames,
+                     progress=lambda stage, fraction: stages.append(stage))
+    adapter = Adapter()
+    adapter.setup(spec, torch.device("cpu"))
+    detections = adapter.run(ctx)
+    assert {d.frame for d in detections} == {0, 1}
+    assert all(d.mask.shape == (frames.height, frames.width) and d.mask.any() for d in detections)
+    assert all(d.score > 0.5 and d.label == "coin" for d in detections)
+    assert stages.count("tracking") == 2
+    assert adapter.parameter_bytes() < 1.05 * sum(p.numel() * 4 for p in adapter.model.parameters())
+
+
 needs_gpu_and_weights = pytest.mark.skipif(
     not torch.cuda.is_available() or not os.environ.get("SAMWATCH_SAM3_CHECKPOINT"),
     reason="needs CUDA and SAMWATCH_SAM3_CHECKPOINT pointing to the real sam3.pt",
@@ -141,18 +189,6 @@ def real_adapter() -> Adapter:
     return adapter
 
 
-class ShiftedFrames:
-    """A three-frame "video" of skimage's cell image drifting right (a Media's interface)."""
-
-    def __init__(self, image: np.ndarray) -> None:
-        self.images = [np.roll(image, 8 * index, axis=1) for index in range(3)]
-        self.n_frames = len(self.images)
-        self.height, self.width = image.shape[:2]
-
-    def frame(self, index: int) -> np.ndarray:
-        return self.images[index]
-
-
 @pytest.mark.gpu
 @needs_gpu_and_weights
 def test_real_checkpoint_finds_cells_on_gpu(real_adapter: Adapter) -> None:
@@ -166,7 +202,7 @@ def test_real_checkpoint_finds_cells_on_gpu(real_adapter: Adapter) -> None:
 @pytest.mark.gpu
 @needs_gpu_and_weights
 def test_real_checkpoint_tracks_cells_on_gpu(real_adapter: Adapter) -> None:
-    frames = ShiftedFrames(np.repeat(skimage_data.cell()[..., None], 3, axis=2))
+    frames = ShiftedFrames(np.repeat(skimage_data.cell()[..., None], 3, axis=2), n_frames=3)
     sidecar = Sidecar.model_validate({"model": "sam3", "video": {"objects": {0: [{"obj_id": 1, "text": "cell"}]}}})
     ctx = RunContext(sidecar=sidecar, image=None, image_key="cells", frames=frames)
     detections = real_adapter.run(ctx)

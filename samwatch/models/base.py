@@ -10,7 +10,7 @@ validated sidecar, and turns their :class:`Detection` list into GeoJSON.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from samwatch.errors import JobError
-from samwatch.sidecar import Sidecar
+from samwatch.sidecar import Prompt, Sidecar
 
 ProgressFn = Callable[[str, float], None]
 """``progress(stage, fraction)``: fraction in [0, 1] of that stage; raises JobCancelled."""
@@ -165,3 +165,80 @@ def check_prompt_bounds(sidecar: Sidecar, width: int, height: int) -> None:
                     f"The point prompts[{index}].points[{point_index}] ({x}, {y}) lies outside the {width}×{height} image.",
                     field=f"prompts.{index}.points.{point_index}",
                 )
+
+
+PromptBatch = list[tuple[int, Prompt]]
+DecodeBatch = Callable[[PromptBatch, bool, list[np.ndarray | None]], tuple[np.ndarray, np.ndarray]]
+"""``decode(batch, multimask, prompt_masks) -> (prompts × masks × H × W, prompts × masks)``."""
+
+
+class EmbeddingMemo:
+    """Which image a predictor holds, and the embeddings of recent images (by pixel identity).
+
+    ``attrs`` are the predictor attributes that make up an embedding; restoring them is what
+    lets a job whose sidecar changed but whose image did not skip the image encoder.
+    """
+
+    def __init__(self, attrs: tuple[str, ...], capacity: int) -> None:
+        self.attrs = attrs
+        self._cache: LruCache[dict[str, Any]] = LruCache(capacity)
+        self._current: str | None = None
+
+    def capture(self, predictor: Any) -> dict[str, Any]:
+        return {name: getattr(predictor, name) for name in self.attrs}
+
+    def ensure(self, predictor: Any, ctx: RunContext, encode: Callable[[], None], mark_set: Callable[[], None]) -> None:
+        if self._current == ctx.image_key:
+            return
+        cached = self._cache.get(ctx.image_key)
+        if cached is not None:
+            for name, value in cached.items():
+                setattr(predictor, name, value)
+            mark_set()
+        else:
+            ctx.progress("encoding image", 0.0)
+            encode()
+            self._cache.put(ctx.image_key, self.capture(predictor))
+        self._current = ctx.image_key
+
+
+def mask_at(prompt_masks: list[np.ndarray | None], index: int) -> np.ndarray | None:
+    """Prompt ``index``'s low-res mask logits as SAM's 1×256×256 ``mask_input``, or None."""
+    mask = prompt_masks[index] if index < len(prompt_masks) else None
+    return None if mask is None else mask[None].astype(np.float32)
+
+
+def prompt_batches(prompts: list[Prompt], prompt_masks: list[np.ndarray | None], size: int) -> Iterator[PromptBatch]:
+    """Runs of consecutive prompts of one shape (a batch tensor needs equal shapes)."""
+
+    def shape(index: int, prompt: Prompt) -> tuple[int, bool, bool]:
+        return (len(prompt.points), prompt.bbox is not None, mask_at(prompt_masks, index) is not None)
+
+    batch: PromptBatch = []
+    for index, prompt in enumerate(prompts):
+        if batch and (len(batch) >= size or shape(*batch[0]) != shape(index, prompt)):
+            yield batch
+            batch = []
+        batch.append((index, prompt))
+    if batch:
+        yield batch
+
+
+def decode_prompts(ctx: RunContext, decode_batch: DecodeBatch) -> list[Detection]:
+    """Every prompt against the image already set, in runs of equal shape of up to
+    ``ctx.prompt_batch_size``, with the sidecar's mask choice applied; family-independent."""
+    prompts = ctx.sidecar.prompts
+    choice = ctx.sidecar.mask_choice
+    detections: list[Detection] = []
+    done = 0
+    for batch in prompt_batches(prompts, ctx.prompt_masks, ctx.prompt_batch_size):
+        masks, scores = decode_batch(batch, choice != "single", ctx.prompt_masks)
+        for (index, prompt), prompt_masks, prompt_scores in zip(batch, masks, scores):
+            for mask_idx, mask, score in select_masks(prompt_masks, prompt_scores, choice):
+                detections.append(
+                    Detection(mask=mask, score=score, prompt_idx=index, mask_idx=mask_idx,
+                              label=prompt.label, color=prompt.color)
+                )
+        done += len(batch)
+        ctx.progress("decoding prompts", done / len(prompts))
+    return detections

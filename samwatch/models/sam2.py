@@ -15,7 +15,6 @@ state does not fit that config the other version's is tried, so a renamed file s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,27 +25,25 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from samwatch.errors import JobError
 from samwatch.models.base import (
     Detection,
+    EmbeddingMemo,
     LoadSpec,
-    LruCache,
+    PromptBatch,
     RunContext,
     check_prompt_bounds,
+    decode_prompts,
     load_state_dict_strict,
+    mask_at,
     parameter_bytes,
-    select_masks,
 )
-from samwatch.models.sam1 import _batches, _mask_at
 from samwatch.models.weights_io import load_checkpoint
-from samwatch.sidecar import Prompt
 
 MODES = frozenset({"prompts", "automask", "video"})
 _SIZES = {"sam2_t": "t", "sam2_s": "s", "sam2_bp": "b+", "sam2_l": "l"}
 _EMBEDDING_ATTRS = ("_features", "_orig_hw")
 
-PromptBatch = list[tuple[int, Prompt]]
-DecodeBatch = Callable[[PromptBatch, bool, list[np.ndarray | None]], tuple[np.ndarray, np.ndarray]]
 
 
-def _version_named(source_name: str) -> str:
+def _named_version(source_name: str) -> str:
     return "2.1" if "sam2.1" in source_name.lower() else "2"
 
 
@@ -54,7 +51,7 @@ def sam2_config_for(model_type: str, source_name: str, version: str | None = Non
     """The Hydra config for ``model_type``: SAM2.1's if ``version`` is "2.1", SAM2's if "2";
     by default decided by whether ``source_name`` (a file name or URL) mentions sam2.1."""
     size = _SIZES[model_type]
-    if (version or _version_named(source_name)) == "2.1":
+    if (version or _named_version(source_name)) == "2.1":
         return f"configs/sam2.1/sam2.1_hiera_{size}.yaml"
     return f"configs/sam2/sam2_hiera_{size}.yaml"
 
@@ -63,7 +60,7 @@ def _configs_to_try(spec: LoadSpec) -> list[str]:
     if spec.config:
         return [spec.config]
     names = f"{spec.checkpoint.name} {spec.source}"
-    named = _version_named(names)
+    named = _named_version(names)
     other = "2" if named == "2.1" else "2.1"
     return [sam2_config_for(spec.model_type, names, version) for version in (named, other)]
 
@@ -92,8 +89,7 @@ class Adapter:
         self.predictor: Any = None
         self.config_used: str | None = None
         self.device = torch.device("cpu")
-        self._embeddings: LruCache[dict[str, Any]] = LruCache(4)
-        self._current_key: str | None = None
+        self._memo = EmbeddingMemo(_EMBEDDING_ATTRS, 4)
 
     def setup(self, spec: LoadSpec, device: torch.device, *, embedding_cache: int = 4) -> None:
         state = load_checkpoint(spec)
@@ -101,7 +97,7 @@ class Adapter:
         self.model = model.to(device)
         self.predictor = SAM2ImagePredictor(self.model)
         self.device = device
-        self._embeddings = LruCache(embedding_cache)
+        self._memo = EmbeddingMemo(_EMBEDDING_ATTRS, embedding_cache)
 
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.model)
@@ -118,25 +114,18 @@ class Adapter:
         if mode == "automask":
             from samwatch.models.automask import generate_sam2
 
-            return generate_sam2(self.model, ctx, embedding=_embedding(self.predictor))
+            return generate_sam2(self.model, ctx, embedding=self._memo.capture(self.predictor))
         return decode_prompts(ctx, self._decode_batch)
 
     @torch.inference_mode()
     def set_image(self, ctx: RunContext) -> None:
         """Encode the image, or restore its cached embedding when the pixels are unchanged."""
-        if self._current_key == ctx.image_key and self.predictor._is_image_set:
-            return
-        cached = self._embeddings.get(ctx.image_key)
-        if cached is not None:
-            for name, value in cached.items():
-                setattr(self.predictor, name, value)
+
+        def mark_set() -> None:
             self.predictor._is_image_set = True
             self.predictor._is_batch = False
-        else:
-            ctx.progress("encoding image", 0.0)
-            self.predictor.set_image(ctx.image)
-            self._embeddings.put(ctx.image_key, _embedding(self.predictor))
-        self._current_key = ctx.image_key
+
+        self._memo.ensure(self.predictor, ctx, lambda: self.predictor.set_image(ctx.image), mark_set)
 
     @torch.inference_mode()
     def _decode_batch(
@@ -145,38 +134,14 @@ class Adapter:
         """(prompts × masks × H × W, prompts × masks) for prompts of one shape."""
         prompts = [prompt for _, prompt in batch]
         first = prompts[0]
-        has_mask = _mask_at(prompt_masks, batch[0][0]) is not None
+        has_mask = mask_at(prompt_masks, batch[0][0]) is not None
         masks, scores, _ = self.predictor.predict(
             point_coords=np.array([p.points for p in prompts], dtype=np.float32) if first.points else None,
             point_labels=np.array([p.labels for p in prompts]) if first.points else None,
             box=np.array([p.bbox for p in prompts], dtype=np.float32) if first.bbox is not None else None,
-            mask_input=np.stack([_mask_at(prompt_masks, i) for i, _ in batch]) if has_mask else None,
+            mask_input=np.stack([mask_at(prompt_masks, i) for i, _ in batch]) if has_mask else None,
             multimask_output=multimask,
         )
         if len(batch) == 1:  # predict squeezes a batch of one away
             return masks[None], scores[None]
         return masks, scores
-
-
-def _embedding(predictor: SAM2ImagePredictor) -> dict[str, Any]:
-    return {name: getattr(predictor, name) for name in _EMBEDDING_ATTRS}
-
-
-def decode_prompts(ctx: RunContext, decode_batch: DecodeBatch) -> list[Detection]:
-    """Every prompt against the image already set, in runs of equal shape of up to
-    ``ctx.prompt_batch_size``, with the sidecar's mask choice applied; family-independent."""
-    prompts = ctx.sidecar.prompts
-    choice = ctx.sidecar.mask_choice
-    detections: list[Detection] = []
-    done = 0
-    for batch in _batches(prompts, ctx.prompt_masks, ctx.prompt_batch_size):
-        masks, scores = decode_batch(batch, choice != "single", ctx.prompt_masks)
-        for (index, prompt), prompt_masks, prompt_scores in zip(batch, masks, scores):
-            for mask_idx, mask, score in select_masks(prompt_masks, prompt_scores, choice):
-                detections.append(
-                    Detection(mask=mask, score=score, prompt_idx=index, mask_idx=mask_idx,
-                              label=prompt.label, color=prompt.color)
-                )
-        done += len(batch)
-        ctx.progress("decoding prompts", done / len(prompts))
-    return detections

@@ -8,9 +8,13 @@ The backbone output of ``set_image`` (about 110 MB per image) is kept in an LRU 
 ``image_key``, so a re-run with a changed sidecar skips the image encoder.
 
 Video jobs follow ``/sam/sam3video/``: a sam3 video session on the frames, ``add_prompt`` per
-frame and object, ``propagate_in_video``, one Detection per object per frame. The video
-model is built on the first video job; its detector shares the image model's tensors (about
-3.4 GB of float32), so it adds only the tracker and the tracker's neck (about 80 MB).
+frame and object, ``propagate_in_video``, one Detection per object per frame. Frames go to
+sam3 as PIL images (no JPEG folder, nothing lost to compression); sam3 holds each as a
+1008² float16 tensor (6 MB a frame) on the device. The video model is built on the first
+video job; its detector then shares the image model's tensors (3.4 GB of float32), so it
+keeps only the tracker and the tracker's neck (about 80 MB) of its own. Building it still
+allocates a random-weight copy first: the first video job peaks at about twice the model
+(7.5 GB RSS on a CPU) before that copy is released.
 
 sam3 is written for CUDA; on other devices every sam3 call runs inside
 :func:`samwatch.models.sam3_device.on_device`, which redirects its CUDA-only calls.
@@ -18,9 +22,11 @@ sam3 is written for CUDA; on other devices every sam3 call runs inside
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import sys
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -287,6 +293,8 @@ class Adapter:
                 model = build_video_model()
             state = video_model_state(load_checkpoint(self.spec), self.model)
             load_state_dict_strict(_AssigningModule(model), state, self.spec)  # type: ignore[arg-type]
+            del state
+            _release_freed_memory()
             self.video_model = model.to(self.device).eval()
             self.video_predictor = make_video_predictor(self.video_model)
         return self.video_predictor
@@ -466,6 +474,14 @@ def _copy_containers(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy_containers(item) for item in value]
     return value
+
+
+def _release_freed_memory() -> None:
+    """Hand the random-weight detector the video model was built with (3.4 GB, now replaced
+    by the shared tensors) back to the OS; glibc would keep most of it in the process."""
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @contextmanager

@@ -6,22 +6,24 @@ is otherwise device-agnostic, so on a CPU (or MPS) host it fails at the first su
 device while it is entered. It is never installed globally: torch keeps the mode stack per
 thread, so other adapters (and other threads of the daemon) never see it.
 
-What it does not need to touch, and why:
+Beyond devices, it keeps float32: sam3's video code casts features to bfloat16 by hand and
+relies on the CUDA autocast (which its tracker enters) to make them meet float32 weights
+again; off CUDA that autocast is inert, and the casts would end in "Input type (BFloat16)
+and bias type (float)" errors.
 
-* ``torch.autocast(device_type="cuda", ...)`` only casts CUDA ops; with the tensors on the
-  CPU it changes nothing (and without CUDA torch disables it with a warning), so sam3 runs
-  in float32 there. sam3's video code also casts features to bfloat16 by hand, relying on
-  that autocast to make them meet float32 weights again; off CUDA those casts would end in
-  "Input type (BFloat16) and bias type (float)" errors, so the mode keeps float32 instead.
+Left alone, and why:
+
+* ``torch.autocast(device_type="cuda", ...)`` only casts CUDA ops, so with the tensors
+  elsewhere it changes nothing (without CUDA torch even disables it, with a warning).
 * ``torch.cuda.is_available()`` guards choose CUDA only where CUDA exists; the tensors they
   would place on it are redirected like any other ``device="cuda"`` argument.
-* sam3's CPU fallback for connected components (``connected_components_cpu``) fails on an
-  empty batch, which its video code passes on every frame without new detections;
-  :func:`empty_safe_connected_components` swaps in a fixed version for the duration of the
-  video calls (on CUDA sam3 uses cc_torch or triton and never reaches it).
 * ``torch.cuda.*`` housekeeping calls (``current_device``, ``set_device``, memory stats) are
   not torch functions and cannot be redirected: the adapter avoids the sam3 code that uses
   them (the multi-GPU video predictor's constructor and its logging helpers).
+
+One sam3 bug only shows off CUDA: its CPU connected components fail on an empty batch,
+which its video code passes on every frame without new detections;
+:func:`empty_safe_connected_components` fixes that for the duration of the video calls.
 """
 
 from __future__ import annotations
