@@ -254,6 +254,14 @@ def test_prompt_out_of_bounds(adapter, frames_dir, video: dict, field: str) -> N
     assert (caught.value.code, caught.value.field) == ("prompt_out_of_bounds", field)
 
 
+def test_a_video_job_needs_an_object(adapter, frames_dir) -> None:
+    ctx = RunContext(sidecar=Sidecar.model_validate({"video": {"objects": {0: []}}}), image=None,
+                     image_key="", frames=JpegMedia(frames_dir))
+    with pytest.raises(JobError) as caught:
+        track(adapter, ctx)
+    assert (caught.value.code, caught.value.field) == ("sidecar_invalid", "video.objects")
+
+
 @pytest.mark.parametrize("obj", [{"obj_id": 1, "text": "coin"}, {"obj_id": 1, "boxes_xywh": [[0, 0, 5, 5]]}])
 def test_sam3_prompts_are_refused(adapter, frames_dir, obj: dict) -> None:
     ctx = RunContext(sidecar=Sidecar.model_validate({"video": {"objects": {0: [obj]}}}), image=None,

@@ -299,6 +299,12 @@ def test_embedding_reused_and_prompts_do_not_leak(
     assert processor.encodes == 2
 
 
+def test_point_prompts_are_for_other_types(adapter: sam3_adapter.Adapter) -> None:
+    with pytest.raises(JobError) as caught:
+        adapter.run(image_context({"prompts": [{"points": [[1, 1]]}]}))
+    assert caught.value.code == "sidecar_invalid" and "prompts" in caught.value.message
+
+
 def test_stages_report_progress(adapter: sam3_adapter.Adapter) -> None:
     progress: list[tuple[str, float]] = []
     ctx = image_context({"text": "cell", "positive_bboxes": [[2, 3, 12, 13]]})

@@ -60,8 +60,10 @@ def bias_towards_detections(model: torch.nn.Module) -> None:
 def random_sam3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random weights saved as the official sam3.pt lays them out: {"model": {"detector.*"}}."""
     torch.manual_seed(0)
+    start = time.perf_counter()
     with on_device(torch.device("cpu")):
         model = build_image_model()
+    print(f"\nSAM3 image model built in {time.perf_counter() - start:.1f} s")
     initialise_what_the_checkpoint_fills(model)
     bias_towards_detections(model)
     path = tmp_path_factory.mktemp("weights") / "sam3_random.pt"

@@ -195,7 +195,7 @@ def new_inference_state(predictor: SAM2VideoPredictor, media: Media) -> dict[str
 
 def check_video_prompts(video: VideoSpec, media: Media) -> None:
     """Refuse what sam2 would fail on or silently misuse, naming the sidecar field."""
-    if not video.objects:
+    if not any(video.objects.values()):
         raise JobError(
             "sidecar_invalid",
             "A video job needs at least one object: video.objects maps a frame index to "
@@ -269,7 +269,8 @@ def propagate(
 ) -> list[Detection]:
     """Forward (and optionally reverse) passes; one Detection per object per frame with a mask."""
     n_frames = state["num_frames"]
-    start = video.start_frame_idx if video.start_frame_idx is not None else min(video.objects)
+    prompted = min(frame_idx for frame_idx, objects in video.objects.items() if objects)
+    start = video.start_frame_idx if video.start_frame_idx is not None else prompted  # sam2's default
     limit = video.max_frame_num_to_track or n_frames
     passes = [False, True] if video.reverse else [False]
     total = sum(pass_length(start, limit, n_frames, reverse) for reverse in passes)

@@ -161,7 +161,7 @@ class Adapter:
 
     def setup(self, spec: LoadSpec, device: torch.device, *, embedding_cache: int = 4) -> None:
         state = load_checkpoint(spec)
-        with on_device(device):
+        with on_device(device), _cuda_failures(device):
             model = build_image_model()
         load_state_dict_strict(model, image_model_state(state), spec)
         del state
@@ -289,7 +289,7 @@ class Adapter:
         if self.video_predictor is None:
             assert self.model is not None and self.spec is not None
             ctx.progress("loading video model", 0.0)
-            with on_device(self.device):
+            with on_device(self.device), _cuda_failures(self.device):
                 model = build_video_model()
             state = video_model_state(load_checkpoint(self.spec), self.model)
             load_state_dict_strict(_AssigningModule(model), state, self.spec)  # type: ignore[arg-type]
