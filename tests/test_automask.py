@@ -50,7 +50,7 @@ class Family:
         return self.adapter.predictor if self.model_type == "vit_t" else self.adapter.model
 
     def embedding(self) -> dict[str, Any]:
-        return self.adapter._embeddings.get(KEY)
+        return self.adapter._memo.capture(self.adapter.predictor)
 
     def build(self, ctx: RunContext, embedding: dict[str, Any] | None = None) -> Any:
         build = automask.build_sam1_generator if self.model_type == "vit_t" else automask.build_sam2_generator
@@ -264,11 +264,11 @@ def test_generate_without_embedding_encodes_the_image_once(
 
 
 def test_adapters_run_automask(family: Family, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through Adapter.run: sam2's hands its cached embedding over; sam1's (no embedding) encodes once."""
+    """Through Adapter.run: both families hand their cached embedding over, nothing is re-encoded."""
     encoded = fake_encodings(monkeypatch, family)
     progress: list[float] = []
     found = family.adapter.run(family.ctx(progress, points_per_side=1, **NO_FILTERS))
-    assert encoded == ([IMAGE.shape[:2]] if family.model_type == "vit_t" else [])
+    assert encoded == []
     assert progress[-1] == 1.0 and len(found) == 1
     assert_detections(found)
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from samwatch.models.base import LoadSpec, RunContext
+from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.sam3 import Adapter, build_image_model, build_video_model
 from samwatch.models.sam3_device import on_device
 from samwatch.sidecar import Sidecar
@@ -109,7 +109,7 @@ def peak_rss() -> Iterator[list[int]]:
         thread.join()
 
 
-def timed_run(adapter: Adapter, ctx: RunContext) -> tuple[list, float]:
+def timed_run(adapter: Adapter, ctx: RunContext) -> tuple[list[Detection], float]:
     start = time.perf_counter()
     detections = adapter.run(ctx)
     return detections, time.perf_counter() - start
