@@ -122,8 +122,9 @@ class FakeMedia:
     def __init__(self, n_frames: int) -> None:
         self.n_frames, self.width, self.height = n_frames, WIDTH, HEIGHT
 
-    def frame(self, index: int) -> np.ndarray:
-        return np.full((HEIGHT, WIDTH, 3), index, dtype=np.uint8)
+    def frames(self) -> Iterator[np.ndarray]:
+        for index in range(self.n_frames):
+            yield np.full((HEIGHT, WIDTH, 3), index, dtype=np.uint8)
 
 
 # -- fixtures ---------------------------------------------------------------------------

@@ -150,8 +150,8 @@ class ShiftedFrames:
         self.n_frames = n_frames
         self.height, self.width = image.shape[:2]
 
-    def frame(self, index: int) -> np.ndarray:
-        return self.images[index]
+    def frames(self) -> Iterator[np.ndarray]:
+        return iter(self.images)
 
 
 @pytest.mark.slow

@@ -446,9 +446,9 @@ def propagation_length(start: int, max_frames: int | None, n_frames: int, revers
 
 
 def _pil_frames(frames: Any) -> list[Image.Image]:
-    """All frames as PIL images: sam3 resizes them to 1008² float16 itself (6 MB a frame),
-    and unlike samapi's JPEG folder this loses nothing to compression."""
-    return [Image.fromarray(frames.frame(index)) for index in range(frames.n_frames)]
+    """All frames, read in one sequential pass, as PIL images: sam3 resizes them to 1008²
+    float16 itself (6 MB a frame), and unlike samapi's JPEG folder nothing is lost."""
+    return [Image.fromarray(frame) for frame in frames.frames()]
 
 
 def _video_detections(
