@@ -127,7 +127,7 @@ class Daemon:
         if self.worker is not None:
             self.worker.start()
         self.running: Running | None = None
-        self._image_refs: dict[tuple[str, Any], str | None] = {}
+        self._image_refs: dict[str, tuple[Any, str | None]] = {}  # sidecar -> (file state, image key)
         self._known_jobs: dict[str, JobSource] = {}
         self._next_heartbeat = float("-inf")
         self._busy_elsewhere: dict[str, float] = {}
@@ -216,16 +216,18 @@ class Daemon:
     def _image_ref(self, rel: str) -> str | None:
         """The sidecar's ``image:`` key, if it can be read (errors surface when the job runs)."""
         state = self.watcher.settled.get(rel)
-        key = (rel, state)
-        if key not in self._image_refs:
-            try:
-                path = self.config.inbox / rel
-                data = parse_sidecar_text(path.read_bytes()[: self.config.limits.max_sidecar_bytes + 1], name=rel)
-                ref = data.get("image")
-                self._image_refs[key] = ref if isinstance(ref, str) else None
-            except (OSError, JobError):
-                self._image_refs[key] = None
-        return self._image_refs[key]
+        cached = self._image_refs.get(rel)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        try:
+            path = self.config.inbox / rel
+            data = parse_sidecar_text(path.read_bytes()[: self.config.limits.max_sidecar_bytes + 1], name=rel)
+            ref = data.get("image")
+            ref = ref if isinstance(ref, str) else None
+        except (OSError, JobError):
+            ref = None
+        self._image_refs[rel] = (state, ref)
+        return ref
 
     def _hash(self, rel: str) -> str:
         state = self.watcher.settled[rel]
@@ -244,6 +246,8 @@ class Daemon:
             self._forget(previous[job_id])
         self._known_jobs = jobs
         touched = changed | vanished
+        for path in vanished:
+            self._image_refs.pop(path, None)
         for job in jobs.values():
             if job.job_id in previous and previous[job.job_id] == job and not (set(job.inputs) & touched):
                 continue  # nothing it depends on changed
@@ -301,7 +305,8 @@ class Daemon:
         if self.running is not None:
             self.claims.refresh(self.running.ticket.job_id, self.running.ticket.version)
             return
-        skipped: set[str] = {job for job, until in self._busy_elsewhere.items() if until > now}
+        self._busy_elsewhere = {job: until for job, until in self._busy_elsewhere.items() if until > now}
+        skipped = set(self._busy_elsewhere)
         while (row := self.ledger.next_job(exclude=frozenset(skipped))) is not None:
             elsewhere = self.claims.finished_elsewhere(row.job_id, row.version)
             if elsewhere is not None:

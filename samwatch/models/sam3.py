@@ -4,8 +4,9 @@ Image jobs ("text" mode) follow samapi's ``/sam/sam3/``: ``Sam3Processor.set_ima
 ``set_confidence_threshold``, ``set_text_prompt`` and one ``add_geometric_prompt`` per box
 (normalised cx, cy, w, h); every instance above the threshold becomes one Detection. Each call
 reruns sam3's grounding head (seconds on a CPU), so k boxes cost k (+1 with text) passes.
-The backbone output of ``set_image`` (about 110 MB per image) is kept in an LRU cache keyed by
-``image_key``, so a re-run with a changed sidecar skips the image encoder.
+The backbone output of ``set_image`` (213 MiB per image, float32 features and position
+encodings at 288², 144² and 72²) is kept in an LRU cache keyed by ``image_key``, so a
+re-run with a changed sidecar skips the image encoder.
 
 Video jobs follow ``/sam/sam3video/``: a sam3 video session on the frames, ``add_prompt`` per
 frame and object, ``propagate_in_video``, one Detection per object per frame. Frames go to
