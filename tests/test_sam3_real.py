@@ -109,6 +109,10 @@ def peak_rss() -> Iterator[list[int]]:
         thread.join()
 
 
+# The random-weight runs also serve as the CUDA check on a GPU machine: SAMWATCH_TEST_DEVICE=cuda.
+TEST_DEVICE = torch.device(os.environ.get("SAMWATCH_TEST_DEVICE", "cpu"))
+
+
 def timed_run(adapter: Adapter, ctx: RunContext) -> tuple[list[Detection], float]:
     start = time.perf_counter()
     detections = adapter.run(ctx)
@@ -125,12 +129,12 @@ def test_random_weights_through_the_adapter_on_cpu(random_sam3_checkpoint: Path)
     adapter = Adapter()
     with peak_rss() as peak:
         start = time.perf_counter()
-        adapter.setup(spec, torch.device("cpu"))
+        adapter.setup(spec, TEST_DEVICE)
         setup_seconds = time.perf_counter() - start
         first, encode_and_prompt = timed_run(adapter, ctx)
         again, prompt_only = timed_run(adapter, ctx)  # the embedding comes from the cache
     print(
-        f"\nSAM3 on CPU ({torch.get_num_threads()} threads): setup {setup_seconds:.1f} s, "
+        f"\nSAM3 on {TEST_DEVICE} ({torch.get_num_threads()} threads): setup {setup_seconds:.1f} s, "
         f"encode {encode_and_prompt - prompt_only:.1f} s, text prompt {prompt_only:.1f} s, "
         f"peak RSS {peak[0] / 2**30:.2f} GiB, {len(first)} of 200 queries kept"
     )
@@ -165,7 +169,7 @@ def test_random_weights_track_on_cpu(random_sam3_video_checkpoint: Path) -> None
     ctx = RunContext(sidecar=sidecar, image=None, image_key="coins", frames=frames,
                      progress=lambda stage, fraction: stages.append(stage))
     adapter = Adapter()
-    adapter.setup(spec, torch.device("cpu"))
+    adapter.setup(spec, TEST_DEVICE)
     detections = adapter.run(ctx)
     assert {d.frame for d in detections} == {0, 1}
     assert all(d.mask.shape == (frames.height, frames.width) and d.mask.any() for d in detections)

@@ -59,6 +59,10 @@ _CUDA_ONLY_HINTS = ("cuda", "nvidia", "nccl", "triton")
 
 
 def _import(name: str) -> ModuleType:
+    # Importing sam3.model_builder switches TF32 matmuls on for the whole process, which would
+    # change SAM1/SAM2 results on the same GPU: keep the process's own settings.
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
     try:
         return importlib.import_module(name)
     except ImportError as exc:
@@ -68,6 +72,9 @@ def _import(name: str) -> ModuleType:
             "dependencies (pip install 'sam3>=0.1.4').",
             field="model",
         ) from None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def build_image_model() -> torch.nn.Module:
