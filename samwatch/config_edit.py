@@ -22,6 +22,7 @@ import yaml
 from loguru import logger
 
 from samwatch.config import MAX_CONFIG_BYTES, WeightsEntry, load_config, read_yaml_mapping
+from samwatch.outbox import fsync_dir
 from samwatch.errors import ConfigError
 
 _WEIGHTS_KEY = re.compile(r"^weights\s*:(?P<rest>.*?)\s*$")
@@ -219,12 +220,4 @@ def _replace_validated(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

@@ -26,7 +26,7 @@ from loguru import logger
 from samwatch import __version__
 from samwatch.claims import ClaimStore
 from samwatch.config import Config, load_config, restart_only_changes
-from samwatch.discovery import JobSource, find_jobs, is_folder_defaults, is_sidecar, split_name
+from samwatch.discovery import JobSource, find_jobs, is_folder_defaults
 from samwatch.errors import ConfigError, JobError
 from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress, move_inputs
 from samwatch.ledger import JobRow, Ledger

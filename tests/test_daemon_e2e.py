@@ -5,14 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import signal
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from support import (

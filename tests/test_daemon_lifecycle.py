@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from support import DaemonProcess, coins, finished, read_json, save_image, wait_for, write_config, write_sidecar
 

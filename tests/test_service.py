@@ -6,7 +6,6 @@ hundreds of jobs run in CI time while everything but the network forward pass is
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import time

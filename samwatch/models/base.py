@@ -146,30 +146,82 @@ def select_masks(
     return [(i, masks[i].astype(bool), float(scores[i])) for i in chosen]
 
 
+def check_inside(
+    bbox: tuple[float, float, float, float] | None,
+    points: list[tuple[float, float]],
+    width: int,
+    height: int,
+    *,
+    where: str,
+    surface: str = "image",
+) -> None:
+    """A box and points must lie on the image (or frame); say which one is off and where."""
+    if bbox is not None:
+        x1, y1, x2, y2 = bbox
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise JobError(
+                "prompt_out_of_bounds",
+                f"The box {where}.bbox {list(bbox)} lies outside the {width}×{height} {surface}; "
+                f"coordinates are pixels of the {surface} as stored, origin top-left.",
+                field=f"{where}.bbox",
+            )
+    for point_index, (x, y) in enumerate(points):
+        if not (0 <= x <= width and 0 <= y <= height):
+            raise JobError(
+                "prompt_out_of_bounds",
+                f"The point {where}.points[{point_index}] ({x}, {y}) lies outside the {width}×{height} {surface}.",
+                field=f"{where}.points.{point_index}",
+            )
+
+
 def check_prompt_bounds(sidecar: Sidecar, width: int, height: int) -> None:
-    """Boxes and points must lie on the image; say which prompt is off and where."""
     for index, prompt in enumerate(sidecar.prompts):
-        if prompt.bbox is not None:
-            x1, y1, x2, y2 = prompt.bbox
-            if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-                raise JobError(
-                    "prompt_out_of_bounds",
-                    f"The box prompts[{index}].bbox {list(prompt.bbox)} lies outside the {width}×{height} image; "
-                    "coordinates are pixels of the image as stored, origin top-left.",
-                    field=f"prompts.{index}.bbox",
-                )
-        for point_index, (x, y) in enumerate(prompt.points):
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise JobError(
-                    "prompt_out_of_bounds",
-                    f"The point prompts[{index}].points[{point_index}] ({x}, {y}) lies outside the {width}×{height} image.",
-                    field=f"prompts.{index}.points.{point_index}",
-                )
+        check_inside(prompt.bbox, prompt.points, width, height, where=f"prompts.{index}")
 
 
 PromptBatch = list[tuple[int, Prompt]]
 DecodeBatch = Callable[[PromptBatch, bool, list[np.ndarray | None]], tuple[np.ndarray, np.ndarray]]
 """``decode(batch, multimask, prompt_masks) -> (prompts × masks × H × W, prompts × masks)``."""
+
+
+class PromptAdapter:
+    """The flow SAM1 and SAM2 image adapters share: check prompts, encode once, decode them all.
+
+    A family supplies ``predictor``, ``_memo``, ``_mark_image_set`` (how its predictor records
+    that an image is set), ``_decode_batch`` and ``_automask``.
+    """
+
+    predictor: Any
+    _memo: EmbeddingMemo
+
+    def run(self, ctx: RunContext) -> list[Detection]:
+        mode = ctx.sidecar.mode
+        if mode == "video":
+            return self._track(ctx)
+        if mode == "prompts":  # before encoding: a bad prompt should not cost an embedding
+            check_prompt_bounds(ctx.sidecar, ctx.image.shape[1], ctx.image.shape[0])
+        self.set_image(ctx)
+        if mode == "automask":
+            return self._automask(ctx, self._memo.capture(self.predictor))
+        return decode_prompts(ctx, self._decode_batch)
+
+    @torch.inference_mode()
+    def set_image(self, ctx: RunContext) -> None:
+        """Encode the image, or restore its cached embedding when the pixels are unchanged."""
+        self._memo.ensure(self.predictor, ctx, lambda: self.predictor.set_image(ctx.image), self._mark_image_set)
+
+    def _track(self, ctx: RunContext) -> list[Detection]:
+        raise JobError("sidecar_invalid", "This model cannot track through frames; use a sam2_* or sam3 model.",
+                       field="model")
+
+    def _mark_image_set(self) -> None:
+        raise NotImplementedError
+
+    def _decode_batch(self, batch: PromptBatch, multimask: bool, prompt_masks: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
+        raise NotImplementedError
 
 
 class EmbeddingMemo:

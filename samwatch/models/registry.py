@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from samwatch.config import WeightsEntry
+from samwatch.outbox import fsync_dir
 from samwatch.errors import JobError
 from samwatch.models.base import LoadSpec
 from samwatch.modeltypes import DEFAULT_WEIGHT_URLS, MODEL_TYPES
@@ -330,7 +331,7 @@ class _Transfer:
         _write_json(_sibling(self.target, ".json"), record)
         self.part_info.unlink(missing_ok=True)  # housekeeping done before the file becomes visible
         os.replace(source, self.target)
-        _fsync_dir(self.target.parent)
+        fsync_dir(self.target.parent)
 
     def _discard(self) -> None:
         self.part.unlink(missing_ok=True)
@@ -869,14 +870,6 @@ def _write_json(path: Path, body: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now_iso() -> str:

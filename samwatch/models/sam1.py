@@ -19,10 +19,9 @@ from samwatch.models.base import (
     Detection,
     EmbeddingMemo,
     LoadSpec,
+    PromptAdapter,
     PromptBatch,
     RunContext,
-    check_prompt_bounds,
-    decode_prompts,
     load_state_dict_strict,
     mask_at,
     parameter_bytes,
@@ -52,7 +51,7 @@ def build_predictor(model_type: str, state: dict[str, Any] | None, spec: LoadSpe
     return package.SamPredictor(model)
 
 
-class Adapter:
+class Adapter(PromptAdapter):
     """segment-anything / MobileSAM behind the samwatch adapter protocol."""
 
     modes = MODES
@@ -72,24 +71,13 @@ class Adapter:
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.predictor.model)
 
-    def run(self, ctx: RunContext) -> list[Detection]:
-        if ctx.sidecar.mode == "prompts":  # before encoding: a bad prompt should not cost an embedding
-            check_prompt_bounds(ctx.sidecar, ctx.image.shape[1], ctx.image.shape[0])
-        self.set_image(ctx)
-        if ctx.sidecar.mode == "automask":
-            from samwatch.models.automask import generate_sam1
+    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
+        from samwatch.models.automask import generate_sam1
 
-            return generate_sam1(self.predictor, ctx, embedding=self._memo.capture(self.predictor))
-        return decode_prompts(ctx, self._decode_batch)
+        return generate_sam1(self.predictor, ctx, embedding=embedding)
 
-    @torch.inference_mode()
-    def set_image(self, ctx: RunContext) -> None:
-        """Encode the image, or restore its cached embedding when the pixels are unchanged."""
-
-        def mark_set() -> None:
-            self.predictor.is_image_set = True
-
-        self._memo.ensure(self.predictor, ctx, lambda: self.predictor.set_image(ctx.image), mark_set)
+    def _mark_image_set(self) -> None:
+        self.predictor.is_image_set = True
 
     @torch.inference_mode()
     def _decode_batch(

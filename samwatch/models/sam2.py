@@ -27,10 +27,9 @@ from samwatch.models.base import (
     Detection,
     EmbeddingMemo,
     LoadSpec,
+    PromptAdapter,
     PromptBatch,
     RunContext,
-    check_prompt_bounds,
-    decode_prompts,
     load_state_dict_strict,
     mask_at,
     parameter_bytes,
@@ -79,7 +78,7 @@ def build_model(spec: LoadSpec, state: dict[str, Any]) -> tuple[torch.nn.Module,
     raise failures[0]  # the named version's complaint is the one that helps
 
 
-class Adapter:
+class Adapter(PromptAdapter):
     """sam2's image predictor behind the samwatch adapter protocol."""
 
     modes = MODES
@@ -102,30 +101,19 @@ class Adapter:
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.model)
 
-    def run(self, ctx: RunContext) -> list[Detection]:
-        mode = ctx.sidecar.mode
-        if mode == "video":
-            from samwatch.models.sam2_video import track
+    def _track(self, ctx: RunContext) -> list[Detection]:
+        from samwatch.models.sam2_video import track
 
-            return track(self, ctx)
-        if mode == "prompts":  # before encoding: a bad prompt should not cost an embedding
-            check_prompt_bounds(ctx.sidecar, ctx.image.shape[1], ctx.image.shape[0])
-        self.set_image(ctx)
-        if mode == "automask":
-            from samwatch.models.automask import generate_sam2
+        return track(self, ctx)
 
-            return generate_sam2(self.model, ctx, embedding=self._memo.capture(self.predictor))
-        return decode_prompts(ctx, self._decode_batch)
+    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
+        from samwatch.models.automask import generate_sam2
 
-    @torch.inference_mode()
-    def set_image(self, ctx: RunContext) -> None:
-        """Encode the image, or restore its cached embedding when the pixels are unchanged."""
+        return generate_sam2(self.model, ctx, embedding=embedding)
 
-        def mark_set() -> None:
-            self.predictor._is_image_set = True
-            self.predictor._is_batch = False
-
-        self._memo.ensure(self.predictor, ctx, lambda: self.predictor.set_image(ctx.image), mark_set)
+    def _mark_image_set(self) -> None:
+        self.predictor._is_image_set = True
+        self.predictor._is_batch = False
 
     @torch.inference_mode()
     def _decode_batch(

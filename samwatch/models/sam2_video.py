@@ -59,7 +59,7 @@ from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from samwatch.errors import JobError
-from samwatch.models.base import Detection, LruCache, ProgressFn, RunContext
+from samwatch.models.base import Detection, LruCache, ProgressFn, RunContext, check_inside
 from samwatch.sidecar import VideoObject, VideoSpec
 
 FRAME_CACHE = 2  # frames held as tensors: the prompted frame and the one being tracked
@@ -229,22 +229,7 @@ def _check_object(obj: VideoObject, where: str, width: int, height: int) -> None
             "Use model sam3 for them, or prompt SAM2 with bbox and points.",
             field=where,
         )
-    if obj.bbox is not None:
-        x1, y1, x2, y2 = obj.bbox
-        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            raise JobError(
-                "prompt_out_of_bounds",
-                f"{where}.bbox {list(obj.bbox)} lies outside the {width}×{height} frame; "
-                "coordinates are pixels of the frame, origin top-left.",
-                field=f"{where}.bbox",
-            )
-    for point_index, (x, y) in enumerate(obj.points):
-        if not (0 <= x <= width and 0 <= y <= height):
-            raise JobError(
-                "prompt_out_of_bounds",
-                f"{where}.points[{point_index}] ({x}, {y}) lies outside the {width}×{height} frame.",
-                field=f"{where}.points.{point_index}",
-            )
+    check_inside(obj.bbox, obj.points, width, height, where=where, surface="frame")
 
 
 def add_prompts(
