@@ -272,13 +272,17 @@ class Daemon:
                 JobOutputs(self.config.outbox, job.job_id).write_progress("queued", "queued", 0, "waiting for its turn")
 
     def _priority(self, job: JobSource) -> int:
-        path = job.sidecar or job.defaults
-        try:
-            data = parse_sidecar_text((self.config.inbox / path).read_bytes(), name=path) if path else {}
-            value = data.get("priority", self.config.defaults.priority)
-            return int(value) if isinstance(value, int) else self.config.defaults.priority
-        except (OSError, JobError):
-            return self.config.defaults.priority
+        """The sidecar's priority, else its folder defaults', else the config's."""
+        for rel in (job.sidecar, job.defaults):
+            if rel is None:
+                continue
+            try:
+                value = parse_sidecar_text((self.config.inbox / rel).read_bytes(), name=rel).get("priority")
+            except (OSError, JobError):
+                value = None
+            if isinstance(value, int):
+                return value
+        return self.config.defaults.priority
 
     def _forget(self, job: JobSource) -> None:
         """Its sidecar (or image) is gone: a queued job is cancelled, a running one stopped."""

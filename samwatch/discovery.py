@@ -149,6 +149,7 @@ def find_jobs(
     jobs: list[JobSource] = []
     claimed: set[str] = set()
     images = index_images(files)
+    defaults_by_folder = {split_name(rel)[0]: rel for rel in sorted(files, reverse=True) if is_folder_defaults(rel)}
     for rel in sorted(files):
         if not is_sidecar(rel):
             continue
@@ -160,8 +161,8 @@ def find_jobs(
         if image:
             claimed.add(image)
         job_id = f"{folder}/{stem}" if folder else stem
-        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=None, image=image))
-    defaults_by_folder = {split_name(rel)[0]: rel for rel in sorted(files, reverse=True) if is_folder_defaults(rel)}
+        # Its folder defaults count as an input: settings it inherits may change.
+        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder), image=image))
     if defaults_by_folder:
         for rel in (path for paths in images.values() for path in paths):
             if rel in claimed:

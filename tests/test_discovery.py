@@ -29,7 +29,8 @@ def test_pairing_tags_and_folder_defaults(tmp_path: Path) -> None:
     assert jobs["exp1/sub/img003"].defaults == "exp1/samwatch.yaml"
     assert "exp1/img002.mask" not in jobs  # mask prompts are never jobs
     assert "other/img004" not in jobs  # no sidecar, no defaults
-    assert "exp1/img001.tif" not in {j.image for j in jobs.values() if j.defaults}
+    assert "exp1/img001.tif" not in {j.image for j in jobs.values() if j.sidecar is None}
+    assert jobs["exp1/img001"].defaults == "exp1/samwatch.yaml"  # its settings may come from there
 
 
 def test_explicit_image_and_missing_image(tmp_path: Path) -> None:

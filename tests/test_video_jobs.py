@@ -98,3 +98,14 @@ def test_video_too_large_is_refused_before_reading(tmp_path: Path, sam2_t_checkp
     outcome = runner.run(JobTicket("big", "big.yaml", "big.tif", "s", "v"), Progress(JobOutputs(runner.config.outbox, "big"), threading.Event()))
     assert outcome.state == "failed" and outcome.error.code == "video_too_large"
     assert "max_video_bytes" in outcome.error.message
+
+
+def test_an_oversized_image_is_refused_from_its_header(tmp_path: Path, vit_t_checkpoint: Path) -> None:
+    runner = make_runner(tmp_path, [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)}])
+    runner.config = runner.config.model_copy(update={"limits": runner.config.limits.model_copy(update={"max_image_pixels": 10_000})})
+    Image.fromarray(coins()).save(runner.config.inbox / "huge.png")
+    (runner.config.inbox / "huge.yaml").write_text(yaml.safe_dump({"prompts": [{"bbox": [1, 1, 9, 9]}]}))
+    outcome = runner.run(JobTicket("huge", "huge.yaml", "huge.png", "s", "v"), Progress(JobOutputs(runner.config.outbox, "huge"), threading.Event()))
+    assert outcome.state == "failed" and outcome.error.code == "image_too_large"
+    assert outcome.error.file == "huge.png"
+    assert runner.pool.loaded() == []  # refused before any model was loaded
