@@ -158,7 +158,11 @@ class Daemon:
         self.notifier.ready(self.status_line())
         try:
             while not self.flags.stop:
-                self.step(self.clock())
+                try:
+                    self.step(self.clock())
+                except Exception as exc:  # the loop must outlive any one bad pass (a share hiccup, a bug)
+                    logger.opt(exception=exc).error(f"daemon pass failed, retrying: {exc!r}")
+                    time.sleep(1.0)
                 self._wait(self._sleep_time())
             self._stop(grace_seconds)
         finally:
@@ -253,7 +257,11 @@ class Daemon:
                 continue  # nothing it depends on changed
             if any(path not in settled for path in job.inputs):
                 continue  # something it needs is still being written
-            self._enqueue(job)
+            try:
+                self._enqueue(job)
+            except (OSError, JobError) as exc:  # vanished or unreadable since the scan
+                logger.warning(f"job {job.job_id} not queued yet: {exc}")
+                self._known_jobs.pop(job.job_id, None)
 
     def _enqueue(self, job: JobSource) -> None:
         hashes = [self._hash(path) for path in job.inputs]
