@@ -252,7 +252,7 @@ class Daemon:
         touched = changed | vanished
         for path in vanished:
             self._image_refs.pop(path, None)
-        for job in jobs.values():
+        for job in list(jobs.values()):
             if job.job_id in previous and previous[job.job_id] == job and not (set(job.inputs) & touched):
                 continue  # nothing it depends on changed
             if any(path not in settled for path in job.inputs):
