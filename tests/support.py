@@ -96,11 +96,13 @@ def coins() -> np.ndarray:
 class DaemonProcess:
     """``samwatch run`` as a subprocess, with its log captured to a file."""
 
-    def __init__(self, config: Path, *extra: str, fake_model: bool = False) -> None:
+    def __init__(self, config: Path, *extra: str, fake_model: bool = False, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
+        extra_env = env or {}
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
         env.pop("NOTIFY_SOCKET", None)
+        env.update(extra_env)
         self._log = self.log_path.open("wb")
         program = [str(Path(__file__).with_name("fake_samwatch.py"))] if fake_model else ["-m", "samwatch"]
         self.proc = subprocess.Popen(

@@ -171,3 +171,38 @@ def test_config_reload_on_change_and_sighup_keeps_old_config_when_bad(tmp_path: 
     # samapi's GET /sam/weights/ shape: type, name, URL (path entries as file:// URLs).
     assert any(w["type"] == "vit_t" and w["name"] == "default" and w["URL"].startswith("file://") for w in weights_json)
     assert any(w["type"] == "sam2_l" and w["URL"].startswith("https://") for w in weights_json)
+
+
+def test_systemd_notify_ready_status_and_watchdog(tmp_path: Path) -> None:
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(address)
+    server.settimeout(60)
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    daemon = DaemonProcess(config, fake_model=True, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"})
+    try:
+        messages: list[str] = []
+        while not {"READY=1", "WATCHDOG=1"} <= set("\n".join(messages).split("\n")):
+            messages.append(server.recv(4096).decode())
+        assert any(m.startswith("STATUS=") for m in "\n".join(messages).split("\n"))
+    finally:
+        server.close()
+    assert daemon.stop() == 0
+
+
+def test_inputs_move_to_done_and_failed(tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake_weights(tmp_path), inputs={"after": "move"})
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProcess(config, fake_model=True)
+    save_image(inbox / "m" / "good.png", SMALL)
+    write_sidecar(inbox / "m" / "good.yaml", {"prompts": [{"bbox": [1, 1, 9, 9]}]})
+    save_image(inbox / "m" / "bad.png", SMALL)
+    write_sidecar(inbox / "m" / "bad.yaml", {"weights": "nope", "prompts": [{"bbox": [1, 1, 9, 9]}]})
+    wait_for(lambda: (inbox / "_done" / "m" / "good.png").exists() and (inbox / "_failed" / "m" / "bad.yaml").exists(), 30, what="inputs moved")
+    assert (inbox / "_done" / "m" / "good.yaml").exists() and (inbox / "_failed" / "m" / "bad.png").exists()
+    assert not (inbox / "m" / "good.png").exists()
+    time.sleep(1.0)  # moved inputs are not jobs again, and outputs stay
+    assert progress_state(outbox, "m/good") == "done" and progress_state(outbox, "m/bad") == "failed"
+    assert daemon.stop() == 0
