@@ -273,6 +273,10 @@ class Daemon:
             job.job_id, sidecar=sidecar, image=job.image, image_sha=image_sha, version=version,
             priority=self._priority(job), grp=group,
         ):
+            elsewhere = self.claims.finished_elsewhere(job.job_id, version)
+            if elsewhere is not None:  # another daemon on this share did it: its outputs stand
+                self.ledger.set_state(job.job_id, elsewhere, version=version)
+                return
             logger.info(f"job {job.job_id} queued version={version[:12]}")
             if self.running is not None and self.running.ticket.job_id == job.job_id:
                 self._cancel_running("its inputs changed; the new version runs next")
@@ -323,6 +327,10 @@ class Daemon:
             elsewhere = self.claims.finished_elsewhere(row.job_id, row.version)
             if elsewhere is not None:
                 self.ledger.finish(row, elsewhere)
+                # Our "queued" may have landed after the other daemon's final progress: restore it.
+                JobOutputs(self.config.outbox, row.job_id).write_progress(
+                    elsewhere, elsewhere, 100 if elsewhere == "done" else 0, "finished by another daemon on this share"
+                )
                 logger.info(f"job {row.job_id} finished by another daemon ({elsewhere})")
                 continue
             if not self.claims.try_claim(row.job_id, row.version):
