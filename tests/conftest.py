@@ -20,6 +20,19 @@ warnings.filterwarnings("ignore", category=UserWarning, module="timm")
 SAM2_TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_daemons():
+    """A test that fails midway must not leave its ``samwatch run`` subprocesses behind."""
+    from support import DaemonProcess
+
+    before = list(DaemonProcess.live)
+    yield
+    for daemon in [d for d in DaemonProcess.live if d not in before]:
+        if daemon.alive():
+            daemon.kill()
+        DaemonProcess.live.remove(daemon)
+
+
 @pytest.fixture(scope="session")
 def vit_t_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mobile_sam import build_sam_vit_t

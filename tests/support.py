@@ -94,7 +94,13 @@ def coins() -> np.ndarray:
 
 
 class DaemonProcess:
-    """``samwatch run`` as a subprocess, with its log captured to a file."""
+    """``samwatch run`` as a subprocess, with its log captured to a file.
+
+    Every instance is listed in ``live`` so a failing test cannot leave its daemon running
+    (conftest's ``no_leftover_daemons`` kills what a test started and did not stop).
+    """
+
+    live: list[DaemonProcess] = []
 
     def __init__(self, config: Path, *extra: str, fake_model: bool = False, env: dict[str, str] | None = None) -> None:
         self.config = config
@@ -109,6 +115,7 @@ class DaemonProcess:
             [sys.executable, *program, "run", "--config", str(config), "--grace", "5", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
+        DaemonProcess.live.append(self)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
