@@ -14,8 +14,14 @@ from samwatch.errors import ConfigError
 from samwatch.logs import setup_logging
 
 
-def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="the YAML config file (default: ./samwatch.config.yaml if it exists, else built-in defaults)")
+def _common_options() -> argparse.ArgumentParser:
+    """Options every command takes, as an argparse parent."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, default=None,
+        help="the YAML config file (default: ./samwatch.config.yaml if it exists, else built-in defaults)",
+    )
+    return common
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -120,20 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samwatch", description="Segment Anything for watched folders.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
+    common = _common_options()
 
-    run = commands.add_parser("run", help="the daemon, in the foreground")
-    _config_option(run)
+    run = commands.add_parser("run", parents=[common], help="the daemon, in the foreground")
     run.add_argument("--once", action="store_true", help="process what is ready now, then exit")
     run.add_argument("--grace", type=float, default=60.0, help="seconds a running job may finish on SIGTERM")
     run.set_defaults(func=cmd_run)
 
-    check = commands.add_parser("check", help="validate the config and sidecars")
-    _config_option(check)
+    check = commands.add_parser("check", parents=[common], help="validate the config and sidecars")
     check.add_argument("paths", nargs="*", help="sidecars (default: every sidecar in the inbox)")
     check.set_defaults(func=cmd_check)
 
-    status = commands.add_parser("status", help="what the daemon is doing (from the outbox heartbeat)")
-    _config_option(status)
+    status = commands.add_parser("status", parents=[common], help="what the daemon is doing (from the outbox heartbeat)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
@@ -141,18 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("which", choices=["sidecar", "config"])
     schema.set_defaults(func=cmd_schema)
 
-    add_weights_arguments(commands)
-    _ensure_config_option(commands.choices["weights"])
+    add_weights_arguments(commands, [common])
     return parser
-
-
-def _ensure_config_option(parser: argparse.ArgumentParser) -> None:
-    """Every ``weights`` sub-command takes --config like the others."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                if not any("--config" in a.option_strings for a in sub._actions):
-                    _config_option(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ the log) and never escapes to the daemon.
 from __future__ import annotations
 
 import platform
+import posixpath
 import shutil
 import tempfile
 import threading
@@ -360,7 +361,7 @@ def nearest_defaults_file(inbox: Path, folder: str) -> Path | None:
                 return candidate
         if not current:
             return None
-        current = str(Path(current).parent) if "/" in current else ""
+        current = posixpath.dirname(current)
 
 
 def move_inputs(inbox: Path, paths: list[str], success: bool) -> None:

@@ -1,7 +1,7 @@
 """``samwatch weights list|add|fetch|remove|cancel``: the weights registry from a shell.
 
-The main CLI calls :func:`add_arguments` with its sub-parsers and adds ``--config`` to every
-command (``args.config``: a Path or None). Each handler takes the parsed args and returns the
+The main CLI calls :func:`add_arguments` with its sub-parsers and the parent parser that gives
+every command ``--config`` (``args.config``: a Path or None). Each handler takes the parsed args and returns the
 exit code: 0 ok, 1 a failure (a download failed), 2 bad usage or a bad config. Without
 ``--config`` the config is ``./samwatch.config.yaml``: read if it exists (else the built-in defaults),
 created by ``add``.
@@ -35,8 +35,10 @@ class _UsageError(Exception):
     """Arguments that cannot be acted on: printed, exit code 2."""
 
 
-def add_arguments(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``weights`` and its sub-commands; each sets ``func`` to its handler."""
+def add_arguments(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """Register ``weights`` and its sub-commands; each sets ``func`` to its handler.
+
+    ``parents`` carry the options every samwatch command takes (``--config``)."""
     parser = subparsers.add_parser(
         "weights",
         help="list, add, fetch or remove registered weights",
@@ -44,12 +46,12 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     )
     commands = parser.add_subparsers(dest="weights_command", metavar="COMMAND", required=True)
 
-    listing = commands.add_parser("list", help="every entry and whether its file is on disk")
+    listing = commands.add_parser("list", parents=parents, help="every entry and whether its file is on disk")
     listing.add_argument("--type", choices=MODEL_TYPES, help="only this model type")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=run_list)
 
-    add = commands.add_parser("add", help="register weights in the config (a running daemon picks them up)")
+    add = commands.add_parser("add", parents=parents, help="register weights in the config (a running daemon picks them up)")
     add.add_argument("name", help="the name sidecars use in 'weights:'")
     add.add_argument("type", choices=MODEL_TYPES, help="the model type the weights were trained for")
     add.add_argument(
@@ -59,18 +61,18 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--sam2-config", help="SAM2 only: the Hydra config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml")
     add.set_defaults(func=run_add)
 
-    fetch = commands.add_parser("fetch", help="download (or verify) weights now")
+    fetch = commands.add_parser("fetch", parents=parents, help="download (or verify) weights now")
     fetch.add_argument("name", nargs="?")
     fetch.add_argument("--type", choices=MODEL_TYPES, help="needed when the name exists for several types")
     fetch.add_argument("--all", action="store_true", help="every entry (of --type, if given)")
     fetch.set_defaults(func=run_fetch)
 
-    remove = commands.add_parser("remove", help="remove an entry from the config (its downloaded file is kept)")
+    remove = commands.add_parser("remove", parents=parents, help="remove an entry from the config (its downloaded file is kept)")
     remove.add_argument("name")
     remove.add_argument("--type", choices=MODEL_TYPES, help="needed when the name exists for several types")
     remove.set_defaults(func=run_remove)
 
-    cancel = commands.add_parser("cancel", help="stop the downloads under way (in a daemon or a fetch)")
+    cancel = commands.add_parser("cancel", parents=parents, help="stop the downloads under way (in a daemon or a fetch)")
     cancel.add_argument("name", nargs="?", help="only downloads of this name")
     cancel.add_argument("--type", choices=MODEL_TYPES, help="only downloads of this type")
     cancel.set_defaults(func=run_cancel)

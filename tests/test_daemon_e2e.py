@@ -103,8 +103,10 @@ def test_samapi_body_tagged_sidecar_and_folder_defaults(service) -> None:
     assert len(features) >= 1
     # b.png has no sidecar of its own: the folder defaults above it apply (automask).
     assert run_job(root, "exp2/sub/b")["state"] == "done"
-    # a.png is claimed by its tagged sidecar, so folder defaults do not make a second job.
-    time.sleep(1)
+    # a.png is claimed by its tagged sidecar, so folder defaults do not make a second job:
+    # a job dropped afterwards has run, so a.png's would have been seen by now.
+    save_image(inbox / "exp2" / "later.png", coins())
+    assert run_job(root, "exp2/later")["state"] == "done"
     assert not (outbox / "exp2" / "a.progress.json").exists()
 
 
@@ -213,7 +215,10 @@ def test_identical_resave_does_not_rerun_and_change_does(service) -> None:
     run_job(root, "rerun/r")
     first = (outbox / "rerun" / "r.geojson").stat().st_mtime_ns
     write_sidecar(inbox / "rerun" / "r.yaml", body)  # same bytes, new mtime
-    time.sleep(1.5)
+    # A job dropped after the re-save runs after anything the re-save would have queued.
+    save_image(inbox / "rerun" / "s.png", coins())
+    write_sidecar(inbox / "rerun" / "s.yaml", body)
+    run_job(root, "rerun/s")
     assert (outbox / "rerun" / "r.geojson").stat().st_mtime_ns == first
     write_sidecar(inbox / "rerun" / "r.yaml", {"prompts": [{"bbox": [40, 40, 130, 120]}]})
     wait_for(lambda: (outbox / "rerun" / "r.geojson").stat().st_mtime_ns != first, JOB_TIMEOUT, what="re-run")

@@ -21,6 +21,7 @@ import pytest
 import torch
 from huggingface_hub import errors as hf_errors
 
+import support
 from samwatch.config import WeightsEntry
 from samwatch.errors import JobError
 from samwatch.models import registry as registry_module
@@ -159,13 +160,7 @@ def sha(data: bytes) -> str:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("timed out waiting")
+    return support.wait_for(predicate, timeout, what="the registry")
 
 
 def settled(registry: WeightsRegistry, model_type: str, name: str) -> LoadSpec | DownloadState:
@@ -309,7 +304,9 @@ def test_cancel_file_from_another_process(
 
     downloading(registry, "vit_t", "slow")
     request_cancel(state_dir, "vit_b")  # for another type
-    time.sleep(0.1)
+    before = registry.request("vit_t", "slow").bytes_done  # type: ignore[union-attr]
+    # more bytes arrived, so the cancel file was checked since and ignored
+    wait_for(lambda: registry.request("vit_t", "slow").bytes_done > before)  # type: ignore[union-attr]
     assert registry.request("vit_t", "slow").state == "downloading"  # type: ignore[union-attr]
 
     request_cancel(state_dir, "vit_t", "slow")

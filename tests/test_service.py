@@ -100,7 +100,6 @@ def test_two_daemons_on_one_share_split_the_work(tmp_path: Path) -> None:
     two = DaemonProcess(config_b, fake_model=True)
     outbox = tmp_path / "outbox"
     wait_for(lambda: all(finished(outbox, s) for s in stems), 180, what="all jobs")
-    time.sleep(1.0)
     assert one.stop() == 0 and two.stop() == 0
     counts_one = done_counts([one.log()], stems)
     counts_two = done_counts([two.log()], stems)
@@ -203,6 +202,8 @@ def test_inputs_move_to_done_and_failed(tmp_path: Path) -> None:
     wait_for(lambda: (inbox / "_done" / "m" / "good.png").exists() and (inbox / "_failed" / "m" / "bad.yaml").exists(), 30, what="inputs moved")
     assert (inbox / "_done" / "m" / "good.yaml").exists() and (inbox / "_failed" / "m" / "bad.png").exists()
     assert not (inbox / "m" / "good.png").exists()
-    time.sleep(1.0)  # moved inputs are not jobs again, and outputs stay
+    # Moved inputs are not jobs again, and outputs stay: a later job has run meanwhile.
+    drop_jobs(inbox, 1, folder="later")
+    wait_for(lambda: finished(outbox, "later/j0000"), 30, what="a later job")
     assert progress_state(outbox, "m/good") == "done" and progress_state(outbox, "m/bad") == "failed"
     assert daemon.stop() == 0

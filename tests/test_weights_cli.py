@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -19,7 +18,7 @@ from samwatch.config import WeightsEntry, load_config
 from samwatch.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError
 from samwatch.models.registry import cancel_file_path
-from samwatch.weights_cli import add_arguments
+from samwatch.cli import build_parser
 
 LAB_CONFIG = """\
 # samwatch config for the lab
@@ -168,9 +167,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.chdir(tmp_path)
     for variable in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(variable, raising=False)  # loopback only, never through a proxy
-    parser = argparse.ArgumentParser(prog="samwatch")
-    parser.add_argument("--config", type=Path)
-    add_arguments(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
 
     def run(*argv: str) -> int:
         args = parser.parse_args(argv)
@@ -230,7 +227,7 @@ def test_usage_errors_exit_2(cli: Any, tmp_path: Path, capsys: pytest.CaptureFix
     assert cli("weights", "remove", "default", "--type", "vit_b") == 2
     assert "ambiguous" not in capsys.readouterr().err  # the messages say what to do instead
     (tmp_path / "broken.yaml").write_text("inbox: [\n")
-    assert cli("--config", "broken.yaml", "weights", "list") == 2
+    assert cli("weights", "list", "--config", "broken.yaml") == 2
     assert "broken.yaml" in capsys.readouterr().err
 
 
@@ -242,20 +239,20 @@ def test_fetch_downloads_with_progress_and_reports_failures(
     (folder / "lab.pth").write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
     config = tmp_path / "conf" / "samwatch.yaml"
-    assert cli("--config", str(config), "weights", "add", "lab", "vit_b", f"{base}/lab.pth", "--sha256", digest) == 0
-    assert cli("--config", str(config), "weights", "add", "gone", "vit_b", f"{base}/gone.pth") == 0
+    assert cli("weights", "add", "lab", "vit_b", f"{base}/lab.pth", "--sha256", digest, "--config", str(config)) == 0
+    assert cli("weights", "add", "gone", "vit_b", f"{base}/gone.pth", "--config", str(config)) == 0
     capsys.readouterr()
 
-    assert cli("--config", str(config), "weights", "fetch", "lab") == 0
+    assert cli("weights", "fetch", "lab", "--config", str(config)) == 0
     out, err = capsys.readouterr()
     assert digest in out and "100%" in err
     saved = config.parent / ".samwatch" / "weights" / "vit_b"
     assert [p.read_bytes() == payload for p in saved.glob("lab-*.pth")] == [True]
 
-    assert cli("--config", str(config), "weights", "fetch", "gone", "--type", "vit_b") == 1
+    assert cli("weights", "fetch", "gone", "--type", "vit_b", "--config", str(config)) == 1
     assert "weights_download_failed" in capsys.readouterr().err
 
-    assert cli("--config", str(config), "weights", "list") == 0
+    assert cli("weights", "list", "--config", str(config)) == 0
     table = capsys.readouterr().out
     assert any(line.startswith("vit_b") and " lab " in line and "ready" in line for line in table.splitlines())
 

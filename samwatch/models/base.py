@@ -157,14 +157,7 @@ def check_inside(
 ) -> None:
     """A box and points must lie on the image (or frame); say which one is off and where."""
     if bbox is not None:
-        x1, y1, x2, y2 = bbox
-        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            raise JobError(
-                "prompt_out_of_bounds",
-                f"The box {where}.bbox {list(bbox)} lies outside the {width}×{height} {surface}; "
-                f"coordinates are pixels of the {surface} as stored, origin top-left.",
-                field=f"{where}.bbox",
-            )
+        check_box(bbox, width, height, field=f"{where}.bbox", surface=surface)
     for point_index, (x, y) in enumerate(points):
         if not (0 <= x <= width and 0 <= y <= height):
             raise JobError(
@@ -172,6 +165,17 @@ def check_inside(
                 f"The point {where}.points[{point_index}] ({x}, {y}) lies outside the {width}×{height} {surface}.",
                 field=f"{where}.points.{point_index}",
             )
+
+
+def check_box(box: tuple[float, float, float, float], width: int, height: int, *, field: str, surface: str = "image") -> None:
+    x1, y1, x2, y2 = box
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        raise JobError(
+            "prompt_out_of_bounds",
+            f"The box {field} {list(box)} (x1, y1, x2, y2) lies outside the {width}×{height} {surface}; "
+            f"coordinates are pixels of the {surface} as stored, origin top-left.",
+            field=field,
+        )
 
 
 def check_prompt_bounds(sidecar: Sidecar, width: int, height: int) -> None:

@@ -43,6 +43,7 @@ from samwatch.models.base import (
     LoadSpec,
     LruCache,
     RunContext,
+    check_box,
     load_state_dict_strict,
 )
 from samwatch.models.sam3_device import empty_safe_connected_components, on_device
@@ -372,14 +373,8 @@ def _prompt_calls(
 
 
 def _check_boxes(boxes: list[Box], width: int, height: int, field: str) -> None:
-    for index, (x1, y1, x2, y2) in enumerate(boxes):
-        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            raise JobError(
-                "prompt_out_of_bounds",
-                f"{field}[{index}] (as x1, y1, x2, y2: {[x1, y1, x2, y2]}) lies outside the "
-                f"{width}×{height} image; coordinates are pixels, origin top-left.",
-                field=f"{field}.{index}",
-            )
+    for index, box in enumerate(boxes):
+        check_box(box, width, height, field=f"{field}.{index}")
 
 
 def video_prompt_requests(
