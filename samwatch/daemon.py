@@ -132,10 +132,6 @@ class Daemon:
         self._next_heartbeat = float("-inf")
         self._busy_elsewhere: dict[str, float] = {}
         self._waiting_on: dict[str, tuple[str, str] | None] = {}
-        logger.info(
-            f"samwatch {__version__} started inbox={config.inbox} outbox={config.outbox} "
-            f"device={describe(self.device)} watch={self.watcher.mode}"
-        )
 
     # ---- signals ----------------------------------------------------------------------
 
@@ -154,7 +150,16 @@ class Daemon:
 
     # ---- the loop ---------------------------------------------------------------------
 
+    def _announce(self) -> None:
+        # Logged when the loop starts, after the CLI set the signal handlers: "started" means
+        # a SIGTERM from now on stops the daemon cleanly.
+        logger.info(
+            f"samwatch {__version__} started inbox={self.config.inbox} outbox={self.config.outbox} "
+            f"device={describe(self.device)} watch={self.watcher.mode}"
+        )
+
     def run_forever(self, *, grace_seconds: float = 60.0) -> None:
+        self._announce()
         self.notifier.ready(self.status_line())
         try:
             while not self.flags.stop:
@@ -170,6 +175,7 @@ class Daemon:
 
     def run_once(self) -> int:
         """Process everything ready now; 0 if every job succeeded, 1 if any failed."""
+        self._announce()
         try:
             while not self.flags.stop:
                 self.step(self.clock())

@@ -52,6 +52,7 @@ def test_kill_9_at_random_moments_keeps_exactly_one_outcome(tmp_path: Path) -> N
         kills += 1
         logs.append(daemon.log())
     final = DaemonProcess(config, fake_model=True)
+    wait_for(lambda: "started" in final.log(), 60, what="the last daemon up")  # SIGTERM now stops it cleanly
     wait_for(lambda: all(finished(outbox, s) for s in stems), 120, what="every job finished")
     assert final.stop() == 0
     logs.append(final.log())
