@@ -390,8 +390,9 @@ def _as_uint8(mask: np.ndarray) -> np.ndarray:
     return (mask != 0).view(np.uint8)
 
 
-def _geojson(rings: _Rings, offset: np.ndarray) -> dict[str, Any]:
-    """Closed, ordered, offset GeoJSON rings: polygons by exterior, exterior then holes."""
+def _geojson(rings: _Rings, offset: np.ndarray, scale: float = 1) -> dict[str, Any]:
+    """Closed, ordered GeoJSON rings at ``offset + scale * vertex``: polygons by exterior,
+    exterior then holes."""
     vertices, bounds, polygon, is_hole = rings
     # Each ring starts at its top-most, then left-most vertex: the smallest row-major key
     # (unique within a ring); rings are ordered by that same key.
@@ -408,7 +409,8 @@ def _geojson(rings: _Rings, offset: np.ndarray) -> dict[str, Any]:
     closed = _offsets(n + 1)
     ring = np.repeat(np.arange(len(order)), n + 1)
     step = np.arange(closed[-1]) - closed[ring] + (first[order] - bounds[order])[ring]
-    coordinates = (vertices[bounds[order][ring] + step % n[ring]] + offset).tolist()
+    picked = vertices[bounds[order][ring] + step % n[ring]]
+    coordinates = ((picked * scale if scale != 1 else picked) + offset).tolist()
     edges = closed.tolist()
     ring_lists = [coordinates[a:b] for a, b in zip(edges[:-1], edges[1:])]
     heads = np.flatnonzero(~is_hole[order]).tolist() + [len(order)]
@@ -423,14 +425,16 @@ def mask_to_geometry(
     *,
     simplify_tolerance: float = 0.0,
     offset: tuple[float, float] = (0, 0),
+    scale: float = 1.0,
 ) -> dict[str, Any] | None:
     """GeoJSON Polygon/MultiPolygon outlining the nonzero pixels of ``mask``.
 
     Returns None for an empty mask (or one whose every part collapses when simplified).
     ``simplify_tolerance`` > 0 applies Douglas-Peucker (in pixels) to each ring, drops
     rings that collapse, and falls back to less simplification for any polygon whose
-    simplified rings would cross or touch. ``offset`` (x, y) is added to every coordinate;
-    coordinates are Python ints unless the offset is fractional.
+    simplified rings would cross or touch. Each vertex becomes ``offset + scale * vertex``
+    (a mask read at a pyramid level, or a tile placed in the slide); coordinates are Python
+    ints unless the offset or scale is fractional.
     """
     binary = _as_uint8(mask)
     x, y, width, height = cv2.boundingRect(binary)
@@ -443,9 +447,10 @@ def mask_to_geometry(
         if len(rings.polygon) == 0:
             return None
     dx, dy = offset
-    if float(dx).is_integer() and float(dy).is_integer():
-        return _geojson(rings, np.array([int(dx) + x, int(dy) + y]))
-    return _geojson(rings, np.array([dx + x, dy + y], np.float64))
+    if all(float(v).is_integer() for v in (dx, dy, scale)):
+        scale = int(scale)
+        return _geojson(rings, np.array([int(dx) + x * scale, int(dy) + y * scale]), scale)
+    return _geojson(rings, np.array([dx + x * scale, dy + y * scale], np.float64), scale)
 
 
 def _polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:

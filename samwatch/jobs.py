@@ -272,7 +272,10 @@ class JobRunner:
         plane_position = sidecar.video.plane_position if sidecar.video else 0
         features = []
         for detection in detections:
-            geometry = mask_to_geometry(detection.mask, simplify_tolerance=sidecar.output.simplify_tolerance)
+            geometry = mask_to_geometry(
+                detection.mask, simplify_tolerance=sidecar.output.simplify_tolerance,
+                offset=detection.origin, scale=detection.scale,
+            )
             if geometry is None:
                 continue
             label = detection.label or default_label

@@ -29,7 +29,7 @@ ProgressFn = Callable[[str, float], None]
 class Detection:
     """One mask an adapter found; becomes one GeoJSON feature (if not empty)."""
 
-    mask: np.ndarray  # bool, H×W of the input image
+    mask: np.ndarray  # bool; the whole input image, or a crop of it placed by ``origin``/``scale``
     score: float
     prompt_idx: int | None = None  # index into the sidecar's prompts (None: automask/text)
     mask_idx: int = 0  # which of a prompt's multimask outputs
@@ -38,6 +38,11 @@ class Detection:
     label: str | None = None
     color: tuple[int, int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. stability_score
+    # Where the mask lies in the image's level-0 pixels: mask pixel (0, 0) covers
+    # [origin, origin + scale)². Tiles, regions, pyramid levels and bounding-box crops all
+    # say where they are this way, so geometry alone maps masks to level-0 coordinates.
+    origin: tuple[float, float] = (0, 0)
+    scale: float = 1.0
 
 
 @dataclass
