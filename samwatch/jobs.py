@@ -7,6 +7,7 @@ the log) and never escapes to the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import posixpath
 import shutil
@@ -28,11 +29,15 @@ from samwatch.discovery import index_images, is_folder_defaults, resolve_image, 
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, probe
+from samwatch.slides.array import ArraySource
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.outbox import JobOutputs
 from samwatch.prompts import prompt_masks
+from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
+from samwatch.tiling.segment import TilingPlan, TilingReport, plan_for, segment
+from samwatch.tiling.tile import TileJob
 from samwatch.sidecar import (
     FOLDER_DEFAULTS_STEM,
     SIDECAR_SUFFIXES,
@@ -52,6 +57,7 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
     "automask": (20, 95),
     "tracking": (20, 95),
     "frames": (20, 95),
+    "tiles": (20, 95),
     "writing": (95, 100),
 }
 
@@ -199,8 +205,9 @@ class JobRunner:
         timings["load"] = time.perf_counter() - load_started
 
         infer_started = time.perf_counter()
+        provenance: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
-            detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch))
+            detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch), spec, provenance)
         timings["inference"] = time.perf_counter() - infer_started
 
         progress("writing", 0.0)
@@ -208,7 +215,7 @@ class JobRunner:
         features = self._features(detections, sidecar, model_type, media)
         timings["geometry"] = time.perf_counter() - geometry_started
         timings["total"] = time.perf_counter() - started
-        meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features))
+        meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features)) | provenance
         progress.outputs.write_result(feature_collection(features, meta))
         summary = (
             f"job {ticket.job_id} done model={model_type} weights={weights_name} size={media.width}x{media.height}"
@@ -226,13 +233,12 @@ class JobRunner:
                 f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
                 file=image_rel,
             )
-        rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
         video = sidecar.video
         try:
             return probe(
                 path,
-                limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes),
-                channels=rule,
+                limits=self._media_limits(),
+                channels=_channel_rule(sidecar),
                 frame_axis=(video.axes[-1] if video else None),
                 plane_position=(video.plane_position if video else 0),
                 max_frames=_frames_held(video),
@@ -242,13 +248,20 @@ class JobRunner:
             raise
 
     def _infer(
-        self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
+        self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path,
+        spec: LoadSpec, provenance: dict[str, Any],
     ) -> list[Detection]:
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
         if sidecar.mode == "video":
+            if sidecar.region is not None or sidecar.tiling is not None:
+                raise JobError("sidecar_invalid", "region and tiling are for images, not for tracking through frames.",
+                               file=ticket.sidecar, field="region" if sidecar.region is not None else "tiling")
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
             return adapter.run(ctx)
+        tiled = self._infer_tiled(adapter, sidecar, media, base_key, progress, scratch, spec, provenance)
+        if tiled is not None:
+            return tiled
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
         detections: list[Detection] = []
@@ -265,6 +278,53 @@ class JobRunner:
                     detection.frame = frame_index
                 detections.append(detection)
         return detections
+
+    def _infer_tiled(
+        self, adapter: Any, sidecar: Sidecar, media: Media, base_key: str, progress: Progress, scratch: Path,
+        spec: LoadSpec, provenance: dict[str, Any],
+    ) -> list[Detection] | None:
+        """A job on part of an image, or on one larger than a window (samwatch.tiling); None
+        for an ordinary whole-image job."""
+        with contextlib.ExitStack() as sources:
+            first = sources.enter_context(self._frame_source(media, 0, sidecar))
+            plan = plan_for(sidecar, first, max_image_pixels=self.config.limits.max_image_pixels)
+            if plan is None:
+                return None
+            return self._run_tiles(adapter, sidecar, media, base_key, progress, scratch, spec, provenance, plan,
+                                   lambda index: first if index == 0 else sources.enter_context(
+                                       self._frame_source(media, index, sidecar)))
+
+    def _run_tiles(
+        self, adapter: Any, sidecar: Sidecar, media: Media, base_key: str, progress: Progress, scratch: Path,
+        spec: LoadSpec, provenance: dict[str, Any], plan: TilingPlan, source_of: Callable[[int], Any],
+    ) -> list[Detection]:
+        report = TilingReport(plan)
+        store = TileEmbeddingStore(
+            self.config.state_dir / "tile-embeddings", f"{spec.model_type}:{weights_identity(spec)}",
+            self.config.models.tile_embedding_cache_mb * 1024 * 1024,
+        )
+        detections: list[Detection] = []
+        for frame_index in range(media.n_frames):
+            source = source_of(frame_index)
+            job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
+                          prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store)
+            frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
+            for detection in segment(adapter, source, job, plan, frame_progress, report):
+                if media.n_frames > 1:
+                    detection.frame = frame_index
+                detections.append(detection)
+        provenance["tiling"] = report.to_dict()
+        return detections
+
+    def _frame_source(self, media: Media, index: int, sidecar: Sidecar) -> Any:
+        """Frame ``index`` behind the region API: a slide read lazily, other images decoded."""
+        if media.kind == "slide":
+            return open_region_source(media.path, limits=self._media_limits(), channels=_channel_rule(sidecar))
+        return ArraySource(media.path, media.frame(index), self._media_limits())
+
+    def _media_limits(self) -> MediaLimits:
+        limits = self.config.limits
+        return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes)
 
     def _features(self, detections: list[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
         default_label = sidecar.label or self.config.defaults.label
@@ -338,6 +398,10 @@ _MODE_ADVICE = {
     "automask": "give prompts, or use a SAM/MobileSAM/SAM2 model for automatic masks.",
     "prompts": "use text/positive_bboxes for sam3, or a SAM/SAM2 model for box and point prompts.",
 }
+
+
+def _channel_rule(sidecar: Sidecar) -> ChannelRule:
+    return ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
 
 
 def _frames_held(video: Any) -> int | None:
