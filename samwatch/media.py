@@ -17,6 +17,10 @@ Readers
 * MP4, AVI, MOV: PyAV, decoded sequentially on demand (``Media.frames`` is the cheap way to
   walk a video; ``Media.frame(i)`` decodes from the start). The count comes from the
   container, or from one decoding pass when the container does not say.
+* Slides (``kind="slide"``): tiled or pyramidal TIFF / OME-TIFF and OpenSlide formats (SVS,
+  NDPI, MRXS, SCN, BIF, ...), see :mod:`samwatch.slides`. They are checked against
+  ``max_slide_pixels`` and read by region (:func:`open_region_source`); ``Media.frame(0)``
+  decodes a slide whole only when it fits ``max_image_pixels``.
 * ``name.frames/``: every image file in the folder (hidden files skipped), sorted naturally
   (``frame2`` before ``frame10``); each file gives its first frame. All frames must have the
   same size, dtype and channel count.
@@ -64,8 +68,9 @@ from PIL import Image
 
 from samwatch.errors import JobError
 from samwatch.pixels import ChannelRule, check_channels, needs_stretch, select_channels, stretch_bounds, to_rgb8
+from samwatch.slides import SLIDE_SUFFIXES, ArraySource, RegionSource, SlideReader, is_slide, open_slide
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}) | SLIDE_SUFFIXES
 #: TIFFs are listed with the images: a multi-page one is a stack, known only once opened.
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".gif"})
 FRAMES_DIR_SUFFIX = ".frames"
@@ -92,8 +97,9 @@ _DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, IndexError, struct
 class MediaLimits:
     """Guards checked from headers, before any pixel is decoded."""
 
-    max_image_pixels: int = 178_956_970
+    max_image_pixels: int = 178_956_970  # decoded at once: a frame, or one region of a slide
     max_video_bytes: int = 4 * 1024**3
+    max_slide_pixels: int = 25_000_000_000  # level-0 size of a slide (150 000² fits)
 
 
 class _Source(Protocol):
@@ -176,6 +182,21 @@ def read_image(
     return to_rgb8(raw, channels, channel_axis=-1)
 
 
+def open_region_source(
+    path: Path, *, limits: MediaLimits = MediaLimits(), channels: ChannelRule = ChannelRule()
+) -> RegionSource:
+    """A still behind the region API: a slide read lazily, any other image decoded once.
+
+    Slides (:func:`samwatch.slides.is_slide`) are checked against ``max_slide_pixels`` and
+    decode only the tiles each region touches; an ordinary image is decoded whole under
+    ``max_image_pixels`` (its frame 0 for a stack) and served from memory. Close it after use.
+    """
+    path = Path(path)
+    if path.is_file() and is_slide(path):
+        return open_slide(path, limits=limits, channels=channels)
+    return ArraySource(path, read_image(path, limits=limits, channels=channels), limits)
+
+
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A mask prompt image as float32 ``shape`` (H, W): 1 where any colour band is nonzero.
 
@@ -246,6 +267,7 @@ class _Opened:
     n_channels: int
     axes: str
     dtype: str
+    slide: bool = False
 
 
 def _open(
@@ -256,7 +278,8 @@ def _open(
     opened = _open_any(path, limits, frame_axis, plane_position)
     check_channels(rule.channels, opened.n_channels, path)
     return Media(
-        path=path, kind="stack" if opened.n_frames > 1 else "image", width=opened.width,
+        path=path, kind="slide" if opened.slide else "stack" if opened.n_frames > 1 else "image",
+        width=opened.width,
         height=opened.height, n_frames=opened.n_frames, axes=opened.axes,
         source_dtype=opened.dtype, _source=opened.source, _rule=rule)
 
@@ -279,6 +302,8 @@ def _open_any(
     if path.stat().st_size == 0:
         raise JobError("image_unreadable", f"'{path.name}' is empty (0 bytes); copy it again "
                        "once it is fully written.", file=str(path))
+    if is_slide(path):
+        return _open_slide(path, limits)
     if suffix in _TIFF_SUFFIXES:
         return _open_tiff(path, limits, frame_axis, plane_position)
     if suffix in _AV_SUFFIXES:
@@ -542,6 +567,39 @@ def _open_tiff(
     layout = _TiffLayout(axes, shape, n_lead, frame_axes, fixed)
     return _Opened(_TiffSource(path, layout, via_pil), width, height, layout.n_frames,
                    layout.n_channels, axes, str(dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# slides, whole (small ones, or a caller that does not read by region)
+
+
+@dataclass(frozen=True)
+class _SlideSource:
+    path: Path
+    limits: MediaLimits
+
+    def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        with open_slide(self.path, limits=self.limits, channels=ChannelRule()) as reader:
+            _check_whole_slide(reader, self.limits)
+            for _ in indices:
+                yield reader.read_raw(0, 0, reader.width, reader.height)
+
+
+def _check_whole_slide(reader: SlideReader, limits: MediaLimits) -> None:
+    if reader.width * reader.height > limits.max_image_pixels:
+        raise JobError(
+            "image_too_large",
+            f"'{reader.path.name}' is a {reader.width}x{reader.height} slide, over "
+            f"limits.max_image_pixels ({limits.max_image_pixels:,}) to decode whole; it is read "
+            "by regions: give the job a region or tiling block, or raise the limit.",
+            file=str(reader.path))
+
+
+def _open_slide(path: Path, limits: MediaLimits) -> _Opened:
+    with open_slide(path, limits=limits, channels=ChannelRule()) as reader:
+        axes = "YX" if reader.n_channels == 1 else "YXS"
+        return _Opened(_SlideSource(path, limits), reader.width, reader.height, 1, reader.n_channels,
+                       axes, str(reader.dtype), slide=True)
 
 
 # ---------------------------------------------------------------------------------------
