@@ -28,8 +28,8 @@ from samwatch.config import Config
 from samwatch.discovery import index_images, is_folder_defaults, resolve_image, split_name
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
-from samwatch.media import ChannelRule, Media, MediaLimits, probe
-from samwatch.slides.array import ArraySource
+from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
+from samwatch.slides import ArraySource
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool, adapter_class
@@ -324,7 +324,8 @@ class JobRunner:
 
     def _media_limits(self) -> MediaLimits:
         limits = self.config.limits
-        return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes)
+        return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
+                           max_slide_pixels=limits.max_slide_pixels)
 
     def _features(self, detections: list[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
         default_label = sidecar.label or self.config.defaults.label

@@ -18,7 +18,8 @@ from samwatch.models.base import Detection, ProgressFn
 from samwatch.sidecar import Sidecar, TilingSpec
 from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
 from samwatch.tiling.stitch import Stitcher
-from samwatch.tiling.tile import RegionReader, TileJob, run_tile
+from samwatch.slides import RegionSource
+from samwatch.tiling.tile import TileJob, run_tile
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class TilingReport:
         }
 
 
-def plan_for(sidecar: Sidecar, source: Any, *, max_image_pixels: int) -> TilingPlan | None:
+def plan_for(sidecar: Sidecar, source: RegionSource, *, max_image_pixels: int) -> TilingPlan | None:
     """The tiling of this job on ``source``, or None when it is an ordinary whole-image job."""
     spec = sidecar.tiling or TilingSpec()
     if spec.tile_size * spec.tile_size > max_image_pixels:
@@ -93,7 +94,7 @@ def _region(sidecar: Sidecar, width: int, height: int) -> Rect:
     return Rect(x, y, w, h)
 
 
-def plan_windows(sidecar: Sidecar, plan: TilingPlan, source: Any) -> tuple[list[TileSpec], bool]:
+def plan_windows(sidecar: Sidecar, plan: TilingPlan, source: RegionSource) -> tuple[list[TileSpec], bool]:
     """The job's windows, and whether their results are stitched (tiles) or final (prompt windows)."""
     if sidecar.mode != "prompts":
         return plan_tiles(plan.grid, plan.tile_size, plan.overlap, plan.downsample, plan.level), True
@@ -129,7 +130,7 @@ def _check_prompts(sidecar: Sidecar, region: Rect) -> None:
 
 
 def segment(
-    adapter: Any, source: RegionReader, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport
+    adapter: Any, source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport
 ) -> Iterator[Detection]:
     """Every window of the job in turn (cancellable between them), results as they become final."""
     tiles, stitched = plan_windows(job.sidecar, plan, source)

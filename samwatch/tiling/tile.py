@@ -9,23 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from samwatch.models.base import Detection, ProgressFn, RunContext
 from samwatch.sidecar import Prompt, Sidecar
+from samwatch.slides import RegionSource
 from samwatch.tiling.plan import TileSpec
-
-
-class RegionReader(Protocol):
-    """What tiling reads pixels through (``samwatch.slides`` sources have this shape)."""
-
-    width: int
-    height: int
-
-    def read_region(self, x: int, y: int, w: int, h: int, *, level: int = 0) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +31,7 @@ class TileJob:
     embedding_store: Any = None  # a TileEmbeddingStore, or None
 
 
-def read_tile(source: RegionReader, tile: TileSpec) -> np.ndarray:
+def read_tile(source: RegionSource, tile: TileSpec) -> np.ndarray:
     """The tile's window as the model sees it: RGB uint8, ``window.h × window.w``."""
     rect = tile.level0()
     pixels = source.read_region(rect.x, rect.y, rect.w, rect.h, level=tile.level)
@@ -49,7 +41,7 @@ def read_tile(source: RegionReader, tile: TileSpec) -> np.ndarray:
     return pixels
 
 
-def run_tile(adapter: Any, tile: TileSpec, source: RegionReader, job: TileJob, progress: ProgressFn) -> list[Detection]:
+def run_tile(adapter: Any, tile: TileSpec, source: RegionSource, job: TileJob, progress: ProgressFn) -> list[Detection]:
     """The tile's detections, each mask cropped to its box and placed in level-0 pixels."""
     sidecar = tile_sidecar(job.sidecar, tile)
     if sidecar is None:
