@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from fakes import FakeAdapter
 
-from samwatch.errors import JobError
+from samwatch.errors import JobCancelled, JobError
 from samwatch.media import MediaLimits
 from samwatch.sidecar import validate_sidecar
-from samwatch.slides.array import ArraySource
+from samwatch.slides import ArraySource
 from samwatch.tiling.plan import Rect, plan_tiles
 from samwatch.tiling.segment import TilingReport, plan_for, segment
-from samwatch.tiling.tile import TileJob
+from samwatch.tiling.tile import TileJob, tile_sidecar
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 64, 32)]
 
@@ -145,3 +145,36 @@ def test_prompts_outside_the_region_are_refused() -> None:
     with pytest.raises(JobError) as outside:
         _run(image, {"region": [1000, 1000, 500, 500], "prompts": [{"bbox": [900, 1100, 1200, 1200]}]})
     assert (outside.value.code, outside.value.field) == ("prompt_out_of_bounds", "prompts.0")
+
+
+def test_progress_names_the_tile_and_cancelling_stops_between_tiles() -> None:
+    image, _ = _painted(1400, 1400, [(700, 700, 30)])
+    sidecar = validate_sidecar({"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}}, name="t.yaml")
+    source = _source(image)
+    plan = plan_for(sidecar, source, max_image_pixels=10**9)
+    seen: list[str] = []
+
+    def progress(stage: str, fraction: float, message: str = "") -> None:
+        seen.append(message)
+        if message == "tile 4/9":
+            raise JobCancelled()
+
+    ran = []
+    adapter = FakeAdapter()
+    original = adapter.run
+    adapter.run = lambda ctx: (ran.append(1), original(ctx))[1]
+    with pytest.raises(JobCancelled):
+        list(segment(adapter, source, TileJob(sidecar=sidecar, image_key="k"), plan, progress, TilingReport(plan)))
+    assert len(ran) == 3 and "tile 1/9" in seen and "tile 3/9: encoding image" in seen
+
+
+def test_sam3_exemplar_boxes_go_to_the_tiles_that_hold_them() -> None:
+    sidecar = validate_sidecar({"text": "cell", "positive_bboxes": [[100, 100, 150, 160], [1300, 1300, 1350, 1340]]},
+                               name="t")
+    tiles = plan_tiles(Rect(0, 0, 1400, 1400), 512, 64, 1.0, 0)
+    first, last = tile_sidecar(sidecar, tiles[0]), tile_sidecar(sidecar, tiles[-1])
+    assert first.positive_bboxes == [(100, 100, 150, 160)] and first.text == "cell"
+    x, y = tiles[-1].window.x, tiles[-1].window.y
+    assert last.positive_bboxes == [(1300 - x, 1300 - y, 1350 - x, 1340 - y)]
+    boxes_only = validate_sidecar({"positive_bboxes": [[100, 100, 150, 160]]}, name="t")
+    assert tile_sidecar(boxes_only, tiles[-1]) is None
