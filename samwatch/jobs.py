@@ -7,7 +7,6 @@ the log) and never escapes to the daemon.
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import posixpath
 import shutil
@@ -15,7 +14,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.outbox import JobOutputs
 from samwatch.prompts import prompt_masks
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
-from samwatch.tiling.segment import TilingPlan, TilingReport, plan_for, segment
+from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob
 from samwatch.sidecar import (
     FOLDER_DEFAULTS_STEM,
@@ -250,7 +249,7 @@ class JobRunner:
     def _infer(
         self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path,
         spec: LoadSpec, provenance: dict[str, Any],
-    ) -> list[Detection]:
+    ) -> Iterable[Detection]:
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
         if sidecar.mode == "video":
             if sidecar.region is not None or sidecar.tiling is not None:
@@ -259,9 +258,8 @@ class JobRunner:
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
             return adapter.run(ctx)
-        tiled = self._infer_tiled(adapter, sidecar, media, base_key, progress, scratch, spec, provenance)
-        if tiled is not None:
-            return tiled
+        if is_tiled(sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels):
+            return self._infer_tiled(adapter, sidecar, media, base_key, progress, scratch, spec, provenance)
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
         detections: list[Detection] = []
@@ -282,39 +280,27 @@ class JobRunner:
     def _infer_tiled(
         self, adapter: Any, sidecar: Sidecar, media: Media, base_key: str, progress: Progress, scratch: Path,
         spec: LoadSpec, provenance: dict[str, Any],
-    ) -> list[Detection] | None:
-        """A job on part of an image, or on one larger than a window (samwatch.tiling); None
-        for an ordinary whole-image job."""
-        with contextlib.ExitStack() as sources:
-            first = sources.enter_context(self._frame_source(media, 0, sidecar))
-            plan = plan_for(sidecar, first, max_image_pixels=self.config.limits.max_image_pixels)
-            if plan is None:
-                return None
-            return self._run_tiles(adapter, sidecar, media, base_key, progress, scratch, spec, provenance, plan,
-                                   lambda index: first if index == 0 else sources.enter_context(
-                                       self._frame_source(media, index, sidecar)))
-
-    def _run_tiles(
-        self, adapter: Any, sidecar: Sidecar, media: Media, base_key: str, progress: Progress, scratch: Path,
-        spec: LoadSpec, provenance: dict[str, Any], plan: TilingPlan, source_of: Callable[[int], Any],
-    ) -> list[Detection]:
-        report = TilingReport(plan)
+    ) -> Iterator[Detection]:
+        """A job on part of an image, or on one larger than a window (samwatch.tiling): its
+        detections as each tile's become final, masks cropped to their boxes."""
         store = TileEmbeddingStore(
             self.config.state_dir / "tile-embeddings", f"{spec.model_type}:{weights_identity(spec)}",
             self.config.models.tile_embedding_cache_mb * 1024 * 1024,
         )
-        detections: list[Detection] = []
+        report: TilingReport | None = None
         for frame_index in range(media.n_frames):
-            source = source_of(frame_index)
-            job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
-                          prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store)
-            frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
-            for detection in segment(adapter, source, job, plan, frame_progress, report):
-                if media.n_frames > 1:
-                    detection.frame = frame_index
-                detections.append(detection)
-        provenance["tiling"] = report.to_dict()
-        return detections
+            with self._frame_source(media, frame_index, sidecar) as source:
+                plan = plan_for(sidecar, source)
+                report = report or TilingReport(plan)
+                job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
+                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store)
+                frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
+                for detection in segment(adapter, source, job, plan, frame_progress, report):
+                    if media.n_frames > 1:
+                        detection.frame = frame_index
+                    yield detection
+        if report is not None:
+            provenance["tiling"] = report.to_dict()
 
     def _frame_source(self, media: Media, index: int, sidecar: Sidecar) -> Any:
         """Frame ``index`` behind the region API: a slide read lazily, other images decoded."""
@@ -327,7 +313,7 @@ class JobRunner:
         return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
                            max_slide_pixels=limits.max_slide_pixels)
 
-    def _features(self, detections: list[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
+    def _features(self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
         default_label = sidecar.label or self.config.defaults.label
         axes = sidecar.video.axes if sidecar.video else ("XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT")
         plane_position = sidecar.video.plane_position if sidecar.video else 0

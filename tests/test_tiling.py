@@ -11,7 +11,7 @@ from samwatch.media import MediaLimits
 from samwatch.sidecar import validate_sidecar
 from samwatch.slides import ArraySource
 from samwatch.tiling.plan import Rect, plan_tiles
-from samwatch.tiling.segment import TilingReport, plan_for, segment
+from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob, tile_sidecar
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 64, 32)]
@@ -48,8 +48,8 @@ def _placed(detection, height: int, width: int) -> np.ndarray:
 def _run(image: np.ndarray, body: dict) -> tuple[list, TilingReport]:
     sidecar = validate_sidecar(body, name="t.yaml")
     source = _source(image)
-    plan = plan_for(sidecar, source, max_image_pixels=10**9)
-    assert plan is not None
+    assert is_tiled(sidecar, source.width, source.height, max_image_pixels=10**9)
+    plan = plan_for(sidecar, source)
     report = TilingReport(plan)
     job = TileJob(sidecar=sidecar, image_key="painted")
     messages = []
@@ -105,7 +105,7 @@ def test_region_and_tiling_bad_values() -> None:
     image = np.zeros((600, 800, 3), np.uint8)
     source = _source(image)
     with pytest.raises(JobError) as outside:
-        plan_for(validate_sidecar({"region": [700, 0, 200, 100]}, name="s"), source, max_image_pixels=10**9)
+        plan_for(validate_sidecar({"region": [700, 0, 200, 100]}, name="s"), source)
     assert outside.value.code == "region_out_of_bounds"
     for body, field in (
         ({"region": [0, 0, 0, 10]}, "region"),
@@ -116,7 +116,7 @@ def test_region_and_tiling_bad_values() -> None:
             validate_sidecar(body, name="s")
         assert bad.value.code == "sidecar_invalid" and bad.value.field.startswith(field)
     with pytest.raises(JobError) as too_big:
-        plan_for(validate_sidecar({"tiling": {"tile_size": 2048}}, name="s"), source, max_image_pixels=2000**2)
+        is_tiled(validate_sidecar({"tiling": {"tile_size": 2048}}, name="s"), 800, 600, max_image_pixels=2000**2)
     assert (too_big.value.code, too_big.value.field) == ("sidecar_invalid", "tiling.tile_size")
 
 
@@ -151,7 +151,7 @@ def test_progress_names_the_tile_and_cancelling_stops_between_tiles() -> None:
     image, _ = _painted(1400, 1400, [(700, 700, 30)])
     sidecar = validate_sidecar({"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}}, name="t.yaml")
     source = _source(image)
-    plan = plan_for(sidecar, source, max_image_pixels=10**9)
+    plan = plan_for(sidecar, source)
     seen: list[str] = []
 
     def progress(stage: str, fraction: float, message: str = "") -> None:

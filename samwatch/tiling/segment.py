@@ -1,8 +1,8 @@
 """A job on a large image or a region: plan the windows, run them one by one, stream the results.
 
-``plan_for`` decides whether a job is tiled at all (the image or ``region`` is larger than one
-window, or a coarser level is asked for) and checks the ``region:``/``tiling:`` values against
-the image. ``segment`` then runs each tile as its own unit (:func:`~samwatch.tiling.tile.run_tile`)
+``is_tiled`` decides whether a job is tiled at all (the image or ``region`` is larger than one
+window, or a coarser level is asked for); ``plan_for`` checks the ``region:``/``tiling:`` values
+against the image. ``segment`` then runs each tile as its own unit (:func:`~samwatch.tiling.tile.run_tile`)
 and yields detections as soon as they are final: prompt windows' masks at once, automask and
 SAM3 text through the :class:`~samwatch.tiling.stitch.Stitcher`. No full-image mask is ever made.
 """
@@ -53,8 +53,9 @@ class TilingReport:
         }
 
 
-def plan_for(sidecar: Sidecar, source: RegionSource, *, max_image_pixels: int) -> TilingPlan | None:
-    """The tiling of this job on ``source``, or None when it is an ordinary whole-image job."""
+def is_tiled(sidecar: Sidecar, width: int, height: int, *, max_image_pixels: int) -> bool:
+    """Whether a job on a ``width`` x ``height`` image goes through tiles (decided from the header:
+    a region, a coarser level, or an image larger than one window), after checking ``tiling``."""
     spec = sidecar.tiling or TilingSpec()
     if spec.tile_size * spec.tile_size > max_image_pixels:
         raise JobError(
@@ -63,21 +64,24 @@ def plan_for(sidecar: Sidecar, source: RegionSource, *, max_image_pixels: int) -
             f"limits.max_image_pixels ({max_image_pixels:,}); use a smaller tile_size.",
             field="tiling.tile_size",
         )
+    full_resolution = spec.level in (None, 0) and spec.downsample in (None, 1)
+    fits = width <= spec.tile_size and height <= spec.tile_size
+    return sidecar.region is not None or not full_resolution or not fits
+
+
+def plan_for(sidecar: Sidecar, source: RegionSource) -> TilingPlan:
+    """The tiling of a tiled job (see :func:`is_tiled`) on ``source``."""
+    spec = sidecar.tiling or TilingSpec()
     region = _region(sidecar, source.width, source.height)
-    levels = getattr(source, "levels", ())
     if spec.level is not None:
         source.check_level(spec.level)
-        level, downsample = spec.level, float(levels[spec.level].downsample)
+        level, downsample = spec.level, float(source.levels[spec.level].downsample)
     elif spec.downsample is not None:
         downsample = float(spec.downsample)
         level = source.best_level(downsample)
     else:
         level, downsample = 0, 1.0
-    grid = to_grid(region, downsample)
-    fits = grid.w <= spec.tile_size and grid.h <= spec.tile_size
-    if sidecar.region is None and downsample == 1.0 and fits:
-        return None
-    return TilingPlan(region, grid, downsample, level, spec.tile_size, spec.overlap)
+    return TilingPlan(region, to_grid(region, downsample), downsample, level, spec.tile_size, spec.overlap)
 
 
 def _region(sidecar: Sidecar, width: int, height: int) -> Rect:
