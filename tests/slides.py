@@ -155,3 +155,22 @@ def write_svs(path: Path, slide: SparseSlide, *, levels: int = 3, tile: int = 25
                 tw.write(thumb, photometric="rgb", description=APERIO_DESCRIPTION.format(
                     w=slide.width, h=slide.height, t=tile, codec=codec), metadata=None)
     return path
+
+
+def corrupt_tile(path: Path, tile: int = 3, page: int = 0) -> tuple[int, int]:
+    """Overwrite bytes inside one tile of ``page`` so that it no longer decodes; its (row, col)."""
+    with tifffile.TiffFile(path) as tif:
+        target = tif.pages[page]
+        offset, count = target.dataoffsets[tile], target.databytecounts[tile]
+        per_row = math.ceil(target.imagewidth / target.tilewidth)
+    with open(path, "r+b") as stream:
+        stream.seek(offset + min(10, count // 2))
+        stream.write(b"\xff" * min(200, count // 2))
+    return divmod(tile, per_row)
+
+
+def truncate(path: Path, fraction: float) -> Path:
+    """Cut ``path`` to ``fraction`` of its size, as an interrupted copy leaves it."""
+    with open(path, "r+b") as stream:
+        stream.truncate(int(path.stat().st_size * fraction))
+    return path

@@ -34,6 +34,7 @@ _VENDOR_FLAGS = ("ome", "svs", "ndpi", "scn", "qpi", "philips", "bif", "imagej")
 # are RuntimeErrors; zarr passes a codec's error through).
 _DECODE_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError, struct.error, zlib.error,
                   tifffile.TiffFileError)
+_TIFF_MAGIC = frozenset({b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"})
 _PHYSICAL_SIZE = re.compile(r'PhysicalSize([XY])="([0-9.eE+-]+)"')
 _PHYSICAL_UNIT = re.compile(r'PhysicalSize([XY])Unit="([^"]+)"')
 _MICRONS_PER_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -48,6 +49,21 @@ def is_tiff_slide(path: Path) -> bool:
             return one_plane and (len(series.levels) > 1 or series.keyframe.is_tiled)
     except (*_DECODE_ERRORS, KeyError):
         return False  # not a readable TIFF: media reports why, from its own reader
+
+
+def check_tiff_complete(path: Path) -> None:
+    """Refuse a TIFF-based slide that is not a TIFF (image_unreadable) or is cut short
+    (slide_truncated); a TIFF tifffile cannot parse is left to the vendor reader."""
+    with open(path, "rb") as stream:
+        magic = stream.read(4)
+    if magic not in _TIFF_MAGIC:
+        raise JobError("image_unreadable", f"'{path.name}' is not a TIFF file, as a {path.suffix} slide must "
+                       "be: it is damaged or misnamed; export or copy it again.", file=str(path))
+    try:
+        with tifffile.TiffFile(path) as tif:
+            _check_complete(path, tif)
+    except (*_DECODE_ERRORS, KeyError):
+        return
 
 
 class TiffReader(SlideReader):
@@ -75,7 +91,7 @@ class TiffReader(SlideReader):
                            f"(axes {series.axes}); a slide must be a single plane, so save one "
                            "plane per file.", file=str(self.path))
         self._axes = series.axes
-        _check_complete(self.path, series.levels)
+        _check_complete(self.path, self._tif)
         shapes = [dict(zip(level.axes, level.shape)) for level in series.levels]
         width, height = shapes[0]["X"], shapes[0]["Y"]
         self.levels = tuple(
@@ -107,18 +123,48 @@ class TiffReader(SlideReader):
         self._tif.close()
 
 
-def _check_complete(path: Path, levels: list[Any]) -> None:
-    """Refuse a file cut short: tile data of some level would lie past its end."""
-    size = path.stat().st_size
-    for number, level in enumerate(levels):
-        for page in level.pages:
-            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
-            if ends and max(ends) > size:
-                raise JobError(
-                    "slide_truncated",
-                    f"'{path.name}' is cut short: level {number} of its pyramid needs "
-                    f"{max(ends):,} bytes but the file has {size:,}; copy it again once it is "
-                    "fully written.", file=str(path), level=number)
+def _check_complete(path: Path, tif: tifffile.TiffFile) -> None:
+    """Refuse a file cut short: an IFD, or tile data of some level, would lie past its end.
+
+    tifffile only warns when the IFD chain leads past the end, and drops the pages beyond, so
+    the chain is walked here; NDPI's non-standard 64-bit offsets are left to tifffile.
+    """
+    size = tif.filehandle.size
+    missing = None if tif.tiff.is_ndpi else _ifd_past_end(tif)
+    if missing is not None:
+        raise _truncated(path, f"an image directory at byte {missing:,}", size)
+    # Main-chain pages hold the levels of SVS-like files, SubIFDs (in the levels) those of OME-TIFF.
+    pages = [("page", i, page) for i, page in enumerate(tif.pages)]
+    pages += [("level", i, page) for i, level in enumerate(tif.series[0].levels) for page in level.pages]
+    for what, number, page in pages:
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        if ends and max(ends) > size:
+            raise _truncated(path, f"the pixels of {what} {number} up to byte {max(ends):,}", size)
+
+
+def _ifd_past_end(tif: tifffile.TiffFile) -> int | None:
+    """Offset of the first IFD of the main chain not wholly inside the file, None if none is."""
+    fmt, fh = tif.tiff, tif.filehandle
+    fh.seek(8 if fmt.is_bigtiff else 4)
+    offset = struct.unpack(fmt.offsetformat, fh.read(fmt.offsetsize))[0]
+    seen = set()
+    while offset and offset not in seen:
+        seen.add(offset)
+        if offset + fmt.tagnosize > fh.size:
+            return offset
+        fh.seek(offset)
+        count = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))[0]
+        next_at = offset + fmt.tagnosize + count * fmt.tagsize
+        if next_at + fmt.offsetsize > fh.size:
+            return offset
+        fh.seek(next_at)
+        offset = struct.unpack(fmt.offsetformat, fh.read(fmt.offsetsize))[0]
+    return None
+
+
+def _truncated(path: Path, what: str, size: int) -> JobError:
+    return JobError("slide_truncated", f"'{path.name}' is cut short: it needs {what}, but the file ends "
+                    f"at {size:,} bytes; copy it again once it is fully written.", file=str(path))
 
 
 def _ome_mpp(xml: str | None) -> tuple[float, float] | None:
