@@ -238,7 +238,8 @@ class JobRunner:
                 job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
                               prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store)
                 frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
-                for detection in segment(adapter, source, job, plan, frame_progress, report):
+                for detection in segment(adapter, source, job, plan, frame_progress, report,
+                                         max_object_pixels=self.config.limits.max_image_pixels):
                     if media.n_frames > 1:
                         detection.frame = frame_index
                     yield detection

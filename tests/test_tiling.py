@@ -45,7 +45,7 @@ def _placed(detection, height: int, width: int) -> np.ndarray:
     return full
 
 
-def _run(image: np.ndarray, body: dict) -> tuple[list, TilingReport]:
+def _run(image: np.ndarray, body: dict, **options) -> tuple[list, TilingReport]:
     sidecar = validate_sidecar(body, name="t.yaml")
     source = _source(image)
     assert is_tiled(sidecar, source.width, source.height, max_image_pixels=10**9)
@@ -53,7 +53,7 @@ def _run(image: np.ndarray, body: dict) -> tuple[list, TilingReport]:
     report = TilingReport(plan)
     job = TileJob(sidecar=sidecar, image_key="painted")
     messages = []
-    detections = list(segment(FakeAdapter(), source, job, plan, lambda s, f, m="": messages.append(m), report))
+    detections = list(segment(FakeAdapter(), source, job, plan, lambda s, f, m="": messages.append(m), report, **options))
     return detections, report
 
 
@@ -178,3 +178,16 @@ def test_sam3_exemplar_boxes_go_to_the_tiles_that_hold_them() -> None:
     assert last.positive_bboxes == [(1300 - x, 1300 - y, 1350 - x, 1340 - y)]
     boxes_only = validate_sidecar({"positive_bboxes": [[100, 100, 150, 160]]}, name="t")
     assert tile_sidecar(boxes_only, tiles[-1]) is None
+
+
+def test_an_object_larger_than_the_limit_comes_in_one_piece_per_tile() -> None:
+    height, width = 1100, 1400
+    image, (disc,) = _painted(height, width, [(300, 300, 40)])
+    image[~disc] = (250, 250, 250)  # a background spanning every tile
+    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}},
+                              max_object_pixels=800 * 800)
+    found = [_placed(d, height, width) for d in detections]
+    background = [f for f in found if not (f & disc).any()]
+    assert len(background) == report.tiles == 9
+    assert (np.sum(background, axis=0) == ~disc).all()  # the pieces cover it exactly once
+    assert sum(1 for f in found if (f & disc).any()) == 1

@@ -134,12 +134,14 @@ def _check_prompts(sidecar: Sidecar, region: Rect) -> None:
 
 
 def segment(
-    adapter: Any, source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport
+    adapter: Any, source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport,
+    *, max_object_pixels: int = 1 << 26,
 ) -> Iterator[Detection]:
-    """Every window of the job in turn (cancellable between them), results as they become final."""
+    """Every window of the job in turn (cancellable between them), results as they become final;
+    stitched objects larger than ``max_object_pixels`` (grid pixels) come in per-tile pieces."""
     tiles, stitched = plan_windows(job.sidecar, plan, source)
     report.tiles += len(tiles)
-    stitcher = Stitcher(tiles) if stitched else None
+    stitcher = Stitcher(tiles, max_pixels=max_object_pixels) if stitched else None
     for tile in tiles:
         progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
         detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report))

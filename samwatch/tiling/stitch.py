@@ -12,6 +12,10 @@ stream out as soon as no unprocessed tile can still touch them:
 * An object seen whole somewhere is that whole view; of several whole views, the one from the
   tile whose core holds its centre (then the best score). An object cut everywhere (larger than
   the halo) is the union of its fragments.
+* An object whose box grows beyond ``max_pixels`` (tissue, background: far larger than any
+  window) is never joined into one mask: it comes out in pieces, each fragment cut to its tile's
+  core (the cores partition the region, so the pieces cover it once), and its fragments are
+  dropped as soon as no unprocessed tile can meet them, which keeps memory to about a row of tiles.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class _Fragment:
     tile: TileSpec
     box: Rect  # grid pixels
     cut: bool
+    emitted: bool = False  # as a piece of an oversized object
 
 
 @dataclass
@@ -39,6 +44,7 @@ class _Group:
     fragments: list[_Fragment]
     box: Rect
     cells: set[tuple[int, int]] = field(default_factory=set)
+    oversized: bool = False  # reported in pieces as its fragments come
 
 
 def _union_box(a: Rect, b: Rect) -> Rect:
@@ -61,8 +67,9 @@ class Stitcher:
     """Takes each tile's placed detections (any tile order) and yields each object once, as
     soon as it is final. Tiles are those of one ``plan_tiles`` call (one grid, equal windows)."""
 
-    def __init__(self, tiles: Sequence[TileSpec], *, match_iou: float = 0.5) -> None:
+    def __init__(self, tiles: Sequence[TileSpec], *, match_iou: float = 0.5, max_pixels: int = 1 << 26) -> None:
         self.match_iou = match_iou
+        self.max_pixels = max_pixels
         self._tiles = list(tiles)
         self._xs = sorted({t.window.x for t in tiles})
         self._ys = sorted({t.window.y for t in tiles})
@@ -80,7 +87,7 @@ class Stitcher:
     def add(self, tile: TileSpec, detections: Sequence[Detection]) -> Iterator[Detection]:
         """Add one tile's detections (level-0 placed, cropped to their box); yield what became final."""
         for detection in detections:
-            self._insert(self._fragment(tile, detection))
+            yield from self._insert(self._fragment(tile, detection))
         self._done.add(tile.index)
         yield from self._flush(final=False)
 
@@ -108,7 +115,8 @@ class Stitcher:
         c = self._cell
         return {(cx, cy) for cx in range(box.x // c, (box.x2 - 1) // c + 1) for cy in range(box.y // c, (box.y2 - 1) // c + 1)}
 
-    def _insert(self, fragment: _Fragment) -> None:
+    def _insert(self, fragment: _Fragment) -> Iterator[Detection]:
+        """File the fragment with the object it belongs to; yields pieces of oversized objects."""
         cells = self._cells_of(fragment.box)
         candidates = {gid for cell in cells for gid in self._cells.get(cell, ())}
         matched = [gid for gid in sorted(candidates) if self._matches(self._groups[gid], fragment)]
@@ -120,13 +128,18 @@ class Stitcher:
             return
         gid, others = matched[0], matched[1:]
         group = self._groups[gid]
+        was_oversized = group.oversized
         group.fragments.append(fragment)
         group.box = _union_box(group.box, fragment.box)
         for other in others:
             merged = self._remove(other)
+            was_oversized = was_oversized or merged.oversized
             group.fragments.extend(merged.fragments)
             group.box = _union_box(group.box, merged.box)
         self._index(gid, self._cells_of(group.box))
+        if was_oversized or group.box.w * group.box.h > self.max_pixels:
+            group.oversized = True
+            yield from _core_pieces(group.fragments)
 
     def _index(self, gid: int, cells: set[tuple[int, int]]) -> None:
         group = self._groups[gid]
@@ -165,11 +178,35 @@ class Stitcher:
         rows = range(bisect.bisect_left(self._ys, box.y - self._window_h + 1), bisect.bisect_left(self._ys, box.y2))
         return [row * len(self._xs) + col for row in rows for col in cols]
 
+    def _settled(self, box: Rect) -> bool:
+        """No tile still to come can meet ``box``."""
+        return all(index in self._done for index in self._touching_tiles(box))
+
     def _flush(self, *, final: bool) -> Iterator[Detection]:
-        ready = [gid for gid, group in self._groups.items()
-                 if final or all(index in self._done for index in self._touching_tiles(group.box))]
-        for gid in ready:
-            yield _resolve(self._remove(gid))
+        for gid, group in list(self._groups.items()):
+            if group.oversized:  # its pieces are out; keep only fragments a coming tile could match
+                group.fragments = [f for f in group.fragments if not final and not self._settled(f.box)]
+                if not group.fragments:
+                    self._remove(gid)
+            elif final or self._settled(group.box):
+                yield _resolve(self._remove(gid))
+
+
+def _core_pieces(fragments: Sequence[_Fragment]) -> Iterator[Detection]:
+    """Each fragment not yet reported, cut to its tile's core, in level-0 pixels (empty pieces skipped)."""
+    for fragment in fragments:
+        if fragment.emitted:
+            continue
+        fragment.emitted = True
+        part = fragment.box.intersection(fragment.tile.core)
+        if part is None:
+            continue
+        mask = _paste(fragment, part)
+        if mask.any():
+            source, d = fragment.detection, fragment.tile.downsample
+            yield Detection(mask=mask, score=source.score, prompt_idx=source.prompt_idx, mask_idx=source.mask_idx,
+                            frame=source.frame, label=source.label, color=source.color, extra=dict(source.extra),
+                            origin=(part.x * d, part.y * d), scale=d)
 
 
 def _resolve(group: _Group) -> Detection:
