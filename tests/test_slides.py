@@ -101,6 +101,7 @@ def test_ordinary_images_come_as_array_sources(tmp_path):
 def test_a_slide_probes_as_one_frame_and_decodes_whole_only_under_the_pixel_limit(ome, content):
     media = probe(ome)
     assert (media.kind, media.n_frames, media.width, media.height) == ("slide", 1, 3072, 2048)
+    assert media.slide["vendor"] == "ome" and len(media.slide["levels"]) == 3
     np.testing.assert_array_equal(media.frame(0), content.full())
     small = probe(ome, limits=MediaLimits(max_image_pixels=1_000_000))
     with pytest.raises(JobError) as err:
@@ -221,3 +222,23 @@ def test_jpeg_svs_reads_close_to_its_source(tmp_path, content):
         region = source.read_region(1000, 500, 700, 600)
     error = np.abs(region.astype(int) - content.expected(1000, 500, 700, 600).astype(int))
     assert error.mean() < 4
+
+
+def test_planar_multichannel_slides_pick_channels(tmp_path):
+    rng = np.random.default_rng(1)
+    planes = rng.integers(0, 4000, (700, 900, 3)).astype(np.uint16)
+    planes[..., 2] = np.arange(900, dtype=np.uint16)[None, :] * 50
+    slide = SparseSlide(900, 700, background=(0, 0, 0), patches=[(0, 0, planes)])
+    path = write_ome_pyramid(tmp_path / "fluo.ome.tif", slide, levels=2, tile=256, planar=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "CYX"
+    with open_slide(path, limits=LIMITS, channels=ChannelRule(channels=(2,), normalize="none")) as source:
+        assert source.n_channels == 3
+        region = source.read_region(100, 50, 300, 200)
+        raw = source.read_raw(100, 50, 300, 200)
+    np.testing.assert_array_equal(raw, slide.expected(100, 50, 300, 200))
+    expected = np.rint(slide.expected(100, 50, 300, 200)[..., 2] * (255 / 65535)).astype(np.uint8)
+    np.testing.assert_array_equal(region, np.repeat(expected[..., None], 3, axis=-1))
+    with pytest.raises(JobError) as err:
+        open_slide(path, limits=LIMITS, channels=ChannelRule(channels=(3,)))
+    assert (err.value.code, err.value.field) == ("sidecar_invalid", "channels")
