@@ -200,6 +200,10 @@ def test_only_the_tiles_a_region_touches_are_decoded(ome, monkeypatch):
         decoded.clear()
         source.read_region(0, 0, 3072, 2048, level=2)  # all of level 2, 768x512: 2 tiles
         assert len(decoded) == 2
+        decoded.clear()
+        source.read_region(900, 900, 300, 300)  # tiles decoded before: from the cache
+        source.read_region(0, 0, 3072, 2048, level=2)
+        assert decoded == []
 
 
 def test_sixteen_bit_slides_share_one_stretch(tmp_path):
