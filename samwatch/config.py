@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samwatch.errors import ConfigError
-from samwatch.modeltypes import ModelType
+from samwatch.families import ModelType
 
 MAX_CONFIG_BYTES = 1024 * 1024
 #: Read by every command given no --config, when it exists; ``weights add`` creates it.

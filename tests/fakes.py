@@ -16,8 +16,6 @@ from samwatch.models.base import Detection, LoadSpec, RunContext
 
 
 class FakeAdapter:
-    modes = frozenset({"prompts", "automask", "text", "video"})
-
     def setup(self, spec: LoadSpec, device, *, embedding_cache: int = 4) -> None:  # noqa: ANN001
         self.spec = spec
 

@@ -17,7 +17,7 @@ from samwatch.geometry import iou, rasterize
 from samwatch.jobs import JobRunner, JobTicket, Progress
 from samwatch.models.base import LoadSpec, RunContext
 from samwatch.models.pool import ModelPool
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.models.sam1 import Adapter, build_predictor
 from samwatch.outbox import JobOutputs
 from samwatch.sidecar import validate_sidecar
