@@ -59,8 +59,12 @@ def is_tiff_slide(path: Path) -> bool:
 def check_tiff_complete(path: Path) -> None:
     """Refuse a TIFF-based slide that is not a TIFF (image_unreadable) or is cut short
     (slide_truncated); a TIFF tifffile cannot parse is left to the vendor reader."""
-    with open(path, "rb") as stream:
-        magic = stream.read(4)
+    try:
+        with open(path, "rb") as stream:
+            magic = stream.read(4)
+    except PermissionError as exc:
+        raise JobError("image_unreadable", f"'{path.name}' cannot be read (permission denied); make it "
+                       "readable by the user samwatch runs as.", file=str(path)) from exc
     if magic not in _TIFF_MAGIC:
         raise JobError("image_unreadable", f"'{path.name}' is not a TIFF file, as a {path.suffix} slide must "
                        "be: it is damaged or misnamed; export or copy it again.", file=str(path))
