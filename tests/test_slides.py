@@ -169,14 +169,16 @@ def test_unsupported_and_unreadable_vendor_files(tmp_path):
     tifffile.imwrite(stripped, np.zeros((64, 64), np.uint8))
     garbage = tmp_path / "noise.svs"
     garbage.write_bytes(np.random.default_rng(0).bytes(5000))
+    mirax = tmp_path / "lonely.mrxs"
+    mirax.write_text("[GENERAL]\n")
     codes = {}
-    for path in (vsi, stripped, garbage):
+    for path in (vsi, stripped, garbage, mirax):
         with pytest.raises(JobError) as err:
             probe(path)
         codes[path.name] = err.value.code
         assert err.value.file == str(path)
     assert codes == {"scan.vsi": "slide_format_unsupported", "plain.svs": "slide_format_unsupported",
-                     "noise.svs": "image_unreadable"}
+                     "noise.svs": "image_unreadable", "lonely.mrxs": "image_unreadable"}
 
 
 def test_only_the_tiles_a_region_touches_are_decoded(ome, monkeypatch):
