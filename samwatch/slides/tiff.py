@@ -2,7 +2,7 @@
 
 A TIFF is a slide when its first series is one plane (no T, Z or other frame axis beyond
 length 1; channels allowed) stored in tiles, or has pyramid levels (SubIFDs, or the reduced
-pages tifffile groups as levels). Untiled single-level TIFFs stay ordinary images, refused
+pages tifffile groups as levels), and tifffile can decode its compression. Untiled single-level TIFFs stay ordinary images, refused
 from their header when over ``limits.max_image_pixels``.
 """
 
@@ -51,7 +51,10 @@ def is_tiff_slide(path: Path) -> bool:
         with _quiet(), tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             one_plane = set(series.axes) <= _PLANE_AXES
-            return one_plane and (len(series.levels) > 1 or series.keyframe.is_tiled)
+            # Without the codec (imagecodecs not installed) tiles cannot be decoded one by one;
+            # media then reads the file whole through Pillow, as any other TIFF.
+            decodable = series.keyframe.compression in tifffile.TIFF.DECOMPRESSORS
+            return one_plane and decodable and (len(series.levels) > 1 or series.keyframe.is_tiled)
     except (*_DECODE_ERRORS, KeyError):
         return False  # not a readable TIFF: media reports why, from its own reader
 
@@ -182,6 +185,10 @@ def _check_complete(path: Path, tif: tifffile.TiffFile) -> None:
         raise _truncated(path, f"an image directory at byte {missing:,}", size)
     # Main-chain pages hold the levels of SVS-like files, SubIFDs (in the levels) those of OME-TIFF.
     pages = [("page", i, page) for i, page in enumerate(tif.pages)]
+    for _, _, page in pages:
+        beyond = [offset for offset in getattr(page, "subifds", None) or () if offset >= size]
+        if beyond:
+            raise _truncated(path, f"a pyramid level (SubIFD) at byte {beyond[0]:,}", size)
     pages += [("level", i, page) for i, level in enumerate(tif.series[0].levels) for page in level.pages]
     for what, number, page in pages:
         ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
