@@ -270,6 +270,7 @@ class JobRunner:
             "image": {
                 "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
                 "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,
+                **({"slide": media.slide} if media.slide else {}),
             },
             "sidecar": ticket.sidecar,
             "input_version": ticket.version,
