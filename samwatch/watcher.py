@@ -28,8 +28,17 @@ NETWORK_FS_TYPES = frozenset(
 
 @dataclass(frozen=True)
 class FileState:
+    """What tells a file's versions apart without reading it. ``ctime_ns`` and ``inode`` catch
+    a file replaced by one of the same size whose mtime was set back."""
+
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> FileState:
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 def is_ignored_name(name: str) -> bool:
@@ -39,7 +48,7 @@ def is_ignored_name(name: str) -> bool:
 def _frames_dir_state(path: str) -> FileState:
     """A folder of frames changes as a whole: total size and newest mtime of its entries."""
     size = 0
-    mtime = 0
+    mtime = ctime = 0
     count = 0
     with os.scandir(path) as entries:
         for entry in entries:
@@ -48,9 +57,10 @@ def _frames_dir_state(path: str) -> FileState:
             stat = entry.stat(follow_symlinks=False)
             size += stat.st_size
             mtime = max(mtime, stat.st_mtime_ns)
+            ctime = max(ctime, stat.st_ctime_ns)
             count += 1
     # The count joins the size so that renaming frames in place also counts as a change.
-    return FileState(size=size * 100_003 + count, mtime_ns=mtime)
+    return FileState(size=size * 100_003 + count, mtime_ns=mtime, ctime_ns=ctime, inode=os.stat(path).st_ino)
 
 
 #: Most file systems allow 255 bytes per name; the outbox adds up to ".progress.json" to a stem.
@@ -113,7 +123,7 @@ def scan_tree(root: Path, folder: str = "", skipped: dict[str, str] | None = Non
                         stack.append(rel)
                 elif entry.is_file():
                     stat = entry.stat()
-                    found[rel] = FileState(stat.st_size, stat.st_mtime_ns)
+                    found[rel] = FileState.of(stat)
             except (FileNotFoundError, PermissionError):
                 continue  # vanished or unreadable between listing and stat: next pass decides
             except OSError as exc:  # ELOOP (a symlink loop), EIO, ...: this entry only
@@ -281,7 +291,7 @@ class Watcher:
                     state = _frames_dir_state(str(full))
                 else:
                     stat = full.stat()
-                    state = FileState(stat.st_size, stat.st_mtime_ns)
+                    state = FileState.of(stat)
             except OSError:
                 self._files.pop(path, None)
                 self._changed_at.pop(path, None)

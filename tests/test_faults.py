@@ -218,3 +218,46 @@ def test_stem_too_long_for_the_outbox_is_refused_in_the_log(service: Service) ->
     write_sidecar(service.inbox / "long" / f"{stem}.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
     wait_for(lambda: "is too long" in service.daemon.log(), 10, what="the refusal logged")
     service.assert_healthy()
+
+
+# ---- a changed image that looked unchanged ---------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_same_size_image_with_mtime_set_back_runs_again(service: Service, how: str) -> None:
+    import os
+
+    folder = service.inbox / f"sneaky_{how}"
+    image = save_image(folder / "a.png", SMALL)
+    write_sidecar(folder / "a.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
+    assert service.outcome(f"sneaky_{how}/a")["state"] == "done"
+    first = read_json(service.outbox / f"sneaky_{how}" / "a.geojson")["samwatch"]["image"]["sha256"]
+    before = image.stat()
+    other = SMALL.copy()
+    other[0, 0] = 7  # same size on disk: PNG of the same shape, a different pixel
+    data = png_bytes(other)
+    assert len(data) == before.st_size
+    if how == "replaced":  # cp -p / rsync -t: a new file under the old name, the old mtime
+        (folder / ".a.png.tmp").write_bytes(data)
+        os.utime(folder / ".a.png.tmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(folder / ".a.png.tmp", image)
+    else:  # written in place, mtime set back
+        image.write_bytes(data)
+        os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    def rerun() -> str | None:
+        result = read_json(service.outbox / f"sneaky_{how}" / "a.geojson")
+        sha = result and result["samwatch"]["image"]["sha256"]
+        return sha if sha != first else None
+
+    wait_for(rerun, GOOD_JOB_SECONDS, what="the job to run again on the new pixels")
+    service.assert_healthy()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
