@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from samwatch.errors import JobError
 from samwatch.media import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
+from samwatch.watcher import is_ignored_path
 
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MASK_MARK = ".mask"
@@ -152,7 +153,8 @@ def find_jobs(
     files: Collection[str],
     image_ref_of: Callable[[str], str | None],
 ) -> list[JobSource]:
-    """Every job the inbox's files define (ready or not)."""
+    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none."""
+    files = [rel for rel in files if not is_ignored_path(rel)]
     jobs: list[JobSource] = []
     claimed: set[str] = set()
     images = index_images(files)

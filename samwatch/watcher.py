@@ -36,6 +36,11 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
+def is_ignored_path(rel: str) -> bool:
+    """Whether any part of an inbox-relative path is ignored (``_done/p/c.yaml``, ``a/.tmp/b``)."""
+    return any(is_ignored_name(part) for part in rel.split("/") if part)
+
+
 def _frames_dir_state(path: str) -> FileState:
     """A folder of frames changes as a whole: total size and newest mtime of its entries."""
     size = 0
@@ -56,6 +61,8 @@ def _frames_dir_state(path: str) -> FileState:
 def scan_tree(root: Path, folder: str = "") -> dict[str, FileState]:
     """Every visible file under ``root/folder`` by relative POSIX path; ``.frames`` folders as one."""
     found: dict[str, FileState] = {}
+    if is_ignored_path(folder):
+        return found  # e.g. an event inside inbox/_done/: nothing there is ever a job
     stack = [folder]
     while stack:
         relative = stack.pop()
@@ -148,6 +155,8 @@ class EventSource:
                 parts = parts[: index + 1]
                 break
         folder = "/".join(parts[:-1])
+        if is_ignored_path(folder):
+            return
         with self._lock:
             self._dirty.add(folder)
 

@@ -1,0 +1,43 @@
+"""Field-ready regressions (issue 12): each through a real ``samwatch run`` subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+
+SMALL = np.full((48, 64), 120, np.uint8)
+TIMEOUT = 60
+
+
+def drop(inbox: Path, stem: str, body: dict | None = None) -> str:
+    save_image(inbox / f"{stem}.png", SMALL)
+    write_sidecar(inbox / f"{stem}.yaml", body or {"prompts": [{"bbox": [1, 1, 20, 20]}]})
+    return stem
+
+
+@pytest.mark.parametrize("mode", ["native", "polling"])
+def test_moved_inputs_never_run_again(tmp_path: Path, mode: str) -> None:
+    watch = {"mode": mode, "poll_interval_seconds": 0.1, "settle_seconds": 0.3, "rescan_interval_seconds": 0.5}
+    config = write_config(tmp_path, fake_weights(tmp_path), watch=watch, inputs={"after": "move"})
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProcess(config, fake_model=True)
+    try:
+        # Finished jobs walk into inbox/_done/ (and _failed/) at every depth; the later jobs give
+        # the daemon time to (wrongly) pick the moved files up again before the checks below.
+        for stem in ("p/c", "p/q/deep", "p/bad", "p/d", "p/q/e", "p/f", "p/g"):
+            body = {"prompts": [{}]} if stem == "p/bad" else None
+            drop(inbox, stem, body)
+            wait_for(lambda stem=stem: finished(outbox, stem), TIMEOUT, what=f"{stem} finished")
+        assert (inbox / "_done" / "p" / "c.yaml").exists() and (inbox / "_failed" / "p" / "bad.yaml").exists()
+        assert (inbox / "_done" / "p" / "q" / "deep.png").exists()
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert not (outbox / "_done").exists() and not (outbox / "_failed").exists(), log
+    assert not (inbox / "_done" / "_done").exists(), log
+    assert log.count("job p/c done") == 1 and "_done/" not in log.replace("inbox/_done", ""), log
