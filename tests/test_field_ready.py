@@ -41,3 +41,21 @@ def test_moved_inputs_never_run_again(tmp_path: Path, mode: str) -> None:
     assert not (outbox / "_done").exists() and not (outbox / "_failed").exists(), log
     assert not (inbox / "_done" / "_done").exists(), log
     assert log.count("job p/c done") == 1 and "_done/" not in log.replace("inbox/_done", ""), log
+
+
+def test_qupath_keeps_scores_as_measurements_and_a_name(tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProcess(config, fake_model=True)
+    try:
+        drop(inbox, "q", {"prompts": [{"bbox": [1, 1, 20, 20]}, {"bbox": [30, 5, 50, 25]}]})
+        wait_for(lambda: finished(outbox, "q"), TIMEOUT, what="q finished")
+    finally:
+        assert daemon.stop() == 0
+    features = read_json(outbox / "q.geojson")["features"]
+    assert len(features) == 2, daemon.log()
+    for index, feature in enumerate(features):
+        props = feature["properties"]
+        assert props["name"] == "SAM (Quality=0.90)"
+        assert props["measurements"] == {"SAM quality": 0.9, "SAM object index": index, "SAM prompt index": index}
+        assert (props["quality"], props["object_idx"], props["prompt_idx"]) == (0.9, index, index)  # other readers
