@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +62,35 @@ def test_qupath_keeps_scores_as_measurements_and_a_name(tmp_path: Path) -> None:
         assert props["name"] == "SAM (Quality=0.90)"
         assert props["measurements"] == {"SAM quality": 0.9, "SAM object index": index, "SAM prompt index": index}
         assert (props["quality"], props["object_idx"], props["prompt_idx"]) == (0.9, index, index)  # other readers
+
+
+def samwatch_cli(*argv: str, shell_tail: str = "") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "samwatch", *argv]
+    if shell_tail:
+        return subprocess.run(" ".join(map(shlex.quote, command)) + shell_tail, shell=True,
+                              capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_status_with_a_broken_config_from_the_share_and_into_a_pipe(tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    outbox = tmp_path / "outbox"
+    daemon = DaemonProcess(config, fake_model=True)
+    try:
+        wait_for(lambda: (outbox / "_samwatch" / "status.json").exists(), TIMEOUT, what="heartbeat")
+        config.write_text(config.read_text() + "bogus_key: 1\n")  # refused: the daemon keeps its old config
+        wait_for(lambda: (read_json(outbox / "_samwatch" / "status.json") or {}).get("config", {}).get("error"),
+                 TIMEOUT, what="config error in status")
+        broken = samwatch_cli("status", "--config", str(config))
+        assert broken.returncode == 0, broken.stderr
+        assert "state: idle" in broken.stdout and "bogus_key" in broken.stdout
+        assert "the config has an error" in broken.stderr
+
+        shared = samwatch_cli("status", "--outbox", str(outbox), "--json")  # no config at all
+        assert shared.returncode == 0, shared.stderr
+        assert json.loads(shared.stdout)["instance"] == "test"
+
+        piped = samwatch_cli("status", "--outbox", str(outbox), shell_tail=" | true")
+        assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
+    finally:
+        assert daemon.stop() == 0
