@@ -94,3 +94,34 @@ def test_status_with_a_broken_config_from_the_share_and_into_a_pipe(tmp_path: Pa
         assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
     finally:
         assert daemon.stop() == 0
+
+
+def test_check_reports_everything_run_refuses(tmp_path: Path, vit_t_checkpoint: Path) -> None:
+    weights = [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)},
+               {"name": "gone", "type": "vit_t", "url": (tmp_path / "nowhere" / "w.pt").as_uri()}]
+    config = write_config(tmp_path, weights)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    bodies = {
+        "oob": {"prompts": [{"bbox": [0, 0, 500, 20]}]},  # the image is 64 x 48
+        "sam3": {"model": "sam3", "prompts": [{"bbox": [1, 1, 20, 20]}]},  # sam3 takes text/exemplars
+        "gone": {"weights": "gone", "prompts": [{"bbox": [1, 1, 20, 20]}]},
+        "many": {"weights": "gone", "prompts": [{"bbox": [0, 0, 500, 20]}, {"points": [[10, 90]]}]},
+    }
+    daemon = DaemonProcess(config)
+    try:
+        for stem, body in bodies.items():
+            drop(inbox, stem, body)
+        wait_for(lambda: all(finished(outbox, stem) for stem in bodies), 180, what="every job finished")
+    finally:
+        assert daemon.stop() == 0
+    refused = {stem: read_json(outbox / f"{stem}.error.json")["error"] for stem in bodies}
+    assert refused == {"oob": "prompt_out_of_bounds", "sam3": "sidecar_invalid", "gone": "weights_download_failed",
+                       "many": "weights_download_failed"}, daemon.log()
+
+    checked = samwatch_cli("check", "--config", str(config))
+    assert checked.returncode == 1, checked.stderr
+    lines = checked.stdout.splitlines()
+    for stem, code in refused.items():
+        assert any(line.startswith(f"{stem}.yaml: ") and f": {code}: " in line for line in lines), (stem, lines)
+    many = [line for line in lines if line.startswith("many.yaml: ")]
+    assert [line.split(": ")[1] for line in many] == ["weights", "prompts.0.bbox", "prompts.1.points.0"], many
