@@ -125,3 +125,31 @@ def test_check_reports_everything_run_refuses(tmp_path: Path, vit_t_checkpoint: 
         assert any(line.startswith(f"{stem}.yaml: ") and f": {code}: " in line for line in lines), (stem, lines)
     many = [line for line in lines if line.startswith("many.yaml: ")]
     assert [line.split(": ")[1] for line in many] == ["weights", "prompts.0.bbox", "prompts.1.points.0"], many
+
+
+def test_saved_qupath_and_samapi_bodies_run(tmp_path: Path) -> None:
+    (tmp_path / "lab.pt").write_bytes(b"fake weights")
+    lab_url = (tmp_path / "lab.pt").as_uri()
+    config = write_config(tmp_path, [*fake_weights(tmp_path), {"name": "lab", "type": "vit_t", "url": lab_url}])
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    # As QuPath's SAM extension saves them: every optional key present, unset ones null.
+    prompt = {"type": "vit_t", "bbox": [1, 1, 20, 20], "point_coords": None, "point_labels": None,
+              "b64mask": None, "multimask_output": False, "checkpoint_url": lab_url}
+    automask = {"type": "vit_t", "points_per_side": 4, "output_type": "Single mask", "include_image_edge": False,
+                "crop_n_layers": 0, "checkpoint_url": lab_url}
+    evil = {"type": "vit_t", "bbox": [1, 1, 20, 20], "checkpoint_url": "https://evil.example/x.pt"}
+    daemon = DaemonProcess(config, fake_model=True)
+    try:
+        for stem, body in (("prompt", prompt), ("automask", automask), ("evil", evil)):
+            save_image(inbox / f"{stem}.png", SMALL)
+            write_sidecar(inbox / f"{stem}.json", body)
+        wait_for(lambda: all(finished(outbox, s) for s in ("prompt", "automask", "evil")), TIMEOUT, what="jobs finished")
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log()
+    for stem in ("prompt", "automask"):
+        assert progress_state(outbox, stem) == "done", (read_json(outbox / f"{stem}.error.json"), log)
+        assert read_json(outbox / f"{stem}.geojson")["samwatch"]["weights"]["name"] == "lab"
+    error = read_json(outbox / "evil.error.json")
+    assert error["error"] == "checkpoint_url_refused" and "samwatch weights add" in error["message"]
+    assert "evil.example" not in log.replace(error["message"], "").replace("evil.json", "")
