@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()  # the daemon's format for every command; `run` then applies the config's level
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -153,3 +154,32 @@ def test_saved_qupath_and_samapi_bodies_run(tmp_path: Path) -> None:
     error = read_json(outbox / "evil.error.json")
     assert error["error"] == "checkpoint_url_refused" and "samwatch weights add" in error["message"]
     assert "evil.example" not in log.replace(error["message"], "").replace("evil.json", "")
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def test_logs_one_format_no_import_noise_each_failure_once(tmp_path: Path, vit_t_checkpoint: Path) -> None:
+    nowhere = (tmp_path / "nowhere" / "mobile_sam.pt").as_uri()
+    weights = [{"name": "real", "type": "vit_t", "path": str(vit_t_checkpoint)},
+               {"name": "default", "type": "vit_t", "url": nowhere}]  # a default that cannot be fetched
+    config = write_config(tmp_path, weights)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProcess(config)
+    try:
+        drop(inbox, "ok", {"weights": "real", "prompts": [{"bbox": [1, 1, 20, 20]}]})
+        drop(inbox, "nodl")
+        wait_for(lambda: finished(outbox, "ok") and finished(outbox, "nodl"), 180, what="both jobs finished")
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert progress_state(outbox, "ok") == "done", log
+    assert "Warning" not in log and "tiny_vit" not in log, log  # timm / mobile_sam import noise
+    assert all(LOG_LINE.match(line) for line in log.splitlines()), log
+    message = read_json(outbox / "nodl.error.json")["message"]
+    assert "samwatch weights add default vit_t /path/to/mobile_sam.pt" in message  # for users without a config
+    assert log.count("Downloading the vit_t weights 'default'") == 1, log
+
+    fetch = samwatch_cli("weights", "fetch", "default", "--type", "vit_t", "--config", str(config))
+    assert fetch.returncode == 1 and fetch.stderr.count("Downloading the vit_t weights 'default'") == 1, fetch.stderr
+    assert all(LOG_LINE.match(line) or line.startswith("vit_t/default: ") for line in fetch.stderr.splitlines()), fetch.stderr
