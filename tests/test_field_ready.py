@@ -183,3 +183,12 @@ def test_logs_one_format_no_import_noise_each_failure_once(tmp_path: Path, vit_t
     fetch = samwatch_cli("weights", "fetch", "default", "--type", "vit_t", "--config", str(config))
     assert fetch.returncode == 1 and fetch.stderr.count("Downloading the vit_t weights 'default'") == 1, fetch.stderr
     assert all(LOG_LINE.match(line) or line.startswith("vit_t/default: ") for line in fetch.stderr.splitlines()), fetch.stderr
+
+
+def test_admin_docs_call_samwatch_by_its_installed_path() -> None:
+    text = (Path(__file__).resolve().parents[1] / "systemd" / "README.md").read_text()
+    operate = text.split("## Operate", 1)[1].split("\n## ", 1)[0]
+    block = operate.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands and all(not command.startswith("samwatch ") for command in commands), commands
+    assert "## Share permissions for QuPath users" in text
