@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,13 +166,13 @@ class JobRunner:
 
         infer_started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
+            # Each mask becomes its feature as it comes and is dropped, so a job holds one
+            # prompt batch of masks at a time however many prompts its sidecar has.
             detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch))
-        timings["inference"] = time.perf_counter() - infer_started
+            features = self._features(detections, sidecar, model_type, media, timings)
+        timings["inference"] = time.perf_counter() - infer_started - timings["geometry"]
 
         progress("writing", 0.0)
-        geometry_started = time.perf_counter()
-        features = self._features(detections, sidecar, model_type, media)
-        timings["geometry"] = time.perf_counter() - geometry_started
         timings["total"] = time.perf_counter() - started
         meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features))
         progress.outputs.write_result(feature_collection(features, meta))
@@ -185,15 +185,15 @@ class JobRunner:
 
     def _infer(
         self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
-    ) -> list[Detection]:
+    ) -> Iterator[Detection]:
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
         if sidecar.mode == "video":
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
-            return adapter.run(ctx)
+            yield from adapter.run(ctx)
+            return
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
-        detections: list[Detection] = []
         for frame_index in range(media.n_frames):
             # A stack without a video block: every plane is segmented as an image.
             frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
@@ -205,19 +205,26 @@ class JobRunner:
             for detection in adapter.run(ctx):
                 if media.n_frames > 1:
                     detection.frame = frame_index
-                detections.append(detection)
-        return detections
+                yield detection
 
-    def _features(self, detections: list[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
+    def _features(
+        self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
+        timings: dict[str, float],
+    ) -> list[dict]:
+        """One feature per non-empty detection, traced as it arrives; ``timings["geometry"]``
+        gets the time spent tracing."""
         default_label = sidecar.label or self.config.defaults.label
         axes = sidecar.video.axes if sidecar.video else ("XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT")
         plane_position = sidecar.video.plane_position if sidecar.video else 0
         features = []
+        timings["geometry"] = 0.0
         for detection in detections:
+            traced = time.perf_counter()
             geometry = mask_to_geometry(
                 detection.mask, simplify_tolerance=sidecar.output.simplify_tolerance,
                 offset=detection.origin, scale=detection.scale,
             )
+            timings["geometry"] += time.perf_counter() - traced
             if geometry is None:
                 continue
             label = detection.label or default_label
@@ -263,6 +270,7 @@ class JobRunner:
             "image": {
                 "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
                 "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,
+                **({"slide": media.slide} if media.slide else {}),
             },
             "sidecar": ticket.sidecar,
             "input_version": ticket.version,

@@ -19,6 +19,7 @@ from samwatch.geometry import iou
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.sam2 import Adapter, sam2_config_for
 from samwatch.sidecar import validate_sidecar
+from support import placed
 from tests.conftest import SAM2_TINY_CONFIG
 
 IMAGE = np.ascontiguousarray(data.astronaut()[::2, ::2])  # 256×256 RGB
@@ -75,7 +76,7 @@ def run(
         prompt_masks=masks or [],
         prompt_batch_size=batch,
     )
-    return adapter.run(ctx)
+    return placed(adapter.run(ctx), IMAGE.shape[:2])
 
 
 def reference_masks(reference: Any, multimask: bool, **prompt: Any) -> tuple[np.ndarray, np.ndarray]:
