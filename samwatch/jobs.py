@@ -317,6 +317,7 @@ class JobRunner:
                 "config": getattr(adapter, "config_used", spec.config),
             },
             "device": describe(self.pool.device),
+            "image_encoder": getattr(adapter, "encoder_path", "eager"),  # e.g. onnxruntime, or eager
             "host": self.config.service.instance,
             "image": {
                 "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
