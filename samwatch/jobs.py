@@ -29,7 +29,7 @@ from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, probe
 from samwatch.models.base import Detection, LoadSpec, RunContext
-from samwatch.models.device import describe
+from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.outbox import JobOutputs
 from samwatch.prompts import prompt_masks
@@ -106,7 +106,8 @@ class Progress:
 class JobRunner:
     """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
 
-    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int) -> None:
+    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None) -> None:
+        """``prompt_batch_size`` None: chosen per device and image size (models/device.py)."""
         self.config = config
         self.registry = registry
         self.pool = pool
@@ -245,9 +246,10 @@ class JobRunner:
         self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
     ) -> list[Detection]:
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
+        batch_size = self.prompt_batch_size or default_prompt_batch_size(self.pool.device, media.width * media.height)
         if sidecar.mode == "video":
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
-                             prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
+                             prompt_batch_size=batch_size, scratch_dir=scratch)
             return adapter.run(ctx)
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
@@ -257,7 +259,7 @@ class JobRunner:
             frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
             ctx = RunContext(
                 sidecar=sidecar, image=media.frame(frame_index), image_key=f"{base_key}:{frame_index}",
-                prompt_masks=masks, progress=frame_progress, prompt_batch_size=self.prompt_batch_size,
+                prompt_masks=masks, progress=frame_progress, prompt_batch_size=batch_size,
                 scratch_dir=scratch,
             )
             for detection in adapter.run(ctx):

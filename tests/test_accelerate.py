@@ -127,6 +127,24 @@ def test_sdpa_matches_sam_vit_attention_with_relative_positions() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_onnxruntime_sam2_encoder_matches_eager(sam2_t_checkpoint: Path, tmp_path: Path) -> None:
+    """SAM2's encoder returns a dict of lists (features, positions, FPN levels): all rebuilt."""
+    from samwatch.models.sam2 import Adapter
+
+    adapter = Adapter()
+    spec = LoadSpec("sam2_t", sam2_t_checkpoint, "default", sha256=_sha256(sam2_t_checkpoint))
+    adapter.setup(spec, torch.device("cpu"))
+    eager_encoder = adapter.model.image_encoder
+    adapter.accelerate(Accelerator(("onnxruntime",), torch.device("cpu"), tmp_path), spec)
+    image = torch.randn(1, 3, 1024, 1024)
+    with torch.inference_mode():
+        expected, got = eager_encoder(image), adapter.model.image_encoder(image)
+    assert adapter.encoder_path == "onnxruntime"
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+
+
 def _job(tmp_path: Path, checkpoint: Path, cache: Path) -> tuple[dict, list[str]]:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
