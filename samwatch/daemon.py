@@ -33,10 +33,10 @@ from samwatch.ledger import JobRow, Ledger
 from samwatch.media import content_hash
 from samwatch.models.device import describe, pick_device
 from samwatch.models.pool import ModelPool
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
 from samwatch.outbox import STATE_FOLDER, JobOutputs, atomic_write_json, now_iso, sweep_temporaries
-from samwatch.sidecar import parse_sidecar_text
+from samwatch.job_sidecar import load_job_sidecar
 from samwatch.watcher import Watcher
 
 
@@ -230,10 +230,7 @@ class Daemon:
         if cached is not None and cached[0] == state:
             return cached[1]
         try:
-            path = self.config.inbox / rel
-            data = parse_sidecar_text(path.read_bytes()[: self.config.limits.max_sidecar_bytes + 1], name=rel)
-            ref = data.get("image")
-            ref = ref if isinstance(ref, str) else None
+            ref = load_job_sidecar(self.config, rel, problems=[]).sidecar.image
         except (OSError, JobError):
             ref = None
         self._image_refs[rel] = (state, ref)
@@ -291,16 +288,10 @@ class Daemon:
 
     def _priority(self, job: JobSource) -> int:
         """The sidecar's priority, else its folder defaults', else the config's."""
-        for rel in (job.sidecar, job.defaults):
-            if rel is None:
-                continue
-            try:
-                value = parse_sidecar_text((self.config.inbox / rel).read_bytes(), name=rel).get("priority")
-            except (OSError, JobError):
-                value = None
-            if isinstance(value, int):
-                return value
-        return self.config.defaults.priority
+        try:
+            return load_job_sidecar(self.config, job.sidecar or job.defaults or "", problems=[]).priority
+        except (OSError, JobError):
+            return self.config.defaults.priority
 
     def _forget(self, job: JobSource) -> None:
         """Its sidecar (or image) is gone: a queued job is cancelled, a running one stopped."""

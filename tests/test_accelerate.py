@@ -26,7 +26,7 @@ from samwatch.jobs import JobRunner, JobTicket, Progress
 from samwatch.models.accel import Accelerator, onnx_runtime, torch_paths
 from samwatch.models.base import LoadSpec, RunContext
 from samwatch.models.pool import ModelPool
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.models.sam1 import build_predictor
 from samwatch.outbox import JobOutputs
 from samwatch.sidecar import validate_sidecar

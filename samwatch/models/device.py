@@ -28,23 +28,15 @@ def pick_device(setting: str) -> torch.device:
 
 #: Prompts per decoder batch on GPUs. Measured on an H100 with vit_t: 64 boxes took 477 ms
 #: decoded one by one and 85 ms as one batch (5.6x); the decoder is the same for every SAM1
-#: and SAM2 size, so the figure holds for them. Apple GPUs: unmeasured, kept smaller.
+#: and SAM2 size, so the figure holds for them. Apple GPUs: unmeasured, kept smaller. Large
+#: images get smaller batches (models/base.py ``batch_size_for``).
 GPU_PROMPT_BATCH = {"cuda": 64, "mps": 16}
-#: A batch returns float32 logits at full image size, 3 per prompt with multimask output;
-#: batches are cut so those stay within this many bytes on the device.
-BATCH_LOGITS_BYTES = 2 * 1024**3
 
 
-def default_prompt_batch_size(device: torch.device, image_pixels: int = 1024 * 1024) -> int:
-    """Prompts decoded together for one image of ``image_pixels`` pixels.
-
-    On CPU the decoder repeats the image embedding per prompt, so batching is slower than a
-    loop (vit_t, 100 boxes: 6 s looped, 17 s batched): one by one.
-    """
-    most = GPU_PROMPT_BATCH.get(device.type)
-    if most is None:
-        return 1
-    return max(1, min(most, BATCH_LOGITS_BYTES // (3 * 4 * max(1, image_pixels))))
+def default_prompt_batch_size(device: torch.device) -> int:
+    """On CPU one by one: the decoder repeats the image embedding per prompt, so batching is
+    slower than a loop there (vit_t, 100 boxes: 6 s looped, 17 s batched)."""
+    return GPU_PROMPT_BATCH.get(device.type, 1)
 
 
 def describe(device: torch.device) -> str:
