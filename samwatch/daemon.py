@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +237,11 @@ class Daemon:
         return ref
 
     def _hash(self, rel: str) -> str:
-        state = self.watcher.settled[rel]
-        cached = self.ledger.cached_hash(rel, state.size, state.mtime_ns)
+        stamp = asdict(self.watcher.settled[rel])
+        cached = self.ledger.cached_hash(rel, **stamp)
         if cached is None:
             cached = content_hash(self.config.inbox / rel)
-            self.ledger.store_hash(rel, state.size, state.mtime_ns, cached)
+            self.ledger.store_hash(rel, cached, **stamp)
         return cached
 
     def _discover(self, changed: set[str], vanished: set[str]) -> None:
