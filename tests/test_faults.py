@@ -228,13 +228,15 @@ def test_same_size_image_with_mtime_set_back_runs_again(service: Service, how: s
     import os
 
     folder = service.inbox / f"sneaky_{how}"
-    image = save_image(folder / "a.png", SMALL)
+    folder.mkdir()
+    image = folder / "a.png"
+    image.write_bytes(png_bytes(SMALL))
     write_sidecar(folder / "a.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
     assert service.outcome(f"sneaky_{how}/a")["state"] == "done"
     first = read_json(service.outbox / f"sneaky_{how}" / "a.geojson")["samwatch"]["image"]["sha256"]
     before = image.stat()
     other = SMALL.copy()
-    other[0, 0] = 7  # same size on disk: PNG of the same shape, a different pixel
+    other[0, 0] = 7  # same size on disk: an uncompressed PNG of the same shape, one pixel changed
     data = png_bytes(other)
     assert len(data) == before.st_size
     if how == "replaced":  # cp -p / rsync -t: a new file under the old name, the old mtime
@@ -259,5 +261,5 @@ def png_bytes(array: np.ndarray) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=0)
     return buffer.getvalue()
