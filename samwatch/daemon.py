@@ -31,7 +31,7 @@ from samwatch.errors import ConfigError, JobError
 from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress, move_inputs
 from samwatch.ledger import JobRow, Ledger
 from samwatch.media import content_hash
-from samwatch.models.device import default_prompt_batch_size, describe, pick_device
+from samwatch.models.device import describe, pick_device
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
@@ -114,7 +114,7 @@ class Daemon:
         if recovered:
             logger.info(f"{recovered} interrupted jobs queued again")
         self.registry = WeightsRegistry(config.weights, config.state_dir)
-        self.pool = ModelPool(self.device, config.models)
+        self.pool = ModelPool(self.device, config.models, cache_dir=config.state_dir / "encoders")
         self.claims = ClaimStore(self.status_dir / "claims", config.service.instance, config.service.claim_ttl_seconds)
         self.watcher = Watcher(
             config.inbox,
@@ -346,15 +346,12 @@ class Daemon:
         outputs.write_progress("running", "reading", 0, "started")
         self.ledger.start(row)
         self.running = Running(ticket, row, progress, cancel, self.clock())
-        runner = JobRunner(self.config, self.registry, self.pool, self._prompt_batch_size())
+        runner = JobRunner(self.config, self.registry, self.pool, self.config.models.prompt_batch_size)
         logger.info(f"job {row.job_id} started")
         if self.worker is not None:
             self.worker.tickets.put((runner, ticket, progress))
         else:
             self._record(ticket, runner.run(ticket, progress))
-
-    def _prompt_batch_size(self) -> int:
-        return self.config.models.prompt_batch_size or default_prompt_batch_size(self.device)
 
     def _collect(self) -> None:
         if self.worker is None:
