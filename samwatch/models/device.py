@@ -26,6 +26,16 @@ def pick_device(setting: str) -> torch.device:
     return device
 
 
+def pick_devices(setting: str | list[str]) -> list[torch.device]:
+    """One entry per executor slot: ``auto`` is every visible GPU (else mps, else cpu); a list is
+    taken as given (``[cpu, cpu]`` is two CPU slots)."""
+    if isinstance(setting, list):
+        return [pick_device(item) for item in setting]
+    if setting == "auto" and torch.cuda.is_available():
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    return [pick_device(setting)]
+
+
 def default_prompt_batch_size(device: torch.device) -> int:
     # Measured: on CPU the decoder repeats the image embedding per prompt, so batching is
     # slower than a loop (vit_t, 100 boxes: 6 s looped, 17 s batched); on GPUs batches win.
