@@ -29,7 +29,7 @@ from samwatch.executors.local import LocalExecutor
 from samwatch.ledger import ACTIVE_STATES, Ledger
 from samwatch.models.device import pick_devices
 from samwatch.models.pool import ModelPool
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
 from samwatch.outbox import Outbox, sweep_temporaries
 from samwatch.outcomes import OutcomeRecorder

@@ -131,6 +131,13 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
     return resolve_inside(inbox, folder, posixpath.basename(found), field="image", sidecar=sidecar_rel)
 
 
+def image_on_disk(inbox: Path, sidecar_rel: str, image_ref: str | None) -> str:
+    """The image of the sidecar ``sidecar_rel`` among the files in its folder now."""
+    folder = split_name(sidecar_rel)[0]
+    listing = [f"{folder}/{p.name}" if folder else p.name for p in (inbox / folder).iterdir()]
+    return resolve_image(inbox, sidecar_rel, image_ref, index_images(listing))
+
+
 def nearest_defaults(folder: str, defaults_by_folder: Mapping[str, str]) -> str | None:
     while True:
         if folder in defaults_by_folder:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -19,6 +20,19 @@ from typing import Any
 
 TMP_PREFIX = ".samwatch-"
 STATE_FOLDER = "_samwatch"
+
+
+def _process_umask() -> int:
+    try:  # read, not os.umask(): setting it to read it would race with other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+_NEW_FILE_MODE = 0o666 & ~_process_umask()
 
 
 def now_iso() -> str:
@@ -38,16 +52,31 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that no reader ever sees a partial file."""
+def atomic_write_bytes(
+    path: Path,
+    data: bytes,
+    *,
+    durable: bool = True,
+    mode: int | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Replace ``path`` with ``data`` so that no reader ever sees a partial file.
+
+    ``mode`` defaults to what a plain ``open`` would give (0666 less the umask): mkstemp's 0600
+    would hide results from the people on the share. ``check`` is called on the written
+    temporary before the rename; if it raises, ``path`` is untouched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _NEW_FILE_MODE if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
+        if check is not None:
+            check(Path(tmp_name))
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

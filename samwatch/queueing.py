@@ -17,10 +17,10 @@ from samwatch.config import Config
 from samwatch.discovery import JobSource, find_jobs
 from samwatch.dispatch import Dispatcher, StopKind, StopRequest
 from samwatch.errors import JobError
+from samwatch.job_sidecar import load_job_sidecar
 from samwatch.ledger import ACTIVE_STATES, JobRow, Ledger
 from samwatch.media import content_hash
 from samwatch.outbox import Outbox
-from samwatch.sidecar import parse_sidecar_text
 from samwatch.watcher import Watcher
 
 #: how long a job claimed by another daemon is skipped before its claim is looked at again
@@ -73,10 +73,7 @@ class JobQueue:
         if cached is not None and cached[0] == state:
             return cached[1]
         try:
-            path = self.config.inbox / rel
-            data = parse_sidecar_text(path.read_bytes()[: self.config.limits.max_sidecar_bytes + 1], name=rel)
-            ref = data.get("image")
-            ref = ref if isinstance(ref, str) else None
+            ref = load_job_sidecar(self.config, rel, problems=[]).sidecar.image
         except (OSError, JobError):
             ref = None
         self._image_refs[rel] = (state, ref)
@@ -114,16 +111,10 @@ class JobQueue:
 
     def _priority(self, job: JobSource) -> int:
         """The sidecar's priority, else its folder defaults', else the config's."""
-        for rel in (job.sidecar, job.defaults):
-            if rel is None:
-                continue
-            try:
-                value = parse_sidecar_text((self.config.inbox / rel).read_bytes(), name=rel).get("priority")
-            except (OSError, JobError):
-                value = None
-            if isinstance(value, int):
-                return value
-        return self.config.defaults.priority
+        try:
+            return load_job_sidecar(self.config, job.sidecar or job.defaults or "", problems=[]).priority
+        except (OSError, JobError):
+            return self.config.defaults.priority
 
     def _forget(self, job: JobSource) -> None:
         """Its sidecar (or image) is gone: a queued job is cancelled, a running one stopped."""

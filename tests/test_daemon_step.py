@@ -19,7 +19,7 @@ from samwatch.daemon import Daemon
 from samwatch.errors import JobCancelled, JobError
 from samwatch.jobs import Outcome
 from samwatch.ledger import Ledger
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.outbox import Outbox
 from samwatch.watcher import Watcher
 from support import fake_weights, read_json, save_image, write_sidecar

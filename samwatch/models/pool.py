@@ -14,13 +14,13 @@ from loguru import logger
 from samwatch.config import ModelSettings
 from samwatch.errors import JobError
 from samwatch.models.base import LoadSpec, ModelAdapter
-from samwatch.modeltypes import FAMILY_OF
+from samwatch.families import FAMILY_OF
 
 
 def adapter_class(model_type: str) -> type:
-    family = FAMILY_OF[model_type]
+    """The adapter class serving ``model_type``: its family's module, imported on first use."""
     try:
-        module = importlib.import_module(f"samwatch.models.{family}")
+        module = importlib.import_module(f"samwatch.models.{FAMILY_OF[model_type].module}")
     except ImportError as exc:
         raise JobError(
             "model_not_installed",

@@ -36,7 +36,6 @@ from samwatch.models.base import (
 )
 from samwatch.models.weights_io import load_checkpoint
 
-MODES = frozenset({"prompts", "automask", "video"})
 _SIZES = {"sam2_t": "t", "sam2_s": "s", "sam2_bp": "b+", "sam2_l": "l"}
 _EMBEDDING_ATTRS = ("_features", "_orig_hw")
 
@@ -80,8 +79,6 @@ def build_model(spec: LoadSpec, state: dict[str, Any]) -> tuple[torch.nn.Module,
 
 class Adapter(PromptAdapter):
     """sam2's image predictor behind the samwatch adapter protocol."""
-
-    modes = MODES
 
     def __init__(self) -> None:
         self.model: Any = None
