@@ -115,7 +115,7 @@ class Daemon:
             for row in interrupted:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
         registry = WeightsRegistry(config.weights, config.state_dir)
-        pools = [ModelPool(device, config.models) for device in devices]
+        pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in devices]
         executor = LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
         watcher = Watcher(

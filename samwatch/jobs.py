@@ -27,7 +27,7 @@ from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, probe
 from samwatch.models.base import Detection, LoadSpec, RunContext
-from samwatch.models.device import describe
+from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.prompts import prompt_masks
 from samwatch.job_sidecar import load_job_sidecar
@@ -116,11 +116,12 @@ def stage_percent(stage: str, fraction: float) -> float:
 class JobRunner:
     """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
 
-    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int) -> None:
+    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None) -> None:
+        """``prompt_batch_size`` None: chosen per device (models/device.py)."""
         self.config = config
         self.registry = registry
         self.pool = pool
-        self.prompt_batch_size = prompt_batch_size
+        self.prompt_batch_size = prompt_batch_size or default_prompt_batch_size(pool.device)
 
     def run(self, ticket: JobTicket, progress: Progress) -> Outcome:
         started = time.perf_counter()
@@ -280,6 +281,7 @@ class JobRunner:
                 "config": getattr(adapter, "config_used", spec.config),
             },
             "device": describe(self.pool.device),
+            "image_encoder": getattr(adapter, "encoder_path", "eager"),  # e.g. onnxruntime, or eager
             "host": self.config.service.instance,
             "image": {
                 "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,

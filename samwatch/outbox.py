@@ -8,7 +8,6 @@ so a restart can sweep the ones a killed process left behind.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 TMP_PREFIX = ".samwatch-"
 STATE_FOLDER = "_samwatch"
@@ -86,8 +87,9 @@ def atomic_write_bytes(
 
 
 def atomic_write_json(path: Path, payload: Any, *, durable: bool = True) -> None:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":") if durable else None)
-    atomic_write_bytes(path, data.encode("utf-8"), durable=durable)
+    # orjson: a result of 10⁶ vertices encodes ~10x faster than with json (bench/bench_speed.py).
+    data = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    atomic_write_bytes(path, data, durable=durable)
 
 
 def sweep_temporaries(root: Path) -> int:

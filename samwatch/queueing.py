@@ -8,6 +8,7 @@ respects claims, so several daemons on one share never run one version twice.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from typing import Any
 
 from loguru import logger
@@ -80,11 +81,11 @@ class JobQueue:
         return ref
 
     def _hash(self, rel: str) -> str:
-        state = self.watcher.settled[rel]
-        cached = self.ledger.cached_hash(rel, state.size, state.mtime_ns)
+        stamp = asdict(self.watcher.settled[rel])
+        cached = self.ledger.cached_hash(rel, **stamp)
         if cached is None:
             cached = content_hash(self.config.inbox / rel)
-            self.ledger.store_hash(rel, state.size, state.mtime_ns, cached)
+            self.ledger.store_hash(rel, cached, **stamp)
         return cached
 
     def _enqueue(self, job: JobSource) -> None:

@@ -22,7 +22,7 @@ import torch
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
 from samwatch.config import Config
 from samwatch.jobs import JobRunner, Progress
-from samwatch.models.device import default_prompt_batch_size, describe
+from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool
 
 
@@ -79,8 +79,7 @@ class LocalExecutor:
         channel = ProgressChannel(ticket.job_id, dispatch.token, self._events.put)
         progress = Progress(channel, self._cancels[dispatch.token], clock=self._clock)
         config = self._config
-        batch = config.models.prompt_batch_size or default_prompt_batch_size(slot.pool.device)
-        outcome = JobRunner(config, self._registry, slot.pool, batch).run(ticket, progress)
+        outcome = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size).run(ticket, progress)
         self._cancels.pop(dispatch.token, None)
         slot.current = None  # free before the message: the daemon may dispatch as soon as it reads it
         self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))

@@ -68,6 +68,13 @@ class Adapter(PromptAdapter):
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.predictor.model)
 
+    def _encoder_owner(self) -> torch.nn.Module:
+        return self.predictor.model
+
+    def _encoder_input_shape(self) -> tuple[int, ...]:
+        size = self.predictor.model.image_encoder.img_size
+        return (1, 3, size, size)
+
     def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
         from samwatch.models.automask import generate_sam1
 
