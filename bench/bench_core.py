@@ -12,7 +12,6 @@ Random weights (no downloads here); the costs do not depend on the weight values
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samwatch.config import Config  # noqa: E402
 from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
 from samwatch.media import content_hash  # noqa: E402
-from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
+from samwatch.models.device import pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool  # noqa: E402
 from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
@@ -70,8 +69,8 @@ class Bench:
         self.device = pick_device(device)
         self.config.inbox.mkdir(parents=True)
         self.registry = WeightsRegistry(self.config.weights, self.config.state_dir)
-        self.pool = ModelPool(self.device, self.config.models)
-        self.runner = JobRunner(self.config, self.registry, self.pool, default_prompt_batch_size(self.device))
+        self.pool = ModelPool(self.device, self.config.models, cache_dir=self.config.state_dir / "encoders")
+        self.runner = JobRunner(self.config, self.registry, self.pool, None)
         self.image_path = self.config.inbox / "img.png"
         Image.fromarray(real_image()).save(self.image_path)
         self.image_sha = content_hash(self.image_path)
@@ -88,7 +87,7 @@ class Bench:
         outcome = self.runner.run(ticket, Progress(outputs, threading.Event()))
         elapsed = time.perf_counter() - started
         assert outcome.state == "done", outcome.error
-        result = json.loads(outputs.result.read_text())
+        result = outcome.result
         self.last_timings = result["samwatch"]["timings"]
         self.last_vertices = sum(_vertices(f["geometry"]) for f in result["features"])
         return elapsed

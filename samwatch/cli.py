@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from samwatch import __version__
-from samwatch.config import Config, config_path_from, load_config
+from samwatch.config import Config, config_path_from, load_config, outbox_named_by
 from samwatch.errors import ConfigError
 from samwatch.logs import setup_logging
 
@@ -31,14 +32,18 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from samwatch.daemon import Daemon
+    from samwatch.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
 
     config = _load(args)
     setup_logging(config.log_level)
     try:
-        daemon = Daemon(config, config_path=args.config, threaded=not args.once)
+        daemon = Daemon.from_config(config, config_path=args.config, threaded=not args.once)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
+        return 2
+    except LedgerUnreadable as exc:
+        print(f"samwatch: {exc}", file=sys.stderr)
         return 2
     daemon.install_signal_handlers()
     if args.once:
@@ -59,9 +64,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _status_outbox(args: argparse.Namespace) -> Path:
+    """The outbox to read: --outbox, else the config's, even when the config has an error.
+
+    A daemon whose config became invalid keeps running on its old one, and that is exactly when
+    its status is wanted: the outbox is then read from the file as far as it can be.
+    """
+    if args.outbox is not None:
+        return args.outbox
+    try:
+        return _load(args).outbox
+    except ConfigError as exc:
+        print(f"samwatch: the config has an error (the daemon keeps its old one): {exc}", file=sys.stderr)
+        return outbox_named_by(args.config)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
-    path = config.outbox / "_samwatch" / "status.json"
+    path = _status_outbox(args) / "_samwatch" / "status.json"
     try:
         status = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -69,17 +88,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     updated = datetime.fromisoformat(status["updated"])
     age = (datetime.now(timezone.utc) - updated).total_seconds()
-    stale = age > 3 * float(status.get("heartbeat_seconds", 5)) + 5
+    stopped = status["state"] == "stopped"  # a clean stop is not a hang
+    stale = not stopped and age > 3 * float(status.get("heartbeat_seconds", 5)) + 5
     if args.json:
         print(json.dumps({**status, "age_seconds": round(age, 1), "stale": stale}, indent=2))
-        return 1 if stale else 0
+        return 1 if stale or stopped else 0
     print(f"samwatch {status['version']} on {status['instance']} (pid {status['pid']}), device {status['device']}")
     heartbeat = f"last heartbeat {age:.0f} s ago"
     print(f"state: {status['state']}; {heartbeat}" + ("  -- STALE: the daemon is not running or is hung" if stale else ""))
     queue = status["queue"]
     print(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
-    current = status.get("current")
-    if current:
+    executor = status.get("executor", {})
+    print(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
+    for worker in status.get("workers", []):
+        loaded = ", ".join(f"{m['type']}/{m['weights']}" for m in worker.get("loaded_models", [])) or "no models"
+        print(f"  worker {worker['name']} on {worker['host']} {worker['device']}, {worker['memory_mb']} MB, {loaded}")
+    for current in status.get("running") or ([status["current"]] if status.get("current") else []):
         print(f"running: {current['job']} {current['stage']} {current['percent']}% ({current['seconds']} s)")
     models = ", ".join(f"{m['type']}/{m['weights']}" for m in status.get("loaded_models", [])) or "none"
     print(f"loaded models: {models}")
@@ -95,7 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("recent failures:")
         for failure in failures[-10:]:
             print(f"  {failure['at']} {failure['job']}: {failure['error']}: {failure['message']}")
-    return 1 if stale else 0
+    return 1 if stale or stopped else 0
 
 
 def _other_instances(folder: Path, own: str | None) -> list[tuple[str, str, float]]:
@@ -139,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[common], help="what the daemon is doing (from the outbox heartbeat)")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--outbox", type=Path, default=None, help="read this outbox's heartbeat (no config needed: e.g. the share)"
+    )
     status.set_defaults(func=cmd_status)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the sidecar or the config")
@@ -152,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()  # the daemon's format for every command; `run` then applies the config's level
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
@@ -161,3 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `samwatch status | head`: the reader has gone, which is not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

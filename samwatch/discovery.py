@@ -8,7 +8,9 @@ images of their own. A job is ready only when every file it involves has settled
 
 from __future__ import annotations
 
+import os
 import posixpath
+import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -16,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from samwatch.errors import JobError
 from samwatch.media import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
+from samwatch.watcher import is_ignored_path, unusable_name
 
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MASK_MARK = ".mask"
@@ -27,10 +30,13 @@ class JobSource:
     sidecar: str | None  # the job's own sidecar
     defaults: str | None  # folder defaults file used
     image: str | None  # the image, None when it cannot be resolved (the run reports why)
+    # Other sidecars of the same stem (a.yaml beside a.json): the job fails until one goes,
+    # and their going is a change of its inputs, so it then runs again by itself.
+    rivals: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(p for p in (self.image, self.sidecar, self.defaults) if p)
+        return tuple(p for p in (self.image, self.sidecar, self.defaults, *self.rivals) if p)
 
 
 def split_name(rel: str) -> tuple[str, str, str]:
@@ -57,6 +63,9 @@ def is_image(rel: str) -> bool:
     return (suffix in MEDIA_SUFFIXES or suffix == FRAMES_DIR_SUFFIX) and not stem.endswith(MASK_MARK)
 
 
+_LOOP_CODES = {"image": "image_unreadable", "sidecar": "sidecar_parse_error"}
+
+
 def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str, sidecar: str) -> str:
     """``reference`` (relative to ``base_folder``) as an inbox-relative path, never outside it."""
     if PurePosixPath(reference).is_absolute() or Path(reference).is_absolute():
@@ -73,7 +82,15 @@ def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str,
             file=sidecar, field=field,
         )
     root = inbox.resolve()
-    real = (inbox / joined).resolve()
+    try:
+        real = (inbox / joined).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: RuntimeError before Python 3.13, OSError after
+        raise JobError(
+            _LOOP_CODES.get(field, "mask_invalid"),
+            f"The {field} path {reference!r} is a symbolic link that leads back to itself (a link loop); "
+            "replace it with the file.",
+            file=sidecar, field=field,
+        ) from None
     if real != root and root not in real.parents:
         raise JobError(
             "path_outside_inbox",
@@ -86,20 +103,26 @@ def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str,
 ImageIndex = Mapping[tuple[str, str], list[str]]
 
 
+def _pairing_key(stem: str) -> str:
+    # macOS writes names decomposed (NFD: "e" + U+0301), most tools composed (NFC: "é"):
+    # the same name to a person, so the same name for pairing.
+    return unicodedata.normalize("NFC", stem)
+
+
 def index_images(files: Collection[str]) -> dict[tuple[str, str], list[str]]:
     """Images by (folder, stem), so pairing costs one lookup per sidecar, not a scan."""
     index: dict[tuple[str, str], list[str]] = {}
     for path in sorted(files):
         if is_image(path):
             folder, stem, _ = split_name(path)
-            index.setdefault((folder, stem), []).append(path)
+            index.setdefault((folder, _pairing_key(stem)), []).append(path)
     return index
 
 
 def implicit_image(sidecar_rel: str, images: ImageIndex) -> str | None:
     """The image a sidecar belongs to by name: ``a.cells.yaml`` -> ``a.cells.*`` or ``a.*``."""
     folder, stem, _ = split_name(sidecar_rel)
-    parts = stem.split(".")
+    parts = _pairing_key(stem).split(".")
     for keep in range(len(parts), 0, -1):
         matches = images.get((folder, ".".join(parts[:keep])))
         if matches:
@@ -113,9 +136,32 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
     if image_ref is not None:
         rel = resolve_inside(inbox, folder, image_ref, field="image", sidecar=sidecar_rel)
         if not (inbox / rel).exists():
+            rel = _spelled_on_disk(inbox, rel) or rel
+        target = inbox / rel
+        if not target.exists():
             raise JobError(
                 "image_not_found",
                 f"The image {image_ref!r} named by the sidecar does not exist in the inbox; copy it next to the sidecar or fix 'image'.",
+                file=sidecar_rel, field="image",
+            )
+        # Files samwatch never watches would keep the job waiting for them forever.
+        if is_ignored_path(rel):
+            raise JobError(
+                "image_not_found",
+                f"The image {image_ref!r} has a name starting with '.' or '_', which samwatch ignores; rename it.",
+                file=sidecar_rel, field="image",
+            )
+        unwatched = unusable_name(posixpath.basename(rel))
+        if unwatched is not None:
+            raise JobError(
+                "image_not_found", f"samwatch does not watch the image {image_ref!r}: {unwatched}.",
+                file=sidecar_rel, field="image",
+            )
+        if target.is_dir() and not rel.endswith(FRAMES_DIR_SUFFIX):
+            raise JobError(
+                "image_not_found",
+                f"The image {image_ref!r} is a folder; name an image file, or a folder of frames ending in "
+                f"'{FRAMES_DIR_SUFFIX}'.",
                 file=sidecar_rel, field="image",
             )
         return rel
@@ -129,6 +175,20 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
         )
     # Found by name, it may still be a link leading out of the inbox.
     return resolve_inside(inbox, folder, posixpath.basename(found), field="image", sidecar=sidecar_rel)
+
+
+def _spelled_on_disk(inbox: Path, rel: str) -> str | None:
+    """The file that ``rel`` names when only their Unicode normalisation differs (NFC/NFD)."""
+    folder, name = posixpath.split(rel)
+    wanted = unicodedata.normalize("NFC", name)
+    try:
+        names = [entry.name for entry in os.scandir(inbox / folder)]
+    except OSError:
+        return None
+    for candidate in names:
+        if unicodedata.normalize("NFC", candidate) == wanted:
+            return posixpath.join(folder, candidate)
+    return None
 
 
 def image_on_disk(inbox: Path, sidecar_rel: str, image_ref: str | None) -> str:
@@ -152,24 +212,28 @@ def find_jobs(
     files: Collection[str],
     image_ref_of: Callable[[str], str | None],
 ) -> list[JobSource]:
-    """Every job the inbox's files define (ready or not)."""
+    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none."""
+    files = [rel for rel in files if not is_ignored_path(rel)]
     jobs: list[JobSource] = []
     claimed: set[str] = set()
     images = index_images(files)
     defaults_by_folder = {split_name(rel)[0]: rel for rel in sorted(files, reverse=True) if is_folder_defaults(rel)}
+    sidecars_of: dict[str, list[str]] = {}
     for rel in sorted(files):
-        if not is_sidecar(rel):
-            continue
-        folder, stem, _ = split_name(rel)
+        if is_sidecar(rel):
+            folder, stem, _ = split_name(rel)
+            sidecars_of.setdefault(f"{folder}/{stem}" if folder else stem, []).append(rel)
+    for job_id, (rel, *rivals) in sidecars_of.items():
+        folder = split_name(rel)[0]
         try:
             image = resolve_image(inbox, rel, image_ref_of(rel), images)
         except JobError:
             image = None
         if image:
             claimed.add(image)
-        job_id = f"{folder}/{stem}" if folder else stem
         # Its folder defaults count as an input: settings it inherits may change.
-        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder), image=image))
+        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder),
+                              image=image, rivals=tuple(rivals)))
     if defaults_by_folder:
         for rel in (path for paths in images.values() for path in paths):
             if rel in claimed:

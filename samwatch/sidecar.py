@@ -26,6 +26,11 @@ from samwatch.config import describe_validation_error
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, ModelType
 
+#: libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one,
+#: which would hold the daemon's loop for seconds on a legal 40 000-prompt sidecar, and it
+#: limits nesting depth itself.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")
 FOLDER_DEFAULTS_STEM = "samwatch"
 
@@ -83,7 +88,9 @@ Color = tuple[int, int, int]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # NaN and inf (YAML's .nan, .inf) are refused: they would pass every range check and end
+    # up in the result as NaN, which is not JSON.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 def _check_box(box: Box | None) -> Box | None:
@@ -242,10 +249,11 @@ class Sidecar(StrictModel):
         None, validation_alias=AliasChoices("model", "type"), description="alias: type"
     )
     weights: str | None = Field(None, description="a registry name; default from the config")
-    image: str | None = Field(None, description="relative to the sidecar; default: same stem")
+    image: str | None = Field(None, min_length=1, description="relative to the sidecar; default: same stem")
     label: str | None = None
     color: Color | None = None
-    priority: int | None = None
+    # The ledger stores it as SQLite's 64-bit integer; far smaller bounds are plenty.
+    priority: int | None = Field(None, ge=-(10**9), le=10**9, description="higher runs first")
     prompts: list[Prompt] = Field(default_factory=list)
     multimask_output: bool = Field(False, description="three masks per prompt (all kept)")
     output_type: OutputType | None = Field(None, description="samapi's mask choice; overrides multimask_output")
@@ -369,7 +377,14 @@ def fold_samapi_form(data: dict[str, Any]) -> dict[str, Any]:
 def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     """YAML or JSON text -> a mapping (JSON is YAML); ``name`` goes into the error."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)
+    except RecursionError:
+        raise JobError(
+            "sidecar_parse_error",
+            "The sidecar is nested too deeply to read (lists or mappings thousands of levels deep); "
+            "a sidecar needs a few levels only.",
+            file=name,
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -47,6 +47,9 @@ def write_config(root: Path, weights: list[dict[str, Any]], **overrides: Any) ->
         "watch": dict(FAST_WATCH),
         "service": {"heartbeat_seconds": 0.5, "instance": "test"},
         "weights": weights,
+        # Eager encoders: each daemon test has its own state_dir, where an ONNX export would cost
+        # ~5 s of CPU per test; tests/test_accelerate.py covers the fast paths and the default.
+        "models": {"accelerate": {"cpu": []}},
     }
     config.update(overrides)
     path = root / "config.yaml"

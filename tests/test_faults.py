@@ -20,6 +20,7 @@ from support import (
     DaemonProcess,
     fake_weights,
     finished,
+    progress_state,
     read_json,
     save_image,
     wait_for,
@@ -146,3 +147,205 @@ def write_png_header(path: Path, width: int, height: int) -> None:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+# ---- files that once wedged the daemon ------------------------------------------------
+
+
+def test_sidecar_nested_5000_levels_is_its_own_parse_error(service: Service) -> None:
+    save_image(service.inbox / "deep" / "a.png", SMALL)
+    (service.inbox / "deep" / "a.yaml").write_text("prompts: " + "[" * 5000 + "]" * 5000 + "\n")
+    error = service.error("deep/a")
+    assert error["error"] == "sidecar_parse_error", error
+    service.assert_healthy()
+
+
+def test_symlink_loop_next_to_a_sidecar(service: Service) -> None:
+    folder = service.inbox / "loop"
+    folder.mkdir()
+    (folder / "a.png").symlink_to("a.b.png")
+    (folder / "a.b.png").symlink_to("a.png")
+    write_sidecar(folder / "a.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
+    write_sidecar(folder / "named.yaml", {"image": "a.png", "prompts": [{"bbox": [1, 1, 10, 10]}]})
+    for stem in ("loop/a", "loop/named"):  # paired by name, or named by 'image:'
+        error = service.error(stem)
+        assert error["error"] == "image_unreadable" and "link loop" in error["message"], error
+    wait_for(lambda: "loop/a.png' skipped: it cannot be read" in service.daemon.log(), 10, what="the loop logged")
+    service.assert_healthy()
+    assert service.daemon.log().count("loop/a.png' skipped") == 1  # once, not on every pass
+
+
+def test_non_utf8_file_name_is_skipped_and_logged(service: Service) -> None:
+    folder = service.inbox / "latin1"
+    folder.mkdir()
+    names = [bytes(folder) + b"/caf\xe9.png", bytes(folder) + b"/caf\xe9.yaml"]
+    Image.fromarray(SMALL).save(names[0].decode(errors="surrogateescape"), format="PNG")
+    with open(names[1], "wb") as handle:
+        handle.write(b"prompts: [{bbox: [1, 1, 10, 10]}]\n")
+    wait_for(lambda: "not valid UTF-8" in service.daemon.log(), 10, what="the name logged")
+    service.assert_healthy()
+    for name in names:
+        Path(name.decode(errors="surrogateescape")).unlink()
+    service.assert_healthy()
+
+
+# ---- jobs that once had no outcome ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stem", "body", "code", "field"),
+    [
+        ("empty_image", {"image": "", "prompts": [{"bbox": [1, 1, 10, 10]}]}, "sidecar_invalid", "image"),
+        ("folder_image", {"image": ".", "prompts": [{"bbox": [1, 1, 10, 10]}]}, "image_not_found", "image"),
+        ("huge_priority", {"priority": 10**30, "prompts": [{"bbox": [1, 1, 10, 10]}]}, "sidecar_invalid", "priority"),
+        ("nan", {"automask": {"pred_iou_thresh": float("nan")}}, "sidecar_invalid", "automask.pred_iou_thresh"),
+        ("inf_box", {"prompts": [{"bbox": [1, 1, float("inf"), 10]}]}, "sidecar_invalid", "prompts.0.bbox.2"),
+    ],
+)
+def test_sidecar_values_that_had_no_outcome(service: Service, stem: str, body: dict, code: str, field: str) -> None:
+    import yaml
+
+    save_image(service.inbox / "values" / f"{stem}.png", SMALL)
+    # YAML writes 10**30 as a plain integer and NaN as .nan, as a person would.
+    (service.inbox / "values" / f"{stem}.yaml").write_text(yaml.safe_dump(body))
+    error = service.error(f"values/{stem}")
+    assert (error["error"], error.get("field")) == (code, field), error
+    service.assert_healthy()
+
+
+def test_stem_too_long_for_the_outbox_is_refused_in_the_log(service: Service) -> None:
+    stem = "x" * 245
+    save_image(service.inbox / "long" / f"{stem}.png", SMALL)
+    write_sidecar(service.inbox / "long" / f"{stem}.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
+    wait_for(lambda: "is too long" in service.daemon.log(), 10, what="the refusal logged")
+    service.assert_healthy()
+
+
+# ---- a changed image that looked unchanged ---------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_same_size_image_with_mtime_set_back_runs_again(service: Service, how: str) -> None:
+    import os
+
+    folder = service.inbox / f"sneaky_{how}"
+    folder.mkdir()
+    image = folder / "a.png"
+    image.write_bytes(png_bytes(SMALL))
+    write_sidecar(folder / "a.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
+    assert service.outcome(f"sneaky_{how}/a")["state"] == "done"
+    first = read_json(service.outbox / f"sneaky_{how}" / "a.geojson")["samwatch"]["image"]["sha256"]
+    before = image.stat()
+    other = SMALL.copy()
+    other[0, 0] = 7  # same size on disk: an uncompressed PNG of the same shape, one pixel changed
+    data = png_bytes(other)
+    assert len(data) == before.st_size
+    if how == "replaced":  # cp -p / rsync -t: a new file under the old name, the old mtime
+        (folder / ".a.png.tmp").write_bytes(data)
+        os.utime(folder / ".a.png.tmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(folder / ".a.png.tmp", image)
+    else:  # written in place, mtime set back
+        image.write_bytes(data)
+        os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    def rerun() -> str | None:
+        result = read_json(service.outbox / f"sneaky_{how}" / "a.geojson")
+        sha = result and result["samwatch"]["image"]["sha256"]
+        return sha if sha != first else None
+
+    wait_for(rerun, GOOD_JOB_SECONDS, what="the job to run again on the new pixels")
+    service.assert_healthy()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+# ---- wrong or unsafe answers -----------------------------------------------------------
+
+
+def test_sidecar_linked_from_outside_is_refused_unread(service: Service, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("secret_token_7f3a: hunter2\n")
+    save_image(service.inbox / "linked_sidecar" / "a.png", SMALL)
+    (service.inbox / "linked_sidecar" / "a.yaml").symlink_to(secret)
+    error = service.error("linked_sidecar/a")
+    assert error["error"] == "path_outside_inbox", error
+    assert "secret_token_7f3a" not in json_text(error) and "hunter2" not in json_text(error)
+    service.assert_healthy()
+
+
+def test_yaml_and_json_of_one_stem_are_refused_as_a_pair(service: Service) -> None:
+    folder = service.inbox / "pair"
+    save_image(folder / "a.png", SMALL)
+    write_sidecar(folder / "a.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
+    write_sidecar(folder / "a.json", {"prompts": [{"bbox": [1, 1, 20, 20]}]})
+    error = service.error("pair/a")
+    assert error["error"] == "sidecar_invalid" and "'a.json'" in error["message"] and "'a.yaml'" in error["message"]
+    (folder / "a.json").unlink()  # the job runs again by itself once the pair is resolved
+    wait_for(lambda: progress_state(service.outbox, "pair/a") == "done", GOOD_JOB_SECONDS, what="pair/a done")
+    assert not (service.outbox / "pair" / "a.error.json").exists()
+    service.assert_healthy()
+
+
+def test_nfc_and_nfd_spellings_pair(service: Service) -> None:
+    import unicodedata
+
+    folder = service.inbox / "accents"
+    save_image(folder / f"{unicodedata.normalize('NFC', 'café')}.png", SMALL)
+    save_image(folder / f"{unicodedata.normalize('NFC', 'thé')}.png", SMALL)
+    nfd = unicodedata.normalize("NFD", "café")
+    write_sidecar(folder / f"{nfd}.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
+    write_sidecar(folder / "named.yaml", {"image": unicodedata.normalize("NFD", "thé.png"), "prompts": [{"bbox": [1, 1, 10, 10]}]})
+    assert service.outcome(f"accents/{nfd}")["state"] == "done"
+    assert service.outcome("accents/named")["state"] == "done"
+    service.assert_healthy()
+
+
+def test_zero_height_tiff_is_image_unreadable(service: Service) -> None:
+    import struct
+
+    import tifffile
+
+    path = service.inbox / "flat" / "a.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, np.zeros((4, 10), np.uint8))
+    data = bytearray(path.read_bytes())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for index in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        entry = ifd + 2 + 12 * index
+        tag, kind = struct.unpack("<HH", data[entry : entry + 4])
+        if tag == 257:  # ImageLength
+            data[entry + 8 : entry + 12] = struct.pack("<H", 0) + b"\0\0" if kind == 3 else struct.pack("<I", 0)
+    path.write_bytes(bytes(data))
+    write_sidecar(path.with_suffix(".yaml"), {"prompts": [{"bbox": [1, 1, 5, 3]}]})
+    assert service.error("flat/a")["error"] == "image_unreadable"
+    service.assert_healthy()
+
+
+def test_corrupt_ledger_names_the_file_and_the_way_out(tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    ledger = tmp_path / "state" / "ledger.sqlite3"
+    ledger.parent.mkdir()
+    ledger.write_bytes(b"this is not a database " * 200)
+    daemon = DaemonProcess(config, fake_model=True)
+    assert daemon.proc.wait(timeout=60) == 2
+    log = daemon.log()
+    assert str(ledger) in log and "Move it aside" in log and "Traceback" not in log, log
+    daemon.stop()
+    ledger.rename(ledger.with_suffix(".broken"))  # the way out the message gives works
+    daemon = DaemonProcess(config, fake_model=True)
+    service = Service(tmp_path, daemon)
+    service.assert_healthy()
+    assert daemon.stop() == 0
+
+
+def json_text(body: dict) -> str:
+    import json
+
+    return json.dumps(body)

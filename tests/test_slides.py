@@ -101,6 +101,7 @@ def test_ordinary_images_come_as_array_sources(tmp_path):
 def test_a_slide_probes_as_one_frame_and_decodes_whole_only_under_the_pixel_limit(ome, content):
     media = probe(ome)
     assert (media.kind, media.n_frames, media.width, media.height) == ("slide", 1, 3072, 2048)
+    assert media.slide["vendor"] == "ome" and len(media.slide["levels"]) == 3
     np.testing.assert_array_equal(media.frame(0), content.full())
     small = probe(ome, limits=MediaLimits(max_image_pixels=1_000_000))
     with pytest.raises(JobError) as err:
@@ -168,14 +169,16 @@ def test_unsupported_and_unreadable_vendor_files(tmp_path):
     tifffile.imwrite(stripped, np.zeros((64, 64), np.uint8))
     garbage = tmp_path / "noise.svs"
     garbage.write_bytes(np.random.default_rng(0).bytes(5000))
+    mirax = tmp_path / "lonely.mrxs"
+    mirax.write_text("[GENERAL]\n")
     codes = {}
-    for path in (vsi, stripped, garbage):
+    for path in (vsi, stripped, garbage, mirax):
         with pytest.raises(JobError) as err:
             probe(path)
         codes[path.name] = err.value.code
         assert err.value.file == str(path)
     assert codes == {"scan.vsi": "slide_format_unsupported", "plain.svs": "slide_format_unsupported",
-                     "noise.svs": "image_unreadable"}
+                     "noise.svs": "image_unreadable", "lonely.mrxs": "image_unreadable"}
 
 
 def test_only_the_tiles_a_region_touches_are_decoded(ome, monkeypatch):
@@ -199,6 +202,10 @@ def test_only_the_tiles_a_region_touches_are_decoded(ome, monkeypatch):
         decoded.clear()
         source.read_region(0, 0, 3072, 2048, level=2)  # all of level 2, 768x512: 2 tiles
         assert len(decoded) == 2
+        decoded.clear()
+        source.read_region(900, 900, 300, 300)  # tiles decoded before: from the cache
+        source.read_region(0, 0, 3072, 2048, level=2)
+        assert decoded == []
 
 
 def test_sixteen_bit_slides_share_one_stretch(tmp_path):
@@ -221,3 +228,23 @@ def test_jpeg_svs_reads_close_to_its_source(tmp_path, content):
         region = source.read_region(1000, 500, 700, 600)
     error = np.abs(region.astype(int) - content.expected(1000, 500, 700, 600).astype(int))
     assert error.mean() < 4
+
+
+def test_planar_multichannel_slides_pick_channels(tmp_path):
+    rng = np.random.default_rng(1)
+    planes = rng.integers(0, 4000, (700, 900, 3)).astype(np.uint16)
+    planes[..., 2] = np.arange(900, dtype=np.uint16)[None, :] * 50
+    slide = SparseSlide(900, 700, background=(0, 0, 0), patches=[(0, 0, planes)])
+    path = write_ome_pyramid(tmp_path / "fluo.ome.tif", slide, levels=2, tile=256, planar=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "CYX"
+    with open_slide(path, limits=LIMITS, channels=ChannelRule(channels=(2,), normalize="none")) as source:
+        assert source.n_channels == 3
+        region = source.read_region(100, 50, 300, 200)
+        raw = source.read_raw(100, 50, 300, 200)
+    np.testing.assert_array_equal(raw, slide.expected(100, 50, 300, 200))
+    expected = np.rint(slide.expected(100, 50, 300, 200)[..., 2] * (255 / 65535)).astype(np.uint8)
+    np.testing.assert_array_equal(region, np.repeat(expected[..., None], 3, axis=-1))
+    with pytest.raises(JobError) as err:
+        open_slide(path, limits=LIMITS, channels=ChannelRule(channels=(3,)))
+    assert (err.value.code, err.value.field) == ("sidecar_invalid", "channels")

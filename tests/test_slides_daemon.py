@@ -62,4 +62,5 @@ def test_bad_slides_each_get_an_error_and_a_good_slide_after_them_runs(daemon):
         wait_for(lambda: progress_state(outbox, f"slides/{stem}") == "done", JOB_TIMEOUT, what=f"{stem} to finish")
         result = read_json(outbox / "slides" / f"{stem}.geojson")
         assert result["samwatch"]["image"]["width"] == 1536
+        assert result["samwatch"]["image"]["slide"]["levels"] == [[1536, 1024, 1.0], [768, 512, 2.0]]
         assert len(result["features"]) == 1

@@ -20,7 +20,7 @@ def test_versions_decide_reruns(tmp_path: Path) -> None:
     assert upsert(ledger, "a", "v1")
     assert not upsert(ledger, "a", "v1")
     row = ledger.next_job()
-    ledger.start(row)
+    ledger.start(row, "t")
     ledger.finish(row, "done")
     assert not upsert(ledger, "a", "v1")  # identical content: not again
     assert upsert(ledger, "a", "v2")
@@ -31,7 +31,7 @@ def test_a_new_version_while_running_stays_queued(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.db")
     upsert(ledger, "a", "v1")
     row = ledger.next_job()
-    ledger.start(row)
+    ledger.start(row, "t")
     upsert(ledger, "a", "v2")
     ledger.finish(row, "done")  # the outcome of v1 must not mark v2 done
     assert ledger.get("a").state == "queued" and ledger.get("a").version == "v2"
@@ -40,7 +40,7 @@ def test_a_new_version_while_running_stays_queued(tmp_path: Path) -> None:
 def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.db")
     upsert(ledger, "a", "v1")
-    ledger.start(ledger.next_job())
+    ledger.start(ledger.next_job(), "t")
     ledger.close()
     again = Ledger(tmp_path / "l.db")
     assert again.recover() == 1
@@ -56,7 +56,7 @@ def test_priority_then_fairness_between_folders(tmp_path: Path) -> None:
     upsert(ledger, "urgent/x", "v", priority=5, grp="urgent")
     order = []
     while (row := ledger.next_job()) is not None:
-        ledger.start(row)
+        ledger.start(row, "t")
         ledger.finish(row, "done")
         order.append(row.job_id)
     assert order[0] == "urgent/x"
@@ -65,9 +65,26 @@ def test_priority_then_fairness_between_folders(tmp_path: Path) -> None:
 
 def test_hash_cache(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.db")
-    ledger.store_hash("a.png", 10, 5, "abc")
-    assert ledger.cached_hash("a.png", 10, 5) == "abc"
-    assert ledger.cached_hash("a.png", 10, 6) is None
+    stamp = {"size": 10, "mtime_ns": 5, "ctime_ns": 7, "inode": 42}
+    ledger.store_hash("a.png", "abc", **stamp)
+    assert ledger.cached_hash("a.png", **stamp) == "abc"
+    for changed in ({"mtime_ns": 6}, {"ctime_ns": 8}, {"inode": 43}, {"size": 11}):
+        assert ledger.cached_hash("a.png", **{**stamp, **changed}) is None, changed
+
+
+def test_a_ledger_from_before_ctime_and_inode_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "l.db")
+    old.execute("CREATE TABLE file_hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL)")
+    old.execute("INSERT INTO file_hashes VALUES ('a.png', 10, 5, 'abc')")
+    old.commit()
+    old.close()
+    ledger = Ledger(tmp_path / "l.db")
+    assert ledger.cached_hash("a.png", size=10, mtime_ns=5, ctime_ns=7, inode=42) is None  # hashed again
+    ledger.store_hash("a.png", "def", size=10, mtime_ns=5, ctime_ns=7, inode=42)
+    assert ledger.cached_hash("a.png", size=10, mtime_ns=5, ctime_ns=7, inode=42) == "def"
 
 
 def test_claims_are_exclusive_and_expire(tmp_path: Path) -> None:

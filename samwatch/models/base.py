@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from samwatch.errors import JobError
+from samwatch.models.accel import Accelerator, encoder_path, weights_identity
 from samwatch.sidecar import Prompt, Sidecar
 
 ProgressFn = Callable[[str, float], None]
@@ -220,6 +221,26 @@ class PromptAdapter:
 
     predictor: Any
     _memo: EmbeddingMemo
+
+    def _encoder_owner(self) -> torch.nn.Module:
+        """The model whose ``image_encoder`` the predictor calls."""
+        raise NotImplementedError
+
+    def _encoder_input_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def accelerate(self, accelerator: Accelerator, spec: LoadSpec) -> None:
+        """Put ``accelerator``'s fast image encoder in front of the eager one."""
+        owner = self._encoder_owner()
+        owner.image_encoder = accelerator.wrap(
+            owner.image_encoder, model_type=spec.model_type,
+            weights_sha=weights_identity(spec.checkpoint, spec.sha256), input_shape=self._encoder_input_shape(),
+        )
+
+    @property
+    def encoder_path(self) -> str:
+        """What encoded the last image: ``eager``, or the accelerated path's name."""
+        return encoder_path(self._encoder_owner().image_encoder)
 
     def run(self, ctx: RunContext) -> Iterable[Detection]:
         mode = ctx.sidecar.mode

@@ -98,6 +98,12 @@ class Adapter(PromptAdapter):
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.model)
 
+    def _encoder_owner(self) -> torch.nn.Module:
+        return self.model
+
+    def _encoder_input_shape(self) -> tuple[int, ...]:
+        return (1, 3, self.model.image_size, self.model.image_size)
+
     def _track(self, ctx: RunContext) -> list[Detection]:
         from samwatch.models.sam2_video import track
 

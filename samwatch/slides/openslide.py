@@ -52,6 +52,10 @@ class OpenSlideReader(SlideReader):
                            "wait until it has been copied in.", file=str(self.path))
         if self.path.suffix.lower() in _TIFF_BASED:
             check_tiff_complete(self.path)
+        companion = self.path.with_suffix("")
+        if self.path.suffix.lower() == ".mrxs" and not companion.is_dir():
+            raise JobError("image_unreadable", f"'{self.path.name}' is a MIRAX slide without its data folder "
+                           f"'{companion.name}/' next to it; copy that folder too.", file=str(self.path))
         try:
             vendor = openslide.OpenSlide.detect_format(str(self.path))
         except openslide.OpenSlideError as exc:
