@@ -178,7 +178,7 @@ def rss_child(slide: Path, model: str, checkpoint: str) -> None:
     started = time.perf_counter()
     outcome = runner.run(JobTicket("slide", "slide.ome.yaml", slide.name, "sha", "v1"), Progress(outputs, threading.Event()))
     seconds = time.perf_counter() - started
-    meta = json.loads(outputs.result.read_text())["samwatch"] if outcome.state == "done" else {}
+    meta = outcome.result["samwatch"] if outcome.state == "done" else {}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"state": outcome.state, "error": str(outcome.error) if outcome.error else None, "rss_mib": peak,
                       "seconds": seconds, "features": outcome.features, "tiles": meta.get("tiling", {}).get("tiles")}))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -41,7 +40,7 @@ def _job(runner: JobRunner, stem: str, image: np.ndarray, body: dict) -> dict:
     outcome = runner.run(JobTicket(stem, f"{stem}.yaml", f"{stem}.png", f"sha-{stem}", "v1"),
                          Progress(outputs, threading.Event()))
     assert outcome.state == "done", outcome.error
-    return json.loads(outputs.result.read_text())
+    return outcome.result
 
 
 def _big_image() -> np.ndarray:
