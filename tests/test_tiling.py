@@ -225,3 +225,29 @@ def test_the_tile_embedding_store_round_trips_and_evicts_the_least_recently_used
     assert [small._path(k).exists() for k in "abcd"] == [True, False, True, True]
     small._path("a").write_bytes(b"damaged")
     assert small.load("a", "cpu") is None and not small._path("a").exists()  # a damaged file is a miss
+
+
+def test_masks_overlapping_within_a_tile_are_not_chained_through_a_neighbour() -> None:
+    from samwatch.models.base import Detection
+    from samwatch.tiling.stitch import Stitcher
+
+    tiles = plan_tiles(Rect(0, 0, 896, 512), 512, 128, 1.0, 0)
+    assert [t.window.x for t in tiles] == [0, 384]
+    cell = np.zeros((512, 896), bool)
+    cell[100:300, 300:600] = True
+    nucleus = np.zeros((512, 896), bool)
+    nucleus[110:290, 390:510] = True  # most of the cell where both tiles look
+
+    def seen_by(tile, mask):
+        window = tile.window
+        crop = mask[window.y:window.y2, window.x:window.x2]
+        ys, xs = np.nonzero(crop)
+        return Detection(mask=crop[ys.min():ys.max() + 1, xs.min():xs.max() + 1], score=0.9,
+                         origin=(window.x + xs.min(), window.y + ys.min()))
+
+    stitcher = Stitcher(tiles)
+    out = []
+    for tile in tiles:
+        out += stitcher.add(tile, [seen_by(tile, cell), seen_by(tile, nucleus)])
+    out += stitcher.finish()
+    assert sorted(int(d.mask.sum()) for d in out) == sorted([int(nucleus.sum()), int(cell.sum())])
