@@ -219,6 +219,8 @@ def test_stem_too_long_for_the_outbox_is_refused_in_the_log(service: Service) ->
     write_sidecar(service.inbox / "long" / f"{stem}.yaml", {"prompts": [{"bbox": [1, 1, 10, 10]}]})
     wait_for(lambda: "is too long" in service.daemon.log(), 10, what="the refusal logged")
     service.assert_healthy()
+    skipped = read_json(service.outbox / "_samwatch" / "status.json")["skipped_inputs"]
+    assert "too long" in skipped[f"long/{stem}.yaml"], skipped
 
 
 # ---- a changed image that looked unchanged ---------------------------------------------
