@@ -351,3 +351,23 @@ def json_text(body: dict) -> str:
     import json
 
     return json.dumps(body)
+
+
+# ---- slow recovery ---------------------------------------------------------------------
+
+
+def test_a_deleted_and_recreated_inbox_is_watched_again_at_once(tmp_path: Path) -> None:
+    import shutil
+
+    watch = {"mode": "native", "settle_seconds": 0.4, "poll_interval_seconds": 0.1, "rescan_interval_seconds": 600}
+    config = write_config(tmp_path, fake_weights(tmp_path), watch=watch)
+    daemon = DaemonProcess(config, fake_model=True)
+    service = Service(tmp_path, daemon)
+    wait_for(lambda: (service.outbox / "_samwatch" / "status.json").exists(), 90, what="first heartbeat")
+    assert read_json(service.outbox / "_samwatch" / "status.json")["watch_mode"] == "native"
+    service.assert_healthy()
+    shutil.rmtree(service.inbox)
+    service.inbox.mkdir()
+    wait_for(lambda: "is back: watching it again" in daemon.log(), 10, what="the inbox watched again")
+    service.assert_healthy()  # well within the 600 s rescan
+    assert daemon.stop() == 0
