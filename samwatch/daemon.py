@@ -35,6 +35,7 @@ from samwatch.outbox import Outbox, sweep_temporaries
 from samwatch.outcomes import OutcomeRecorder
 from samwatch.queueing import JobQueue
 from samwatch.status import StatusReporter
+from samwatch.input_facts import InputFacts
 from samwatch.watcher import Watcher
 
 #: status.json is rewritten at the end of a step in which a job changed state (and on every
@@ -65,6 +66,7 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
+        facts: InputFacts | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -79,7 +81,8 @@ class Daemon:
         self.executor = executor
         self.outbox = outbox
         self.dispatcher = Dispatcher(executor, ledger, claims, outbox, clock)
-        self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher)
+        self.facts = facts or InputFacts(config, ledger, threaded=False)
+        self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
         self.reporter = StatusReporter(self)
         self.workers: list[dict[str, Any]] = executor.workers()
@@ -128,6 +131,7 @@ class Daemon:
         return cls(
             config, ledger=ledger, registry=registry, claims=claims, watcher=watcher, executor=executor,
             outbox=outbox, clock=clock, config_path=config_path, notifier=notifier,
+            facts=InputFacts(config, ledger, threaded=threaded),
         )
 
     # ---- signals ----------------------------------------------------------------------
@@ -178,7 +182,7 @@ class Daemon:
             while not self.flags.stop:
                 self.step(self.clock())
                 idle = not self.dispatcher.running and not self.ledger.jobs_in(ACTIVE_STATES)
-                if idle and not self.watcher.pending:
+                if idle and not self.watcher.pending and not self.facts.busy:
                     break
                 self._collect(0.05)
             if self.flags.stop:
@@ -188,7 +192,7 @@ class Daemon:
         return 1 if self.recorder.stats.failed else 0
 
     def _sleep_time(self) -> float:
-        if self.watcher.pending or self.dispatcher.running:
+        if self.watcher.pending or self.dispatcher.running or self.facts.busy:
             return 0.1
         return min(0.5, self.config.watch.poll_interval_seconds / 4)
 
@@ -197,8 +201,9 @@ class Daemon:
             self.flags.reload = False
             self.reload()
         changed, vanished = self.watcher.poll(now)
-        if changed or vanished:
-            self.queue.discover(changed, vanished)
+        arrived = self.facts.drain()
+        if changed or vanished or arrived:
+            self.queue.discover(changed, vanished, arrived)
         self._collect(0.0)
         self.recorder.check_waiting()
         if not self.flags.stop:
@@ -272,7 +277,7 @@ class Daemon:
         changed = self.registry.update(new.weights)
         self.executor.reconfigure(new, changed)
         self.watcher.settle_seconds = new.watch.settle_seconds
-        self.config = self.queue.config = self.recorder.config = new
+        self.config = self.queue.config = self.recorder.config = self.facts.config = new
         self.config_error = None
         logger.info(f"config reloaded from {self.config_path}; weights changed: {sorted(changed) or 'none'}")
         self.notifier.ready(self.status_line())
@@ -318,6 +323,7 @@ class Daemon:
 
     def close(self) -> None:
         self.executor.close()
+        self.facts.close()
         self._write_status(stopped=True)
         self.watcher.close()
         self.registry.close()
