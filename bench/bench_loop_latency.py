@@ -18,7 +18,6 @@ import argparse
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +26,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support import DaemonProcess, fake_weights, finished, read_json, wait_for, write_config  # noqa: E402
+from support import (  # noqa: E402
+    DaemonProcess, HeartbeatGaps, fake_weights, finished, read_json, wait_for, write_config,
+)
 
 
-class Beats:
-    def __init__(self, status: Path) -> None:
-        self.status = status
-        self.last: float | None = None
-        self.longest = 0.0
-
-    def sample(self) -> None:
-        body = read_json(self.status)
-        if body is None:
-            return
-        beat = datetime.fromisoformat(body["updated"]).timestamp()
-        self.last = beat
-        self.longest = max(self.longest, time.time() - beat)
-
-    def phase(self, until, timeout: float) -> float:  # noqa: ANN001
-        self.longest = 0.0
-        wait_for(lambda: (self.sample(), until())[1], timeout, what="the phase to end", interval=0.02)
-        return self.longest
+def phase(beats: HeartbeatGaps, until, timeout: float) -> float:  # noqa: ANN001
+    """The longest heartbeat gap until ``until()`` holds."""
+    beats.longest = 0.0
+    wait_for(lambda: (beats.sample(), until())[1], timeout, what="the phase to end", interval=0.02)
+    return beats.longest
 
 
 def main() -> None:
@@ -62,10 +50,10 @@ def main() -> None:
         daemon = DaemonProcess(config, fake_model=True)
         try:
             inbox, outbox = root / "inbox", root / "outbox"
-            beats = Beats(outbox / "_samwatch" / "status.json")
+            beats = HeartbeatGaps(outbox / "_samwatch" / "status.json")
             wait_for(lambda: beats.status.exists(), 90, what="first heartbeat")
             end = time.monotonic() + args.idle
-            idle = beats.phase(lambda: time.monotonic() > end, args.idle + 5)
+            idle = phase(beats, lambda: time.monotonic() > end, args.idle + 5)
 
             small = np.full((48, 64), 120, np.uint8)
             Image.fromarray(small).save(inbox / "many.png")
@@ -82,9 +70,9 @@ def main() -> None:
             def queued() -> bool:
                 return all((outbox / f"{stem}.progress.json").exists() for stem in ("many", "huge"))
 
-            arrival = beats.phase(queued, 600)
+            arrival = phase(beats, queued, 600)
             arrival_s = time.monotonic() - started
-            run = beats.phase(lambda: finished(outbox, "many") and finished(outbox, "huge"), 1200)
+            run = phase(beats, lambda: finished(outbox, "many") and finished(outbox, "huge"), 1200)
             states = {stem: (read_json(outbox / f"{stem}.progress.json") or {}).get("state") for stem in ("many", "huge")}
         finally:
             daemon.stop()

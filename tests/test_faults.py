@@ -18,6 +18,7 @@ from PIL import Image
 
 from support import (
     DaemonProcess,
+    HeartbeatGaps,
     fake_weights,
     finished,
     progress_state,
@@ -374,25 +375,6 @@ def test_a_deleted_and_recreated_inbox_is_watched_again_at_once(tmp_path: Path) 
 
 
 # ---- the loop keeps beating -------------------------------------------------------------
-
-
-class HeartbeatGaps:
-    """Samples status.json's ``updated`` and keeps the longest time between two beats."""
-
-    def __init__(self, status: Path) -> None:
-        self.status = status
-        self.last: float | None = None
-        self.longest = 0.0
-
-    def sample(self) -> None:
-        body = read_json(self.status)
-        if body is None:
-            return
-        beat = datetime.fromisoformat(body["updated"]).timestamp()
-        if self.last is not None and beat != self.last:
-            self.longest = max(self.longest, beat - self.last)
-        self.last = beat
-        self.longest = max(self.longest, time.time() - self.last)
 
 
 def test_a_huge_sidecar_and_a_huge_image_do_not_stall_the_heartbeat(service: Service) -> None:
