@@ -5,7 +5,7 @@
 Runs ``samwatch run`` as a subprocess with the fake model family (tests/fakes.py: the model is
 not what is measured) and samples ``_samwatch/status.json`` every 20 ms. Baseline: the longest
 gap between two heartbeats while idle for ``--idle`` seconds, in the same run. Then a legal
-YAML sidecar of ``--prompts`` box prompts (~22 bytes each: 40 000 is ~880 KB) and a sparse
+YAML sidecar of ``--prompts`` box prompts (~22 bytes each: 40 000 is ~860 KB) and a sparse
 ``--image-gib`` GiB image with its own sidecar arrive together; reported are the longest gaps
 until both jobs are queued (arrival: parsing and hashing) and until both have finished.
 Goal: under 2 s (the heartbeat beats every 0.5 s). Before parsing and hashing left the loop
@@ -61,7 +61,7 @@ def main() -> None:
             with (inbox / "huge.png").open("r+b") as handle:
                 handle.truncate(int(args.image_gib * 2**30))  # sparse: every byte hashed, none on disk
             (inbox / "huge.yaml").write_text("prompts:\n- {bbox: [1, 1, 10, 10]}\n")
-            lines = [f"- {{bbox: [{i % 50}, {i % 40}, {i % 50 + 4}, {i % 40 + 3}]}}" for i in range(args.prompts)]
+            lines = [f"- bbox: [{i % 50},{i % 40},{i % 50 + 4},{i % 40 + 3}]" for i in range(args.prompts)]
             sidecar = "prompts:\n" + "\n".join(lines) + "\n"
             (inbox / ".many.yaml.tmp").write_text(sidecar)
             (inbox / ".many.yaml.tmp").rename(inbox / "many.yaml")
