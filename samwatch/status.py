@@ -72,6 +72,7 @@ class StatusReporter:
             "downloads": [item for item in daemon.registry.listing() if item.get("state") == "downloading"],
             "recent_failures": list(stats.recent_failures),
             "config": {"path": str(daemon.config_path) if daemon.config_path else None, "error": daemon.config_error},
+            "outbox": {"problem": daemon.outbox.problem, "pending_writes": daemon.outbox.pending_writes},
         }
 
     def line(self) -> str:
