@@ -31,7 +31,7 @@ from samwatch.models.device import pick_devices
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
-from samwatch.outbox import Outbox, sweep_temporaries
+from samwatch.outbox import SPOOL_FOLDER, Outbox, sweep_temporaries
 from samwatch.outcomes import OutcomeRecorder
 from samwatch.queueing import JobQueue
 from samwatch.status import StatusReporter
@@ -105,9 +105,13 @@ class Daemon:
         """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``."""
         for folder in (config.inbox, config.outbox, config.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        outbox = Outbox(config.outbox)
+        outbox = Outbox(config.outbox, spool=config.state_dir / SPOOL_FOLDER, clock=clock)
         outbox.ensure_folders()
-        swept = sweep_temporaries(config.outbox)
+        try:
+            swept = sweep_temporaries(config.outbox)
+        except OSError as exc:  # a read-only outbox: they are swept at the next start
+            outbox.note_failure(exc)
+            swept = 0
         if swept:
             logger.info(f"removed {swept} temporary files left by an earlier run")
         devices = pick_devices(config.device)
@@ -167,10 +171,10 @@ class Daemon:
             while not self.flags.stop:
                 try:
                     self.step(self.clock())
+                    self._collect(self._sleep_time())
                 except Exception as exc:  # the loop must outlive any one bad pass (a share hiccup, a bug)
                     logger.opt(exception=exc).error(f"daemon pass failed, retrying: {exc!r}")
                     time.sleep(1.0)
-                self._collect(self._sleep_time())
             self._stop(grace_seconds)
         finally:
             self.close()
@@ -205,6 +209,7 @@ class Daemon:
         if changed or vanished or arrived:
             self.queue.discover(changed, vanished, arrived)
         self._collect(0.0)
+        self.outbox.retry()
         self.recorder.check_waiting()
         if not self.flags.stop:
             self._dispatch(now)
@@ -293,6 +298,7 @@ class Daemon:
         return self.reporter.line()
 
     def heartbeat(self) -> None:
+        self.outbox.ensure_folders()  # someone may have removed them (rm -rf outbox): ours come back
         self._write_status()
         self._next_heartbeat = self.clock() + self.config.service.heartbeat_seconds
         self.notifier.status(self.status_line())

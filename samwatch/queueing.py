@@ -140,7 +140,12 @@ class JobQueue:
                 self.outbox.restore_final(row.job_id, elsewhere, "finished by another daemon on this share")
                 logger.info(f"job {row.job_id} finished by another daemon ({elsewhere})")
                 continue
-            if not self.claims.try_claim(row.job_id, row.version):
+            try:
+                claimed = self.claims.try_claim(row.job_id, row.version)
+            except OSError as exc:  # the outbox refuses writes: try again after a while
+                self.outbox.note_failure(exc)
+                claimed = False
+            if not claimed:
                 self._busy_elsewhere[row.job_id] = now + BUSY_ELSEWHERE_SECONDS
                 skipped.add(row.job_id)
                 continue

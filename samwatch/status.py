@@ -73,6 +73,7 @@ class StatusReporter:
             "recent_failures": list(stats.recent_failures),
             "skipped_inputs": dict(daemon.watcher.skipped),  # inbox entries no job can be made of, with why
             "config": {"path": str(daemon.config_path) if daemon.config_path else None, "error": daemon.config_error},
+            "outbox": {"problem": daemon.outbox.problem, "pending_writes": daemon.outbox.pending_writes},
         }
 
     def line(self) -> str:
