@@ -13,9 +13,12 @@ weights predict IoUs near 0), so counts compare the two pipelines, not the masks
    automask (read, encode, decode, stitch) vs micro-sam 1.8.14's ``TiledAutomaticMaskGenerator``
    (``precompute_image_embeddings`` to zarr + ``initialize`` + ``generate``), seconds and object
    counts; then samwatch again with its disk cache warm.                target: <= 1.0x micro-sam
-   micro-sam is not a samwatch dependency: install it aside, e.g.
-   ``pip install --target /tmp/msam --no-deps micro-sam==1.8.14 torch_em python-elf bioimage-cpp``
-   plus what its import then asks for, and run with ``PYTHONPATH=$PWD:/tmp/msam``.
+   micro-sam is not a samwatch dependency, and ``pip install micro-sam`` would put ~130 packages
+   (napari, PyQt6, and segment-anything-py, which shadows segment_anything) into the venv; install
+   it aside instead: ``pip install --target /tmp/msam --no-deps micro-sam==1.8.14 torch_em
+   python-elf bioimage-cpp==0.10.0 matplotlib scikit-learn kiwisolver cycler fonttools contourpy
+   pyparsing python-dateutil threadpoolctl joblib narwhals kornia kornia_rs pandas pooch
+   platformdirs xxhash`` and run with ``PYTHONPATH=$PWD:/tmp/msam``.
 2. **Peak RSS** of a whole tiled automask job (the real ``JobRunner``: slide reader, tiles,
    stitching, polygons, result file) on mostly-white pyramidal OME-TIFF slides of each size with
    skimage patches, each in its own process. The model is a stand-in that finds dark connected
