@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     seen        REAL NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
     error       TEXT,
-    updated     REAL NOT NULL
+    updated     REAL NOT NULL,
+    token       TEXT                -- the run now allowed to report this job's outcome
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS groups (grp TEXT PRIMARY KEY, served REAL NOT NULL);
@@ -64,6 +65,9 @@ class Ledger:
         # FULL: a job reported done survives a power cut, as the result file does.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "token" not in columns:  # a ledger from before dispatch tokens
+            self._db.execute("ALTER TABLE jobs ADD COLUMN token TEXT")
         hash_columns = {row[1] for row in self._db.execute("PRAGMA table_info(file_hashes)")}
         for column in ("ctime_ns", "inode"):
             if column not in hash_columns:  # a ledger from before; its rows then never match: re-hashed once
@@ -115,23 +119,31 @@ class Ledger:
 
     def set_state(self, job_id: str, state: str, *, version: str | None = None, error: str | None = None) -> bool:
         """Move a job to ``state``; with ``version``, only if that is still its version."""
-        query = "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE job_id = ?"
+        query = "UPDATE jobs SET state = ?, error = ?, token = NULL, updated = ? WHERE job_id = ?"
         params: tuple = (state, error, self._wallclock(), job_id)
         if version is not None:
             query += " AND version = ?"
             params += (version,)
         return self._db.execute(query, params).rowcount > 0
 
-    def start(self, job: JobRow) -> None:
+    def start(self, job: JobRow, token: str) -> None:
+        """``token`` names this run: only its outcome is recorded (see ``holds``)."""
         self._db.execute(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated = ? WHERE job_id = ?",
-            (self._wallclock(), job.job_id),
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, token = ?, updated = ? WHERE job_id = ?",
+            (token, self._wallclock(), job.job_id),
         )
         self._db.execute(
             "INSERT INTO groups (grp, served) VALUES (?, ?) "
             "ON CONFLICT(grp) DO UPDATE SET served = excluded.served",
             (job.grp, self._wallclock()),
         )
+
+    def holds(self, job_id: str, token: str) -> bool:
+        """Whether the run ``token`` is still the one this job waits for (``finish`` checks the version)."""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE job_id = ? AND token = ? AND state = 'running'", (job_id, token)
+        ).fetchone()
+        return row is not None
 
     def finish(self, job: JobRow, state: str, error: str | None = None) -> None:
         """Record the outcome of ``job``'s version; a newer version stays queued."""
@@ -174,7 +186,7 @@ class Ledger:
     def recover(self) -> int:
         """After a crash or kill: jobs that were running run again."""
         return self._db.execute(
-            "UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'", (self._wallclock(),)
+            "UPDATE jobs SET state = 'queued', token = NULL, updated = ? WHERE state = 'running'", (self._wallclock(),)
         ).rowcount
 
     def counts(self) -> dict[str, int]:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,27 @@ def sweep_temporaries(root: Path) -> int:
     return removed
 
 
+class ProgressState(str, Enum):
+    """The ``state`` of a progress file (CONTRACT.md): only ``JobOutputs`` writes them."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({ProgressState.DONE, ProgressState.FAILED, ProgressState.CANCELLED})
+
+
 @dataclass(frozen=True)
 class JobOutputs:
-    """The outbox files of one job, mirroring its inbox path (``exp1/img001.cells``)."""
+    """The outbox files of one job, mirroring its inbox path (``exp1/img001.cells``).
+
+    The one writer of a job's file states: each method is one state a person can see, so no
+    state string is spelled anywhere else. A final state and its result or error file are
+    written together, result first, so a reader who sees ``done`` finds the result.
+    """
 
     outbox: Path
     stem: str  # relative path without suffix, e.g. "exp1/img001.cells"
@@ -126,27 +145,90 @@ class JobOutputs:
     def error(self) -> Path:
         return self._path(".error.json")
 
-    def write_progress(self, state: str, stage: str, percent: float, message: str = "", **extra: Any) -> None:
-        # Progress is advisory and frequent: atomic, but not fsync'd each time.
+    def queued(self, message: str = "waiting for its turn", *, stage: str = "queued", percent: float = 0) -> None:
+        self._write_progress(ProgressState.QUEUED, stage, percent, message)
+
+    def waiting(self, stage: str, percent: float, message: str) -> None:
+        """Queued until something it needs (weights being fetched) is ready."""
+        self._write_progress(ProgressState.QUEUED, stage, percent, message)
+
+    def running(self, stage: str, percent: float, message: str = "") -> None:
+        self._write_progress(ProgressState.RUNNING, stage, percent, message)
+
+    def done(self, collection: dict[str, Any] | None, message: str) -> None:
+        """``collection`` None: the result is already there (another daemon wrote it)."""
+        if collection is not None:
+            atomic_write_json(self.result, collection)
+            self.error.unlink(missing_ok=True)
+        self._write_progress(ProgressState.DONE, ProgressState.DONE.value, 100, message)
+
+    def failed(self, error: dict[str, Any] | None, percent: float, message: str) -> None:
+        # One outcome per content version: a stale result of an earlier version goes.
+        if error is not None:
+            atomic_write_json(self.error, {**error, "updated": now_iso()})
+            self.result.unlink(missing_ok=True)
+        self._write_progress(ProgressState.FAILED, ProgressState.FAILED.value, percent, message)
+
+    def cancelled(self, percent: float, message: str) -> None:
+        self._write_progress(ProgressState.CANCELLED, ProgressState.CANCELLED.value, percent, message)
+
+    def restore_final(self, state: str, message: str) -> None:
+        """Another daemon's outcome (``done``/``failed``/``cancelled``): its files stand, progress says so."""
+        final = ProgressState(state)
+        self._write_progress(final, final.value, 100 if final is ProgressState.DONE else 0, message)
+
+    def _write_progress(self, state: ProgressState, stage: str, percent: float, message: str) -> None:
+        # Progress is advisory and frequent: atomic, but only final states are fsync'd.
         payload = {
-            "state": state,
+            "state": state.value,
             "stage": stage,
             "percent": int(max(0, min(100, round(percent)))),
             "message": message,
             "updated": now_iso(),
-            **extra,
         }
-        atomic_write_json(self.progress, payload, durable=state in ("done", "failed", "cancelled"))
+        atomic_write_json(self.progress, payload, durable=state in FINAL_STATES)
 
-    def write_result(self, collection: dict[str, Any]) -> None:
-        atomic_write_json(self.result, collection)
-        self.error.unlink(missing_ok=True)
 
-    def write_error(self, body: dict[str, Any]) -> None:
-        # One outcome per content version: a stale result of an earlier version goes.
-        atomic_write_json(self.error, {**body, "updated": now_iso()})
-        self.result.unlink(missing_ok=True)
+class Outbox:
+    """The outbox folder as the daemon writes it: every job's file states, and ``_samwatch``.
 
-    def remove_all(self) -> None:
-        for path in (self.result, self.progress, self.error):
-            path.unlink(missing_ok=True)
+    Call sites name a state by its method (``outbox.done(job_id, ...)``), never by a string.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state_folder = root / STATE_FOLDER
+
+    def ensure_folders(self) -> None:
+        self.state_folder.mkdir(parents=True, exist_ok=True)
+
+    def job(self, job_id: str) -> JobOutputs:
+        return JobOutputs(self.root, job_id)
+
+    def queued(self, job_id: str, message: str = "waiting for its turn") -> None:
+        self._write(job_id, "queued", message=message)
+
+    def waiting(self, job_id: str, stage: str, percent: float, message: str) -> None:
+        self._write(job_id, "waiting", stage=stage, percent=percent, message=message)
+
+    def running(self, job_id: str, stage: str, percent: float, message: str = "") -> None:
+        self._write(job_id, "running", stage=stage, percent=percent, message=message)
+
+    def done(self, job_id: str, collection: dict[str, Any] | None, message: str) -> None:
+        self._write(job_id, "done", collection=collection, message=message)
+
+    def failed(self, job_id: str, error: dict[str, Any] | None, percent: float, message: str) -> None:
+        self._write(job_id, "failed", error=error, percent=percent, message=message)
+
+    def cancelled(self, job_id: str, percent: float, message: str) -> None:
+        self._write(job_id, "cancelled", percent=percent, message=message)
+
+    def restore_final(self, job_id: str, state: str, message: str) -> None:
+        self._write(job_id, "restore_final", state=state, message=message)
+
+    def _write(self, job_id: str, method: str, **arguments: Any) -> None:
+        getattr(self.job(job_id), method)(**arguments)
+
+    def write_state_file(self, name: str, payload: Any) -> None:
+        """A heartbeat-frequency file in ``_samwatch`` (status, weights listing): not fsync'd."""
+        atomic_write_json(self.state_folder / name, payload, durable=False)
