@@ -96,6 +96,10 @@ class ClaimStore:
         except FileNotFoundError:
             pass
 
+    def reopen(self, job_id: str, version: str) -> None:
+        """This version runs again (a retry): its recorded outcome no longer stands."""
+        self._done(job_id, version).unlink(missing_ok=True)
+
     def release(self, job_id: str, version: str, state: str | None) -> None:
         """Drop the claim; with ``state``, first record the outcome for the other daemons."""
         if state is not None:

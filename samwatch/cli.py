@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from samwatch import __version__
-from samwatch.config import Config, config_path_from, load_config, outbox_named_by
+from samwatch.config import DEFAULT_CONFIG_PATH, Config, config_path_from, load_config, outbox_named_by
 from samwatch.errors import ConfigError
 from samwatch.logs import setup_logging
 
@@ -34,10 +34,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from samwatch.daemon import Daemon
     from samwatch.models.device import DeviceUnavailable
 
+    optional = args.config is None  # on defaults: ./samwatch.config.yaml is watched, and may come later
     config = _load(args)
     setup_logging(config.log_level)
+    watched = (args.config or DEFAULT_CONFIG_PATH).absolute()
     try:
-        daemon = Daemon.from_config(config, config_path=args.config, threaded=not args.once)
+        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional, threaded=not args.once)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
         return 2

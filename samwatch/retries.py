@@ -18,8 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from samwatch.ledger import JobRow
+from loguru import logger
+
+from samwatch.claims import ClaimStore
+from samwatch.config import Config
+from samwatch.errors import JobError
+from samwatch.job_sidecar import load_job_sidecar
+from samwatch.ledger import JobRow, Ledger
+from samwatch.outbox import Outbox
+from samwatch.retry_requests import take_retry_requests
+
+#: failed jobs are looked over at most this often (a ledger query, a stat per weights file)
+_LOOK_SECONDS = 1.0
 
 #: failures that may pass by themselves: retried with backoff
 TRANSIENT_CODES = frozenset({"weights_download_failed", "io_error"})
@@ -87,3 +99,62 @@ def cured_by_change(failed: Iterable[JobRow]) -> list[JobRow]:
 def cured_by_weights(failed: Iterable[JobRow]) -> list[JobRow]:
     """Failed rows worth running again if their weights are on disk now."""
     return [row for row in failed if row.error in WEIGHTS_CODES]
+
+
+class Retrier:
+    """Puts failed jobs back in the queue: after their backoff, when their weights appear, after a
+    config change, or when ``samwatch retry`` asks. A job runs again as the same version."""
+
+    def __init__(
+        self, config: Config, ledger: Ledger, claims: ClaimStore, outbox: Outbox, registry: Any,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.claims = claims
+        self.outbox = outbox
+        self.registry = registry
+        self.schedule = RetrySchedule(config.service.retry_base_seconds, config.service.retry_attempts, clock)
+        self._next_look = float("-inf")
+
+    def step(self, now: float) -> None:
+        for request in take_retry_requests(self.outbox.state_folder):
+            rows = [row for row in self.ledger.jobs_in(("failed", "done")) if request.matches(row)]
+            for row in rows:
+                self.requeue(row, "samwatch retry asked for it")
+            if not rows:
+                logger.info(f"retry request for {', '.join(request.paths) or 'failed jobs'}: no finished job matches")
+        if now < self._next_look:
+            return
+        self._next_look = now + _LOOK_SECONDS
+        failed = self.ledger.jobs_in(("failed",))
+        for row in self.schedule.due(failed):
+            self.requeue(row, f"{row.error} may have passed (attempt {row.attempts + 1})")
+        for row in cured_by_weights(failed):
+            key = self._weights_of(row)
+            if key is not None and self.registry.on_disk(*key):
+                self.requeue(row, f"the {key[0]} weights {key[1]!r} are on disk now")
+
+    def after_change(self, config: Config) -> None:
+        """The config was reloaded: what failed or waits for lack of weights or limits tries again."""
+        self.config = config
+        self.schedule.base_seconds = config.service.retry_base_seconds
+        self.schedule.max_attempts = config.service.retry_attempts
+        for row in [*cured_by_change(self.ledger.jobs_in(("failed",))), *self.ledger.jobs_in(("waiting",))]:
+            self.requeue(row, "the config changed")
+
+    def requeue(self, row: JobRow, reason: str) -> None:
+        if not self.ledger.set_state(row.job_id, "queued", version=row.version):
+            return  # a newer version replaced it meanwhile: that one is queued already
+        self.claims.reopen(row.job_id, row.version)
+        self.outbox.queued(row.job_id, f"runs again: {reason}")
+        logger.info(f"job {row.job_id} queued again: {reason}")
+
+    def _weights_of(self, row: JobRow) -> tuple[str, str] | None:
+        if row.sidecar is None:
+            return None
+        try:
+            loaded = load_job_sidecar(self.config, row.sidecar)
+        except (OSError, JobError):
+            return None
+        return loaded.model_type, loaded.weights_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -9,12 +10,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_downloads_daemon import server  # noqa: F401 - the slow weights server fixture
 from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
 
 SMALL = np.full((48, 64), 120, np.uint8)
@@ -266,6 +268,38 @@ def test_failed_jobs_run_again_when_what_they_need_appears(tmp_path: Path) -> No
     finally:
         assert daemon.stop() == 0
     assert not (outbox / "late.error.json").exists() and not (outbox / "unknown.error.json").exists()
+
+
+class FirstDownloadSlow(http.server.BaseHTTPRequestHandler):
+    """Serves 2 MiB: the first time slowly (20 s, time enough to cancel it), then at once."""
+
+    served = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        payload = bytes(range(256)) * 8192
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        slow = FirstDownloadSlow.served == 0
+        FirstDownloadSlow.served += 1
+        for start in range(0, len(payload), 64 * 1024):
+            self.wfile.write(payload[start : start + 64 * 1024])
+            self.wfile.flush()
+            if slow:
+                time.sleep(0.6)
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+@pytest.fixture
+def server():
+    FirstDownloadSlow.served = 0
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FirstDownloadSlow)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
 
 
 def test_weights_cancel_tells_waiting_jobs_how_to_resume(tmp_path: Path, server: str) -> None:
