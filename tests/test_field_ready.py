@@ -183,7 +183,7 @@ def test_logs_one_format_no_import_noise_each_failure_once(tmp_path: Path, vit_t
     assert all(LOG_LINE.match(line) for line in log.splitlines()), log
     message = read_json(outbox / "nodl.error.json")["message"]
     assert "samwatch weights add default vit_t /path/to/mobile_sam.pt" in message  # for users without a config
-    assert log.count("Downloading the vit_t weights 'default'") == 1, log
+    assert log.count("Downloading the vit_t weights 'default'") == log.count("job nodl failed") >= 1, log
 
     fetch = samwatch_cli("weights", "fetch", "default", "--type", "vit_t", "--config", str(config))
     assert fetch.returncode == 1 and fetch.stderr.count("Downloading the vit_t weights 'default'") == 1, fetch.stderr
