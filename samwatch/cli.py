@@ -32,6 +32,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from samwatch.daemon import Daemon
+    from samwatch.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
 
     optional = args.config is None  # on defaults: ./samwatch.config.yaml is watched, and may come later
@@ -42,6 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon = Daemon.from_config(config, config_path=watched, config_optional=optional, threaded=not args.once)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
+        return 2
+    except LedgerUnreadable as exc:
+        print(f"samwatch: {exc}", file=sys.stderr)
         return 2
     daemon.install_signal_handlers()
     if args.once:

@@ -57,10 +57,31 @@ class JobRow:
     error: str | None
 
 
+class LedgerUnreadable(Exception):
+    """The ledger file is damaged or not a database: the daemon cannot start on it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"the ledger {path} cannot be read ({reason}). Move it aside (mv '{path}' '{path}.broken') and "
+            "start samwatch again: it makes a new ledger, and the outbox is the record of finished work "
+            "(results and _samwatch/claims), so finished jobs are not redone."
+        )
+
+
 class Ledger:
     def __init__(self, path: Path, *, wallclock=time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open()
+        except sqlite3.OperationalError:
+            raise  # locked, read-only, out of space: not the file's fault
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
+            self._db.close()
+            raise LedgerUnreadable(path, str(exc)) from None
+        self._wallclock = wallclock
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a job reported done survives a power cut, as the result file does.
         self._db.execute("PRAGMA synchronous=FULL")
@@ -72,7 +93,6 @@ class Ledger:
         for column in ("ctime_ns", "inode"):
             if column not in hash_columns:  # a ledger from before; its rows then never match: re-hashed once
                 self._db.execute(f"ALTER TABLE file_hashes ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
-        self._wallclock = wallclock
 
     def close(self) -> None:
         self._db.close()
