@@ -101,21 +101,22 @@ def cured_by_weights(failed: Iterable[JobRow]) -> list[JobRow]:
     return [row for row in failed if row.error in WEIGHTS_CODES]
 
 
+@dataclass
 class Retrier:
     """Puts failed jobs back in the queue: after their backoff, when their weights appear, after a
     config change, or when ``samwatch retry`` asks. A job runs again as the same version."""
 
-    def __init__(
-        self, config: Config, ledger: Ledger, claims: ClaimStore, outbox: Outbox, registry: Any,
-        clock: Callable[[], float],
-    ) -> None:
-        self.config = config
-        self.ledger = ledger
-        self.claims = claims
-        self.outbox = outbox
-        self.registry = registry
-        self.schedule = RetrySchedule(config.service.retry_base_seconds, config.service.retry_attempts, clock)
-        self._next_look = float("-inf")
+    config: Config
+    ledger: Ledger
+    claims: ClaimStore
+    outbox: Outbox
+    registry: Any
+    clock: Callable[[], float]
+    _next_look: float = float("-inf")
+
+    def __post_init__(self) -> None:
+        service = self.config.service
+        self.schedule = RetrySchedule(service.retry_base_seconds, service.retry_attempts, self.clock)
 
     def step(self, now: float) -> None:
         for request in take_retry_requests(self.outbox.state_folder):

@@ -10,14 +10,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
 
 SMALL = np.full((48, 64), 120, np.uint8)
 TIMEOUT = 60
@@ -295,11 +294,8 @@ class FirstDownloadSlow(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     FirstDownloadSlow.served = 0
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FirstDownloadSlow)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve_http(FirstDownloadSlow) as url:
+        yield url
 
 
 def test_weights_cancel_tells_waiting_jobs_how_to_resume(tmp_path: Path, server: str) -> None:
