@@ -71,7 +71,9 @@ class StatusReporter:
             "loaded_models": _distinct(model for worker in workers for model in worker.get("loaded_models", [])),
             "downloads": [item for item in daemon.registry.listing() if item.get("state") == "downloading"],
             "recent_failures": list(stats.recent_failures),
+            "skipped_inputs": dict(daemon.watcher.skipped),  # inbox entries no job can be made of, with why
             "config": {"path": str(daemon.config_path) if daemon.config_path else None, "error": daemon.config_error},
+            "outbox": {"problem": daemon.outbox.problem, "pending_writes": daemon.outbox.pending_writes},
         }
 
     def line(self) -> str:

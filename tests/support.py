@@ -168,3 +168,19 @@ def serve_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[st
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
+
+
+class HeartbeatGaps:
+    """Sampled often, keeps the longest time status.json went without a heartbeat."""
+
+    def __init__(self, status: Path) -> None:
+        self.status = status
+        self.longest = 0.0
+
+    def sample(self) -> None:
+        from datetime import datetime
+
+        body = read_json(self.status)
+        if body is not None:
+            beat = datetime.fromisoformat(body["updated"]).timestamp()
+            self.longest = max(self.longest, time.time() - beat)
