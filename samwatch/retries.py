@@ -113,21 +113,23 @@ class Retrier:
     registry: Any
     clock: Callable[[], float]
     _next_look: float = float("-inf")
+    #: (job, version) -> its (type, weights name): a sidecar is read once, not every look
+    _weights_keys: dict[tuple[str, str], tuple[str, str] | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         service = self.config.service
         self.schedule = RetrySchedule(service.retry_base_seconds, service.retry_attempts, self.clock)
 
     def step(self, now: float) -> None:
+        if now < self._next_look:
+            return
+        self._next_look = now + _LOOK_SECONDS
         for request in take_retry_requests(self.outbox.state_folder):
             rows = [row for row in self.ledger.jobs_in(("failed", "done")) if request.matches(row)]
             for row in rows:
                 self.requeue(row, "samwatch retry asked for it")
             if not rows:
                 logger.info(f"retry request for {', '.join(request.paths) or 'failed jobs'}: no finished job matches")
-        if now < self._next_look:
-            return
-        self._next_look = now + _LOOK_SECONDS
         failed = self.ledger.jobs_in(("failed",))
         for row in self.schedule.due(failed):
             self.requeue(row, f"{row.error} may have passed (attempt {row.attempts + 1})")
@@ -135,10 +137,13 @@ class Retrier:
             key = self._weights_of(row)
             if key is not None and self.registry.on_disk(*key):
                 self.requeue(row, f"the {key[0]} weights {key[1]!r} are on disk now")
+        live = {(row.job_id, row.version) for row in failed}
+        self._weights_keys = {version: key for version, key in self._weights_keys.items() if version in live}
 
     def after_change(self, config: Config) -> None:
         """The config was reloaded: what failed or waits for lack of weights or limits tries again."""
         self.config = config
+        self._weights_keys.clear()  # folder defaults or default weights may mean others now
         self.schedule.base_seconds = config.service.retry_base_seconds
         self.schedule.max_attempts = config.service.retry_attempts
         for row in [*cured_by_change(self.ledger.jobs_in(("failed",))), *self.ledger.jobs_in(("waiting",))]:
@@ -152,10 +157,11 @@ class Retrier:
         logger.info(f"job {row.job_id} queued again: {reason}")
 
     def _weights_of(self, row: JobRow) -> tuple[str, str] | None:
-        if row.sidecar is None:
-            return None
-        try:
-            loaded = load_job_sidecar(self.config, row.sidecar)
-        except (OSError, JobError):
-            return None
-        return loaded.model_type, loaded.weights_name
+        version = (row.job_id, row.version)
+        if version not in self._weights_keys:
+            try:
+                loaded = load_job_sidecar(self.config, row.sidecar) if row.sidecar else None
+            except (OSError, JobError):
+                loaded = None
+            self._weights_keys[version] = (loaded.model_type, loaded.weights_name) if loaded else None
+        return self._weights_keys[version]
