@@ -46,6 +46,10 @@ class JobQueue:
     # ---- discovery --------------------------------------------------------------------
 
     def discover(self, changed: set[str], vanished: set[str]) -> None:
+        with self.ledger.batch():
+            self._discover(changed, vanished)
+
+    def _discover(self, changed: set[str], vanished: set[str]) -> None:
         settled = self.watcher.settled
         files = set(settled) | self.watcher.pending
         jobs = {job.job_id: job for job in find_jobs(self.config.inbox, files, self._image_ref)}
