@@ -36,6 +36,7 @@ from samwatch.models.pool import ModelPool
 from samwatch.models.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
 from samwatch.outbox import STATE_FOLDER, JobOutputs, atomic_write_json, now_iso, sweep_temporaries
+from samwatch.outputs.dashboard import Dashboard
 from samwatch.sidecar import parse_sidecar_text
 from samwatch.watcher import Watcher
 
@@ -105,6 +106,7 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         self.status_dir = config.outbox / STATE_FOLDER
         self.status_dir.mkdir(parents=True, exist_ok=True)
+        self.dashboard = Dashboard(config.outbox, self.status_dir)
         swept = sweep_temporaries(config.outbox)
         if swept:
             logger.info(f"removed {swept} temporary files left by an earlier run")
@@ -402,11 +404,13 @@ class Daemon:
         if outcome.state == "done":
             outputs.write_progress("done", "done", 100, f"{outcome.features} features")
             self.stats.done += 1
+            self.dashboard.record_result(ticket.job_id, features=outcome.features, seconds=outcome.seconds)
             logger.info(outcome.summary)
         else:
             assert outcome.error is not None
             error = outcome.error
             outputs.write_error({**error.to_dict(), "job": ticket.job_id, "sidecar": ticket.sidecar, "image": ticket.image})
+            self.dashboard.forget_result(ticket.job_id)
             outputs.write_progress("failed", "failed", running.progress.percent, error.message)
             self.stats.failed += 1
             self.stats.recent_failures.append(
@@ -444,6 +448,7 @@ class Daemon:
             if error is not None:
                 self._waiting_on.pop(job_id)
                 outputs.write_error({**error.to_dict(), "job": job_id, "sidecar": row.sidecar, "image": row.image})
+                self.dashboard.forget_result(job_id)
                 outputs.write_progress("failed", "failed", 5, error.message)
                 self.ledger.finish(row, "failed", error=error.code)
                 self.stats.failed += 1
@@ -547,6 +552,7 @@ class Daemon:
             "loaded_models": self.pool.loaded(),
             "downloads": [item for item in self.registry.listing() if item.get("state") == "downloading"],
             "recent_failures": list(self.stats.recent_failures),
+            "recent_results": self.dashboard.recent_results(),
             "config": {"path": str(self.config_path) if self.config_path else None, "error": self.config_error},
         }
 
@@ -556,6 +562,7 @@ class Daemon:
         atomic_write_json(self.status_dir / "instances" / f"{self.config.service.instance}.json", status, durable=False)
         atomic_write_json(self.status_dir / "status.json", status, durable=False)
         atomic_write_json(self.status_dir / "weights.json", self.registry.samapi_listing(), durable=False)
+        self.dashboard.write(status)
         self.notifier.status(self.status_line())
         if self.notifier.watchdog_seconds and not self.job_stalled():
             self.notifier.watchdog()

@@ -32,6 +32,7 @@ from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.outbox import JobOutputs
+from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
 from samwatch.sidecar import (
     FOLDER_DEFAULTS_STEM,
@@ -209,7 +210,11 @@ class JobRunner:
         timings["geometry"] = time.perf_counter() - geometry_started
         timings["total"] = time.perf_counter() - started
         meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features))
-        progress.outputs.write_result(feature_collection(features, meta))
+        extras = result_extras(
+            features, media, sidecar, OutputPlan.resolve(self.config.output, sidecar.output),
+            frame_axis=_frame_axes(sidecar, media)[-1],
+        )
+        progress.outputs.write_result(feature_collection(features, meta), extras)
         summary = (
             f"job {ticket.job_id} done model={model_type} weights={weights_name} size={media.width}x{media.height}"
             f"{'x' + str(media.n_frames) if media.n_frames > 1 else ''} features={len(features)} "
@@ -268,7 +273,7 @@ class JobRunner:
 
     def _features(self, detections: list[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
         default_label = sidecar.label or self.config.defaults.label
-        axes = sidecar.video.axes if sidecar.video else ("XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT")
+        axes = _frame_axes(sidecar, media)
         plane_position = sidecar.video.plane_position if sidecar.video else 0
         features = []
         for detection in detections:
@@ -338,6 +343,13 @@ _MODE_ADVICE = {
     "automask": "give prompts, or use a SAM/MobileSAM/SAM2 model for automatic masks.",
     "prompts": "use text/positive_bboxes for sam3, or a SAM/SAM2 model for box and point prompts.",
 }
+
+
+def _frame_axes(sidecar: Sidecar, media: Media) -> str:
+    """XYT or XYZ: which axis a stack's frames run along."""
+    if sidecar.video:
+        return sidecar.video.axes
+    return "XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT"
 
 
 def _frames_held(video: Any) -> int | None:

@@ -11,13 +11,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 TMP_PREFIX = ".samwatch-"
 STATE_FOLDER = "_samwatch"
+#: Files that belong to a result and live and die with it (see samwatch/outputs/).
+PREVIEW_SUFFIX = ".preview.png"
+LABELS_SUFFIX = ".labels.tif"
+LABELS_CSV_SUFFIX = ".labels.csv"
+EXTRA_SUFFIXES = (PREVIEW_SUFFIX, LABELS_SUFFIX, LABELS_CSV_SUFFIX)
+#: Writes one file's content to an open, seekable binary handle.
+Writer = Callable[[BinaryIO], None]
 
 
 def now_iso() -> str:
@@ -37,19 +45,30 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that no reader ever sees a partial file."""
+def stage_file(path: Path, write: Writer, *, durable: bool = True) -> Path:
+    """Write a hidden temporary beside ``path`` (fsync'd if durable); the caller renames it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    os.close(fd)  # reopened by name: writers such as tifffile want a handle with a file name
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with open(tmp_name, "r+b") as handle:
+            write(handle)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return Path(tmp_name)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that no reader ever sees a partial file."""
+    tmp = stage_file(path, lambda handle: handle.write(data), durable=durable)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     if durable:
         fsync_dir(path.parent)
@@ -107,15 +126,41 @@ class JobOutputs:
         }
         atomic_write_json(self.progress, payload, durable=state in ("done", "failed", "cancelled"))
 
-    def write_result(self, collection: dict[str, Any]) -> None:
+    @property
+    def extras(self) -> tuple[Path, ...]:
+        return tuple(self._path(suffix) for suffix in EXTRA_SUFFIXES)
+
+    def write_result(self, collection: dict[str, Any], extras: Mapping[str, Writer] | None = None) -> None:
+        """The result and its extra files (suffix -> writer): all are written aside first, then
+        renamed into place, the GeoJSON last, so whoever sees a result finds its extras; an
+        extra this result lacks (an older version's preview) is removed."""
+        extras = extras or {}
+        unknown = set(extras) - set(EXTRA_SUFFIXES)
+        if unknown:
+            raise ValueError(f"not a result extra: {sorted(unknown)}")
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for suffix, write in extras.items():
+                staged.append((stage_file(self._path(suffix), write), self._path(suffix)))
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for suffix in EXTRA_SUFFIXES:
+            if suffix not in extras:
+                self._path(suffix).unlink(missing_ok=True)
         atomic_write_json(self.result, collection)
         self.error.unlink(missing_ok=True)
 
     def write_error(self, body: dict[str, Any]) -> None:
-        # One outcome per content version: a stale result of an earlier version goes.
+        # One outcome per content version: a stale result of an earlier version goes, extras
+        # after it (a reader that sees no result expects no extras).
         atomic_write_json(self.error, {**body, "updated": now_iso()})
-        self.result.unlink(missing_ok=True)
+        for path in (self.result, *self.extras):
+            path.unlink(missing_ok=True)
 
     def remove_all(self) -> None:
-        for path in (self.result, self.progress, self.error):
+        for path in (self.result, *self.extras, self.progress, self.error):
             path.unlink(missing_ok=True)

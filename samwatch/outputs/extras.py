@@ -1,0 +1,82 @@
+"""What a result writes besides its GeoJSON: the preview and the label image.
+
+:func:`result_extras` reads the features once and returns the writers that
+``JobOutputs.write_result`` runs, so the preview and the labels come from one pass over
+the same arrays and land atomically with the result.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from samwatch.config import OutputSettings
+from samwatch.media import Media
+from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX, Writer
+from samwatch.outputs.labels import labels_csv, write_labels
+from samwatch.outputs.preview import encode_png, render_preview
+from samwatch.outputs.shapes import read_shapes
+from samwatch.sidecar import OutputSpec, Sidecar
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """The extras one result gets: the config's ``output`` with the sidecar's overrides."""
+
+    preview: bool = True
+    preview_size: int = 1024
+    labels: bool = False
+
+    @classmethod
+    def resolve(cls, settings: OutputSettings, spec: OutputSpec) -> OutputPlan:
+        formats = spec.formats if spec.formats is not None else settings.formats
+        return cls(
+            preview=settings.preview if spec.preview is None else spec.preview,
+            preview_size=spec.preview_size or settings.preview_size,
+            labels="labels" in formats,
+        )
+
+
+def describe_prompt(sidecar: Sidecar, prompt_idx: int | None) -> str:
+    """What made a feature, for the labels CSV: its prompt, or the job's kind."""
+    if prompt_idx is not None and 0 <= prompt_idx < len(sidecar.prompts):
+        prompt = sidecar.prompts[prompt_idx].model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        return json.dumps(prompt, separators=(",", ":"))
+    if sidecar.mode == "text":
+        return f"text: {sidecar.text}" if sidecar.text else "exemplar boxes"
+    return sidecar.mode
+
+
+def result_extras(
+    features: Sequence[dict[str, Any]], media: Media, sidecar: Sidecar, plan: OutputPlan, *, frame_axis: str = "T"
+) -> dict[str, Writer]:
+    """suffix -> writer of the extra files ``plan`` asks for (none for a plain result).
+
+    The preview is rendered here (a few MB at most); the label image is rasterised tile by
+    tile while it is written.
+    """
+    if not (plan.preview or plan.labels):
+        return {}
+    shapes = read_shapes(features, frame_axis=frame_axis)
+    extras: dict[str, Writer] = {}
+    if plan.preview and shapes:
+        try:
+            sheet = render_preview(
+                shapes, media.frame, width=media.width, height=media.height, n_frames=media.n_frames,
+                size=plan.preview_size, filled=sidecar.mode == "automask", plane_letter=frame_axis.lower(),
+            )
+            png = encode_png(sheet)
+            extras[PREVIEW_SUFFIX] = lambda handle: handle.write(png)
+        except Exception as exc:  # a picture for people must not cost them the result
+            logger.opt(exception=exc).warning(f"preview of {media.path.name} skipped: {exc!r}")
+    if plan.labels:
+        extras[LABELS_SUFFIX] = lambda handle: write_labels(
+            handle, shapes, width=media.width, height=media.height, n_planes=media.n_frames, plane_axis=frame_axis,
+        )
+        csv_bytes = labels_csv(shapes, lambda index: describe_prompt(sidecar, index))
+        extras[LABELS_CSV_SUFFIX] = lambda handle: handle.write(csv_bytes)
+    return extras
