@@ -60,23 +60,21 @@ def render_tables(status: dict[str, Any], age: float, stale: bool, others: list[
     from rich.text import Text
 
     daemons = Table(title="samwatch daemons on this outbox", title_justify="left")
-    for column in ("daemon", "state", "device", "queued", "waiting", "heartbeat", "models"):
+    for column in ("daemon", "state", "device", "queued", "waiting", "heartbeat"):
         daemons.add_column(column)
     state = Text("STALE: not running or hung", style="bold red") if stale else Text(str(status["state"]))
     daemons.add_row(
-        *_cells(f"{status['instance']} (pid {status['pid']})"), state,
-        *_cells(status["device"], status["queue"]["queued"], status["queue"]["waiting"], f"{age:.0f} s ago",
-                _models(status)),
+        *_cells(status["instance"]), state,
+        *_cells(status["device"], status["queue"]["queued"], status["queue"]["waiting"], f"{age:.0f} s ago"),
     )
     for other in others:
         other_state = Text("not responding", style="red") if is_stale(other) else Text(str(other.get("state", "?")))
         queue = other.get("queue") or {}
         daemons.add_row(
             *_cells(other.get("instance")), other_state,
-            *_cells(other.get("device", ""), queue.get("queued", ""), queue.get("waiting", ""), other.get("updated", ""),
-                    _models(other)),
+            *_cells(other.get("device", ""), queue.get("queued", ""), queue.get("waiting", ""), other.get("updated", "")),
         )
-    out: list[Any] = [daemons]
+    out: list[Any] = [daemons, Text(f"loaded models: {_models(status)}")]
     jobs = [(status["instance"], job) for job in running_jobs(status)]
     jobs += [(other.get("instance"), job) for other in others for job in running_jobs(other)]
     downloads = status.get("downloads", [])
@@ -114,8 +112,9 @@ def print_status(
         print(render_plain(status, age, stale, others), file=stream)
         return
     from rich.console import Console
+    from rich.text import Text
 
     console = Console(file=stream, force_terminal=True, highlight=False)
-    console.print(f"samwatch {status['version']}", style="bold")
+    console.print(Text(f"samwatch {status['version']} (pid {status['pid']})", style="bold"))
     for renderable in render_tables(status, age, stale, others):
         console.print(renderable)
