@@ -56,7 +56,14 @@ class DefaultSettings(StrictModel):
 
 
 class LimitSettings(StrictModel):
-    max_image_pixels: int = Field(178_956_970, gt=0, description="Per frame; larger images are refused.")
+    max_image_pixels: int = Field(
+        178_956_970, gt=0,
+        description="Pixels decoded at once: a whole frame, or one region/tile of a slide; larger images are refused.",
+    )
+    max_slide_pixels: int = Field(
+        25_000_000_000, gt=0,
+        description="Level-0 pixels of a tiled/pyramidal slide (read by region); larger slides are refused.",
+    )
     max_sidecar_bytes: int = Field(1_048_576, gt=0)
     max_image_bytes: int = Field(8 * 1024**3, gt=0, description="Larger input files are refused unread.")
     max_video_bytes: int = Field(

@@ -236,7 +236,8 @@ class JobRunner:
         try:
             return probe(
                 path,
-                limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes),
+                limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
+                                   max_slide_pixels=limits.max_slide_pixels),
                 channels=rule,
                 frame_axis=(video.axes[-1] if video else None),
                 plane_position=(video.plane_position if video else 0),

@@ -17,6 +17,10 @@ Readers
 * MP4, AVI, MOV: PyAV, decoded sequentially on demand (``Media.frames`` is the cheap way to
   walk a video; ``Media.frame(i)`` decodes from the start). The count comes from the
   container, or from one decoding pass when the container does not say.
+* Slides (``kind="slide"``): tiled or pyramidal TIFF / OME-TIFF and OpenSlide formats (SVS,
+  NDPI, MRXS, SCN, BIF, ...), see :mod:`samwatch.slides`. They are checked against
+  ``max_slide_pixels`` and read by region (:func:`open_region_source`); ``Media.frame(0)``
+  decodes a slide whole only when it fits ``max_image_pixels``.
 * ``name.frames/``: every image file in the folder (hidden files skipped), sorted naturally
   (``frame2`` before ``frame10``); each file gives its first frame. All frames must have the
   same size, dtype and channel count.
@@ -35,27 +39,11 @@ channels (both present: flattened, C major), everything else selects frames:
 
 A file with one frame is ``kind="image"``, more than one ``kind="stack"``. Note that a
 ``C x Y x X`` TIFF written without axes metadata reads as ``QYX``: a stack of pages.
-
-Conversion to RGB uint8 (:func:`to_rgb8`)
------------------------------------------
-1. Channel axis: given by the reader (channels last); for a bare array, the last axis if
-   ``shape[-1] <= 4``, else the first if ``shape[0] <= 8``.
-2. Channel choice: ``ChannelRule.channels`` lists the channels (0-based) for R, G, B; one
-   channel is grey replicated to R, G and B, two give R and G with B = 0, three give RGB.
-   With ``channels=None``: the first three channels (so RGBA drops alpha, a 5-channel
-   image shows channels 0, 1, 2); one channel is grey; two channels are R and G.
-3. Intensities, per chosen channel:
-   bool / 1-bit -> 0 and 255 whatever ``normalize`` says;
-   ``"auto"``: uint8 untouched, any other dtype as ``"percentile"``;
-   ``"percentile"``: the ``low`` .. ``high`` percentiles map linearly onto 0 .. 255, clipped;
-   ``"minmax"``: min .. max onto 0 .. 255;
-   ``"none"``: uint8 untouched, other integers scaled from their dtype's full range
-   (uint16 0 .. 65535 -> 0 .. 255), floats taken as 0 .. 1.
-   A constant channel (high == low) becomes 0, NaN becomes 0; bounds ignore NaN and inf.
-   For a stack the bounds are computed once, from up to five frames spread over it, and
-   used for every frame, so brightness stays comparable over time (a frame the objects
-   have left is not stretched into noise). A still, and :func:`read_image`, use the one
-   frame's own bounds.
+Frames are converted to RGB uint8 by :mod:`samwatch.pixels` (``ChannelRule``,
+``to_rgb8``). For a stack the stretch bounds are computed once, from up to five frames spread
+over it, and used for every frame, so brightness stays comparable over time (a frame the
+objects have left is not stretched into noise). A still, and :func:`read_image`, use the
+one frame's own bounds.
 """
 
 from __future__ import annotations
@@ -79,19 +67,17 @@ import tifffile
 from PIL import Image
 
 from samwatch.errors import JobError
+from samwatch.pixels import ChannelRule, check_channels, needs_stretch, select_channels, stretch_bounds, to_rgb8
+from samwatch.slides import SLIDE_SUFFIXES, ArraySource, RegionSource, SlideReader, is_slide, open_slide
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}) | SLIDE_SUFFIXES
 #: TIFFs are listed with the images: a multi-page one is a stack, known only once opened.
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".gif"})
 FRAMES_DIR_SUFFIX = ".frames"
 
 _TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 _AV_SUFFIXES = frozenset({".mp4", ".avi", ".mov"})
-_NORMALIZE_MODES = ("auto", "percentile", "minmax", "none")
 _HASH_CHUNK = 1 << 20
-# Percentiles over 100-megapixel frames are slow; a strided sample of this many values per
-# channel and frame gives the same bounds to well under one grey level.
-_STRETCH_SAMPLES = 1 << 20
 _STRETCH_FRAMES = 5
 # Pillow modes whose arrays are usable as they are; every other mode (palette, LA, CMYK,
 # YCbCr, ...) is converted to RGB, since Pillow knows what colours those encode.
@@ -111,28 +97,9 @@ _DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, IndexError, struct
 class MediaLimits:
     """Guards checked from headers, before any pixel is decoded."""
 
-    max_image_pixels: int = 178_956_970
+    max_image_pixels: int = 178_956_970  # decoded at once: a frame, or one region of a slide
     max_video_bytes: int = 4 * 1024**3
-
-
-@dataclass(frozen=True)
-class ChannelRule:
-    """How >3-channel or non-uint8 data become RGB uint8 (see the module docstring)."""
-
-    channels: tuple[int, ...] | None = None
-    normalize: str = "auto"
-    low: float = 0.5
-    high: float = 99.5
-
-    def __post_init__(self) -> None:
-        if self.normalize not in _NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, not {self.normalize!r}")
-        if not 0 <= self.low < self.high <= 100:
-            raise ValueError(f"need 0 <= low < high <= 100, got low={self.low}, high={self.high}")
-        if self.channels is not None and (
-            not 1 <= len(self.channels) <= 3 or any(c < 0 for c in self.channels)
-        ):
-            raise ValueError(f"channels must list 1 to 3 indices >= 0, got {self.channels}")
+    max_slide_pixels: int = 25_000_000_000  # level-0 size of a slide (150 000² fits)
 
 
 class _Source(Protocol):
@@ -172,12 +139,12 @@ class Media:
 
     @cached_property
     def _stack_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if self.n_frames == 1 or not _needs_stretch(np.dtype(self.source_dtype), self._rule):
+        if self.n_frames == 1 or not needs_stretch(np.dtype(self.source_dtype), self._rule):
             return None
         picks = np.linspace(0, self.n_frames - 1, min(self.n_frames, _STRETCH_FRAMES))
         indices = sorted({int(round(i)) for i in picks})
-        samples = [_select_channels(raw, self._rule.channels) for raw in self._source.read(indices)]
-        return _stretch_bounds(samples, self._rule)
+        samples = [select_channels(raw, self._rule.channels) for raw in self._source.read(indices)]
+        return stretch_bounds(samples, self._rule)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,6 +182,21 @@ def read_image(
     return to_rgb8(raw, channels, channel_axis=-1)
 
 
+def open_region_source(
+    path: Path, *, limits: MediaLimits = MediaLimits(), channels: ChannelRule = ChannelRule()
+) -> RegionSource:
+    """A still behind the region API: a slide read lazily, any other image decoded once.
+
+    Slides (:func:`samwatch.slides.is_slide`) are checked against ``max_slide_pixels`` and
+    decode only the tiles each region touches; an ordinary image is decoded whole under
+    ``max_image_pixels`` (its frame 0 for a stack) and served from memory. Close it after use.
+    """
+    path = Path(path)
+    if path.is_file() and is_slide(path):
+        return open_slide(path, limits=limits, channels=channels)
+    return ArraySource(path, read_image(path, limits=limits, channels=channels), limits)
+
+
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """A mask prompt image as float32 ``shape`` (H, W): 1 where any colour band is nonzero.
 
@@ -239,21 +221,6 @@ def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
                        "it again as a PNG.", file=str(path)) from exc
     return values.reshape(height, width, -1).any(axis=-1).astype(np.float32)
 
-
-def to_rgb8(
-    array: np.ndarray,
-    rule: ChannelRule = ChannelRule(),
-    *,
-    channel_axis: int | None = None,
-    bounds: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Convert a 2-D or 3-D array to RGB uint8 H x W x 3 by the module docstring's rule.
-
-    ``channel_axis`` overrides the guess for 3-D input; ``bounds`` (low, high per chosen
-    channel) replaces the array's own stretch bounds, so a stack shares one stretch.
-    """
-    chosen = _select_channels(_to_hwc(np.asarray(array), channel_axis), rule.channels)
-    return _assemble_rgb(_to_uint8(chosen, rule, bounds))
 
 
 def content_hash(path: Path) -> str:
@@ -300,6 +267,7 @@ class _Opened:
     n_channels: int
     axes: str
     dtype: str
+    slide: bool = False
 
 
 def _open(
@@ -308,9 +276,10 @@ def _open(
     if frame_axis not in (None, "T", "Z"):
         raise ValueError(f"frame_axis must be 'T', 'Z' or None, not {frame_axis!r}")
     opened = _open_any(path, limits, frame_axis, plane_position)
-    _check_channels(rule.channels, opened.n_channels, path)
+    check_channels(rule.channels, opened.n_channels, path)
     return Media(
-        path=path, kind="stack" if opened.n_frames > 1 else "image", width=opened.width,
+        path=path, kind="slide" if opened.slide else "stack" if opened.n_frames > 1 else "image",
+        width=opened.width,
         height=opened.height, n_frames=opened.n_frames, axes=opened.axes,
         source_dtype=opened.dtype, _source=opened.source, _rule=rule)
 
@@ -333,6 +302,8 @@ def _open_any(
     if path.stat().st_size == 0:
         raise JobError("image_unreadable", f"'{path.name}' is empty (0 bytes); copy it again "
                        "once it is fully written.", file=str(path))
+    if is_slide(path):
+        return _open_slide(path, limits)
     if suffix in _TIFF_SUFFIXES:
         return _open_tiff(path, limits, frame_axis, plane_position)
     if suffix in _AV_SUFFIXES:
@@ -381,17 +352,6 @@ def _check_sequence(media: Media, held: int, limits: MediaLimits) -> None:
             f"({_human_bytes(limits.max_video_bytes)}); track fewer frames with the sidecar's "
             "max_frame_num_to_track, or raise limits.max_video_bytes in the config.",
             file=str(media.path))
-
-
-def _check_channels(channels: tuple[int, ...] | None, n_channels: int, path: Path | None) -> None:
-    missing = [c for c in channels or () if c >= n_channels]
-    if missing:
-        name = f"'{path.name}'" if path else "the image"
-        raise JobError(
-            "sidecar_invalid",
-            f"Channel {missing[0]} was asked for but {name} has {n_channels} channel(s), "
-            f"numbered from 0; pick channels between 0 and {n_channels - 1}.",
-            field="channels", file=str(path) if path else None)
 
 
 def _human_bytes(n: int) -> str:
@@ -610,6 +570,39 @@ def _open_tiff(
 
 
 # ---------------------------------------------------------------------------------------
+# slides, whole (small ones, or a caller that does not read by region)
+
+
+@dataclass(frozen=True)
+class _SlideSource:
+    path: Path
+    limits: MediaLimits
+
+    def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        with open_slide(self.path, limits=self.limits, channels=ChannelRule()) as reader:
+            _check_whole_slide(reader, self.limits)
+            for _ in indices:
+                yield reader.read_raw(0, 0, reader.width, reader.height)
+
+
+def _check_whole_slide(reader: SlideReader, limits: MediaLimits) -> None:
+    if reader.width * reader.height > limits.max_image_pixels:
+        raise JobError(
+            "image_too_large",
+            f"'{reader.path.name}' is a {reader.width}x{reader.height} slide, over "
+            f"limits.max_image_pixels ({limits.max_image_pixels:,}) to decode whole; it is read "
+            "by regions: give the job a region or tiling block, or raise the limit.",
+            file=str(reader.path))
+
+
+def _open_slide(path: Path, limits: MediaLimits) -> _Opened:
+    with open_slide(path, limits=limits, channels=ChannelRule()) as reader:
+        axes = "YX" if reader.n_channels == 1 else "YXS"
+        return _Opened(_SlideSource(path, limits), reader.width, reader.height, 1, reader.n_channels,
+                       axes, str(reader.dtype), slide=True)
+
+
+# ---------------------------------------------------------------------------------------
 # PyAV: MP4, AVI, MOV
 
 
@@ -721,102 +714,3 @@ def _chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as stream:
         while chunk := stream.read(_HASH_CHUNK):
             yield chunk
-
-
-# ---------------------------------------------------------------------------------------
-# conversion
-
-
-def _to_hwc(array: np.ndarray, channel_axis: int | None) -> np.ndarray:
-    if array.ndim == 2:
-        return array[..., np.newaxis]
-    if array.ndim != 3:
-        raise ValueError(f"expected a 2-D or 3-D image array, got shape {array.shape}")
-    if channel_axis is None:
-        channel_axis = _guess_channel_axis(array.shape)
-    return np.moveaxis(array, channel_axis, -1)
-
-
-def _guess_channel_axis(shape: tuple[int, ...]) -> int:
-    if shape[-1] <= 4:
-        return -1
-    if shape[0] <= 8:
-        return 0
-    raise ValueError(f"cannot tell which axis of shape {shape} holds the channels; "
-                     "pass channel_axis")
-
-
-def _select_channels(hwc: np.ndarray, channels: tuple[int, ...] | None) -> np.ndarray:
-    n_channels = hwc.shape[-1]
-    _check_channels(channels, n_channels, None)
-    picks = list(channels) if channels is not None else list(range(min(n_channels, 3)))
-    return hwc if picks == list(range(n_channels)) else hwc[..., picks]
-
-
-def _needs_stretch(dtype: np.dtype, rule: ChannelRule) -> bool:
-    if dtype == np.bool_ or rule.normalize == "none":
-        return False
-    return rule.normalize != "auto" or dtype != np.uint8
-
-
-def _to_uint8(chosen: np.ndarray, rule: ChannelRule,
-              bounds: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    if chosen.dtype == np.bool_:
-        return chosen.astype(np.uint8) * np.uint8(255)
-    if _needs_stretch(chosen.dtype, rule):
-        low, high = bounds if bounds is not None else _stretch_bounds([chosen], rule)
-        return _stretch(chosen, low, high)
-    if chosen.dtype == np.uint8:
-        return chosen
-    return _dtype_range(chosen)
-
-
-def _stretch_bounds(samples: list[np.ndarray], rule: ChannelRule) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (low, high) over H x W x k samples; a channel with no finite value gets 0, 0."""
-    n_channels = samples[0].shape[-1]
-    low, high = np.zeros(n_channels, np.float32), np.zeros(n_channels, np.float32)
-    for c in range(n_channels):
-        values = np.concatenate([_subsample(s[..., c]) for s in samples]).astype(np.float64)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            continue
-        picked = (values.min(), values.max()) if rule.normalize == "minmax" \
-            else np.percentile(values, [rule.low, rule.high])
-        with np.errstate(over="ignore"):  # beyond float32 becomes inf: a flat, black channel
-            low[c], high[c] = picked
-    return low, high
-
-
-def _subsample(plane: np.ndarray) -> np.ndarray:
-    flat = plane.ravel()
-    return flat[:: max(1, flat.size // _STRETCH_SAMPLES)]
-
-
-def _stretch(chosen: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    span = high - low
-    scale = np.divide(255.0, span, out=np.zeros_like(span), where=span > 0)
-    with np.errstate(over="ignore", invalid="ignore"):
-        scaled = (chosen.astype(np.float32) - low) * scale
-    return _clip_to_uint8(scaled)
-
-
-def _dtype_range(chosen: np.ndarray) -> np.ndarray:
-    if chosen.dtype.kind == "f":
-        with np.errstate(over="ignore", invalid="ignore"):  # huge float64 -> inf -> 255
-            return _clip_to_uint8(chosen.astype(np.float32) * 255)
-    info = np.iinfo(chosen.dtype)
-    return _clip_to_uint8((chosen.astype(np.float64) - info.min) * (255 / (info.max - info.min)))
-
-
-def _clip_to_uint8(values: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.rint(np.clip(values, 0, 255, out=values), out=values).astype(np.uint8)
-
-
-def _assemble_rgb(channels8: np.ndarray) -> np.ndarray:
-    n_channels = channels8.shape[-1]
-    if n_channels == 1:
-        return np.repeat(channels8, 3, axis=-1)
-    if n_channels == 2:
-        return np.concatenate([channels8, np.zeros_like(channels8[..., :1])], axis=-1)
-    return np.ascontiguousarray(channels8)

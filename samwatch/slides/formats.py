@@ -1,0 +1,56 @@
+"""Which reader opens which slide: OpenSlide by suffix, tifffile for tiled/pyramidal TIFFs.
+
+Vendor formats neither reads (Olympus VSI, Leica LIF, Nikon ND2, Imaris IMS, Olympus
+OIB/OIR) are recognised by suffix so that a job on one is refused with advice to convert it,
+instead of the file being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from samwatch.errors import JobError
+from samwatch.pixels import ChannelRule
+from samwatch.slides.base import SlideReader
+from samwatch.slides.openslide import OPENSLIDE_SUFFIXES, OpenSlideReader
+from samwatch.slides.tiff import TiffReader, is_tiff_slide
+
+if TYPE_CHECKING:
+    from samwatch.media import MediaLimits
+
+_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+#: Slide formats samwatch knows it cannot read, with what they are.
+FOREIGN_SLIDE_SUFFIXES: dict[str, str] = {
+    ".vsi": "Olympus/Evident VSI", ".lif": "Leica LIF", ".nd2": "Nikon ND2", ".ims": "Imaris IMS",
+    ".oib": "Olympus OIB", ".oir": "Olympus OIR",
+}
+#: Every suffix that names a slide (the TIFF suffixes only when the file is tiled; see is_slide).
+SLIDE_SUFFIXES: frozenset[str] = OPENSLIDE_SUFFIXES | frozenset(FOREIGN_SLIDE_SUFFIXES)
+
+
+def is_slide(path: Path) -> bool:
+    """Whether ``path`` is read lazily by region: a vendor slide, or a tiled/pyramidal TIFF.
+
+    A TIFF is only looked at (its header parsed); a foreign vendor format is a slide too, so
+    that :func:`open_slide` refuses it with advice.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix in SLIDE_SUFFIXES:
+        return True
+    return suffix in _TIFF_SUFFIXES and is_tiff_slide(Path(path))
+
+
+def open_slide(path: Path, *, limits: MediaLimits, channels: ChannelRule) -> SlideReader:
+    """The lazy reader for a file :func:`is_slide` accepts, checked against max_slide_pixels."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in FOREIGN_SLIDE_SUFFIXES:
+        raise JobError(
+            "slide_format_unsupported",
+            f"'{path.name}' is a {FOREIGN_SLIDE_SUFFIXES[suffix]} file, which samwatch cannot read; "
+            "convert it to OME-TIFF (QuPath: File > Export images > OME TIFF, or bfconvert) and drop "
+            "that instead.", file=str(path))
+    if suffix in OPENSLIDE_SUFFIXES:
+        return OpenSlideReader(path, limits, channels)
+    return TiffReader(path, limits, channels)
