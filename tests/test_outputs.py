@@ -243,3 +243,25 @@ def test_extras_live_and_die_with_the_result(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         outputs.write_result(collection, {".other": lambda h: None})
     assert json.loads((tmp_path / "exp1/a.error.json").read_text())["error"] == "image_unreadable"
+
+
+def test_a_slide_preview_is_its_overview_from_a_coarse_level(tmp_path: Path) -> None:
+    from slides import blank_slide, write_ome_pyramid
+
+    slide = blank_slide(size=8192, n_patches=2)
+    path = write_ome_pyramid(tmp_path / "s.ome.tif", slide, levels=4)
+    media = probe(path)
+    assert media.kind == "slide"
+    x, y = slide.patches[0][0], slide.patches[0][1]
+    geometry = {"type": "Polygon", "coordinates": [[[x, y], [x + 1024, y], [x + 1024, y + 1024], [x, y + 1024], [x, y]]]}
+    features = [make_feature(geometry, label="tissue", color=list(RED), properties={"object_idx": 0})]
+    sidecar = validate_sidecar({"prompts": [{"bbox": [x, y, x + 1024, y + 1024]}]}, name="s.yaml")
+    extras = result_extras(features, media, sidecar, OutputPlan(preview_size=512))
+    out = io.BytesIO()
+    extras[PREVIEW_SUFFIX](out)
+    preview = np.asarray(Image.open(io.BytesIO(out.getvalue())).convert("RGB"))
+    assert preview.shape == (512, 512, 3)
+    ys, xs = np.nonzero(np.all(preview == RED, axis=-1))
+    assert xs.min() == pytest.approx(x / 16, abs=1.5) and ys.max() == pytest.approx((y + 1024) / 16, abs=1.5)
+    patch = preview[y // 16 + 8 : (y + 1024) // 16 - 8, x // 16 + 8 : (x + 1024) // 16 - 8]
+    assert patch.std() > 10 and preview[5, 500].tolist() == [255, 255, 255]  # content, then background

@@ -8,18 +8,22 @@ the same arrays and land atomically with the result.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
 
 from samwatch.config import OutputSettings
-from samwatch.media import Media
+import numpy as np
+
+from samwatch.media import Media, MediaLimits
 from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX, Writer
 from samwatch.outputs.labels import labels_csv, write_labels
 from samwatch.outputs.preview import encode_png, render_preview
 from samwatch.outputs.shapes import read_shapes
+from samwatch.pixels import ChannelRule
+from samwatch.slides import open_slide
 from samwatch.sidecar import OutputSpec, Sidecar
 
 
@@ -51,6 +55,21 @@ def describe_prompt(sidecar: Sidecar, prompt_idx: int | None) -> str:
     return sidecar.mode
 
 
+def preview_frames(media: Media, sidecar: Sidecar, size: int) -> Callable[[int], np.ndarray]:
+    """Plane reader for the preview: a slide's overview comes from its coarsest level that is
+    still at least ``size`` a side, never from decoding the slide whole."""
+    if media.kind != "slide":
+        return media.frame
+    rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
+
+    def overview(_plane: int) -> np.ndarray:
+        with open_slide(media.path, limits=MediaLimits(), channels=rule) as reader:
+            level = reader.best_level(max(reader.width, reader.height) / size)
+            return reader.read_region(0, 0, reader.width, reader.height, level=level)
+
+    return overview
+
+
 def result_extras(
     features: Sequence[dict[str, Any]], media: Media, sidecar: Sidecar, plan: OutputPlan, *, frame_axis: str = "T"
 ) -> dict[str, Writer]:
@@ -66,7 +85,7 @@ def result_extras(
     if plan.preview and shapes:
         try:
             sheet = render_preview(
-                shapes, media.frame, width=media.width, height=media.height, n_frames=media.n_frames,
+                shapes, preview_frames(media, sidecar, plan.preview_size), width=media.width, height=media.height, n_frames=media.n_frames,
                 size=plan.preview_size, filled=sidecar.mode == "automask", plane_letter=frame_axis.lower(),
             )
             png = encode_png(sheet)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
@@ -30,11 +31,12 @@ TILE = 256
 PYRAMID_ABOVE = 4096
 PYRAMID_MIN = 1024
 _BIGTIFF_ABOVE = 2**31  # raw bytes; classic TIFF offsets end at 4 GiB, compressed or not
+_ZLIB_LEVEL = 1  # label tiles are runs of few values: level 1 compresses them nearly as well
 
 
 def label_dtype(shapes: Sequence[Shape]) -> np.dtype:
     top = max((shape.label for shape in shapes), default=0)
-    return np.dtype(np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32)
+    return np.dtype(np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32).newbyteorder("<")
 
 
 def pyramid_factors(width: int, height: int) -> list[int]:
@@ -72,14 +74,21 @@ def _paint(tile: np.ndarray, shape: Shape, x0: float, y0: float, factor: int) ->
     tile[r0:r1, c0:c1][inside] = shape.label
 
 
+def _encode(tile: np.ndarray) -> bytes:
+    return zlib.compress(tile.tobytes(), _ZLIB_LEVEL)
+
+
 def _tiles(
     shapes: Sequence[Shape], n_planes: int, width: int, height: int, factor: int, dtype: np.dtype
-) -> Iterator[np.ndarray]:
-    """The tiles of one level in TIFF order (plane, tile row, tile column)."""
+) -> Iterator[bytes]:
+    """The zlib-compressed tiles of one level in TIFF order (plane, tile row, tile column).
+
+    A slide's label image is mostly background: its empty tile is compressed once.
+    """
     buckets = _buckets(shapes, factor)
     rows = math.ceil(math.ceil(height / factor) / TILE)
     columns = math.ceil(math.ceil(width / factor) / TILE)
-    empty = np.zeros((TILE, TILE), dtype)
+    empty = _encode(np.zeros((TILE, TILE), dtype))
     for plane in range(n_planes):
         for row in range(rows):
             for column in range(columns):
@@ -90,7 +99,7 @@ def _tiles(
                 tile = np.zeros((TILE, TILE), dtype)
                 for shape in inside:
                     _paint(tile, shape, column * TILE * factor, row * TILE * factor, factor)
-                yield tile
+                yield _encode(tile)
 
 
 def write_labels(
@@ -101,7 +110,7 @@ def write_labels(
     factors = pyramid_factors(width, height)
     axes = "YX" if n_planes == 1 else f"{plane_axis}YX"
     big = n_planes * width * height * dtype.itemsize > _BIGTIFF_ABOVE
-    with tifffile.TiffWriter(handle, ome=True, bigtiff=big) as tif:
+    with tifffile.TiffWriter(handle, ome=True, bigtiff=big, byteorder="<") as tif:
         for level, factor in enumerate(factors):
             plane_shape = (math.ceil(height / factor), math.ceil(width / factor))
             tif.write(
@@ -110,7 +119,6 @@ def write_labels(
                 dtype=dtype,
                 tile=(TILE, TILE),
                 compression="zlib",
-                compressionargs={"level": 1},
                 subifds=len(factors) - 1 if level == 0 else None,
                 subfiletype=1 if level else 0,
                 metadata={"axes": axes} if level == 0 else None,
