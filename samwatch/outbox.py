@@ -24,6 +24,10 @@ PREVIEW_SUFFIX = ".preview.png"
 LABELS_SUFFIX = ".labels.tif"
 LABELS_CSV_SUFFIX = ".labels.csv"
 EXTRA_SUFFIXES = (PREVIEW_SUFFIX, LABELS_SUFFIX, LABELS_CSV_SUFFIX)
+# mkstemp creates 0600 files; outputs get the mode open() would give (people on the share read
+# them). The umask can only be read by setting it, so once, at import (single-threaded).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 #: Writes one file's content to an open, seekable binary handle.
 Writer = Callable[[BinaryIO], None]
 
@@ -49,6 +53,7 @@ def stage_file(path: Path, write: Writer, *, durable: bool = True) -> Path:
     """Write a hidden temporary beside ``path`` (fsync'd if durable); the caller renames it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)  # reopened by name: writers such as tifffile want a handle with a file name
     try:
         with open(tmp_name, "r+b") as handle:
