@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samwatch.config import Config  # noqa: E402
 from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
 from samwatch.media import content_hash  # noqa: E402
-from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
+from samwatch.models.device import pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool  # noqa: E402
-from samwatch.models.registry import WeightsRegistry  # noqa: E402
+from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
 from samwatch.outbox import JobOutputs  # noqa: E402
 
@@ -70,8 +70,8 @@ class Bench:
         self.device = pick_device(device)
         self.config.inbox.mkdir(parents=True)
         self.registry = WeightsRegistry(self.config.weights, self.config.state_dir)
-        self.pool = ModelPool(self.device, self.config.models)
-        self.runner = JobRunner(self.config, self.registry, self.pool, default_prompt_batch_size(self.device))
+        self.pool = ModelPool(self.device, self.config.models, cache_dir=self.config.state_dir / "encoders")
+        self.runner = JobRunner(self.config, self.registry, self.pool, None)
         self.image_path = self.config.inbox / "img.png"
         Image.fromarray(real_image()).save(self.image_path)
         self.image_sha = content_hash(self.image_path)

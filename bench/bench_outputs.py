@@ -7,8 +7,10 @@ One samwatch job (sidecar -> GeoJSON on disk, through JobRunner) on a size² ima
 ``output: {preview: true, formats: [geojson, labels]}``, alternately, best of ``--repeat``.
 Target: with / without <= 1.15x. Also printed: the extras' own time (preview + label TIFF +
 CSV, written in one pass over the same features) against the job's polygon-and-write part.
-Random weights (no downloads): their speckled masks make polygons, and so the label image,
-far costlier than real SAM masks do.
+The model runs for real (image encoder and mask decoder, random weights: no downloads), but
+each mask it returns is replaced by the ellipse inscribed in its prompt box (a crop placed by
+``Detection.origin``): random weights give masks speckled over the whole image, tens of
+thousands of parts each, which would measure a polygon workload no real result has.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
 from samwatch.media import content_hash, probe  # noqa: E402
 from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool  # noqa: E402
-from samwatch.models.registry import WeightsRegistry  # noqa: E402
+from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
 from samwatch.outbox import JobOutputs  # noqa: E402
 from samwatch.outputs.extras import OutputPlan, result_extras  # noqa: E402
@@ -57,6 +59,33 @@ def boxes(count: int, size: int, seed: int = 0) -> list[list[float]]:
     return [[float(x), float(y), float(x + w), float(y + h)] for (x, y), (w, h) in zip(corner, extent)]
 
 
+def object_masks() -> None:
+    """Every adapter's masks become the ellipse in their prompt's box (see the docstring)."""
+    import samwatch.jobs
+    import samwatch.models.pool
+
+    real = samwatch.models.pool.adapter_class
+
+    def adapter_class(model_type: str) -> type:
+        base = real(model_type)
+
+        class Objects(base):  # type: ignore[misc, valid-type]
+            def run(self, ctx):  # noqa: ANN001, ANN202
+                detections = super().run(ctx)
+                for detection in detections:
+                    x1, y1, x2, y2 = (int(v) for v in ctx.sidecar.prompts[detection.prompt_idx].bbox)
+                    yy, xx = np.ogrid[: y2 - y1, : x2 - x1]
+                    ry, rx = (y2 - y1) / 2, (x2 - x1) / 2
+                    detection.mask = ((yy + 0.5 - ry) / ry) ** 2 + ((xx + 0.5 - rx) / rx) ** 2 <= 1
+                    detection.origin, detection.scale = (x1, y1), 1.0
+                return detections
+
+        return Objects
+
+    samwatch.models.pool.adapter_class = adapter_class
+    samwatch.jobs.adapter_class = adapter_class
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +94,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    object_masks()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         torch.manual_seed(0)

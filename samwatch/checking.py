@@ -1,16 +1,22 @@
-"""``samwatch check``: the config and sidecars validated without running anything."""
+"""``samwatch check``: the config and sidecars validated without running anything.
+
+A sidecar is read exactly as its job would read it (``load_job_sidecar``), then checked the way
+the run would go on: its weights (registered, on disk or obtainable now), its image (found,
+readable from its header, within the limits) and its prompts against the image size. Every
+problem of a sidecar is reported, not only the first.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from samwatch.config import Config
-from samwatch.discovery import index_images, is_folder_defaults, is_sidecar, resolve_image, split_name
+from samwatch.discovery import image_on_disk, is_folder_defaults, is_sidecar
 from samwatch.errors import JobError
-from samwatch.jobs import nearest_defaults_file
-from samwatch.models.registry import WeightsRegistry
-from samwatch.sidecar import merge_folder_defaults, read_sidecar_data, validate_sidecar
+from samwatch.job_sidecar import JobSidecar, load_job_sidecar
+from samwatch.sidecar import Sidecar
 from samwatch.watcher import scan_tree
+from samwatch.weights.registry import WeightsRegistry
 
 
 def _relative(config: Config, path: Path) -> str | None:
@@ -20,30 +26,88 @@ def _relative(config: Config, path: Path) -> str | None:
         return None
 
 
-def check_sidecar(config: Config, path: Path) -> list[str]:
-    """Problems of one sidecar, each ``file: field: message``."""
+def check_sidecar(config: Config, path: Path, registry: WeightsRegistry) -> list[str]:
+    """Problems of one sidecar, each ``file: field: code: message``."""
     rel = _relative(config, path)
-    name = rel or str(path)
-    max_bytes = config.limits.max_sidecar_bytes
+    # A sidecar outside the inbox is checked as if its folder were the inbox.
+    inbox, rel = (config.inbox, rel) if rel is not None else (path.parent, path.name)
+    problems: list[JobError] = []
     try:
-        data = read_sidecar_data(path, max_bytes=max_bytes, name=name)
-        if rel is not None and not is_folder_defaults(rel):
-            defaults = nearest_defaults_file(config.inbox, split_name(rel)[0])
-            if defaults is not None:
-                data = merge_folder_defaults(data, read_sidecar_data(defaults, max_bytes=max_bytes, name=str(defaults)))
-        sidecar = validate_sidecar(data, name=name)
-        model = sidecar.model or config.defaults.model
-        weights = sidecar.weights or config.defaults.weights
-        WeightsRegistry(config.weights, config.state_dir).entry(model, weights)
-        if rel is not None and not is_folder_defaults(rel):
-            folder = split_name(rel)[0]
-            listing = [f"{folder}/{p.name}" if folder else p.name for p in path.parent.iterdir()]
-            resolve_image(config.inbox, rel, sidecar.image, index_images(listing))
+        loaded = load_job_sidecar(config, rel, inbox=inbox, problems=problems)
     except FileNotFoundError:
-        return [f"{name}: no such file"]
+        return [f"{path}: no such file"]
     except JobError as exc:
-        return [f"{exc.file or name}: {exc.field or '-'}: {exc.code}: {exc.message}"]
-    return []
+        return _lines(exc, rel)
+    problems.extend(_weights_problems(registry, loaded))
+    if not is_folder_defaults(rel):
+        problems.extend(_image_problems(config, inbox, loaded))
+    return [line for problem in problems for line in _lines(problem, rel)]
+
+
+def _weights_problems(registry: WeightsRegistry, loaded: JobSidecar) -> list[JobError]:
+    try:
+        problem = registry.unobtainable(loaded.model_type, loaded.weights_name)
+    except JobError as exc:
+        problem = exc
+    return [problem] if problem is not None else []
+
+
+def _image_problems(config: Config, inbox: Path, loaded: JobSidecar) -> list[JobError]:
+    from samwatch.jobs import open_media  # torch: only once the sidecar itself is fine
+
+    try:
+        image_rel = image_on_disk(inbox, loaded.rel, loaded.sidecar.image)
+        media = open_media(config.limits, inbox / image_rel, image_rel, loaded.sidecar)
+    except JobError as exc:
+        return [exc]
+    return bounds_problems(loaded.sidecar, media.width, media.height, media.n_frames)
+
+
+def bounds_problems(sidecar: Sidecar, width: int, height: int, n_frames: int) -> list[JobError]:
+    """Every box and point that lies outside the image (or frame), and prompts on missing frames."""
+    from samwatch.models.base import check_box, check_inside
+
+    checks = [
+        lambda index=index, prompt=prompt: check_inside(prompt.bbox, prompt.points, width, height, where=f"prompts.{index}")
+        for index, prompt in enumerate(sidecar.prompts)
+    ]
+    for positive in (True, False):
+        for index, box in enumerate(sidecar.boxes_xyxy(positive)):
+            field = f"{'positive' if positive else 'negative'}_bboxes.{index}"
+            checks.append(lambda box=box, field=field: check_box(box, width, height, field=field))
+    for frame, objects in (sidecar.video.objects.items() if sidecar.video else ()):
+        if not 0 <= frame < n_frames:
+            checks.append(lambda frame=frame: _no_frame(frame, n_frames))
+            continue
+        for index, obj in enumerate(objects):
+            where = f"video.objects.{frame}.{index}"
+            checks.append(lambda obj=obj, where=where: check_inside(obj.bbox, obj.points, width, height, where=where, surface="frame"))
+            for box_index, (x, y, w, h) in enumerate(obj.boxes_xywh):
+                field = f"{where}.boxes_xywh.{box_index}"
+                checks.append(lambda box=(x, y, x + w, y + h), field=field: check_box(box, width, height, field=field, surface="frame"))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except JobError as exc:
+            problems.append(exc)
+    return problems
+
+
+def _no_frame(frame: int, n_frames: int) -> None:
+    raise JobError(
+        "prompt_out_of_bounds",
+        f"video.objects has prompts on frame {frame}, but the sequence has frames 0-{n_frames - 1}.",
+        field=f"video.objects.{frame}",
+    )
+
+
+def _lines(problem: JobError, rel: str) -> list[str]:
+    where = f"{problem.file or rel}: "
+    details = problem.details.get("problems")
+    if problem.code == "sidecar_invalid" and details:  # one line per schema problem
+        return [f"{where}{detail.split(':', 1)[0]}: {problem.code}: {detail}" for detail in details]
+    return [f"{where}{problem.field or '-'}: {problem.code}: {problem.message}"]
 
 
 def check_paths(config: Config, paths: list[Path]) -> list[str]:
@@ -51,7 +115,8 @@ def check_paths(config: Config, paths: list[Path]) -> list[str]:
         if not config.inbox.is_dir():
             return []
         paths = [config.inbox / rel for rel in sorted(scan_tree(config.inbox)) if is_sidecar(rel) or is_folder_defaults(rel)]
-    problems: list[str] = []
-    for path in paths:
-        problems.extend(check_sidecar(config, path))
-    return problems
+    registry = WeightsRegistry(config.weights, config.state_dir)
+    try:
+        return [line for path in paths for line in check_sidecar(config, path, registry)]
+    finally:
+        registry.close()

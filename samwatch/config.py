@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samwatch.errors import ConfigError
-from samwatch.modeltypes import ModelType
+from samwatch.families import ModelType
 
 MAX_CONFIG_BYTES = 1024 * 1024
 #: Read by every command given no --config, when it exists; ``weights add`` creates it.
@@ -77,6 +77,37 @@ class InputSettings(StrictModel):
     )
 
 
+AccelStep = Literal["onnxruntime", "sdpa", "bf16", "fp16", "compile"]
+
+
+class AccelerateSettings(StrictModel):
+    """How the image encoder runs on each kind of device; an empty list is eager fp32 PyTorch.
+
+    Defaults by measurement (bench/bench_speed.py): on 2 CPU cores ONNX Runtime encodes vit_t
+    in about a third of eager PyTorch's time, while ``torch.compile`` took ~50 s to compile and
+    gained nothing steady. On CUDA, SDPA attention with bf16 autocast as segment-anything-fast
+    does; ``compile`` (max-autotune) is opt-in as it adds minutes to the first job of a model.
+    """
+
+    cpu: tuple[AccelStep, ...] = Field(("onnxruntime",), description="On CPU: [onnxruntime] or PyTorch steps.")
+    cuda: tuple[AccelStep, ...] = Field(
+        ("sdpa", "bf16"), description="On CUDA GPUs: any of sdpa, bf16 or fp16, compile."
+    )
+    mps: tuple[AccelStep, ...] = Field(("sdpa",), description="On Apple GPUs: any of sdpa, bf16 or fp16, compile.")
+
+    @field_validator("cpu", "cuda", "mps")
+    @classmethod
+    def _check_steps(cls, steps: tuple[str, ...], info: Any) -> tuple[str, ...]:
+        if "onnxruntime" in steps and (info.field_name != "cpu" or len(steps) > 1):
+            raise ValueError("onnxruntime runs the whole encoder on the CPU: give it alone, under cpu")
+        if "bf16" in steps and "fp16" in steps:
+            raise ValueError("choose one of bf16 and fp16")
+        return tuple(dict.fromkeys(steps))
+
+    def steps_for(self, device_type: str) -> tuple[str, ...]:
+        return getattr(self, device_type, ())
+
+
 class ModelSettings(StrictModel):
     max_loaded: int = Field(2, ge=1, description="Models kept loaded between jobs (least recently used evicted).")
     memory_budget_mb: int | None = Field(
@@ -84,7 +115,10 @@ class ModelSettings(StrictModel):
     )
     embedding_cache: int = Field(4, ge=0, description="Image embeddings kept per model for re-runs.")
     prompt_batch_size: int | None = Field(
-        None, ge=1, description="Prompts decoded per batch; none: chosen per device (1 on CPU, 64 on GPU)."
+        None, ge=1, description="Prompts decoded per batch; none: chosen per model and device (1 on CPU)."
+    )
+    accelerate: AccelerateSettings = Field(
+        default_factory=AccelerateSettings, description="Image encoder fast paths per device type."
     )
 
 
@@ -242,6 +276,18 @@ def config_path_from(given: Path | None) -> Path | None:
     if given is not None:
         return given
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def outbox_named_by(path: Path | None) -> Path:
+    """The outbox a config file names, read from the file alone: for a config with errors elsewhere."""
+    if path is None:
+        return Config().resolved(Path.cwd()).outbox
+    try:
+        value = read_yaml_mapping(path, MAX_CONFIG_BYTES).get("outbox", Config.model_fields["outbox"].default)
+    except (OSError, ValueError, yaml.YAMLError):
+        value = Config.model_fields["outbox"].default
+    outbox = Path(value) if isinstance(value, str | Path) else Config.model_fields["outbox"].default
+    return outbox if outbox.is_absolute() else (path.resolve().parent / outbox).resolve()
 
 
 def load_config(path: Path | None, *, check_files: bool = True) -> Config:

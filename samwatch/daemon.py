@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,13 @@ from samwatch.errors import ConfigError, JobError
 from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress, move_inputs
 from samwatch.ledger import JobRow, Ledger
 from samwatch.media import content_hash
-from samwatch.models.device import default_prompt_batch_size, describe, pick_device
+from samwatch.models.device import describe, pick_device
 from samwatch.models.pool import ModelPool
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
 from samwatch.outbox import STATE_FOLDER, JobOutputs, atomic_write_json, now_iso, sweep_temporaries
+from samwatch.job_sidecar import load_job_sidecar
 from samwatch.outputs.dashboard import Dashboard
-from samwatch.sidecar import parse_sidecar_text
 from samwatch.watcher import Watcher
 
 
@@ -116,7 +116,7 @@ class Daemon:
         if recovered:
             logger.info(f"{recovered} interrupted jobs queued again")
         self.registry = WeightsRegistry(config.weights, config.state_dir)
-        self.pool = ModelPool(self.device, config.models)
+        self.pool = ModelPool(self.device, config.models, cache_dir=config.state_dir / "encoders")
         self.claims = ClaimStore(self.status_dir / "claims", config.service.instance, config.service.claim_ttl_seconds)
         self.watcher = Watcher(
             config.inbox,
@@ -232,21 +232,18 @@ class Daemon:
         if cached is not None and cached[0] == state:
             return cached[1]
         try:
-            path = self.config.inbox / rel
-            data = parse_sidecar_text(path.read_bytes()[: self.config.limits.max_sidecar_bytes + 1], name=rel)
-            ref = data.get("image")
-            ref = ref if isinstance(ref, str) else None
+            ref = load_job_sidecar(self.config, rel, problems=[]).sidecar.image
         except (OSError, JobError):
             ref = None
         self._image_refs[rel] = (state, ref)
         return ref
 
     def _hash(self, rel: str) -> str:
-        state = self.watcher.settled[rel]
-        cached = self.ledger.cached_hash(rel, state.size, state.mtime_ns)
+        stamp = asdict(self.watcher.settled[rel])
+        cached = self.ledger.cached_hash(rel, **stamp)
         if cached is None:
             cached = content_hash(self.config.inbox / rel)
-            self.ledger.store_hash(rel, state.size, state.mtime_ns, cached)
+            self.ledger.store_hash(rel, cached, **stamp)
         return cached
 
     def _discover(self, changed: set[str], vanished: set[str]) -> None:
@@ -293,16 +290,10 @@ class Daemon:
 
     def _priority(self, job: JobSource) -> int:
         """The sidecar's priority, else its folder defaults', else the config's."""
-        for rel in (job.sidecar, job.defaults):
-            if rel is None:
-                continue
-            try:
-                value = parse_sidecar_text((self.config.inbox / rel).read_bytes(), name=rel).get("priority")
-            except (OSError, JobError):
-                value = None
-            if isinstance(value, int):
-                return value
-        return self.config.defaults.priority
+        try:
+            return load_job_sidecar(self.config, job.sidecar or job.defaults or "", problems=[]).priority
+        except (OSError, JobError):
+            return self.config.defaults.priority
 
     def _forget(self, job: JobSource) -> None:
         """Its sidecar (or image) is gone: a queued job is cancelled, a running one stopped."""
@@ -357,15 +348,12 @@ class Daemon:
         outputs.write_progress("running", "reading", 0, "started")
         self.ledger.start(row)
         self.running = Running(ticket, row, progress, cancel, self.clock())
-        runner = JobRunner(self.config, self.registry, self.pool, self._prompt_batch_size())
+        runner = JobRunner(self.config, self.registry, self.pool, self.config.models.prompt_batch_size)
         logger.info(f"job {row.job_id} started")
         if self.worker is not None:
             self.worker.tickets.put((runner, ticket, progress))
         else:
             self._record(ticket, runner.run(ticket, progress))
-
-    def _prompt_batch_size(self) -> int:
-        return self.config.models.prompt_batch_size or default_prompt_batch_size(self.device)
 
     def _collect(self) -> None:
         if self.worker is None:

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from samwatch.errors import JobError
 from samwatch.media import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
+from samwatch.watcher import is_ignored_path, unusable_name
 
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MASK_MARK = ".mask"
@@ -73,7 +74,15 @@ def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str,
             file=sidecar, field=field,
         )
     root = inbox.resolve()
-    real = (inbox / joined).resolve()
+    try:
+        real = (inbox / joined).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: RuntimeError before Python 3.13, OSError after
+        raise JobError(
+            "image_unreadable" if field == "image" else "mask_invalid",
+            f"The {field} path {reference!r} is a symbolic link that leads back to itself (a link loop); "
+            "replace it with the file.",
+            file=sidecar, field=field,
+        ) from None
     if real != root and root not in real.parents:
         raise JobError(
             "path_outside_inbox",
@@ -112,10 +121,31 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
     folder, stem, _ = split_name(sidecar_rel)
     if image_ref is not None:
         rel = resolve_inside(inbox, folder, image_ref, field="image", sidecar=sidecar_rel)
-        if not (inbox / rel).exists():
+        target = inbox / rel
+        if not target.exists():
             raise JobError(
                 "image_not_found",
                 f"The image {image_ref!r} named by the sidecar does not exist in the inbox; copy it next to the sidecar or fix 'image'.",
+                file=sidecar_rel, field="image",
+            )
+        # Files samwatch never watches would keep the job waiting for them forever.
+        if is_ignored_path(rel):
+            raise JobError(
+                "image_not_found",
+                f"The image {image_ref!r} has a name starting with '.' or '_', which samwatch ignores; rename it.",
+                file=sidecar_rel, field="image",
+            )
+        unwatched = unusable_name(posixpath.basename(rel))
+        if unwatched is not None:
+            raise JobError(
+                "image_not_found", f"samwatch does not watch the image {image_ref!r}: {unwatched}.",
+                file=sidecar_rel, field="image",
+            )
+        if target.is_dir() and not rel.endswith(FRAMES_DIR_SUFFIX):
+            raise JobError(
+                "image_not_found",
+                f"The image {image_ref!r} is a folder; name an image file, or a folder of frames ending in "
+                f"'{FRAMES_DIR_SUFFIX}'.",
                 file=sidecar_rel, field="image",
             )
         return rel
@@ -129,6 +159,13 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
         )
     # Found by name, it may still be a link leading out of the inbox.
     return resolve_inside(inbox, folder, posixpath.basename(found), field="image", sidecar=sidecar_rel)
+
+
+def image_on_disk(inbox: Path, sidecar_rel: str, image_ref: str | None) -> str:
+    """The image of the sidecar ``sidecar_rel`` among the files in its folder now."""
+    folder = split_name(sidecar_rel)[0]
+    listing = [f"{folder}/{p.name}" if folder else p.name for p in (inbox / folder).iterdir()]
+    return resolve_image(inbox, sidecar_rel, image_ref, index_images(listing))
 
 
 def nearest_defaults(folder: str, defaults_by_folder: Mapping[str, str]) -> str | None:
@@ -145,7 +182,8 @@ def find_jobs(
     files: Collection[str],
     image_ref_of: Callable[[str], str | None],
 ) -> list[JobSource]:
-    """Every job the inbox's files define (ready or not)."""
+    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none."""
+    files = [rel for rel in files if not is_ignored_path(rel)]
     jobs: list[JobSource] = []
     claimed: set[str] = set()
     images = index_images(files)

@@ -8,13 +8,12 @@ the log) and never escapes to the daemon.
 from __future__ import annotations
 
 import platform
-import posixpath
 import shutil
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,25 +22,19 @@ import torch
 from loguru import logger
 
 from samwatch import __version__
-from samwatch.config import Config
-from samwatch.discovery import index_images, is_folder_defaults, resolve_image, split_name
+from samwatch.config import Config, LimitSettings
+from samwatch.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, probe
 from samwatch.models.base import Detection, LoadSpec, RunContext
-from samwatch.models.device import describe
+from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.outbox import JobOutputs
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
-from samwatch.sidecar import (
-    FOLDER_DEFAULTS_STEM,
-    SIDECAR_SUFFIXES,
-    Sidecar,
-    merge_folder_defaults,
-    read_sidecar_data,
-    validate_sidecar,
-)
+from samwatch.job_sidecar import load_job_sidecar
+from samwatch.sidecar import Sidecar
 
 #: stage -> the span of the overall percent it covers
 STAGE_SPANS: dict[str, tuple[float, float]] = {
@@ -107,11 +100,12 @@ class Progress:
 class JobRunner:
     """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
 
-    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int) -> None:
+    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None) -> None:
+        """``prompt_batch_size`` None: chosen per device (models/device.py)."""
         self.config = config
         self.registry = registry
         self.pool = pool
-        self.prompt_batch_size = prompt_batch_size
+        self.prompt_batch_size = prompt_batch_size or default_prompt_batch_size(pool.device)
 
     def run(self, ticket: JobTicket, progress: Progress) -> Outcome:
         started = time.perf_counter()
@@ -138,50 +132,23 @@ class JobRunner:
 
     # ---- the pipeline -----------------------------------------------------------------
 
-    def load_sidecar(self, ticket: JobTicket) -> Sidecar:
-        inbox = self.config.inbox
-        max_bytes = self.config.limits.max_sidecar_bytes
-        if ticket.sidecar is None:
-            raise JobError("image_not_found", "The job has no sidecar.")
-        if is_folder_defaults(ticket.sidecar):
-            return validate_sidecar(
-                read_sidecar_data(inbox / ticket.sidecar, max_bytes=max_bytes, name=ticket.sidecar),
-                name=ticket.sidecar,
-            )
-        own = read_sidecar_data(inbox / ticket.sidecar, max_bytes=max_bytes, name=ticket.sidecar)
-        defaults_path = nearest_defaults_file(inbox, split_name(ticket.sidecar)[0])
-        if defaults_path is not None:
-            defaults = read_sidecar_data(defaults_path, max_bytes=max_bytes, name=str(defaults_path.relative_to(inbox)))
-            own = merge_folder_defaults(own, defaults)
-        return validate_sidecar(own, name=ticket.sidecar)
-
     def image_path(self, ticket: JobTicket, sidecar: Sidecar) -> str:
         if ticket.sidecar is None or is_folder_defaults(ticket.sidecar):
             if ticket.image is None:
                 raise JobError("image_not_found", "The image of this job vanished.")
             return ticket.image
-        folder = split_name(ticket.sidecar)[0]
-        listing = [
-            f"{folder}/{p.name}" if folder else p.name for p in (self.config.inbox / folder).iterdir()
-        ]
-        return resolve_image(self.config.inbox, ticket.sidecar, sidecar.image, index_images(listing))
+        return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image)
 
     def _run(self, ticket: JobTicket, progress: Progress, started: float) -> Outcome:
         timings: dict[str, float] = {}
         progress("reading", 0.0)
-        sidecar = self.load_sidecar(ticket)
-        model_type = sidecar.model or self.config.defaults.model
-        weights_name = sidecar.weights or self.config.defaults.weights
-        adapter_type = adapter_class(model_type)
-        if sidecar.mode not in adapter_type.modes:
-            raise JobError(
-                "sidecar_invalid",
-                f"Model {model_type} cannot do {sidecar.mode} jobs (it does: {', '.join(sorted(adapter_type.modes))}); "
-                + _MODE_ADVICE.get(sidecar.mode, ""),
-                file=ticket.sidecar, field="model",
-            )
+        if ticket.sidecar is None:
+            raise JobError("image_not_found", "The job has no sidecar.")
+        loaded = load_job_sidecar(self.config, ticket.sidecar)
+        sidecar, model_type, weights_name = loaded.sidecar, loaded.model_type, loaded.weights_name
+        adapter_class(model_type)  # a missing model package fails before the image is read
         image_rel = self.image_path(ticket, sidecar)
-        media = self._open_media(image_rel, sidecar)
+        media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
         timings["read"] = time.perf_counter() - started
 
         spec = self.registry.request(model_type, weights_name)
@@ -201,13 +168,13 @@ class JobRunner:
 
         infer_started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
+            # Each mask becomes its feature as it comes and is dropped, so a job holds one
+            # prompt batch of masks at a time however many prompts its sidecar has.
             detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch))
-        timings["inference"] = time.perf_counter() - infer_started
+            features = self._features(detections, sidecar, model_type, media, timings)
+        timings["inference"] = time.perf_counter() - infer_started - timings["geometry"]
 
         progress("writing", 0.0)
-        geometry_started = time.perf_counter()
-        features = self._features(detections, sidecar, model_type, media)
-        timings["geometry"] = time.perf_counter() - geometry_started
         timings["total"] = time.perf_counter() - started
         meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features))
         extras = result_extras(
@@ -222,42 +189,17 @@ class JobRunner:
         )
         return Outcome("done", features=len(features), summary=summary)
 
-    def _open_media(self, image_rel: str, sidecar: Sidecar) -> Media:
-        path = self.config.inbox / image_rel
-        limits = self.config.limits
-        if path.is_file() and path.stat().st_size > limits.max_image_bytes:
-            raise JobError(
-                "image_too_large",
-                f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
-                file=image_rel,
-            )
-        rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
-        video = sidecar.video
-        try:
-            return probe(
-                path,
-                limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
-                                   max_slide_pixels=limits.max_slide_pixels),
-                channels=rule,
-                frame_axis=(video.axes[-1] if video else None),
-                plane_position=(video.plane_position if video else 0),
-                max_frames=_frames_held(video),
-            )
-        except JobError as exc:
-            exc.file = image_rel  # inbox-relative: what the person sees on the share
-            raise
-
     def _infer(
         self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
-    ) -> list[Detection]:
+    ) -> Iterator[Detection]:
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
         if sidecar.mode == "video":
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
-            return adapter.run(ctx)
+            yield from adapter.run(ctx)
+            return
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
-        detections: list[Detection] = []
         for frame_index in range(media.n_frames):
             # A stack without a video block: every plane is segmented as an image.
             frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
@@ -269,19 +211,26 @@ class JobRunner:
             for detection in adapter.run(ctx):
                 if media.n_frames > 1:
                     detection.frame = frame_index
-                detections.append(detection)
-        return detections
+                yield detection
 
-    def _features(self, detections: list[Detection], sidecar: Sidecar, model_type: str, media: Media) -> list[dict]:
+    def _features(
+        self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
+        timings: dict[str, float],
+    ) -> list[dict]:
+        """One feature per non-empty detection, traced as it arrives; ``timings["geometry"]``
+        gets the time spent tracing."""
         default_label = sidecar.label or self.config.defaults.label
         axes = _frame_axes(sidecar, media)
         plane_position = sidecar.video.plane_position if sidecar.video else 0
         features = []
+        timings["geometry"] = 0.0
         for detection in detections:
+            traced = time.perf_counter()
             geometry = mask_to_geometry(
                 detection.mask, simplify_tolerance=sidecar.output.simplify_tolerance,
                 offset=detection.origin, scale=detection.scale,
             )
+            timings["geometry"] += time.perf_counter() - traced
             if geometry is None:
                 continue
             label = detection.label or default_label
@@ -323,10 +272,12 @@ class JobRunner:
                 "config": getattr(adapter, "config_used", spec.config),
             },
             "device": describe(self.pool.device),
+            "image_encoder": getattr(adapter, "encoder_path", "eager"),  # e.g. onnxruntime, or eager
             "host": self.config.service.instance,
             "image": {
                 "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
                 "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,
+                **({"slide": media.slide} if media.slide else {}),
             },
             "sidecar": ticket.sidecar,
             "input_version": ticket.version,
@@ -338,12 +289,29 @@ class JobRunner:
         }
 
 
-_MODE_ADVICE = {
-    "text": "text prompts need model: sam3.",
-    "video": "tracking through frames needs a sam2_* or sam3 model.",
-    "automask": "give prompts, or use a SAM/MobileSAM/SAM2 model for automatic masks.",
-    "prompts": "use text/positive_bboxes for sam3, or a SAM/SAM2 model for box and point prompts.",
-}
+def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidecar) -> Media:
+    """The job's image opened from its header (limits checked), as the sidecar reads it."""
+    if path.is_file() and path.stat().st_size > limits.max_image_bytes:
+        raise JobError(
+            "image_too_large",
+            f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
+            file=image_rel,
+        )
+    rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
+    video = sidecar.video
+    try:
+        return probe(
+            path,
+            limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
+                               max_slide_pixels=limits.max_slide_pixels),
+            channels=rule,
+            frame_axis=(video.axes[-1] if video else None),
+            plane_position=(video.plane_position if video else 0),
+            max_frames=_frames_held(video),
+        )
+    except JobError as exc:
+        exc.file = image_rel  # inbox-relative: what the person sees on the share
+        raise
 
 
 def _frame_axes(sidecar: Sidecar, media: Media) -> str:
@@ -365,19 +333,6 @@ def _frame_progress(progress: Progress, index: int, total: int) -> Callable[[str
         progress("frames", (index + fraction) / total, f"plane {index + 1} of {total}: {stage}")
 
     return report
-
-
-def nearest_defaults_file(inbox: Path, folder: str) -> Path | None:
-    """The folder defaults file for ``folder``: its own or the nearest above it in the inbox."""
-    current = folder
-    while True:
-        for suffix in SIDECAR_SUFFIXES:
-            candidate = inbox / current / f"{FOLDER_DEFAULTS_STEM}{suffix}"
-            if candidate.is_file():
-                return candidate
-        if not current:
-            return None
-        current = posixpath.dirname(current)
 
 
 def move_inputs(inbox: Path, paths: list[str], success: bool) -> None:

@@ -30,9 +30,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS groups (grp TEXT PRIMARY KEY, served REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS file_hashes (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    ctime_ns INTEGER NOT NULL DEFAULT 0, inode INTEGER NOT NULL DEFAULT 0
 );
 """
+#: A cached hash stands only while all of these are unchanged. Size and mtime alone can be
+#: faked (``cp -p``, ``rsync -t``, ``os.utime`` set mtime back); the inode (a replaced file)
+#: and ctime (any write or utime) cannot be set by a writer.
+_HASH_STAMP = ("size", "mtime_ns", "ctime_ns", "inode")
 
 ACTIVE_STATES = ("queued", "waiting", "running")
 
@@ -59,6 +64,10 @@ class Ledger:
         # FULL: a job reported done survives a power cut, as the result file does.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        hash_columns = {row[1] for row in self._db.execute("PRAGMA table_info(file_hashes)")}
+        for column in ("ctime_ns", "inode"):
+            if column not in hash_columns:  # a ledger from before; its rows then never match: re-hashed once
+                self._db.execute(f"ALTER TABLE file_hashes ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         self._wallclock = wallclock
 
     def close(self) -> None:
@@ -173,17 +182,19 @@ class Ledger:
 
     # ---- file hashes ----------------------------------------------------------------
 
-    def cached_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
+    def cached_hash(self, path: str, *, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str | None:
+        """The sha256 stored for ``path`` when its stat stamp (``_HASH_STAMP``) is unchanged."""
         row = self._db.execute(
-            "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
-            (path, size, mtime_ns),
+            "SELECT sha256 FROM file_hashes WHERE path = ? AND "
+            + " AND ".join(f"{column} = ?" for column in _HASH_STAMP),
+            (path, size, mtime_ns, ctime_ns, inode),
         ).fetchone()
         return row[0] if row else None
 
-    def store_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+    def store_hash(self, path: str, sha256: str, *, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> None:
         self._db.execute(
-            "INSERT INTO file_hashes (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
-            "sha256 = excluded.sha256",
-            (path, size, mtime_ns, sha256),
+            "INSERT INTO file_hashes (path, sha256, size, mtime_ns, ctime_ns, inode) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET sha256 = excluded.sha256, "
+            + ", ".join(f"{column} = excluded.{column}" for column in _HASH_STAMP),
+            (path, sha256, size, mtime_ns, ctime_ns, inode),
         )

@@ -59,7 +59,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import av
 import numpy as np
@@ -121,6 +121,8 @@ class Media:
     source_dtype: str
     _source: _Source = field(repr=False, compare=False)
     _rule: ChannelRule = field(repr=False, compare=False)
+    #: For a slide, its reader's ``describe()`` (reader, vendor, levels, mpp, tile size) for provenance.
+    slide: dict[str, Any] | None = None
 
     def frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as RGB uint8 H x W x 3."""
@@ -267,7 +269,7 @@ class _Opened:
     n_channels: int
     axes: str
     dtype: str
-    slide: bool = False
+    slide: dict[str, Any] | None = None
 
 
 def _open(
@@ -279,7 +281,7 @@ def _open(
     check_channels(rule.channels, opened.n_channels, path)
     return Media(
         path=path, kind="slide" if opened.slide else "stack" if opened.n_frames > 1 else "image",
-        width=opened.width,
+        width=opened.width, slide=opened.slide,
         height=opened.height, n_frames=opened.n_frames, axes=opened.axes,
         source_dtype=opened.dtype, _source=opened.source, _rule=rule)
 
@@ -599,7 +601,7 @@ def _open_slide(path: Path, limits: MediaLimits) -> _Opened:
     with open_slide(path, limits=limits, channels=ChannelRule()) as reader:
         axes = "YX" if reader.n_channels == 1 else "YXS"
         return _Opened(_SlideSource(path, limits), reader.width, reader.height, 1, reader.n_channels,
-                       axes, str(reader.dtype), slide=True)
+                       axes, str(reader.dtype), slide=reader.describe())
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,30 @@ LOW_RES = 256
 LOGIT = 10.0
 
 
-def _decode(data: bytes, *, where: str, field: str, sidecar: str) -> np.ndarray:
+def _decode(
+    source: Path | io.BytesIO, image_hw: tuple[int, int], *, where: str, field: str, sidecar: str
+) -> np.ndarray:
+    """The mask's pixels, its size checked from the header first: a huge or sparse file is
+    refused before a byte of pixels is decoded (or read)."""
+    height, width = image_hw
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(source) as image:
+            if image.size not in ((LOW_RES, LOW_RES), (width, height)):
+                raise JobError(
+                    "mask_invalid",
+                    f"The mask {where} is {image.size[0]}×{image.size[1]} pixels; it must be the image's size "
+                    f"({width}×{height}) or SAM's low-res size ({LOW_RES}×{LOW_RES}).",
+                    file=sidecar, field=field,
+                )
             array = np.asarray(image.convert("L") if image.mode not in ("L", "1", "I;16", "I") else image)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise JobError(
+            "mask_invalid",
+            f"The mask {where} is far larger than the image ({exc}); save it at the image's size "
+            f"({width}×{height}) or at {LOW_RES}×{LOW_RES}.",
+            file=sidecar, field=field,
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zlib.error) as exc:
         raise JobError(
             "mask_invalid", f"The mask {where} cannot be read as an image ({exc}); save it as a PNG.",
             file=sidecar, field=field,
@@ -73,7 +93,7 @@ def prompt_masks(
             if not path.is_file():
                 raise JobError("mask_invalid", f"The mask file {prompt.mask!r} does not exist next to the sidecar.",
                                file=sidecar_rel, field=field)
-            array = _decode(path.read_bytes(), where=repr(prompt.mask), field=field, sidecar=sidecar_rel)
+            array = _decode(path, image_hw, where=repr(prompt.mask), field=field, sidecar=sidecar_rel)
             result.append(to_low_res_logits(array, image_hw, where=repr(prompt.mask), field=field, sidecar=sidecar_rel))
         elif prompt.b64mask is not None:
             field = f"prompts.{index}.b64mask"
@@ -81,7 +101,7 @@ def prompt_masks(
                 data = base64.b64decode(prompt.b64mask, validate=True)
             except (binascii.Error, ValueError):
                 raise JobError("mask_invalid", "b64mask is not valid base64; encode a PNG.", file=sidecar_rel, field=field) from None
-            array = _decode(data, where="b64mask", field=field, sidecar=sidecar_rel)
+            array = _decode(io.BytesIO(data), image_hw, where="b64mask", field=field, sidecar=sidecar_rel)
             result.append(to_low_res_logits(array, image_hw, where="b64mask", field=field, sidecar=sidecar_rel))
         else:
             result.append(None)

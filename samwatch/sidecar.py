@@ -8,12 +8,13 @@ samwatch only ever sees the native :class:`Sidecar`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -23,7 +24,12 @@ from pydantic import (
 
 from samwatch.config import OutputFormat, describe_validation_error
 from samwatch.errors import JobError
-from samwatch.modeltypes import MODEL_TYPES, ModelType
+from samwatch.families import MODEL_TYPES, ModelType
+
+#: libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one,
+#: which would hold the daemon's loop for seconds on a legal 40 000-prompt sidecar, and it
+#: limits nesting depth itself.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")
 FOLDER_DEFAULTS_STEM = "samwatch"
@@ -35,14 +41,6 @@ INHERITED_KEYS = (
     "normalize", "confidence_threshold",
 )
 
-OutputType = Literal[
-    "Single Mask",
-    "Multi-mask",
-    "Multi-mask (all)",
-    "Multi-mask (largest)",
-    "Multi-mask (smallest)",
-    "Multi-mask (best quality)",
-]
 MaskChoice = Literal["single", "all", "largest", "smallest", "best"]
 _OUTPUT_TYPE_CHOICE: dict[str, MaskChoice] = {
     "Single Mask": "single",
@@ -52,6 +50,37 @@ _OUTPUT_TYPE_CHOICE: dict[str, MaskChoice] = {
     "Multi-mask (smallest)": "smallest",
     "Multi-mask (best quality)": "best",
 }
+#: QuPath's SAM extension names its choices "Single mask" and (enum names) MULTI_ALL, MULTI_LARGEST...
+_OUTPUT_TYPE_ALIASES = {"multi all": "Multi-mask (all)", "multi largest": "Multi-mask (largest)",
+                        "multi smallest": "Multi-mask (smallest)", "multi best quality": "Multi-mask (best quality)"}
+
+
+def _spelling_key(value: str) -> str:
+    return " ".join(value.lower().replace("-", " ").replace("_", " ").split())
+
+
+_OUTPUT_TYPE_SPELLINGS = {
+    **{_spelling_key(name): name for name in _OUTPUT_TYPE_CHOICE},
+    **_OUTPUT_TYPE_ALIASES,
+}
+
+
+def _canonical_output_type(value: Any) -> Any:
+    """Any spelling samapi or QuPath uses ("Single mask", "multi-mask (ALL)", ...) -> samapi's."""
+    return _OUTPUT_TYPE_SPELLINGS.get(_spelling_key(value), value) if isinstance(value, str) else value
+
+
+OutputType = Annotated[
+    Literal[
+        "Single Mask",
+        "Multi-mask",
+        "Multi-mask (all)",
+        "Multi-mask (largest)",
+        "Multi-mask (smallest)",
+        "Multi-mask (best quality)",
+    ],
+    BeforeValidator(_canonical_output_type),
+]
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]
@@ -59,7 +88,9 @@ Color = tuple[int, int, int]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # NaN and inf (YAML's .nan, .inf) are refused: they would pass every range check and end
+    # up in the result as NaN, which is not JSON.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 def _check_box(box: Box | None) -> Box | None:
@@ -185,10 +216,11 @@ class Sidecar(StrictModel):
         None, validation_alias=AliasChoices("model", "type"), description="alias: type"
     )
     weights: str | None = Field(None, description="a registry name; default from the config")
-    image: str | None = Field(None, description="relative to the sidecar; default: same stem")
+    image: str | None = Field(None, min_length=1, description="relative to the sidecar; default: same stem")
     label: str | None = None
     color: Color | None = None
-    priority: int | None = None
+    # The ledger stores it as SQLite's 64-bit integer; far smaller bounds are plenty.
+    priority: int | None = Field(None, ge=-(10**9), le=10**9, description="higher runs first")
     prompts: list[Prompt] = Field(default_factory=list)
     multimask_output: bool = Field(False, description="three masks per prompt (all kept)")
     output_type: OutputType | None = Field(None, description="samapi's mask choice; overrides multimask_output")
@@ -263,9 +295,22 @@ _REFUSED_KEYS = {
 }
 
 
+def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if value is not None}
+
+
 def fold_samapi_form(data: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite samapi body keys into the native form; native keys pass unchanged."""
-    data = dict(data)
+    """Rewrite samapi body keys into the native form; native keys pass unchanged.
+
+    A null means absent, at the top and inside samapi's ``objs`` objects: samapi's pydantic
+    bodies serialise every unset optional key (``point_coords``, ``b64mask``, ...) as null.
+    """
+    data = _without_nulls(data)
+    if isinstance(data.get("objs"), dict):
+        data["objs"] = {
+            frame: [_without_nulls(obj) if isinstance(obj, dict) else obj for obj in objs] if isinstance(objs, list) else objs
+            for frame, objs in data["objs"].items()
+        }
     for key, advice in _REFUSED_KEYS.items():
         if key in data:
             raise ValueError(f"{key}: {advice}")
@@ -294,7 +339,14 @@ def fold_samapi_form(data: dict[str, Any]) -> dict[str, Any]:
 def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     """YAML or JSON text -> a mapping (JSON is YAML); ``name`` goes into the error."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)
+    except RecursionError:
+        raise JobError(
+            "sidecar_parse_error",
+            "The sidecar is nested too deeply to read (lists or mappings thousands of levels deep); "
+            "a sidecar needs a few levels only.",
+            file=name,
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -328,14 +380,7 @@ def read_sidecar_data(path: Path, *, max_bytes: int, name: str) -> dict[str, Any
 
 
 def validate_sidecar(data: dict[str, Any], *, name: str) -> Sidecar:
-    if "checkpoint_url" in data:
-        raise JobError(
-            "checkpoint_url_refused",
-            "A sidecar cannot name a checkpoint URL; register the weights in the config "
-            "(samwatch weights add NAME TYPE URL) and put 'weights: NAME' in the sidecar.",
-            file=name,
-            field="checkpoint_url",
-        )
+    """The schema check; ``checkpoint_url`` is the job loader's (it needs the registry)."""
     try:
         return Sidecar.model_validate(data)
     except ValidationError as exc:
@@ -370,5 +415,8 @@ def merge_folder_defaults(own: dict[str, Any], defaults: dict[str, Any]) -> dict
 def sidecar_json_schema() -> dict[str, Any]:
     schema = Sidecar.model_json_schema(by_alias=False)
     schema["x-samapi-keys"] = SAMAPI_KEYS
-    schema["x-refused-keys"] = {**_REFUSED_KEYS, "checkpoint_url": "register weights in the config"}
+    schema["x-refused-keys"] = _REFUSED_KEYS
+    schema["x-samapi-keys"]["checkpoint_url"] = (
+        "selects the registered weights with that URL; any other URL is refused, never fetched"
+    )
     return schema

@@ -28,18 +28,32 @@ NETWORK_FS_TYPES = frozenset(
 
 @dataclass(frozen=True)
 class FileState:
+    """What tells a file's versions apart without reading it. ``ctime_ns`` and ``inode`` catch
+    a file replaced by one of the same size whose mtime was set back."""
+
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> FileState:
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 def is_ignored_name(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
+def is_ignored_path(rel: str) -> bool:
+    """Whether any part of an inbox-relative path is ignored (``_done/p/c.yaml``, ``a/.tmp/b``)."""
+    return any(is_ignored_name(part) for part in rel.split("/") if part)
+
+
 def _frames_dir_state(path: str) -> FileState:
     """A folder of frames changes as a whole: total size and newest mtime of its entries."""
     size = 0
-    mtime = 0
+    mtime = ctime = 0
     count = 0
     with os.scandir(path) as entries:
         for entry in entries:
@@ -48,14 +62,48 @@ def _frames_dir_state(path: str) -> FileState:
             stat = entry.stat(follow_symlinks=False)
             size += stat.st_size
             mtime = max(mtime, stat.st_mtime_ns)
+            ctime = max(ctime, stat.st_ctime_ns)
             count += 1
     # The count joins the size so that renaming frames in place also counts as a change.
-    return FileState(size=size * 100_003 + count, mtime_ns=mtime)
+    return FileState(size=size * 100_003 + count, mtime_ns=mtime, ctime_ns=ctime, inode=os.stat(path).st_ino)
 
 
-def scan_tree(root: Path, folder: str = "") -> dict[str, FileState]:
-    """Every visible file under ``root/folder`` by relative POSIX path; ``.frames`` folders as one."""
+#: Most file systems allow 255 bytes per name; the outbox adds up to ".progress.json" to a stem.
+NAME_MAX = 255
+_OUTPUT_SUFFIX_ROOM = len(".progress.json")
+
+
+def unusable_name(name: str, *, folder: bool = False) -> str | None:
+    """Why samwatch cannot take a file (or ``folder``) of this name as an input, or None.
+
+    Names that are not UTF-8 (os.scandir hands them over with surrogate escapes) cannot be
+    stored in the ledger nor written in JSON; a file stem too long to take the outbox's
+    suffixes could never get a result, progress or error file.
+    """
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8; rename it"
+    if folder:
+        return None
+    stem = encoded.rsplit(b".", 1)[0] if b"." in encoded[1:] else encoded
+    if len(stem) + _OUTPUT_SUFFIX_ROOM > NAME_MAX:
+        return (f"its name is too long ({len(encoded)} bytes) for its outbox files "
+                f"(name + '.progress.json' must fit {NAME_MAX} bytes); shorten it")
+    return None
+
+
+def scan_tree(root: Path, folder: str = "", skipped: dict[str, str] | None = None) -> dict[str, FileState]:
+    """Every visible file under ``root/folder`` by relative POSIX path; ``.frames`` folders as one.
+
+    Entries that cannot be used (a name that is not UTF-8, a symlink loop, an entry that
+    cannot be stat'ed) are left out, each with why in ``skipped``: one bad entry never
+    stops the scan of the others.
+    """
     found: dict[str, FileState] = {}
+    if is_ignored_path(folder):
+        return found  # e.g. an event inside inbox/_done/: nothing there is ever a job
+    skipped = {} if skipped is None else skipped
     stack = [folder]
     while stack:
         relative = stack.pop()
@@ -63,21 +111,30 @@ def scan_tree(root: Path, folder: str = "") -> dict[str, FileState]:
             entries = list(os.scandir(root / relative if relative else root))
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
+        except OSError as exc:
+            skipped[relative] = f"its folder cannot be listed ({exc.strerror or exc})"
+            continue
         for entry in entries:
             if is_ignored_name(entry.name):
                 continue
             rel = f"{relative}/{entry.name}" if relative else entry.name
             try:
-                if entry.is_dir(follow_symlinks=False):
+                plain_folder = entry.is_dir(follow_symlinks=False) and not entry.name.endswith(FRAMES_DIR_SUFFIX)
+                why = unusable_name(entry.name, folder=plain_folder)
+                if why is not None:
+                    skipped[rel] = why
+                elif entry.is_dir(follow_symlinks=False):
                     if entry.name.endswith(FRAMES_DIR_SUFFIX):
                         found[rel] = _frames_dir_state(entry.path)
                     else:
                         stack.append(rel)
                 elif entry.is_file():
                     stat = entry.stat()
-                    found[rel] = FileState(stat.st_size, stat.st_mtime_ns)
+                    found[rel] = FileState.of(stat)
             except (FileNotFoundError, PermissionError):
                 continue  # vanished or unreadable between listing and stat: next pass decides
+            except OSError as exc:  # ELOOP (a symlink loop), EIO, ...: this entry only
+                skipped[rel] = f"it cannot be read ({exc.strerror or exc})"
     return found
 
 
@@ -148,6 +205,8 @@ class EventSource:
                 parts = parts[: index + 1]
                 break
         folder = "/".join(parts[:-1])
+        if is_ignored_path(folder):
+            return
         with self._lock:
             self._dirty.add(folder)
 
@@ -184,6 +243,7 @@ class Watcher:
         self._changed_at: dict[str, float] = {}  # unsettled paths -> when last seen changing
         self._settled: dict[str, FileState] = {}
         self._next_full_scan = float("-inf")
+        self.skipped: dict[str, str] = {}  # inbox entries left out, with why (for status.json)
 
     def close(self) -> None:
         if self._events is not None:
@@ -200,12 +260,20 @@ class Watcher:
 
     def poll(self, now: float) -> tuple[set[str], set[str]]:
         """One pass; returns (newly settled or changed-and-settled paths, vanished paths)."""
+        skipped: dict[str, str] = {}
+        reported = self.skipped
         if now >= self._next_full_scan:
-            self._apply(scan_tree(self.inbox), now, full=True)
+            self._apply(scan_tree(self.inbox, skipped=skipped), now, full=True)
             self._next_full_scan = now + self.rescan_interval
+            self.skipped = {}  # what a full scan no longer finds is forgotten (and logged if it returns)
         elif self._events is not None:
             for folder in self._events.drain():
-                self._apply(scan_tree(self.inbox, folder), now, full=False, folder=folder)
+                self._apply(scan_tree(self.inbox, folder, skipped), now, full=False, folder=folder)
+        for path, why in skipped.items():
+            shown = path.encode("utf-8", "backslashreplace").decode()
+            if shown not in reported:
+                logger.warning(f"inbox entry {shown!r} skipped: {why}")
+            self.skipped[shown] = why
         self._restat_pending(now)
         return self._settle(now)
 
@@ -232,7 +300,7 @@ class Watcher:
                     state = _frames_dir_state(str(full))
                 else:
                     stat = full.stat()
-                    state = FileState(stat.st_size, stat.st_mtime_ns)
+                    state = FileState.of(stat)
             except OSError:
                 self._files.pop(path, None)
                 self._changed_at.pop(path, None)

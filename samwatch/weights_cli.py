@@ -22,8 +22,10 @@ from pydantic import ValidationError
 from samwatch.config import DEFAULT_CONFIG_PATH, WeightsEntry, config_path_from, describe_validation_error, load_config
 from samwatch.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError, JobError
-from samwatch.models.registry import WeightsRegistry, download_path, request_cancel
-from samwatch.modeltypes import MODEL_TYPES
+from samwatch.weights.entries import download_path
+from samwatch.weights.locks import request_cancel
+from samwatch.weights.registry import WeightsRegistry
+from samwatch.families import MODEL_TYPES
 
 _URL_PREFIXES = ("http://", "https://", "hf://", "file://")
 _MB = 1024 * 1024

@@ -9,6 +9,7 @@ reporting progress ten times a second (so cancellation and heartbeats can be obs
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -16,15 +17,15 @@ from samwatch.models.base import Detection, LoadSpec, RunContext
 
 
 class FakeAdapter:
-    modes = frozenset({"prompts", "automask", "text", "video"})
-
     def setup(self, spec: LoadSpec, device, *, embedding_cache: int = 4) -> None:  # noqa: ANN001
         self.spec = spec
 
     def parameter_bytes(self) -> int:
         return 1000
 
-    def run(self, ctx: RunContext) -> list[Detection]:
+    def run(self, ctx: RunContext) -> Iterator[Detection]:
+        """Lazily, one full-frame mask at a time, as a real adapter may: the job runner must
+        not hold them all (test_faults measures that)."""
         label = ctx.sidecar.label or ""
         if label.startswith("slow:"):
             seconds = float(label.split(":", 1)[1])
@@ -33,15 +34,13 @@ class FakeAdapter:
                 ctx.progress("decoding prompts", elapsed / seconds)
                 time.sleep(0.1)
         height, width = ctx.image.shape[:2]
-        detections = []
         for index, prompt in enumerate(ctx.sidecar.prompts):
-            mask = np.zeros((height, width), bool)
+            mask = np.full((height, width), False)  # every page written, as a real decoder does
             if prompt.bbox is not None:
                 x1, y1, x2, y2 = (int(round(v)) for v in prompt.bbox)
                 mask[y1:y2, x1:x2] = True
-            detections.append(Detection(mask=mask, score=0.9, prompt_idx=index))
+            yield Detection(mask=mask, score=0.9, prompt_idx=index)
         ctx.progress("decoding prompts", 1.0)
-        return detections
 
 
 def install() -> None:

@@ -12,6 +12,7 @@ Builders are fast: tiles that show only background are one precompressed tile wr
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import zlib
 from collections.abc import Iterator
@@ -64,8 +65,12 @@ class SparseSlide:
         h, w = self.level_shape(level)
         return self.expected(0, 0, w, h, level)
 
-    def tiles(self, level: int, tile: int, encode) -> Iterator[bytes]:
-        """Encoded tiles of ``level`` in row-major order; background-only tiles are encoded once."""
+    def tiles(self, level: int, tile: int, encode, channel: int | None = None) -> Iterator[bytes]:
+        """Encoded tiles of ``level`` in row-major order (of one ``channel`` when given, for planar
+        files); background-only tiles are encoded once."""
+        if channel is not None:
+            plane = encode
+            encode = lambda pixels: plane(pixels[..., channel])  # noqa: E731
         ds = 2**level
         level_h, level_w = self.level_shape(level)
         blank = None
@@ -119,18 +124,26 @@ def _zlib_encoder(level: int = 6):
 
 
 def write_ome_pyramid(path: Path, slide: SparseSlide, *, levels: int = 3, tile: int = 512,
-                      mpp: float = 0.5) -> Path:
-    """Pyramidal OME-TIFF: level 0 with ``levels - 1`` SubIFDs, zlib tiles written from an iterator."""
+                      mpp: float = 0.5, planar: bool = False) -> Path:
+    """Pyramidal OME-TIFF: level 0 with ``levels - 1`` SubIFDs, zlib tiles written from an iterator.
+
+    RGB is stored interleaved (``YXS``); ``planar`` stores channels as pages (``CYX``), as
+    fluorescence scanners do.
+    """
     encode = _zlib_encoder()
-    axes = "YXS" if slide.channels > 1 else "YX"
+    planar = planar or slide.channels not in (1, 3)
+    axes = "CYX" if planar else "YXS" if slide.channels == 3 else "YX"
     options = dict(tile=(tile, tile), compression="zlib", dtype=slide.dtype,
-                   photometric="rgb" if slide.channels == 3 else "minisblack")
+                   photometric="minisblack" if planar or slide.channels == 1 else "rgb")
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
         for level in range(levels):
-            shape = slide.level_shape(level) + ((slide.channels,) if slide.channels > 1 else ())
+            plane = slide.level_shape(level)
+            shape = (slide.channels, *plane) if planar else (*plane, 3) if slide.channels == 3 else plane
+            tiles = (itertools.chain.from_iterable(slide.tiles(level, tile, encode, c) for c in range(slide.channels))
+                     if planar else slide.tiles(level, tile, encode))
             extra = (dict(subifds=levels - 1, metadata={"axes": axes, "PhysicalSizeX": mpp, "PhysicalSizeY": mpp})
                      if level == 0 else dict(subfiletype=1))
-            tw.write(slide.tiles(level, tile, encode), shape=shape, **options, **extra)
+            tw.write(tiles, shape=shape, **options, **extra)
     return path
 
 
@@ -154,4 +167,23 @@ def write_svs(path: Path, slide: SparseSlide, *, levels: int = 3, tile: int = 25
                 thumb = slide.full(levels) if slide.width * slide.height <= 1 << 24 else slide.expected(0, 0, 256, 256, 6)
                 tw.write(thumb, photometric="rgb", description=APERIO_DESCRIPTION.format(
                     w=slide.width, h=slide.height, t=tile, codec=codec), metadata=None)
+    return path
+
+
+def corrupt_tile(path: Path, tile: int = 3, page: int = 0) -> tuple[int, int]:
+    """Overwrite bytes inside one tile of ``page`` so that it no longer decodes; its (row, col)."""
+    with tifffile.TiffFile(path) as tif:
+        target = tif.pages[page]
+        offset, count = target.dataoffsets[tile], target.databytecounts[tile]
+        per_row = math.ceil(target.imagewidth / target.tilewidth)
+    with open(path, "r+b") as stream:
+        stream.seek(offset + min(10, count // 2))
+        stream.write(b"\xff" * min(200, count // 2))
+    return divmod(tile, per_row)
+
+
+def truncate(path: Path, fraction: float) -> Path:
+    """Cut ``path`` to ``fraction`` of its size, as an interrupted copy leaves it."""
+    with open(path, "r+b") as stream:
+        stream.truncate(int(path.stat().st_size * fraction))
     return path

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,9 @@ def write_config(root: Path, weights: list[dict[str, Any]], **overrides: Any) ->
         "watch": dict(FAST_WATCH),
         "service": {"heartbeat_seconds": 0.5, "instance": "test"},
         "weights": weights,
+        # Eager encoders: each daemon test has its own state_dir, where an ONNX export would cost
+        # ~5 s of CPU per test; tests/test_accelerate.py covers the fast paths and the default.
+        "models": {"accelerate": {"cpu": []}},
     }
     config.update(overrides)
     path = root / "config.yaml"
@@ -135,3 +138,18 @@ class DaemonProcess:
         self.proc.kill()
         self.proc.wait(timeout=30)
         self._log.close()
+
+
+def placed(detections: Iterable[Any], shape: tuple[int, int]) -> list[Any]:
+    """Detections with their (cropped) masks put back into full frames, for comparing with a
+    reference predictor's masks."""
+    from dataclasses import replace
+
+    result = []
+    for detection in detections:
+        x, y = (int(v) for v in detection.origin)
+        full = np.zeros(shape, bool)
+        height, width = detection.mask.shape
+        full[y : y + height, x : x + width] = detection.mask
+        result.append(replace(detection, mask=full, origin=(0, 0)))
+    return result

@@ -73,7 +73,6 @@ def test_samapi_automask_sam3_and_video_bodies() -> None:
 
 
 @pytest.mark.parametrize("body, code, field", [
-    ({"checkpoint_url": "http://x"}, "checkpoint_url_refused", "checkpoint_url"),
     ({"model": "vit_z"}, "unknown_model", "model"),
     ({"prompts": [{"points": [[1, 2]], "point_labels": [1, 0]}]}, "sidecar_invalid", "prompts.0"),
     ({"prompts": [{}]}, "sidecar_invalid", "prompts.0"),

@@ -183,8 +183,9 @@ def test_fixing_a_failed_job_removes_its_error(service) -> None:
     (inbox / "fix" / "f.yaml").write_text("prompts: [{bbox: [1, 2, 3000, 40]}]\n")
     wait_for(lambda: (outbox / "fix" / "f.error.json").exists(), JOB_TIMEOUT, what="error")
     write_sidecar(inbox / "fix" / "f.yaml", {"prompts": [{"bbox": [1, 2, 30, 40]}]})
-    wait_for(lambda: (outbox / "fix" / "f.geojson").exists(), JOB_TIMEOUT, what="result")
-    assert not (outbox / "fix" / "f.error.json").exists()
+    # The result is renamed into place, then the error removed: wait for both.
+    wait_for(lambda: (outbox / "fix" / "f.geojson").exists() and not (outbox / "fix" / "f.error.json").exists(),
+             JOB_TIMEOUT, what="result without error")
 
 
 def test_slow_writer_is_never_read_early(service) -> None:

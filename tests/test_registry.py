@@ -24,11 +24,13 @@ from huggingface_hub import errors as hf_errors
 import support
 from samwatch.config import WeightsEntry
 from samwatch.errors import JobError
-from samwatch.models import registry as registry_module
+from samwatch.weights import registry as registry_module
 from samwatch.models.base import LoadSpec
-from samwatch.models.registry import DownloadState, WeightsRegistry, download_path, request_cancel
+from samwatch.weights.entries import download_path
+from samwatch.weights.locks import request_cancel
+from samwatch.weights.registry import DownloadState, WeightsRegistry
 from samwatch.models.weights_io import load_checkpoint
-from samwatch.modeltypes import DEFAULT_WEIGHT_URLS, MODEL_TYPES
+from samwatch.families import DEFAULT_WEIGHT_URLS, MODEL_TYPES
 
 PIECE = 64 * 1024
 
@@ -408,8 +410,8 @@ def test_path_entry_is_hashed_once_and_verified(
     tmp_path: Path, make_registry: Any, checkpoint: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hashed: list[Path] = []
-    real = registry_module._sha256_file
-    monkeypatch.setattr(registry_module, "_sha256_file", lambda path: hashed.append(path) or real(path))
+    real = registry_module.sha256_file
+    monkeypatch.setattr(registry_module, "sha256_file", lambda path: hashed.append(path) or real(path))
     weights = tmp_path / "sam2_lab.pt"
     weights.write_bytes(checkpoint)
     config = "configs/sam2.1/sam2.1_hiera_t.yaml"

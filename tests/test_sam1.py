@@ -17,11 +17,11 @@ from samwatch.geometry import iou, rasterize
 from samwatch.jobs import JobRunner, JobTicket, Progress
 from samwatch.models.base import LoadSpec, RunContext
 from samwatch.models.pool import ModelPool
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.models.sam1 import Adapter, build_predictor
 from samwatch.outbox import JobOutputs
 from samwatch.sidecar import validate_sidecar
-from support import coins
+from support import coins, placed
 
 PROMPTS = [
     {"bbox": [40, 40, 120, 110]},
@@ -29,6 +29,10 @@ PROMPTS = [
     {"bbox": [150, 50, 260, 160], "points": [[200, 100]]},
     {"bbox": [250, 180, 360, 290]},
 ]
+
+
+def run(adapter: Adapter, ctx: RunContext) -> list:
+    return placed(adapter.run(ctx), ctx.image.shape[:2])
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +85,8 @@ def test_geojson_matches_the_direct_predictor(tmp_path: Path, vit_t_checkpoint: 
 
 def test_batched_decoding_equals_one_by_one(adapter: Adapter, rgb: np.ndarray) -> None:
     sidecar = validate_sidecar({"model": "vit_t", "prompts": [{"bbox": b} for b in ([10, 10, 80, 90], [100, 40, 200, 150], [220, 30, 300, 120], [50, 150, 150, 280], [200, 200, 370, 300])]}, name="x")
-    single = adapter.run(RunContext(sidecar=sidecar, image=rgb, image_key="k", prompt_batch_size=1))
-    batched = adapter.run(RunContext(sidecar=sidecar, image=rgb, image_key="k", prompt_batch_size=4))
+    single = run(adapter, RunContext(sidecar=sidecar, image=rgb, image_key="k", prompt_batch_size=1))
+    batched = run(adapter, RunContext(sidecar=sidecar, image=rgb, image_key="k", prompt_batch_size=4))
     assert [d.prompt_idx for d in single] == [d.prompt_idx for d in batched]
     for a, b in zip(single, batched):
         assert iou(a.mask, b.mask) >= 0.99
@@ -95,20 +99,20 @@ def test_embedding_is_reused_for_an_unchanged_image(adapter: Adapter, rgb: np.nd
     monkeypatch.setattr(adapter.predictor, "set_image", lambda image: (calls.append(1), original(image)))
     first = validate_sidecar({"prompts": [{"bbox": [10, 10, 80, 90]}]}, name="a")
     second = validate_sidecar({"prompts": [{"bbox": [100, 40, 200, 150]}]}, name="b")
-    adapter.run(RunContext(sidecar=first, image=rgb, image_key="img-A"))
-    adapter.run(RunContext(sidecar=second, image=rgb, image_key="img-A"))
-    adapter.run(RunContext(sidecar=second, image=rgb[::-1].copy(), image_key="img-B"))
-    adapter.run(RunContext(sidecar=first, image=rgb, image_key="img-A"))  # restored from the cache
+    run(adapter, RunContext(sidecar=first, image=rgb, image_key="img-A"))
+    run(adapter, RunContext(sidecar=second, image=rgb, image_key="img-A"))
+    run(adapter, RunContext(sidecar=second, image=rgb[::-1].copy(), image_key="img-B"))
+    run(adapter, RunContext(sidecar=first, image=rgb, image_key="img-A"))  # restored from the cache
     assert len(calls) == 2
 
 
 @pytest.mark.parametrize("choice, count", [("Single Mask", 1), ("Multi-mask (all)", 3), ("Multi-mask (best quality)", 1), ("Multi-mask (largest)", 1), ("Multi-mask (smallest)", 1)])
 def test_mask_choices(adapter: Adapter, rgb: np.ndarray, choice: str, count: int) -> None:
     sidecar = validate_sidecar({"prompts": [{"bbox": [40, 40, 120, 110]}], "output_type": choice}, name="x")
-    detections = adapter.run(RunContext(sidecar=sidecar, image=rgb, image_key="k"))
+    detections = run(adapter, RunContext(sidecar=sidecar, image=rgb, image_key="k"))
     assert len(detections) == count
     if choice != "Single Mask":
-        every = adapter.run(RunContext(sidecar=validate_sidecar({"prompts": [{"bbox": [40, 40, 120, 110]}], "multimask_output": True}, name="y"), image=rgb, image_key="k"))
+        every = run(adapter, RunContext(sidecar=validate_sidecar({"prompts": [{"bbox": [40, 40, 120, 110]}], "multimask_output": True}, name="y"), image=rgb, image_key="k"))
         areas = [d.mask.sum() for d in every]
         if choice.endswith("(largest)"):
             assert detections[0].mask.sum() == max(areas)
@@ -126,8 +130,8 @@ def test_mask_prompt_changes_the_result(adapter: Adapter, rgb: np.ndarray) -> No
     logits = to_low_res_logits(mask, rgb.shape[:2], where="m", field="f", sidecar="s")
     assert logits.shape == (256, 256) and logits.max() == 10
     sidecar = validate_sidecar({"prompts": [{"bbox": [40, 40, 120, 110], "mask": "m.png"}]}, name="x")
-    plain = adapter.run(RunContext(sidecar=validate_sidecar({"prompts": [{"bbox": [40, 40, 120, 110]}]}, name="p"), image=rgb, image_key="k"))
-    masked = adapter.run(RunContext(sidecar=sidecar, image=rgb, image_key="k", prompt_masks=[logits]))
+    plain = run(adapter, RunContext(sidecar=validate_sidecar({"prompts": [{"bbox": [40, 40, 120, 110]}]}, name="p"), image=rgb, image_key="k"))
+    masked = run(adapter, RunContext(sidecar=sidecar, image=rgb, image_key="k", prompt_masks=[logits]))
     assert not np.array_equal(plain[0].mask, masked[0].mask) or plain[0].score != masked[0].score
 
 

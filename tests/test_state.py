@@ -65,9 +65,26 @@ def test_priority_then_fairness_between_folders(tmp_path: Path) -> None:
 
 def test_hash_cache(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.db")
-    ledger.store_hash("a.png", 10, 5, "abc")
-    assert ledger.cached_hash("a.png", 10, 5) == "abc"
-    assert ledger.cached_hash("a.png", 10, 6) is None
+    stamp = {"size": 10, "mtime_ns": 5, "ctime_ns": 7, "inode": 42}
+    ledger.store_hash("a.png", "abc", **stamp)
+    assert ledger.cached_hash("a.png", **stamp) == "abc"
+    for changed in ({"mtime_ns": 6}, {"ctime_ns": 8}, {"inode": 43}, {"size": 11}):
+        assert ledger.cached_hash("a.png", **{**stamp, **changed}) is None, changed
+
+
+def test_a_ledger_from_before_ctime_and_inode_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "l.db")
+    old.execute("CREATE TABLE file_hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL)")
+    old.execute("INSERT INTO file_hashes VALUES ('a.png', 10, 5, 'abc')")
+    old.commit()
+    old.close()
+    ledger = Ledger(tmp_path / "l.db")
+    assert ledger.cached_hash("a.png", size=10, mtime_ns=5, ctime_ns=7, inode=42) is None  # hashed again
+    ledger.store_hash("a.png", "def", size=10, mtime_ns=5, ctime_ns=7, inode=42)
+    assert ledger.cached_hash("a.png", size=10, mtime_ns=5, ctime_ns=7, inode=42) == "def"
 
 
 def test_claims_are_exclusive_and_expire(tmp_path: Path) -> None:

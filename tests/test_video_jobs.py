@@ -15,7 +15,7 @@ from PIL import Image
 from samwatch.config import Config
 from samwatch.jobs import JobRunner, JobTicket, Progress
 from samwatch.models.pool import ModelPool
-from samwatch.models.registry import WeightsRegistry
+from samwatch.weights.registry import WeightsRegistry
 from samwatch.outbox import JobOutputs
 from support import coins
 

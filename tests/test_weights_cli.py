@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from samwatch.config import WeightsEntry, load_config
 from samwatch.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError
-from samwatch.models.registry import cancel_file_path
+from samwatch.weights.locks import cancel_file_path
 from samwatch.cli import build_parser
 
 LAB_CONFIG = """\
@@ -49,14 +48,6 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def warnings() -> Any:
-    seen: list[str] = []
-    sink = logger.add(lambda message: seen.append(str(message)), level="WARNING")
-    yield seen
-    logger.remove(sink)
-
-
 # -- config_edit ------------------------------------------------------------------------
 
 
@@ -79,7 +70,7 @@ def test_add_creates_the_block_or_the_file(tmp_path: Path) -> None:
     empty_list = tmp_path / "empty.yaml"
     empty_list.write_text("weights: []  # none yet\ndevice: cpu\n")
     add_weights_entry(empty_list, NEW)
-    assert empty_list.read_text().splitlines()[0] == "weights:  # none yet"
+    assert empty_list.read_text().splitlines()[0].split() == ["weights:", "#", "none", "yet"]
     assert names(empty_list) == ["new"] and load_config(empty_list).device == "cpu"
 
     created = tmp_path / "sub" / "new.yaml"
@@ -144,19 +135,21 @@ def test_remove_drops_only_the_entry(config: Path) -> None:
     assert names(config) == ["lab"]
 
     assert remove_weights_entry(config, "vit_b", "lab")
-    assert "weights: []" in config.read_text()
+    assert "# the lab's fine-tuned model" in config.read_text()
     assert names(config) == [] and load_config(config).defaults.model == "vit_t"
 
     assert not remove_weights_entry(config, "vit_b", "lab")
     assert not remove_weights_entry(config.parent / "absent.yaml", "vit_b", "lab")
 
 
-def test_a_flow_list_is_rewritten_with_a_warning(tmp_path: Path, warnings: list[str]) -> None:
+def test_a_flow_list_stays_one_and_keeps_its_comments(tmp_path: Path) -> None:
     path = tmp_path / "flow.yaml"
-    path.write_text("# comment\nweights: [{name: a, type: vit_b, url: 'https://example.org/a.pt'}]\n")
+    path.write_text("# comment\nweights: [{name: a, type: vit_b, url: 'https://example.org/a.pt'}]  # lab\n")
     add_weights_entry(path, NEW)
     assert names(path) == ["a", "new"]
-    assert any("cannot edit in place" in message for message in warnings)
+    text = path.read_text()
+    assert text.startswith("# comment\nweights: [{name: a, type: vit_b, url: 'https://example.org/a.pt'}, {name: new")
+    assert text.rstrip().endswith("# lab")
 
 
 # -- the CLI ----------------------------------------------------------------------------

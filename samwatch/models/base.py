@@ -10,8 +10,8 @@ validated sidecar, and turns their :class:`Detection` list into GeoJSON.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from samwatch.errors import JobError
+from samwatch.models.accel import Accelerator, encoder_path, weights_identity
 from samwatch.sidecar import Prompt, Sidecar
 
 ProgressFn = Callable[[str, float], None]
@@ -43,6 +44,20 @@ class Detection:
     # say where they are this way, so geometry alone maps masks to level-0 coordinates.
     origin: tuple[float, float] = (0, 0)
     scale: float = 1.0
+
+    def cropped(self) -> Detection:
+        """This detection with its mask cut to the box of its nonzero pixels (always a copy,
+        so the full-frame mask can be freed): what a job holds per mask is then the object's size,
+        not the image's. An empty mask becomes one empty pixel."""
+        rows = np.flatnonzero(self.mask.any(axis=1))
+        if rows.size == 0:
+            y0, y1, x0, x1 = 0, 1, 0, 1
+        else:
+            y0, y1 = int(rows[0]), int(rows[-1]) + 1
+            cols = np.flatnonzero(self.mask[y0:y1].any(axis=0))
+            x0, x1 = int(cols[0]), int(cols[-1]) + 1
+        origin = (self.origin[0] + x0 * self.scale, self.origin[1] + y0 * self.scale)
+        return replace(self, mask=self.mask[y0:y1, x0:x1].copy(), origin=origin)
 
 
 @dataclass
@@ -76,7 +91,9 @@ class ModelAdapter(Protocol):
 
     def setup(self, spec: LoadSpec, device: torch.device, *, embedding_cache: int = 4) -> None: ...
 
-    def run(self, ctx: RunContext) -> list[Detection]: ...
+    def run(self, ctx: RunContext) -> Iterable[Detection]:
+        """The detections, possibly lazily: the job runner traces each as it comes."""
+        ...
 
     def parameter_bytes(self) -> int: ...
 
@@ -148,7 +165,7 @@ def select_masks(
         areas = [int(np.count_nonzero(mask)) for mask in masks]
         pick = max if choice == "largest" else min
         chosen = [pick(indices, key=lambda i: areas[i])]
-    return [(i, masks[i].astype(bool), float(scores[i])) for i in chosen]
+    return [(i, masks[i].astype(bool, copy=False), float(scores[i])) for i in chosen]
 
 
 def check_inside(
@@ -203,7 +220,27 @@ class PromptAdapter:
     predictor: Any
     _memo: EmbeddingMemo
 
-    def run(self, ctx: RunContext) -> list[Detection]:
+    def _encoder_owner(self) -> torch.nn.Module:
+        """The model whose ``image_encoder`` the predictor calls."""
+        raise NotImplementedError
+
+    def _encoder_input_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def accelerate(self, accelerator: Accelerator, spec: LoadSpec) -> None:
+        """Put ``accelerator``'s fast image encoder in front of the eager one."""
+        owner = self._encoder_owner()
+        owner.image_encoder = accelerator.wrap(
+            owner.image_encoder, model_type=spec.model_type,
+            weights_sha=weights_identity(spec.checkpoint, spec.sha256), input_shape=self._encoder_input_shape(),
+        )
+
+    @property
+    def encoder_path(self) -> str:
+        """What encoded the last image: ``eager``, or the accelerated path's name."""
+        return encoder_path(self._encoder_owner().image_encoder)
+
+    def run(self, ctx: RunContext) -> Iterable[Detection]:
         mode = ctx.sidecar.mode
         if mode == "video":
             return self._track(ctx)
@@ -269,7 +306,15 @@ def mask_at(prompt_masks: list[np.ndarray | None], index: int) -> np.ndarray | N
     return None if mask is None else mask[None].astype(np.float32)
 
 
-def prompt_batches(prompts: list[Prompt], prompt_masks: list[np.ndarray | None], size: int) -> Iterator[PromptBatch]:
+#: Full-resolution mask pixels one prompt batch may decode at once. The decoders upsample
+#: to float32 at the image's size, so on a huge image a GPU-sized batch would need gigabytes
+#: (32 prompts x 3 masks x 8192² x 4 bytes = 24 GiB); batches shrink to fit instead.
+MASK_PIXEL_BUDGET = 1 << 27
+
+
+def prompt_batches(
+    prompts: list[Prompt], prompt_masks: list[np.ndarray | None], size: int
+) -> Iterator[PromptBatch]:
     """Runs of consecutive prompts of one shape (a batch tensor needs equal shapes)."""
 
     def shape(index: int, prompt: Prompt) -> tuple[int, bool, bool]:
@@ -285,21 +330,37 @@ def prompt_batches(prompts: list[Prompt], prompt_masks: list[np.ndarray | None],
         yield batch
 
 
-def decode_prompts(ctx: RunContext, decode_batch: DecodeBatch) -> list[Detection]:
+def batch_size_for(requested: int, image_hw: tuple[int, int], masks_per_prompt: int) -> int:
+    """``requested``, or fewer so that one batch's masks fit ``MASK_PIXEL_BUDGET``."""
+    per_prompt = image_hw[0] * image_hw[1] * masks_per_prompt
+    return max(1, min(requested, MASK_PIXEL_BUDGET // max(1, per_prompt)))
+
+
+def decode_prompts(ctx: RunContext, decode_batch: DecodeBatch) -> Iterator[Detection]:
     """Every prompt against the image already set, in runs of equal shape of up to
-    ``ctx.prompt_batch_size``, with the sidecar's mask choice applied; family-independent."""
+    ``ctx.prompt_batch_size``, with the sidecar's mask choice applied; family-independent.
+
+    Lazy: each detection (its mask cropped to the object) is handed on before the next batch
+    is decoded, so a job's memory does not grow with its number of prompts.
+    """
     prompts = ctx.sidecar.prompts
     choice = ctx.sidecar.mask_choice
-    detections: list[Detection] = []
+    size = batch_size_for(ctx.prompt_batch_size, ctx.image.shape[:2], 1 if choice == "single" else 3)
     done = 0
-    for batch in prompt_batches(prompts, ctx.prompt_masks, ctx.prompt_batch_size):
-        masks, scores = decode_batch(batch, choice != "single", ctx.prompt_masks)
-        for (index, prompt), prompt_masks, prompt_scores in zip(batch, masks, scores):
-            for mask_idx, mask, score in select_masks(prompt_masks, prompt_scores, choice):
-                detections.append(
-                    Detection(mask=mask, score=score, prompt_idx=index, mask_idx=mask_idx,
-                              label=prompt.label, color=prompt.color)
-                )
+    for batch in prompt_batches(prompts, ctx.prompt_masks, size):
+        yield from _cropped_detections(batch, decode_batch(batch, choice != "single", ctx.prompt_masks), choice)
         done += len(batch)
         ctx.progress("decoding prompts", done / len(prompts))
-    return detections
+
+
+def _cropped_detections(
+    batch: PromptBatch, decoded: tuple[np.ndarray, np.ndarray], choice: str
+) -> list[Detection]:
+    """One batch's detections, cropped; the full-frame batch arrays are freed on return."""
+    masks, scores = decoded
+    return [
+        Detection(mask=mask, score=score, prompt_idx=index, mask_idx=mask_idx,
+                  label=prompt.label, color=prompt.color).cropped()
+        for (index, prompt), prompt_masks, prompt_scores in zip(batch, masks, scores)
+        for mask_idx, mask, score in select_masks(prompt_masks, prompt_scores, choice)
+    ]

@@ -6,6 +6,7 @@ import gc
 import importlib
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,14 +14,15 @@ from loguru import logger
 
 from samwatch.config import ModelSettings
 from samwatch.errors import JobError
+from samwatch.models.accel import Accelerator
 from samwatch.models.base import LoadSpec, ModelAdapter
-from samwatch.modeltypes import FAMILY_OF
+from samwatch.families import FAMILY_OF
 
 
 def adapter_class(model_type: str) -> type:
-    family = FAMILY_OF[model_type]
+    """The adapter class serving ``model_type``: its family's module, imported on first use."""
     try:
-        module = importlib.import_module(f"samwatch.models.{family}")
+        module = importlib.import_module(f"samwatch.models.{FAMILY_OF[model_type].module}")
     except ImportError as exc:
         raise JobError(
             "model_not_installed",
@@ -31,9 +33,11 @@ def adapter_class(model_type: str) -> type:
 
 
 class ModelPool:
-    def __init__(self, device: torch.device, settings: ModelSettings) -> None:
+    def __init__(self, device: torch.device, settings: ModelSettings, *, cache_dir: Path | None = None) -> None:
+        """``cache_dir`` keeps exported encoders; without one, encoders that need an export stay eager."""
         self.device = device
         self.settings = settings
+        self.accelerator = Accelerator(settings.accelerate.steps_for(device.type), device, cache_dir)
         self._loaded: OrderedDict[tuple[str, str, str], ModelAdapter] = OrderedDict()
 
     @staticmethod
@@ -48,8 +52,12 @@ class ModelPool:
         adapter = adapter_class(spec.model_type)()
         started = time.perf_counter()
         adapter.setup(spec, self.device, embedding_cache=self.settings.embedding_cache)
+        accelerate = getattr(adapter, "accelerate", None)  # families with a swappable image encoder
+        if accelerate is not None:
+            accelerate(self.accelerator, spec)
         logger.info(
             f"model loaded type={spec.model_type} weights={spec.weights_name} device={self.device} "
+            f"encoder={getattr(adapter, 'encoder_path', 'eager')} "
             f"params_mb={adapter.parameter_bytes() / 1e6:.0f} seconds={time.perf_counter() - started:.1f}"
         )
         self._loaded[key] = adapter

@@ -27,15 +27,14 @@ from samwatch.models.base import (
     parameter_bytes,
 )
 from samwatch.models.weights_io import load_checkpoint
+from samwatch.families import FAMILY_OF
 
-MODES = frozenset({"prompts", "automask"})
-_PACKAGE = {"vit_t": "mobile_sam", "vit_b": "segment_anything", "vit_l": "segment_anything", "vit_h": "segment_anything"}
 _EMBEDDING_ATTRS = ("features", "original_size", "input_size")
 
 
 def build_predictor(model_type: str, state: dict[str, Any] | None, spec: LoadSpec | None = None) -> Any:
     """A ``SamPredictor`` for ``model_type`` with ``state`` loaded (None: random weights)."""
-    package_name = _PACKAGE[model_type]
+    package_name = FAMILY_OF[model_type].package
     try:
         package = importlib.import_module(package_name)
     except ImportError:
@@ -54,8 +53,6 @@ def build_predictor(model_type: str, state: dict[str, Any] | None, spec: LoadSpe
 class Adapter(PromptAdapter):
     """segment-anything / MobileSAM behind the samwatch adapter protocol."""
 
-    modes = MODES
-
     def __init__(self) -> None:
         self.predictor: Any = None
         self.device = torch.device("cpu")
@@ -70,6 +67,13 @@ class Adapter(PromptAdapter):
 
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.predictor.model)
+
+    def _encoder_owner(self) -> torch.nn.Module:
+        return self.predictor.model
+
+    def _encoder_input_shape(self) -> tuple[int, ...]:
+        size = self.predictor.model.image_encoder.img_size
+        return (1, 3, size, size)
 
     def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
         from samwatch.models.automask import generate_sam1

@@ -36,7 +36,6 @@ from samwatch.models.base import (
 )
 from samwatch.models.weights_io import load_checkpoint
 
-MODES = frozenset({"prompts", "automask", "video"})
 _SIZES = {"sam2_t": "t", "sam2_s": "s", "sam2_bp": "b+", "sam2_l": "l"}
 _EMBEDDING_ATTRS = ("_features", "_orig_hw")
 
@@ -81,8 +80,6 @@ def build_model(spec: LoadSpec, state: dict[str, Any]) -> tuple[torch.nn.Module,
 class Adapter(PromptAdapter):
     """sam2's image predictor behind the samwatch adapter protocol."""
 
-    modes = MODES
-
     def __init__(self) -> None:
         self.model: Any = None
         self.predictor: Any = None
@@ -100,6 +97,12 @@ class Adapter(PromptAdapter):
 
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.model)
+
+    def _encoder_owner(self) -> torch.nn.Module:
+        return self.model
+
+    def _encoder_input_shape(self) -> tuple[int, ...]:
+        return (1, 3, self.model.image_size, self.model.image_size)
 
     def _track(self, ctx: RunContext) -> list[Detection]:
         from samwatch.models.sam2_video import track

@@ -50,7 +50,6 @@ from samwatch.models.sam3_device import empty_safe_connected_components, on_devi
 from samwatch.models.weights_io import load_checkpoint
 from samwatch.sidecar import Box, VideoObject, VideoSpec
 
-MODES = frozenset({"text", "video"})
 BPE_PATH = Path(__file__).resolve().parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 DETECTOR = "detector."
 # Parts of the official checkpoint that only the video model has: its tracker, and the neck
@@ -156,8 +155,6 @@ class _AssigningModule:
 
 class Adapter:
     """SAM3 behind the samwatch adapter protocol."""
-
-    modes = MODES
 
     def __init__(self) -> None:
         self.model: torch.nn.Module | None = None

@@ -48,7 +48,7 @@ def open_slide(path: Path, *, limits: MediaLimits, channels: ChannelRule) -> Sli
     if suffix in FOREIGN_SLIDE_SUFFIXES:
         raise JobError(
             "slide_format_unsupported",
-            f"'{path.name}' is a {FOREIGN_SLIDE_SUFFIXES[suffix]} file, which samwatch cannot read; "
+            f"'{path.name}' is in {FOREIGN_SLIDE_SUFFIXES[suffix]} format, which samwatch cannot read; "
             "convert it to OME-TIFF (QuPath: File > Export images > OME TIFF, or bfconvert) and drop "
             "that instead.", file=str(path))
     if suffix in OPENSLIDE_SUFFIXES:

@@ -16,6 +16,7 @@ import numpy as np
 from samwatch.errors import JobError
 from samwatch.pixels import ChannelRule
 from samwatch.slides.base import Level, SlideReader
+from samwatch.slides.tiff import check_tiff_complete
 
 if TYPE_CHECKING:
     from samwatch.media import MediaLimits
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 #: Suffixes read through OpenSlide (``.tif`` files go to tifffile, even Aperio or Ventana ones).
 OPENSLIDE_SUFFIXES: frozenset[str] = frozenset(
     {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi"})
+# Those that are TIFF files, checked for truncation first: OpenSlide only says it cannot
+# recognise a cut-short file.
+_TIFF_BASED = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide"})
 
 
 def _openslide():  # noqa: ANN202 - the module, imported only when a slide needs it
@@ -46,6 +50,12 @@ class OpenSlideReader(SlideReader):
         if not self.path.exists():
             raise JobError("image_not_found", f"'{self.path.name}' does not exist; check the name, or "
                            "wait until it has been copied in.", file=str(self.path))
+        if self.path.suffix.lower() in _TIFF_BASED:
+            check_tiff_complete(self.path)
+        companion = self.path.with_suffix("")
+        if self.path.suffix.lower() == ".mrxs" and not companion.is_dir():
+            raise JobError("image_unreadable", f"'{self.path.name}' is a MIRAX slide without its data folder "
+                           f"'{companion.name}/' next to it; copy that folder too.", file=str(self.path))
         try:
             vendor = openslide.OpenSlide.detect_format(str(self.path))
         except openslide.OpenSlideError as exc:

@@ -1,0 +1,130 @@
+"""``load_job_sidecar``: the one way a job's sidecar is read, for every part of samwatch.
+
+Discovery (which image a sidecar names), priority, the job runner and ``samwatch check`` all
+call it, so they cannot disagree about what a sidecar means. Its steps, in order:
+
+1. ``_read``: open one file (size cap, YAML/JSON parse). Checks of the file itself and of its
+   place in the inbox (where a link leads, its name, a sibling sidecar of the same stem)
+   belong here: they then hold for the sidecar and its folder defaults alike.
+2. The nearest folder defaults fill the keys the sidecar leaves unset.
+3. ``validate_sidecar``: the pydantic schema, native and samapi forms (a samapi null means
+   absent). Checks of raw values before the schema (numbers, strings) belong in the schema.
+4. ``_resolve_weights``: the weights name, with samapi's ``checkpoint_url``.
+5. ``_check_mode``: the model's family can do what the sidecar asks (families table).
+
+Steps 4 and 5 are problems of a valid sidecar: ``samwatch check`` collects them (``problems``)
+instead of stopping at the first, and goes on to the image and prompt checks.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samwatch.config import Config
+from samwatch.discovery import is_folder_defaults, split_name
+from samwatch.errors import JobError
+from samwatch.families import MODEL_TYPES, mode_advice, modes_of
+from samwatch.sidecar import (
+    FOLDER_DEFAULTS_STEM,
+    SIDECAR_SUFFIXES,
+    Sidecar,
+    merge_folder_defaults,
+    read_sidecar_data,
+    validate_sidecar,
+)
+from samwatch.weights.entries import entries_with_defaults
+
+
+@dataclass(frozen=True)
+class JobSidecar:
+    """A job's sidecar, read, merged with its folder defaults and validated."""
+
+    rel: str  # inbox-relative: the job's own sidecar, or the folder defaults file of a defaults-only job
+    defaults_rel: str | None  # the folder defaults merged in
+    sidecar: Sidecar
+    model_type: str
+    weights_name: str
+    priority: int
+
+
+def load_job_sidecar(
+    config: Config, rel: str, *, inbox: Path | None = None, problems: list[JobError] | None = None
+) -> JobSidecar:
+    """The sidecar ``rel`` (relative to ``inbox``, default the config's) as its job sees it.
+
+    Raises the JobError a job would fail with. With ``problems`` given, problems of a valid
+    sidecar (weights, mode) are appended there instead, so all of them can be reported.
+    """
+    inbox = config.inbox if inbox is None else inbox
+    data = _read(inbox, rel, config)
+    defaults_rel = None
+    if not is_folder_defaults(rel):
+        defaults_rel = nearest_defaults_rel(inbox, split_name(rel)[0])
+        if defaults_rel is not None:
+            data = merge_folder_defaults(data, _read(inbox, defaults_rel, config))
+    checkpoint_url = data.pop("checkpoint_url", None)
+    sidecar = validate_sidecar(data, name=rel)
+    model_type = sidecar.model or config.defaults.model
+    found: list[JobError] = []
+    weights_name = _resolve_weights(config, sidecar, model_type, checkpoint_url, rel, found)
+    found.extend(_check_mode(sidecar, model_type, rel))
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise found[0]
+    priority = sidecar.priority if sidecar.priority is not None else config.defaults.priority
+    return JobSidecar(rel, defaults_rel, sidecar, model_type, weights_name, priority)
+
+
+def nearest_defaults_rel(inbox: Path, folder: str) -> str | None:
+    """The folder defaults file for ``folder``: its own or the nearest above it in the inbox."""
+    current = folder
+    while True:
+        for suffix in SIDECAR_SUFFIXES:
+            rel = posixpath.join(current, f"{FOLDER_DEFAULTS_STEM}{suffix}") if current else f"{FOLDER_DEFAULTS_STEM}{suffix}"
+            if (inbox / rel).is_file():
+                return rel
+        if not current:
+            return None
+        current = posixpath.dirname(current)
+
+
+def _read(inbox: Path, rel: str, config: Config) -> dict[str, Any]:
+    return read_sidecar_data(inbox / rel, max_bytes=config.limits.max_sidecar_bytes, name=rel)
+
+
+def _resolve_weights(
+    config: Config, sidecar: Sidecar, model_type: str, checkpoint_url: Any, rel: str, problems: list[JobError]
+) -> str:
+    """The registry name the job uses; samapi's ``checkpoint_url`` may only pick a registered one."""
+    name = sidecar.weights or config.defaults.weights
+    if checkpoint_url is None:
+        return name
+    entries = entries_with_defaults(config.weights)
+    matches = [entry.name for (t, _), entry in entries.items() if t == model_type and entry.url == checkpoint_url]
+    if sidecar.weights is not None and sidecar.weights in matches:
+        return sidecar.weights
+    if sidecar.weights is None and matches:
+        return "default" if "default" in matches else matches[0]
+    problems.append(JobError(
+        "checkpoint_url_refused",
+        f"checkpoint_url {str(checkpoint_url)[:200]!r} is not a registered {model_type} weights URL, and a "
+        f"sidecar never makes samwatch fetch a URL. Register it (samwatch weights add NAME {model_type} URL) "
+        "and it is selected by its URL, or put 'weights: NAME' in the sidecar.",
+        file=rel, field="checkpoint_url",
+    ))
+    return name
+
+
+def _check_mode(sidecar: Sidecar, model_type: str, rel: str) -> list[JobError]:
+    if model_type not in MODEL_TYPES or sidecar.mode in modes_of(model_type):
+        return []
+    return [JobError(
+        "sidecar_invalid",
+        f"Model {model_type} cannot do {sidecar.mode} jobs (it does: {', '.join(sorted(modes_of(model_type)))}); "
+        + mode_advice(sidecar.mode),
+        file=rel, field="model",
+    )]

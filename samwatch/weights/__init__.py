@@ -1,0 +1,1 @@
+"""Model weights: the registry of entries, and getting their files onto disk, verified."""

@@ -1,0 +1,230 @@
+"""Accelerated image encoders against eager fp32: embeddings, masks, fallback, provenance.
+
+Random weights give logits within ±0.05 of 0, where any rounding flips pixels; the mask
+decoder's hypernetwork output layers are scaled ×200 here so |logits| ≫ 0 away from real
+boundaries (the masks are then as well-conditioned as trained ones), and IoU is meaningful.
+The ONNX export is made once per session into one cache folder, as the daemon's state_dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from loguru import logger
+from PIL import Image
+
+from samwatch.config import Config, ModelSettings
+from samwatch.geometry import iou
+from samwatch.jobs import JobRunner, JobTicket, Progress
+from samwatch.models.accel import Accelerator, onnx_runtime, torch_paths
+from samwatch.models.base import LoadSpec, RunContext
+from samwatch.models.pool import ModelPool
+from samwatch.weights.registry import WeightsRegistry
+from samwatch.models.sam1 import build_predictor
+from samwatch.outbox import JobOutputs
+from samwatch.sidecar import validate_sidecar
+from support import coins
+
+BOXES = [[40, 40, 120, 110], [150, 50, 260, 160], [250, 180, 360, 290], [10, 150, 140, 290], [200, 20, 380, 140]]
+HYPERNETWORK_GAIN = 200.0
+
+
+def condition(model: torch.nn.Module) -> None:
+    """Scale the hypernetwork's last layers so mask logits lie far from the 0 threshold."""
+    with torch.no_grad():
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(HYPERNETWORK_GAIN)
+            mlp.layers[-1].bias.mul_(HYPERNETWORK_GAIN)
+
+
+@pytest.fixture(scope="session")
+def conditioned_vit_t(tmp_path_factory: pytest.TempPathFactory, vit_t_checkpoint: Path) -> Path:
+    predictor = build_predictor("vit_t", torch.load(vit_t_checkpoint, weights_only=True),
+                                LoadSpec("vit_t", vit_t_checkpoint, "random"))
+    condition(predictor.model)
+    path = tmp_path_factory.mktemp("weights") / "vit_t_conditioned.pt"
+    torch.save(predictor.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state") / "encoders"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _adapter(checkpoint: Path, steps: tuple[str, ...], cache: Path | None):
+    pool = ModelPool(torch.device("cpu"), ModelSettings(accelerate={"cpu": steps}), cache_dir=cache)
+    # The registry's sha256, so that jobs below find this session's export in the cache.
+    return pool.get(LoadSpec("vit_t", checkpoint, "default", sha256=_sha256(checkpoint)))
+
+
+def _masks(adapter, image: np.ndarray) -> list[np.ndarray]:
+    sidecar = validate_sidecar({"model": "vit_t", "prompts": [{"bbox": b} for b in BOXES]}, name="x")
+    return [d.mask for d in adapter.run(RunContext(sidecar=sidecar, image=image, image_key=f"{id(adapter)}"))]
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return np.repeat(coins()[..., None], 3, axis=2)
+
+
+@pytest.fixture(scope="module")
+def eager(conditioned_vit_t: Path, rgb: np.ndarray) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Eager fp32's masks and embedding: the reference every fast path must meet."""
+    adapter = _adapter(conditioned_vit_t, (), None)
+    assert adapter.encoder_path == "eager"
+    return _masks(adapter, rgb), adapter.predictor.features
+
+
+def _assert_equivalent(eager, fast, image: np.ndarray) -> None:
+    expected, embedding_eager = eager
+    got, embedding_fast = _masks(fast, image), fast.predictor.features
+    scale = embedding_eager.abs().max().item()
+    assert (embedding_fast - embedding_eager).abs().max().item() <= 1e-4 * scale
+    assert len(got) == len(expected) == len(BOXES)
+    for a, b in zip(expected, got):
+        assert a.mean() > 0.01  # well-conditioned: real masks, not empty ones
+        assert iou(a, b) >= 0.98
+
+
+def test_onnxruntime_encoder_matches_eager(eager, conditioned_vit_t: Path, encoder_cache: Path, rgb: np.ndarray) -> None:
+    fast = _adapter(conditioned_vit_t, ("onnxruntime",), encoder_cache)
+    _assert_equivalent(eager, fast, rgb)
+    assert fast.encoder_path == "onnxruntime"
+    assert [p.name for p in encoder_cache.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_sdpa_encoder_matches_eager(eager, conditioned_vit_t: Path, rgb: np.ndarray) -> None:
+    fast = _adapter(conditioned_vit_t, ("sdpa",), None)
+    _assert_equivalent(eager, fast, rgb)
+    assert fast.encoder_path == "sdpa"
+
+
+def test_sdpa_matches_sam_vit_attention_with_relative_positions() -> None:
+    """SAM ViT-B/L/H attention (decomposed relative positions) as SDPA: the same function."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(64, num_heads=4, use_rel_pos=True, input_size=(14, 14)).eval()
+    with torch.no_grad():
+        attention.rel_pos_h.normal_()
+        attention.rel_pos_w.normal_()
+        x = torch.randn(2, 14, 14, 64)
+        expected = attention(x)
+        torch_paths.use_sdpa(attention)
+        got = attention(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_onnxruntime_sam2_encoder_matches_eager(sam2_t_checkpoint: Path, tmp_path: Path) -> None:
+    """SAM2's encoder returns a dict of lists (features, positions, FPN levels): all rebuilt."""
+    from samwatch.models.sam2 import Adapter
+
+    adapter = Adapter()
+    spec = LoadSpec("sam2_t", sam2_t_checkpoint, "default", sha256=_sha256(sam2_t_checkpoint))
+    adapter.setup(spec, torch.device("cpu"))
+    eager_encoder = adapter.model.image_encoder
+    adapter.accelerate(Accelerator(("onnxruntime",), torch.device("cpu"), tmp_path), spec)
+    image = torch.randn(1, 3, 1024, 1024)
+    with torch.inference_mode():
+        expected, got = eager_encoder(image), adapter.model.image_encoder(image)
+    assert adapter.encoder_path == "onnxruntime"
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+
+
+def _job(tmp_path: Path, checkpoint: Path, cache: Path) -> tuple[dict, list[str]]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    Image.fromarray(coins()).save(inbox / "c.png")
+    (inbox / "c.yaml").write_text(yaml.safe_dump({"model": "vit_t", "prompts": [{"bbox": b} for b in BOXES]}))
+    config = Config(inbox=inbox, outbox=tmp_path / "outbox", state_dir=tmp_path / "state",
+                    weights=[{"name": "default", "type": "vit_t", "path": str(checkpoint)}])
+    pool = ModelPool(torch.device("cpu"), config.models, cache_dir=cache)
+    runner = JobRunner(config, WeightsRegistry(config.weights, config.state_dir), pool, prompt_batch_size=1)
+    warnings: list[str] = []
+    sink = logger.add(lambda message: warnings.append(str(message)), level="WARNING")
+    try:
+        outputs = JobOutputs(config.outbox, "c")
+        outcome = runner.run(JobTicket("c", "c.yaml", "c.png", "sha", "v1"), Progress(outputs, threading.Event()))
+    finally:
+        logger.remove(sink)
+    assert outcome.state == "done", outcome.error
+    return json.loads(outputs.result.read_text()), warnings
+
+
+def test_result_names_the_encoder_path(tmp_path: Path, conditioned_vit_t: Path, encoder_cache: Path) -> None:
+    result, warnings = _job(tmp_path, conditioned_vit_t, encoder_cache)  # the default: onnxruntime on CPU
+    assert result["samwatch"]["image_encoder"] == "onnxruntime"
+    assert len(result["features"]) == len(BOXES)
+    assert warnings == []
+
+
+def test_a_broken_export_falls_back_to_eager_with_one_warning(tmp_path: Path, conditioned_vit_t: Path) -> None:
+    cache = tmp_path / "encoders"
+    key = onnx_runtime.cache_key("vit_t", _sha256(conditioned_vit_t), (1, 3, 1024, 1024))
+    (cache / key).mkdir(parents=True)
+    (cache / key / onnx_runtime.MODEL_FILE).write_bytes(b"not an onnx model")
+    (cache / key / onnx_runtime.LAYOUT_FILE).write_text(json.dumps({"layout": "broken"}))
+    result, warnings = _job(tmp_path, conditioned_vit_t, cache)
+    assert result["samwatch"]["image_encoder"] == "eager"
+    assert len(result["features"]) == len(BOXES)
+    assert len(warnings) == 1 and "onnxruntime" in warnings[0] and "eager" in warnings[0]
+
+
+def test_a_failing_fast_path_falls_back_on_the_call(rgb: np.ndarray, conditioned_vit_t: Path, eager) -> None:
+    """A runtime error on an image (say a missing GPU kernel) is answered by eager, for good."""
+    fast = _adapter(conditioned_vit_t, ("sdpa",), None)
+    encoder = fast.predictor.model.image_encoder
+
+    def broken(image: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("kernel unavailable")
+
+    encoder._fast = broken
+    _assert_equivalent(eager, fast, rgb)
+    assert fast.encoder_path == "eager" and "kernel unavailable" in encoder.failure
+
+
+def test_without_a_cache_folder_onnxruntime_stays_eager() -> None:
+    encoder = torch.nn.Conv2d(3, 4, 3)
+    wrapped = Accelerator(("onnxruntime",), torch.device("cpu"), None).wrap(
+        encoder, model_type="vit_t", weights_sha="ab" * 32, input_shape=(1, 3, 8, 8))
+    assert wrapped.path == "eager" and "state folder" in wrapped.failure
+
+
+def test_accelerate_settings_are_checked() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="onnxruntime"):
+        ModelSettings(accelerate={"cuda": ["onnxruntime"]})
+    with pytest.raises(ValidationError, match="bf16 and fp16"):
+        ModelSettings(accelerate={"cuda": ["bf16", "fp16"]})
+    assert ModelSettings().accelerate.steps_for("cpu") == ("onnxruntime",)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("steps", [("sdpa", "bf16"), ("sdpa", "fp16"), ("sdpa", "bf16", "compile")])
+def test_gpu_paths_match_eager(steps: tuple[str, ...], conditioned_vit_t: Path, rgb: np.ndarray) -> None:
+    spec = LoadSpec("vit_t", conditioned_vit_t, "default", sha256=_sha256(conditioned_vit_t))
+    eager_gpu = ModelPool(torch.device("cuda"), ModelSettings(accelerate={"cuda": []})).get(spec)
+    fast = ModelPool(torch.device("cuda"), ModelSettings(accelerate={"cuda": steps})).get(spec)
+    expected, got = _masks(eager_gpu, rgb), _masks(fast, rgb)
+    assert fast.encoder_path == "+".join(steps)
+    for a, b in zip(expected, got):
+        assert iou(a, b) >= 0.98
