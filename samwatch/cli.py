@@ -32,14 +32,18 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from samwatch.daemon import Daemon
+    from samwatch.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
 
     config = _load(args)
     setup_logging(config.log_level)
     try:
-        daemon = Daemon(config, config_path=args.config, threaded=not args.once)
+        daemon = Daemon.from_config(config, config_path=args.config, threaded=not args.once)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
+        return 2
+    except LedgerUnreadable as exc:
+        print(f"samwatch: {exc}", file=sys.stderr)
         return 2
     daemon.install_signal_handlers()
     if args.once:
@@ -84,14 +88,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     updated = datetime.fromisoformat(status["updated"])
     age = (datetime.now(timezone.utc) - updated).total_seconds()
-    stale = age > 3 * float(status.get("heartbeat_seconds", 5)) + 5
+    stopped = status["state"] == "stopped"  # a clean stop is not a hang
+    stale = not stopped and age > 3 * float(status.get("heartbeat_seconds", 5)) + 5
     if args.json:
         print(json.dumps({**status, "age_seconds": round(age, 1), "stale": stale}, indent=2))
-        return 1 if stale else 0
+        return 1 if stale or stopped else 0
     from samwatch.status_view import print_status
 
     print_status(status, age, stale, _other_instances(path.parent / "instances", status.get("instance")))
-    return 1 if stale else 0
+    return 1 if stale or stopped else 0
 
 
 def _other_instances(folder: Path, own: str | None) -> list[dict]:

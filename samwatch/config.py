@@ -194,7 +194,11 @@ class Config(StrictModel):
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
     state_dir: Path = Path(".samwatch")
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.")
+    device: str | list[str] = Field(
+        "auto",
+        description="auto (every visible GPU, else mps, else cpu), cuda, cuda:N, mps or cpu; or a list, "
+        "one job slot per entry ([cuda:0, cuda:1]; [cpu, cpu] runs two CPU jobs at once).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     watch: WatchSettings = WatchSettings()
     defaults: DefaultSettings = DefaultSettings()
@@ -209,9 +213,13 @@ class Config(StrictModel):
 
     @field_validator("device")
     @classmethod
-    def _check_device(cls, value: str) -> str:
-        if not _DEVICE_RE.match(value):
-            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+    def _check_device(cls, value: str | list[str]) -> str | list[str]:
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ValueError("a device list needs at least one entry")
+        for item in items:
+            if not _DEVICE_RE.match(item) or (isinstance(value, list) and item == "auto"):
+                raise ValueError(f"{item!r}: must be auto, cpu, mps, cuda or cuda:N (a list names devices, not auto)")
         return value
 
     @field_validator("weights")

@@ -20,6 +20,7 @@ ERROR_CODES: dict[str, str] = {
     "image_unreadable": "the image file is empty, truncated or not an image",
     "image_too_large": "the image exceeds limits.max_image_pixels (decompression-bomb guard)",
     "unsupported_format": "the file type is not one samwatch reads",
+    "image_shape_unsupported": "the image's shape is one the model cannot take (far too thin for SAM's input)",
     "slide_too_large": "the slide exceeds limits.max_slide_pixels",
     "slide_format_unsupported": "the slide's vendor format or layout is not one samwatch reads",
     "slide_truncated": "the slide file is cut short: part of its pyramid lies past its end",

@@ -10,13 +10,12 @@ from __future__ import annotations
 import platform
 import shutil
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from loguru import logger
@@ -30,7 +29,6 @@ from samwatch.media import ChannelRule, Media, MediaLimits, probe
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
-from samwatch.outbox import JobOutputs
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
 from samwatch.job_sidecar import load_job_sidecar
@@ -69,14 +67,31 @@ class Outcome:
     waiting_for: tuple[str, str] | None = None
     seconds: float = 0.0
     summary: str = ""
+    #: the GeoJSON FeatureCollection of a done job: the daemon writes it, after checking
+    #: that this run is still the one the ledger expects (a late duplicate is dropped)
+    result: dict[str, Any] | None = None
+    #: files written with the result (outbox suffix -> bytes): preview, label image, table
+    extras: dict[str, bytes] = field(default_factory=dict)
+
+
+class ProgressSink(Protocol):
+    def running(self, stage: str, percent: float, message: str = "") -> None: ...
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
 
 
 @dataclass
 class Progress:
-    """The running job's progress: written to its progress file, read by the heartbeat."""
+    """The running job's progress, reported to ``sink`` (throttled); checks the cancel flag.
 
-    outputs: JobOutputs
-    cancel: threading.Event
+    The sink is a message channel back to the daemon (an executor's queue) or, in tests, a
+    job's ``JobOutputs``; the flag is a ``threading.Event`` or a cluster-wide one.
+    """
+
+    sink: ProgressSink
+    cancel: CancelFlag
     clock: Callable[[], float] = time.monotonic
     min_interval: float = 0.5
     stage: str = "reading"
@@ -87,14 +102,18 @@ class Progress:
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if self.cancel.is_set():
             raise JobCancelled("The job was cancelled: its sidecar was removed or the daemon is stopping.")
-        low, high = STAGE_SPANS.get(stage, (20, 95))
-        percent = low + (high - low) * max(0.0, min(1.0, fraction))
+        percent = stage_percent(stage if stage in STAGE_SPANS else "automask", fraction)
         now = self.clock()
         self.last_change = now
         if stage != self.stage or now - self._last_write >= self.min_interval or fraction >= 1.0:
-            self.outputs.write_progress("running", stage, percent, message)
+            self.sink.running(stage, percent, message)
             self._last_write = now
         self.stage, self.percent = stage, percent
+
+
+def stage_percent(stage: str, fraction: float) -> float:
+    low, high = STAGE_SPANS[stage]
+    return low + (high - low) * max(0.0, min(1.0, fraction))
 
 
 class JobRunner:
@@ -155,10 +174,6 @@ class JobRunner:
         if not isinstance(spec, LoadSpec):
             if spec.error is not None:
                 raise spec.error
-            progress.outputs.write_progress(
-                "queued", "waiting for weights", 5,
-                f"downloading weights {weights_name} for {model_type}: {spec.percent:.0f}%",
-            )
             return Outcome("waiting", waiting_for=(model_type, weights_name))
 
         progress("loading model", 0.0)
@@ -181,18 +196,20 @@ class JobRunner:
             features, media, sidecar, OutputPlan.resolve(self.config.output, sidecar.output),
             frame_axis=_frame_axes(sidecar, media)[-1],
         )
-        progress.outputs.write_result(feature_collection(features, meta), extras)
         summary = (
             f"job {ticket.job_id} done model={model_type} weights={weights_name} size={media.width}x{media.height}"
             f"{'x' + str(media.n_frames) if media.n_frames > 1 else ''} features={len(features)} "
             f"seconds={timings['total']:.2f}"
         )
-        return Outcome("done", features=len(features), summary=summary)
+        return Outcome("done", features=len(features), summary=summary, result=feature_collection(features, meta),
+                       extras=extras)
 
     def _infer(
         self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
     ) -> Iterator[Detection]:
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
+        # The model is loaded: say what runs now, even if the adapter's first report comes late.
+        progress("frames" if sidecar.mode != "video" and media.n_frames > 1 else _OPENING_STAGE[sidecar.mode], 0.0)
         if sidecar.mode == "video":
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
@@ -287,6 +304,9 @@ class JobRunner:
             "python": platform.python_version(),
             "torch": torch.__version__,
         }
+
+
+_OPENING_STAGE = {"prompts": "encoding image", "text": "encoding image", "automask": "automask", "video": "tracking"}
 
 
 def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidecar) -> Media:

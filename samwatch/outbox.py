@@ -13,8 +13,9 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
@@ -25,8 +26,6 @@ PREVIEW_SUFFIX = ".preview.png"
 LABELS_SUFFIX = ".labels.tif"
 LABELS_CSV_SUFFIX = ".labels.csv"
 EXTRA_SUFFIXES = (PREVIEW_SUFFIX, LABELS_SUFFIX, LABELS_CSV_SUFFIX)
-#: Writes one file's content to an open, seekable binary handle.
-Writer = Callable[[BinaryIO], None]
 
 
 def _process_umask() -> int:
@@ -59,8 +58,8 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def stage_file(path: Path, write: Writer, *, durable: bool = True, mode: int | None = None) -> Path:
-    """Write a hidden temporary beside ``path`` (fsync'd if durable); the caller renames it.
+def stage_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> Path:
+    """``data`` in a hidden temporary beside ``path`` (fsync'd if durable); the caller renames it.
 
     ``mode`` defaults to what a plain ``open`` would give (0666 less the umask): mkstemp's 0600
     would hide results from the people on the share.
@@ -69,9 +68,8 @@ def stage_file(path: Path, write: Writer, *, durable: bool = True, mode: int | N
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _NEW_FILE_MODE if mode is None else mode)
-        os.close(fd)  # reopened by name: writers such as tifffile want a handle with a file name
-        with open(tmp_name, "r+b") as handle:
-            write(handle)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
@@ -94,7 +92,7 @@ def atomic_write_bytes(
     ``check`` is called on the written temporary before the rename; if it raises, ``path``
     is untouched.
     """
-    tmp = stage_file(path, lambda handle: handle.write(data), durable=durable, mode=mode)
+    tmp = stage_bytes(path, data, durable=durable, mode=mode)
     try:
         if check is not None:
             check(tmp)
@@ -125,9 +123,27 @@ def sweep_temporaries(root: Path) -> int:
     return removed
 
 
+class ProgressState(str, Enum):
+    """The ``state`` of a progress file (CONTRACT.md): only ``JobOutputs`` writes them."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({ProgressState.DONE, ProgressState.FAILED, ProgressState.CANCELLED})
+
+
 @dataclass(frozen=True)
 class JobOutputs:
-    """The outbox files of one job, mirroring its inbox path (``exp1/img001.cells``)."""
+    """The outbox files of one job, mirroring its inbox path (``exp1/img001.cells``).
+
+    The one writer of a job's file states: each method is one state a person can see, so no
+    state string is spelled anywhere else. A final state and its result or error file are
+    written together, result first, so a reader who sees ``done`` finds the result.
+    """
 
     outbox: Path
     stem: str  # relative path without suffix, e.g. "exp1/img001.cells"
@@ -147,34 +163,42 @@ class JobOutputs:
     def error(self) -> Path:
         return self._path(".error.json")
 
-    def write_progress(self, state: str, stage: str, percent: float, message: str = "", **extra: Any) -> None:
-        # Progress is advisory and frequent: atomic, but not fsync'd each time.
-        payload = {
-            "state": state,
-            "stage": stage,
-            "percent": int(max(0, min(100, round(percent)))),
-            "message": message,
-            "updated": now_iso(),
-            **extra,
-        }
-        atomic_write_json(self.progress, payload, durable=state in ("done", "failed", "cancelled"))
-
     @property
     def extras(self) -> tuple[Path, ...]:
+        """Preview, label image and table: present only beside a result of the same run."""
         return tuple(self._path(suffix) for suffix in EXTRA_SUFFIXES)
 
-    def write_result(self, collection: dict[str, Any], extras: Mapping[str, Writer] | None = None) -> None:
-        """The result and its extra files (suffix -> writer): all are written aside first, then
-        renamed into place, the GeoJSON last, so whoever sees a result finds its extras; an
-        extra this result lacks (an older version's preview) is removed."""
-        extras = extras or {}
+    def queued(self, message: str = "waiting for its turn", *, stage: str = "queued", percent: float = 0) -> None:
+        self._write_progress(ProgressState.QUEUED, stage, percent, message)
+
+    def waiting(self, stage: str, percent: float, message: str) -> None:
+        """Queued until something it needs (weights being fetched) is ready."""
+        self._write_progress(ProgressState.QUEUED, stage, percent, message)
+
+    def running(self, stage: str, percent: float, message: str = "") -> None:
+        self._write_progress(ProgressState.RUNNING, stage, percent, message)
+
+    def done(self, collection: dict[str, Any] | None, message: str, extras: Mapping[str, bytes] | None = None) -> None:
+        """``collection`` None: the result is already there (another daemon wrote it).
+
+        ``extras`` (suffix -> bytes, see ``EXTRA_SUFFIXES``) are written aside first and renamed
+        into place just before the GeoJSON, so whoever sees a result finds its extras; an extra
+        this result lacks (an older version's preview) is removed.
+        """
+        if collection is not None:
+            self._place_extras(extras or {})
+            atomic_write_json(self.result, collection)
+            self.error.unlink(missing_ok=True)
+        self._write_progress(ProgressState.DONE, ProgressState.DONE.value, 100, message)
+
+    def _place_extras(self, extras: Mapping[str, bytes]) -> None:
         unknown = set(extras) - set(EXTRA_SUFFIXES)
         if unknown:
             raise ValueError(f"not a result extra: {sorted(unknown)}")
         staged: list[tuple[Path, Path]] = []
         try:
-            for suffix, write in extras.items():
-                staged.append((stage_file(self._path(suffix), write), self._path(suffix)))
+            for suffix, data in extras.items():
+                staged.append((stage_bytes(self._path(suffix), data), self._path(suffix)))
             for tmp, path in staged:
                 os.replace(tmp, path)
         except BaseException:
@@ -184,16 +208,78 @@ class JobOutputs:
         for suffix in EXTRA_SUFFIXES:
             if suffix not in extras:
                 self._path(suffix).unlink(missing_ok=True)
-        atomic_write_json(self.result, collection)
-        self.error.unlink(missing_ok=True)
 
-    def write_error(self, body: dict[str, Any]) -> None:
-        # One outcome per content version: a stale result of an earlier version goes, extras
-        # after it (a reader that sees no result expects no extras).
-        atomic_write_json(self.error, {**body, "updated": now_iso()})
-        for path in (self.result, *self.extras):
-            path.unlink(missing_ok=True)
+    def failed(self, error: dict[str, Any] | None, percent: float, message: str) -> None:
+        # One outcome per content version: a stale result of an earlier version goes, its
+        # extras after it (a reader that sees no result expects no extras).
+        if error is not None:
+            atomic_write_json(self.error, {**error, "updated": now_iso()})
+            for path in (self.result, *self.extras):
+                path.unlink(missing_ok=True)
+        self._write_progress(ProgressState.FAILED, ProgressState.FAILED.value, percent, message)
 
-    def remove_all(self) -> None:
-        for path in (self.result, *self.extras, self.progress, self.error):
-            path.unlink(missing_ok=True)
+    def cancelled(self, percent: float, message: str) -> None:
+        self._write_progress(ProgressState.CANCELLED, ProgressState.CANCELLED.value, percent, message)
+
+    def restore_final(self, state: str, message: str) -> None:
+        """Another daemon's outcome (``done``/``failed``/``cancelled``): its files stand, progress says so."""
+        final = ProgressState(state)
+        self._write_progress(final, final.value, 100 if final is ProgressState.DONE else 0, message)
+
+    def _write_progress(self, state: ProgressState, stage: str, percent: float, message: str) -> None:
+        # Progress is advisory and frequent: atomic, but only final states are fsync'd.
+        payload = {
+            "state": state.value,
+            "stage": stage,
+            "percent": int(max(0, min(100, round(percent)))),
+            "message": message,
+            "updated": now_iso(),
+        }
+        atomic_write_json(self.progress, payload, durable=state in FINAL_STATES)
+
+
+class Outbox:
+    """The outbox folder as the daemon writes it: every job's file states, and ``_samwatch``.
+
+    Call sites name a state by its method (``outbox.done(job_id, ...)``), never by a string.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state_folder = root / STATE_FOLDER
+
+    def ensure_folders(self) -> None:
+        self.state_folder.mkdir(parents=True, exist_ok=True)
+
+    def job(self, job_id: str) -> JobOutputs:
+        return JobOutputs(self.root, job_id)
+
+    def queued(self, job_id: str, message: str = "waiting for its turn") -> None:
+        self._write(job_id, "queued", message=message)
+
+    def waiting(self, job_id: str, stage: str, percent: float, message: str) -> None:
+        self._write(job_id, "waiting", stage=stage, percent=percent, message=message)
+
+    def running(self, job_id: str, stage: str, percent: float, message: str = "") -> None:
+        self._write(job_id, "running", stage=stage, percent=percent, message=message)
+
+    def done(
+        self, job_id: str, collection: dict[str, Any] | None, message: str, extras: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self._write(job_id, "done", collection=collection, message=message, extras=extras)
+
+    def failed(self, job_id: str, error: dict[str, Any] | None, percent: float, message: str) -> None:
+        self._write(job_id, "failed", error=error, percent=percent, message=message)
+
+    def cancelled(self, job_id: str, percent: float, message: str) -> None:
+        self._write(job_id, "cancelled", percent=percent, message=message)
+
+    def restore_final(self, job_id: str, state: str, message: str) -> None:
+        self._write(job_id, "restore_final", state=state, message=message)
+
+    def _write(self, job_id: str, method: str, **arguments: Any) -> None:
+        getattr(self.job(job_id), method)(**arguments)
+
+    def write_state_file(self, name: str, payload: Any) -> None:
+        """A heartbeat-frequency file in ``_samwatch`` (status, weights listing): not fsync'd."""
+        atomic_write_json(self.state_folder / name, payload, durable=False)

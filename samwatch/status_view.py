@@ -24,6 +24,11 @@ def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[d
     ]
     queue = status["queue"]
     lines.append(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
+    executor = status.get("executor", {})
+    lines.append(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
+    for worker in status.get("workers", []):
+        lines.append(f"  worker {worker.get('name')} on {worker.get('host')} {worker.get('device')}, "
+                     f"{worker.get('memory_mb')} MB, {_models(worker) if worker.get('loaded_models') else 'no models'}")
     for job in running_jobs(status):
         lines.append(f"running: {job['job']} {job['stage']} {job['percent']}% ({job['seconds']} s)")
     lines.append(f"loaded models: {_models(status)}")
@@ -74,7 +79,17 @@ def render_tables(status: dict[str, Any], age: float, stale: bool, others: list[
             *_cells(other.get("instance")), other_state,
             *_cells(other.get("device", ""), queue.get("queued", ""), queue.get("waiting", ""), other.get("updated", "")),
         )
-    out: list[Any] = [daemons, Text(f"loaded models: {_models(status)}")]
+    out: list[Any] = [daemons]
+    workers = status.get("workers", [])
+    if workers:
+        table = Table(title=f"workers ({status.get('executor', {}).get('kind', 'local')} executor)", title_justify="left")
+        for column in ("worker", "host", "device", "memory", "models"):
+            table.add_column(column)
+        for worker in workers:
+            table.add_row(*_cells(worker.get("name"), worker.get("host"), worker.get("device"),
+                                  f"{worker.get('memory_mb')} MB", _models(worker)))
+        out.append(table)
+    out.append(Text(f"loaded models: {_models(status)}"))
     jobs = [(status["instance"], job) for job in running_jobs(status)]
     jobs += [(other.get("instance"), job) for other in others for job in running_jobs(other)]
     downloads = status.get("downloads", [])

@@ -52,3 +52,59 @@ def install() -> None:
 
     samwatch.models.pool.adapter_class = fake_adapter_class
     samwatch.jobs.adapter_class = fake_adapter_class
+
+
+class FakeExecutor:
+    """An executor the test drives by hand: it holds dispatches until told how they end."""
+
+    kind = "fake"
+
+    def __init__(self, slots: int = 1) -> None:
+        from samwatch.executors.base import Finished, ProgressReport
+
+        self._finished, self._report = Finished, ProgressReport
+        self.slots = slots
+        self.submitted: list = []  # every Dispatch, in order
+        self.in_flight: dict[str, object] = {}  # token -> Dispatch
+        self.cancelled: list[str] = []
+        self.events: list = []
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.in_flight)
+
+    def submit(self, dispatch) -> None:  # noqa: ANN001
+        self.submitted.append(dispatch)
+        self.in_flight[dispatch.token] = dispatch
+
+    def dispatch_of(self, job_id: str):  # noqa: ANN201
+        return next(d for d in self.in_flight.values() if d.ticket.job_id == job_id)
+
+    def progress(self, job_id: str, stage: str, percent: float) -> None:
+        dispatch = self.dispatch_of(job_id)
+        self.events.append(self._report(job_id, dispatch.token, stage, percent, ""))
+
+    def finish(self, job_id: str, outcome, *, token: str | None = None) -> None:  # noqa: ANN001
+        """End the run of ``job_id`` (or deliver an outcome for any ``token``, even a stale one)."""
+        if token is None:
+            token = self.dispatch_of(job_id).token
+        self.in_flight.pop(token, None)
+        self.events.append(self._finished(job_id, token, outcome, "fake-0"))
+
+    def poll(self, timeout: float = 0.0) -> list:
+        events, self.events = self.events, []
+        return events
+
+    def cancel(self, token: str) -> None:
+        self.cancelled.append(token)
+
+    def workers(self) -> list[dict]:
+        return [{"name": "fake-0", "host": "test", "device": "cpu", "memory_mb": 0, "loaded_models": [], "job": None}]
+
+    def reconfigure(self, config, changed) -> None:  # noqa: ANN001
+        pass
+
+    def map_units(self, fn, units) -> list:  # noqa: ANN001
+        return [fn(unit) for unit in units]
+
+    def close(self) -> None:
+        pass

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from samwatch.outbox import now_iso
-from samwatch.outputs.dashboard import PAGE, Dashboard
+from samwatch.outputs.dashboard import PAGE, RecentResults, write_dashboard
 
 EVIL = 'x<script>alert("hi")<'  # a legal file name that must stay text
 
@@ -56,15 +56,15 @@ def test_dashboard_in_a_browser(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox"
     status_dir = outbox / "_samwatch"
     (status_dir / "instances").mkdir(parents=True)
-    dashboard = Dashboard(outbox, status_dir)
+    recent = RecentResults()
     jobs = ["exp1/img001", "exp1/img 002 (copy)", f"exp2/{EVIL}"]
     for index, job in enumerate(jobs):
         path = outbox / f"{job}.preview.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((60, 80, 3), 60 * index, np.uint8)).save(path)
         (outbox / f"{job}.geojson").write_text("{}")
-        dashboard.record_result(job, features=index + 1, seconds=1.5)
-    dashboard.record_result("exp3/no-preview", features=0, seconds=0.2)
+        recent.add(job, features=index + 1, seconds=1.5, preview=True, labels=index == 0)
+    recent.add("exp3/no-preview", features=0, seconds=0.2, preview=False, labels=False)
     status = {
         "state": "running", "version": "t", "instance": "gpu-1", "pid": 1, "updated": now_iso(), "heartbeat_seconds": 5,
         "device": "cuda:0", "inbox": "/srv/inbox", "queue": {"queued": 12, "waiting": 1},
@@ -72,13 +72,13 @@ def test_dashboard_in_a_browser(tmp_path: Path) -> None:
                     {"job": f"exp4/{EVIL}", "stage": "tracking", "percent": 80, "seconds": 3.0}],
         "recent_failures": [{"job": f"exp5/{EVIL}", "error": "image_unreadable", "message": "<b>bad</b> file",
                              "at": now_iso()}],
-        "recent_results": dashboard.recent_results(),
+        "recent_results": recent.listing(),
     }
     other = {"state": "idle", "version": "t", "instance": "gpu-2", "updated": "2020-01-01T00:00:00+00:00",
              "heartbeat_seconds": 5, "device": "cpu", "queue": {"queued": 0, "waiting": 0}, "current": None,
              "recent_results": [{"job": "exp9/other", "features": 4, "seconds": 1, "at": now_iso(), "preview": False}]}
     (status_dir / "instances" / "gpu-2.json").write_text(json.dumps(other))
-    dashboard.write(status)
+    write_dashboard(status_dir, status)
     page = status_dir / PAGE
     html = page.read_text()
     assert "<script" not in html and EVIL not in html and "&lt;script&gt;" in html

@@ -223,45 +223,30 @@ def test_features_are_read_defensively() -> None:
 # ----------------------------------------------------------------------------- the outbox
 
 
-def test_extras_live_and_die_with_the_result(tmp_path: Path) -> None:
+def test_extras_live_and_die_with_the_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     outputs = JobOutputs(tmp_path, "exp1/a")
     collection = {"type": "FeatureCollection", "features": []}
-    outputs.write_result(collection, {PREVIEW_SUFFIX: lambda h: h.write(b"png"), LABELS_SUFFIX: lambda h: h.write(b"t")})
+    outputs.done(collection, "1 feature", {PREVIEW_SUFFIX: b"png", LABELS_SUFFIX: b"t"})
     assert (tmp_path / "exp1/a.preview.png").read_bytes() == b"png" and (tmp_path / "exp1/a.labels.tif").exists()
-    outputs.write_result(collection, {LABELS_SUFFIX: lambda h: h.write(b"t2")})
+    outputs.done(collection, "1 feature", {LABELS_SUFFIX: b"t2"})
     assert not (tmp_path / "exp1/a.preview.png").exists(), "a result without a preview keeps no stale one"
-    outputs.write_error({"error": "image_unreadable", "message": "m"})
-    assert sorted(p.name for p in (tmp_path / "exp1").iterdir()) == ["a.error.json"]
+    outputs.failed({"error": "image_unreadable", "message": "m"}, 5, "m")
+    assert sorted(p.name for p in (tmp_path / "exp1").iterdir()) == ["a.error.json", "a.progress.json"]
 
-    def broken(handle) -> None:  # noqa: ANN001
-        handle.write(b"half")
-        raise OSError("disk full")
+    import samwatch.outbox
 
+    real = samwatch.outbox.stage_bytes
+
+    def disk_full(path: Path, data: bytes, **kwargs) -> Path:  # noqa: ANN003
+        if path.suffix == ".tif":
+            raise OSError("disk full")
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(samwatch.outbox, "stage_bytes", disk_full)
     with pytest.raises(OSError):
-        outputs.write_result(collection, {PREVIEW_SUFFIX: lambda h: h.write(b"png"), LABELS_SUFFIX: broken})
-    assert sorted(p.name for p in (tmp_path / "exp1").iterdir()) == ["a.error.json"], "no temporaries, no partial set"
+        outputs.done(collection, "m", {PREVIEW_SUFFIX: b"png", LABELS_SUFFIX: b"t"})
+    assert sorted(p.name for p in (tmp_path / "exp1").iterdir()) == ["a.error.json", "a.progress.json"], \
+        "no temporaries, no partial set"
     with pytest.raises(ValueError):
-        outputs.write_result(collection, {".other": lambda h: None})
+        outputs.done(collection, "m", {".other": b""})
     assert json.loads((tmp_path / "exp1/a.error.json").read_text())["error"] == "image_unreadable"
-
-
-def test_a_slide_preview_is_its_overview_from_a_coarse_level(tmp_path: Path) -> None:
-    from slides import blank_slide, write_ome_pyramid
-
-    slide = blank_slide(size=8192, n_patches=2)
-    path = write_ome_pyramid(tmp_path / "s.ome.tif", slide, levels=4)
-    media = probe(path)
-    assert media.kind == "slide"
-    x, y = slide.patches[0][0], slide.patches[0][1]
-    geometry = {"type": "Polygon", "coordinates": [[[x, y], [x + 1024, y], [x + 1024, y + 1024], [x, y + 1024], [x, y]]]}
-    features = [make_feature(geometry, label="tissue", color=list(RED), properties={"object_idx": 0})]
-    sidecar = validate_sidecar({"prompts": [{"bbox": [x, y, x + 1024, y + 1024]}]}, name="s.yaml")
-    extras = result_extras(features, media, sidecar, OutputPlan(preview_size=512))
-    out = io.BytesIO()
-    extras[PREVIEW_SUFFIX](out)
-    preview = np.asarray(Image.open(io.BytesIO(out.getvalue())).convert("RGB"))
-    assert preview.shape == (512, 512, 3)
-    ys, xs = np.nonzero(np.all(preview == RED, axis=-1))
-    assert xs.min() == pytest.approx(x / 16, abs=1.5) and ys.max() == pytest.approx((y + 1024) / 16, abs=1.5)
-    patch = preview[y // 16 + 8 : (y + 1024) // 16 - 8, x // 16 + 8 : (x + 1024) // 16 - 8]
-    assert patch.std() > 10 and preview[5, 500].tolist() == [255, 255, 255]  # content, then background

@@ -7,7 +7,7 @@ results with their preview thumbnails and relative links, and recent failures. E
 from the file system is HTML-escaped (and URL-quoted in links).
 
 Cost per heartbeat stays small and independent of the outbox's size: nothing is scanned.
-Results come from a bounded list fed by job outcomes (``record_result``); each daemon
+Results come from a bounded list fed by job outcomes (:class:`RecentResults`); each daemon
 publishes its list in its heartbeat file (``recent_results``), so with several daemons on a
 share every page shows all of their results.
 """
@@ -56,7 +56,10 @@ def _age_seconds(iso: str | None) -> float | None:
 
 
 def is_stale(status: dict[str, Any]) -> bool:
-    """No heartbeat for three beats (plus slack): the daemon is gone or hung."""
+    """No heartbeat for three beats (plus slack): the daemon is gone or hung (a clean stop,
+    ``"state": "stopped"``, is not)."""
+    if status.get("state") == "stopped":
+        return False
     age = _age_seconds(status.get("updated"))
     return age is None or age > 3 * float(status.get("heartbeat_seconds") or 5) + 5
 
@@ -90,39 +93,35 @@ def _percent(job: dict[str, Any]) -> float:
         return 0.0
 
 
-class Dashboard:
-    """The page and the bounded list of recent results it shows."""
+class RecentResults:
+    """This daemon's last results, newest first, one per job: fed by job outcomes, published
+    in its heartbeat file (``recent_results``) for the page."""
 
-    def __init__(self, outbox: Path, status_dir: Path) -> None:
-        self.outbox = outbox
-        self.status_dir = status_dir
+    def __init__(self, keep: int = RECENT_RESULTS) -> None:
+        self.keep = keep
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
-    # ---- fed by job outcomes ----------------------------------------------------------
-
-    def record_result(self, job: str, *, features: int, seconds: float) -> None:
-        """A result was written; its extras exist now (they are written before the result)."""
+    def add(self, job: str, *, features: int, seconds: float, preview: bool, labels: bool) -> None:
         self._results.pop(job, None)
         self._results[job] = {
             "job": job, "features": features, "seconds": round(seconds, 2), "at": now_iso(),
-            "preview": (self.outbox / f"{job}{PREVIEW_SUFFIX}").is_file(),
-            "labels": (self.outbox / f"{job}{LABELS_SUFFIX}").is_file(),
+            "preview": preview, "labels": labels,
         }
-        while len(self._results) > RECENT_RESULTS:
+        while len(self._results) > self.keep:
             self._results.popitem(last=False)
 
-    def forget_result(self, job: str) -> None:
-        """Its result was removed (a failed newer version): no dead link on the page."""
+    def discard(self, job: str) -> None:
+        """Its result was removed (a newer version failed): no dead link on the page."""
         self._results.pop(job, None)
 
-    def recent_results(self) -> list[dict[str, Any]]:
+    def listing(self) -> list[dict[str, Any]]:
         return list(reversed(self._results.values()))
 
-    # ---- the page ---------------------------------------------------------------------
 
-    def write(self, status: dict[str, Any]) -> None:
-        page = render(read_instances(self.status_dir / "instances", status))
-        atomic_write_bytes(self.status_dir / PAGE, page.encode("utf-8"), durable=False)
+def write_dashboard(state_folder: Path, status: dict[str, Any]) -> None:
+    """Rewrite ``index.html`` from this beat's ``status`` and the other daemons' heartbeat files."""
+    page = render(read_instances(state_folder / "instances", status))
+    atomic_write_bytes(state_folder / PAGE, page.encode("utf-8"), durable=False)
 
 
 def render(instances: list[dict[str, Any]]) -> str:

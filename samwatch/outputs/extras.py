@@ -1,12 +1,13 @@
 """What a result writes besides its GeoJSON: the preview and the label image.
 
-:func:`result_extras` reads the features once and returns the writers that
-``JobOutputs.write_result`` runs, so the preview and the labels come from one pass over
-the same arrays and land atomically with the result.
+:func:`result_extras` reads the features once and renders both from the same arrays, in the
+worker that ran the job; the bytes travel in the job's ``Outcome`` and ``JobOutputs.done``
+writes them atomically with the result (so any executor works, local or remote).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from samwatch.config import OutputSettings
 import numpy as np
 
 from samwatch.media import Media, MediaLimits
-from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX, Writer
+from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
 from samwatch.outputs.labels import labels_csv, write_labels
 from samwatch.outputs.preview import encode_png, render_preview
 from samwatch.outputs.shapes import read_shapes
@@ -72,30 +73,29 @@ def preview_frames(media: Media, sidecar: Sidecar, size: int) -> Callable[[int],
 
 def result_extras(
     features: Sequence[dict[str, Any]], media: Media, sidecar: Sidecar, plan: OutputPlan, *, frame_axis: str = "T"
-) -> dict[str, Writer]:
-    """suffix -> writer of the extra files ``plan`` asks for (none for a plain result).
+) -> dict[str, bytes]:
+    """suffix -> content of the extra files ``plan`` asks for (none for a plain result).
 
-    The preview is rendered here (a few MB at most); the label image is rasterised tile by
-    tile while it is written.
+    The label image is rasterised tile by tile into its compressed bytes, so memory follows
+    the compressed size (mostly background: small even for slides), not the pixel count.
     """
     if not (plan.preview or plan.labels):
         return {}
     shapes = read_shapes(features, frame_axis=frame_axis)
-    extras: dict[str, Writer] = {}
+    extras: dict[str, bytes] = {}
     if plan.preview and shapes:
         try:
             sheet = render_preview(
                 shapes, preview_frames(media, sidecar, plan.preview_size), width=media.width, height=media.height, n_frames=media.n_frames,
                 size=plan.preview_size, filled=sidecar.mode == "automask", plane_letter=frame_axis.lower(),
             )
-            png = encode_png(sheet)
-            extras[PREVIEW_SUFFIX] = lambda handle: handle.write(png)
+            extras[PREVIEW_SUFFIX] = encode_png(sheet)
         except Exception as exc:  # a picture for people must not cost them the result
             logger.opt(exception=exc).warning(f"preview of {media.path.name} skipped: {exc!r}")
     if plan.labels:
-        extras[LABELS_SUFFIX] = lambda handle: write_labels(
-            handle, shapes, width=media.width, height=media.height, n_planes=media.n_frames, plane_axis=frame_axis,
-        )
-        csv_bytes = labels_csv(shapes, lambda index: describe_prompt(sidecar, index))
-        extras[LABELS_CSV_SUFFIX] = lambda handle: handle.write(csv_bytes)
+        tiff = io.BytesIO()
+        write_labels(tiff, shapes, width=media.width, height=media.height, n_planes=media.n_frames,
+                     plane_axis=frame_axis)
+        extras[LABELS_SUFFIX] = tiff.getvalue()
+        extras[LABELS_CSV_SUFFIX] = labels_csv(shapes, lambda index: describe_prompt(sidecar, index))
     return extras

@@ -1,0 +1,31 @@
+"""The local executor: one slot per device, several jobs in flight in one daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+from test_service import SMALL
+
+
+def test_two_cpu_slots_run_two_jobs_at_once(tmp_path: Path) -> None:
+    config = write_config(tmp_path, fake_weights(tmp_path), device=["cpu", "cpu"])
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProcess(config, fake_model=True)
+    for stem in ("one", "two"):
+        save_image(inbox / f"{stem}.png", SMALL)
+        write_sidecar(inbox / f"{stem}.yaml", {"label": "slow:3", "prompts": [{"bbox": [1, 1, 9, 9]}]})
+
+    def both_running() -> bool:
+        status = read_json(outbox / "_samwatch" / "status.json") or {}
+        running = {job["job"] for job in status.get("running", [])}
+        return running == {"one", "two"} and all(progress_state(outbox, s) == "running" for s in ("one", "two"))
+
+    wait_for(both_running, 30, what="both jobs running at the same time")
+    status = read_json(outbox / "_samwatch" / "status.json")
+    assert status["executor"] == {"kind": "local", "slots": 2}
+    assert sorted(worker["job"] for worker in status["workers"]) == ["one", "two"]
+    assert {job["worker"] for job in status["running"]} == {"local-0", "local-1"}
+    wait_for(lambda: all(progress_state(outbox, s) == "done" for s in ("one", "two")), 30, what="both done")
+    assert daemon.stop() == 0
+    assert read_json(outbox / "_samwatch" / "status.json")["state"] == "stopped"
