@@ -68,15 +68,14 @@ def object_masks() -> None:
         base = real(model_type)
 
         class Objects(base):  # type: ignore[misc, valid-type]
-            def run(self, ctx):  # noqa: ANN001, ANN202
-                detections = super().run(ctx)
-                for detection in detections:
+            def run(self, ctx):  # noqa: ANN001, ANN202 - a generator, as the adapters stream
+                for detection in super().run(ctx):
                     x1, y1, x2, y2 = (int(v) for v in ctx.sidecar.prompts[detection.prompt_idx].bbox)
                     yy, xx = np.ogrid[: y2 - y1, : x2 - x1]
                     ry, rx = (y2 - y1) / 2, (x2 - x1) / 2
                     detection.mask = ((yy + 0.5 - ry) / ry) ** 2 + ((xx + 0.5 - rx) / rx) ** 2 <= 1
                     detection.origin, detection.scale = (x1, y1), 1.0
-                return detections
+                    yield detection
 
         return Objects
 
@@ -146,7 +145,7 @@ def main() -> None:
               f"ratio {with_extras / without:.3f}x (target <= 1.15x)")
         print(f"the extras alone {min(alone):.3f} s (preview, label OME-TIFF, CSV in one pass over the features); "
               f"the job's polygons {timings['geometry']:.3f} s for {len(features)} features, {vertices} vertices")
-        print(f"sizes: {sizes}")
+        print(f"sizes: {sizes}, {len(features)} features")
         print(f"device={device} model={args.model} image={args.size}x{args.size} objects={args.objects} "
               f"torch_threads={torch.get_num_threads()}")
 
