@@ -114,6 +114,11 @@ class ModelSettings(StrictModel):
         None, gt=0, description="Evict loaded models beyond this many MB of parameters; none: max_loaded only."
     )
     embedding_cache: int = Field(4, ge=0, description="Image embeddings kept per model for re-runs.")
+    tile_embedding_cache_mb: int = Field(
+        2048, ge=0,
+        description="Disk space in state_dir for embeddings of tiles and prompt windows of large images "
+        "(least recently used evicted); 0: none kept.",
+    )
     prompt_batch_size: int | None = Field(
         None, ge=1, description="Prompts decoded per batch; none: chosen per model and device (1 on CPU)."
     )

@@ -37,6 +37,7 @@ ERROR_CODES: dict[str, str] = {
     "weights_checksum_mismatch": "the weights file does not match its sha256",
     "weights_unsafe": "the checkpoint needs pickle code to load and was refused",
     "weights_wrong_architecture": "the checkpoint does not fit the model type",
+    "region_out_of_bounds": "the sidecar's region does not lie on the image",
     "video_too_large": "the sequence does not fit the configured memory limit",
     "out_of_memory": "the device ran out of memory for this job",
     "cancelled": "the job was cancelled (its sidecar was deleted, or the daemon stopped)",

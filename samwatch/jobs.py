@@ -25,7 +25,7 @@ from samwatch.config import Config, LimitSettings
 from samwatch.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
-from samwatch.media import ChannelRule, Media, MediaLimits, probe
+from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
@@ -33,6 +33,10 @@ from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
 from samwatch.job_sidecar import load_job_sidecar
 from samwatch.sidecar import Sidecar
+from samwatch.slides import ArraySource
+from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
+from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
+from samwatch.tiling.tile import TileJob
 
 #: stage -> the span of the overall percent it covers
 STAGE_SPANS: dict[str, tuple[float, float]] = {
@@ -44,6 +48,7 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
     "automask": (20, 95),
     "tracking": (20, 95),
     "frames": (20, 95),
+    "tiles": (20, 95),
     "writing": (95, 100),
 }
 
@@ -182,16 +187,17 @@ class JobRunner:
         timings["load"] = time.perf_counter() - load_started
 
         infer_started = time.perf_counter()
+        provenance: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
             # Each mask becomes its feature as it comes and is dropped, so a job holds one
             # prompt batch of masks at a time however many prompts its sidecar has.
-            detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch))
+            detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch), spec, provenance)
             features = self._features(detections, sidecar, model_type, media, timings)
         timings["inference"] = time.perf_counter() - infer_started - timings["geometry"]
 
         progress("writing", 0.0)
         timings["total"] = time.perf_counter() - started
-        meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features))
+        meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features)) | provenance
         extras = result_extras(
             features, media, sidecar, OutputPlan.resolve(self.config.output, sidecar.output),
             frame_axis=_frame_axes(sidecar, media)[-1],
@@ -205,15 +211,22 @@ class JobRunner:
                        extras=extras)
 
     def _infer(
-        self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
+        self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path,
+        spec: LoadSpec, provenance: dict[str, Any],
     ) -> Iterator[Detection]:
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
         # The model is loaded: say what runs now, even if the adapter's first report comes late.
         progress("frames" if sidecar.mode != "video" and media.n_frames > 1 else _OPENING_STAGE[sidecar.mode], 0.0)
         if sidecar.mode == "video":
+            if sidecar.region is not None or sidecar.tiling is not None:
+                raise JobError("sidecar_invalid", "region and tiling are for images, not for tracking through frames.",
+                               file=ticket.sidecar, field="region" if sidecar.region is not None else "tiling")
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
             yield from adapter.run(ctx)
+            return
+        if is_tiled(sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels):
+            yield from self._infer_tiled(adapter, sidecar, media, base_key, progress, scratch, spec, provenance)
             return
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
@@ -229,6 +242,39 @@ class JobRunner:
                 if media.n_frames > 1:
                     detection.frame = frame_index
                 yield detection
+
+    def _infer_tiled(
+        self, adapter: Any, sidecar: Sidecar, media: Media, base_key: str, progress: Progress, scratch: Path,
+        spec: LoadSpec, provenance: dict[str, Any],
+    ) -> Iterator[Detection]:
+        """A job on part of an image, or on one larger than a window (samwatch.tiling): its
+        detections as each tile's become final, masks cropped to their boxes."""
+        store = TileEmbeddingStore(
+            self.config.state_dir / "tile-embeddings", f"{spec.model_type}:{weights_identity(spec)}",
+            self.config.models.tile_embedding_cache_mb * 1024 * 1024,
+        )
+        report: TilingReport | None = None
+        for frame_index in range(media.n_frames):
+            with self._frame_source(media, frame_index, sidecar) as source:
+                plan = plan_for(sidecar, source)
+                report = report or TilingReport(plan)
+                job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
+                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store)
+                frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
+                for detection in segment(adapter, source, job, plan, frame_progress, report,
+                                         max_object_pixels=self.config.limits.max_image_pixels):
+                    if media.n_frames > 1:
+                        detection.frame = frame_index
+                    yield detection
+        if report is not None:
+            provenance["tiling"] = report.to_dict()
+
+    def _frame_source(self, media: Media, index: int, sidecar: Sidecar) -> Any:
+        """Frame ``index`` behind the region API: a slide read lazily, other images decoded."""
+        limits = media_limits(self.config.limits)
+        if media.kind == "slide":
+            return open_region_source(media.path, limits=limits, channels=channel_rule(sidecar))
+        return ArraySource(media.path, media.frame(index), limits)
 
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
@@ -317,14 +363,12 @@ def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidec
             f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
             file=image_rel,
         )
-    rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
     video = sidecar.video
     try:
         return probe(
             path,
-            limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
-                               max_slide_pixels=limits.max_slide_pixels),
-            channels=rule,
+            limits=media_limits(limits),
+            channels=channel_rule(sidecar),
             frame_axis=(video.axes[-1] if video else None),
             plane_position=(video.plane_position if video else 0),
             max_frames=_frames_held(video),
@@ -339,6 +383,15 @@ def _frame_axes(sidecar: Sidecar, media: Media) -> str:
     if sidecar.video:
         return sidecar.video.axes
     return "XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT"
+
+
+def media_limits(limits: LimitSettings) -> MediaLimits:
+    return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
+                       max_slide_pixels=limits.max_slide_pixels)
+
+
+def channel_rule(sidecar: Sidecar) -> ChannelRule:
+    return ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
 
 
 def _frames_held(video: Any) -> int | None:

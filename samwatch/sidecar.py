@@ -38,7 +38,7 @@ FOLDER_DEFAULTS_STEM = "samwatch"
 #: not set them; prompts never are (they belong to one image).
 INHERITED_KEYS = (
     "model", "type", "weights", "label", "color", "priority", "output", "channels",
-    "normalize", "confidence_threshold",
+    "normalize", "confidence_threshold", "tiling",
 )
 
 MaskChoice = Literal["single", "all", "largest", "smallest", "best"]
@@ -201,6 +201,42 @@ class VideoSpec(StrictModel):
     )
 
 
+class TilingSpec(StrictModel):
+    """How a large image (or region) is cut into model-sized windows; see samwatch.tiling."""
+
+    tile_size: int = Field(
+        1024, ge=256,
+        description="model pixels per tile side (the window around prompts too); at most what "
+        "limits.max_image_pixels lets one decode hold",
+    )
+    overlap: int = Field(
+        128, ge=0,
+        description="model pixels shared by neighbouring tiles (the halo); objects up to this size are "
+        "never cut, larger ones crossing a seam are joined",
+    )
+    level: int | None = Field(None, ge=0, description="pyramid level to segment at (0: full resolution)")
+    downsample: float | None = Field(
+        None, ge=1, description="segment at 1/downsample of full resolution (e.g. 2: 20x on a 40x slide)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TilingSpec:
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_size ({self.tile_size})")
+        if self.level is not None and self.downsample is not None:
+            raise ValueError("give level or downsample, not both")
+        return self
+
+
+Region = tuple[int, int, int, int]
+
+
+def _check_region(region: Region | None) -> Region | None:
+    if region is not None and (region[0] < 0 or region[1] < 0 or region[2] <= 0 or region[3] <= 0):
+        raise ValueError("a region is [x, y, width, height] in full-resolution pixels, x, y >= 0 and width, height > 0")
+    return region
+
+
 class OutputSpec(StrictModel):
     object_type: Literal["annotation", "detection"] = "annotation"
     simplify_tolerance: float = Field(0.0, ge=0, description="pixels; 0 keeps every contour vertex")
@@ -233,11 +269,16 @@ class Sidecar(StrictModel):
     )
     confidence_threshold: float = Field(0.5, ge=0, le=1)
     video: VideoSpec | None = None
+    region: Region | None = Field(
+        None, description="[x, y, width, height] in full-resolution (level-0) pixels: segment only this part"
+    )
+    tiling: TilingSpec | None = Field(None, description="tiles for images larger than one window; see README")
     output: OutputSpec = OutputSpec()
     channels: list[int] | None = Field(None, description="channels to R, G, B (0-based)")
     normalize: Literal["auto", "percentile", "minmax", "none"] = "auto"
 
     _color = field_validator("color")(_check_color)
+    _region = field_validator("region")(_check_region)
 
     @model_validator(mode="before")
     @classmethod

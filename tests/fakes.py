@@ -4,6 +4,9 @@ It replaces ``adapter_class`` (the one place samwatch picks a model family), so 
 watcher, ledger, claims and outbox all run for real while a "model" costs microseconds.
 A prompt's box becomes its mask. A sidecar label ``slow:N`` makes the job take N seconds,
 reporting progress ten times a second (so cancellation and heartbeats can be observed).
+With the label ``painted``, automask and text jobs find the image's painted objects: one
+mask per distinct non-black colour in the pixels they are given (a tile sees the parts of the
+objects inside it), so stitching can be checked against known objects.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class FakeAdapter:
             while (elapsed := time.monotonic() - started) < seconds:
                 ctx.progress("decoding prompts", elapsed / seconds)
                 time.sleep(0.1)
+        if label == "painted" and ctx.sidecar.mode in ("automask", "text"):
+            ctx.progress("encoding image", 0.0)
+            yield from painted_objects(ctx.image)
+            return
         height, width = ctx.image.shape[:2]
         for index, prompt in enumerate(ctx.sidecar.prompts):
             mask = np.full((height, width), False)  # every page written, as a real decoder does
@@ -41,6 +48,12 @@ class FakeAdapter:
                 mask[y1:y2, x1:x2] = True
             yield Detection(mask=mask, score=0.9, prompt_idx=index)
         ctx.progress("decoding prompts", 1.0)
+
+
+def painted_objects(image: np.ndarray) -> list[Detection]:
+    """One detection per distinct non-black colour of ``image``."""
+    codes = image[..., 0].astype(np.int64) << 16 | image[..., 1].astype(np.int64) << 8 | image[..., 2]
+    return [Detection(mask=codes == code, score=0.9) for code in np.unique(codes) if code != 0]
 
 
 def install() -> None:
