@@ -31,10 +31,12 @@ from samwatch.models.device import pick_devices
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
-from samwatch.outbox import Outbox, sweep_temporaries
+from samwatch.outbox import SPOOL_FOLDER, Outbox, sweep_temporaries
 from samwatch.outcomes import OutcomeRecorder
 from samwatch.queueing import JobQueue
+from samwatch.retries import Retrier
 from samwatch.status import StatusReporter
+from samwatch.input_facts import InputFacts
 from samwatch.watcher import Watcher
 
 #: status.json is rewritten at the end of a step in which a job changed state (and on every
@@ -64,10 +66,13 @@ class Daemon:
         outbox: Outbox,
         clock: Callable[[], float] = time.monotonic,
         config_path: Path | None = None,
+        config_optional: bool = False,
         notifier: SystemdNotifier | None = None,
+        facts: InputFacts | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.config_optional = config_optional  # a missing file means the built-in defaults
         self.clock = clock
         self.flags = Flags()
         self.notifier = notifier or SystemdNotifier()
@@ -79,9 +84,11 @@ class Daemon:
         self.executor = executor
         self.outbox = outbox
         self.dispatcher = Dispatcher(executor, ledger, claims, outbox, clock)
-        self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher)
+        self.facts = facts or InputFacts(config, ledger, threaded=False)
+        self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
         self.reporter = StatusReporter(self)
+        self.retrier = Retrier(config, ledger, claims, outbox, registry, clock)
         self.workers: list[dict[str, Any]] = executor.workers()
         self._config_mtime = self._stat_config()
         self._next_heartbeat = float("-inf")
@@ -95,6 +102,7 @@ class Daemon:
         config: Config,
         *,
         config_path: Path | None = None,
+        config_optional: bool = False,
         threaded: bool = True,
         clock: Callable[[], float] = time.monotonic,
         notifier: SystemdNotifier | None = None,
@@ -102,9 +110,13 @@ class Daemon:
         """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``."""
         for folder in (config.inbox, config.outbox, config.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        outbox = Outbox(config.outbox)
+        outbox = Outbox(config.outbox, spool=config.state_dir / SPOOL_FOLDER, clock=clock)
         outbox.ensure_folders()
-        swept = sweep_temporaries(config.outbox)
+        try:
+            swept = sweep_temporaries(config.outbox)
+        except OSError as exc:  # a read-only outbox: they are swept at the next start
+            outbox.note_failure(exc)
+            swept = 0
         if swept:
             logger.info(f"removed {swept} temporary files left by an earlier run")
         devices = pick_devices(config.device)
@@ -114,7 +126,8 @@ class Daemon:
             logger.info(f"{len(interrupted)} interrupted jobs queued again")
             for row in interrupted:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
-        registry = WeightsRegistry(config.weights, config.state_dir)
+        # A failed download may be tried again as soon as a job's retry backoff allows.
+        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds)
         pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in devices]
         executor = LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
@@ -127,7 +140,8 @@ class Daemon:
         )
         return cls(
             config, ledger=ledger, registry=registry, claims=claims, watcher=watcher, executor=executor,
-            outbox=outbox, clock=clock, config_path=config_path, notifier=notifier,
+            outbox=outbox, clock=clock, config_path=config_path, config_optional=config_optional, notifier=notifier,
+            facts=InputFacts(config, ledger, threaded=threaded),
         )
 
     # ---- signals ----------------------------------------------------------------------
@@ -163,10 +177,10 @@ class Daemon:
             while not self.flags.stop:
                 try:
                     self.step(self.clock())
+                    self._collect(self._sleep_time())
                 except Exception as exc:  # the loop must outlive any one bad pass (a share hiccup, a bug)
                     logger.opt(exception=exc).error(f"daemon pass failed, retrying: {exc!r}")
                     time.sleep(1.0)
-                self._collect(self._sleep_time())
             self._stop(grace_seconds)
         finally:
             self.close()
@@ -178,7 +192,7 @@ class Daemon:
             while not self.flags.stop:
                 self.step(self.clock())
                 idle = not self.dispatcher.running and not self.ledger.jobs_in(ACTIVE_STATES)
-                if idle and not self.watcher.pending:
+                if idle and not self.watcher.pending and not self.facts.busy:
                     break
                 self._collect(0.05)
             if self.flags.stop:
@@ -188,7 +202,7 @@ class Daemon:
         return 1 if self.recorder.stats.failed else 0
 
     def _sleep_time(self) -> float:
-        if self.watcher.pending or self.dispatcher.running:
+        if self.watcher.pending or self.dispatcher.running or self.facts.busy:
             return 0.1
         return min(0.5, self.config.watch.poll_interval_seconds / 4)
 
@@ -197,10 +211,13 @@ class Daemon:
             self.flags.reload = False
             self.reload()
         changed, vanished = self.watcher.poll(now)
-        if changed or vanished:
-            self.queue.discover(changed, vanished)
+        arrived = self.facts.drain()
+        if changed or vanished or arrived:
+            self.queue.discover(changed, vanished, arrived)
         self._collect(0.0)
+        self.outbox.retry()
         self.recorder.check_waiting()
+        self.retrier.step(now)
         if not self.flags.stop:
             self._dispatch(now)
         self._collect(0.0)
@@ -256,7 +273,7 @@ class Daemon:
             return False
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, missing_ok=self.config_optional)
             blocked = restart_only_changes(self.config, new)
             if blocked:
                 raise ConfigError(
@@ -272,8 +289,9 @@ class Daemon:
         changed = self.registry.update(new.weights)
         self.executor.reconfigure(new, changed)
         self.watcher.settle_seconds = new.watch.settle_seconds
-        self.config = self.queue.config = self.recorder.config = new
+        self.config = self.queue.config = self.recorder.config = self.facts.config = new
         self.config_error = None
+        self.retrier.after_change(new)
         logger.info(f"config reloaded from {self.config_path}; weights changed: {sorted(changed) or 'none'}")
         self.notifier.ready(self.status_line())
         self.heartbeat()
@@ -288,6 +306,7 @@ class Daemon:
         return self.reporter.line()
 
     def heartbeat(self) -> None:
+        self.outbox.ensure_folders()  # someone may have removed them (rm -rf outbox): ours come back
         self._write_status()
         self._next_heartbeat = self.clock() + self.config.service.heartbeat_seconds
         self.notifier.status(self.status_line())
@@ -318,6 +337,7 @@ class Daemon:
 
     def close(self) -> None:
         self.executor.close()
+        self.facts.close()
         self._write_status(stopped=True)
         self.watcher.close()
         self.registry.close()

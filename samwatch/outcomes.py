@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from loguru import logger
@@ -63,7 +64,7 @@ class OutcomeRecorder:
         ticket, row = run.ticket, run.row
         if outcome.state == "waiting":
             self.ledger.set_state(ticket.job_id, "waiting", version=ticket.version)
-            self.claims.release(ticket.job_id, ticket.version, None)
+            self._release(row, None)
             self.waiting_on[ticket.job_id] = outcome.waiting_for
             self._report_download(ticket.job_id, outcome.waiting_for)
             return
@@ -72,13 +73,13 @@ class OutcomeRecorder:
             if stopping or stop is None or stop.kind is StopKind.REQUEUE:
                 reason = stop.reason if stop is not None else "the daemon is stopping"
                 self.ledger.finish(row, "queued")
-                self.claims.release(ticket.job_id, ticket.version, None)
+                self._release(row, None)
                 self.outbox.queued(ticket.job_id, f"interrupted ({reason}); it runs again")
                 logger.info(f"job {ticket.job_id} interrupted: {reason}")
                 return
             self.ledger.finish(row, "cancelled")
             self.outbox.cancelled(ticket.job_id, run.percent, f"The job was cancelled: {stop.reason}.")
-            self.claims.release(ticket.job_id, ticket.version, None)
+            self._release(row, None)
             self.stats.cancelled += 1
             logger.info(f"job {ticket.job_id} cancelled: {stop.reason}")
             return
@@ -93,9 +94,16 @@ class OutcomeRecorder:
             self.outbox.failed(ticket.job_id, self._error_body(error, row), run.percent, error.message)
             self.stats.failure(ticket.job_id, error)
             logger.warning(f"job {ticket.job_id} failed error={error.code} seconds={outcome.seconds:.2f}: {error.message}")
-        self.claims.release(ticket.job_id, ticket.version, outcome.state)
+        self._release(row, outcome.state)
         if self.config.inputs.after == "move":
-            self._move_inputs(row, outcome.state == "done")
+            try:
+                self._move_inputs(row, outcome.state == "done")
+            except OSError as exc:  # the inbox is someone's share too: the outcome stands
+                logger.warning(f"job {ticket.job_id}: inputs not moved ({exc})")
+
+    def _release(self, row: JobRow, state: str | None) -> None:
+        """Drop the claim (with ``state``, leave the outcome marker), retried if the outbox refuses."""
+        self.outbox.attempt(f"claim:{row.job_id}", partial(self.claims.release, row.job_id, row.version, state))
 
     @staticmethod
     def _error_body(error: JobError, row: JobRow) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from samwatch.outbox import now_iso
-from samwatch.outputs.dashboard import PAGE, RecentResults, write_dashboard
+from samwatch.outputs.dashboard import PAGE, RecentResults, dashboard_page
 
 EVIL = 'x<script>alert("hi")<'  # a legal file name that must stay text
 
@@ -78,7 +78,7 @@ def test_dashboard_in_a_browser(tmp_path: Path) -> None:
              "heartbeat_seconds": 5, "device": "cpu", "queue": {"queued": 0, "waiting": 0}, "current": None,
              "recent_results": [{"job": "exp9/other", "features": 4, "seconds": 1, "at": now_iso(), "preview": False}]}
     (status_dir / "instances" / "gpu-2.json").write_text(json.dumps(other))
-    write_dashboard(status_dir, status)
+    (status_dir / PAGE).write_text(dashboard_page(status_dir, status))
     page = status_dir / PAGE
     html = page.read_text()
     assert "<script" not in html and EVIL not in html and "&lt;script&gt;" in html

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import http.server
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
 from test_service import SMALL
 
 PAYLOAD = bytes(range(256)) * 4096 * 3  # 3 MiB
@@ -34,11 +33,8 @@ class SlowHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve_http(SlowHandler) as url:
+        yield url
 
 
 def test_jobs_wait_for_a_download_while_others_run(tmp_path: Path, server: str) -> None:
@@ -52,6 +48,8 @@ def test_jobs_wait_for_a_download_while_others_run(tmp_path: Path, server: str) 
     save_image(inbox / "d" / "img.png", SMALL)
     write_sidecar(inbox / "d" / "img.remote.yaml", {"weights": "remote", "prompts": [{"bbox": [1, 1, 9, 9]}]})
     wait_for(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("stage") == "waiting for weights", 60, what="waiting")
+    # Its percent moves with the download (within the waiting stage's span, 5-10).
+    wait_for(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("percent", 0) >= 6, 30, what="download percent moving")
     # While the download runs, a job for weights on disk goes ahead.
     write_sidecar(inbox / "d" / "img.local.yaml", {"prompts": [{"bbox": [1, 1, 9, 9]}]})
     wait_for(lambda: progress_state(outbox, "d/img.local") == "done", 30, what="other job done during the download")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, atomic_write_bytes, now_iso
+from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, now_iso
 
 RECENT_RESULTS = 50
 RECENT_FAILURES = 20
@@ -118,10 +118,9 @@ class RecentResults:
         return list(reversed(self._results.values()))
 
 
-def write_dashboard(state_folder: Path, status: dict[str, Any]) -> None:
-    """Rewrite ``index.html`` from this beat's ``status`` and the other daemons' heartbeat files."""
-    page = render(read_instances(state_folder / "instances", status))
-    atomic_write_bytes(state_folder / PAGE, page.encode("utf-8"), durable=False)
+def dashboard_page(state_folder: Path, status: dict[str, Any]) -> str:
+    """``index.html`` for this beat's ``status`` and the other daemons' heartbeat files."""
+    return render(read_instances(state_folder / "instances", status))
 
 
 def render(instances: list[dict[str, Any]]) -> str:
