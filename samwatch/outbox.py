@@ -214,7 +214,10 @@ class JobOutputs:
             raise
         for suffix in EXTRA_SUFFIXES:
             if suffix not in extras:
-                self._path(suffix).unlink(missing_ok=True)
+                try:
+                    self._path(suffix).unlink()
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # not there, or not even its folder: nothing stale to remove
 
     def failed(self, error: dict[str, Any] | None, percent: float, message: str) -> None:
         # One outcome per content version: a stale result of an earlier version goes, its
