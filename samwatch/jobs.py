@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from loguru import logger
 
@@ -96,6 +97,45 @@ class Progress:
         self.stage, self.percent = stage, percent
 
 
+@dataclass
+class Prepared:
+    """A job between its phases: what reading found, then what the device run added."""
+
+    ticket: JobTicket
+    progress: Progress
+    sidecar: Sidecar
+    model_type: str
+    weights_name: str
+    image_rel: str
+    media: Media
+    spec: LoadSpec
+    pixels: np.ndarray | None  # a single image, already read and converted to RGB
+    timings: dict[str, float]
+    started: float
+    adapter: Any = None
+    encoder: str = "eager"  # what encoded the image, for provenance
+
+
+def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
+    """What any failure inside a job becomes: its outcome, never an exception for the daemon."""
+    if isinstance(exc, JobCancelled):
+        return Outcome("cancelled", error=exc)
+    if isinstance(exc, JobError):
+        return Outcome("failed", error=exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return Outcome("failed", error=JobError(
+            "out_of_memory",
+            "The device ran out of memory for this job; use a smaller model, fewer frames or prompts, or device: cpu.",
+        ))
+    # a bug must fail its job, never the daemon
+    logger.error(f"job {ticket.job_id} internal error: {exc!r}\n{''.join(traceback.format_exception(exc))}")
+    return Outcome("failed", error=JobError(
+        "internal_error",
+        f"samwatch failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); the log has the details. "
+        "Please report it with the sidecar.",
+    ))
+
+
 class JobRunner:
     """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
 
@@ -107,25 +147,16 @@ class JobRunner:
         self.prompt_batch_size = prompt_batch_size or default_prompt_batch_size(pool.device)
 
     def run(self, ticket: JobTicket, progress: Progress) -> Outcome:
+        """The three phases of a job one after another (pipeline.py overlaps them across jobs)."""
         started = time.perf_counter()
         try:
-            outcome = self._run(ticket, progress, started)
-        except JobCancelled as exc:
-            outcome = Outcome("cancelled", error=exc)
-        except JobError as exc:
-            outcome = Outcome("failed", error=exc)
-        except torch.cuda.OutOfMemoryError:
-            outcome = Outcome("failed", error=JobError(
-                "out_of_memory",
-                "The device ran out of memory for this job; use a smaller model, fewer frames or prompts, or device: cpu.",
-            ))
-        except Exception as exc:  # a bug must fail its job, never the daemon
-            logger.error(f"job {ticket.job_id} internal error: {exc!r}\n{traceback.format_exc()}")
-            outcome = Outcome("failed", error=JobError(
-                "internal_error",
-                f"samwatch failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); the log has the details. "
-                "Please report it with the sidecar.",
-            ))
+            prepared = self.prepare(ticket, progress)
+            if isinstance(prepared, Outcome):
+                outcome = prepared
+            else:
+                outcome = self.finish(prepared, self.infer(prepared))
+        except Exception as exc:
+            outcome = outcome_of_error(ticket, exc)
         outcome.seconds = time.perf_counter() - started
         return outcome
 
@@ -138,7 +169,10 @@ class JobRunner:
             return ticket.image
         return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image)
 
-    def _run(self, ticket: JobTicket, progress: Progress, started: float) -> Outcome:
+    def prepare(self, ticket: JobTicket, progress: Progress) -> Prepared | Outcome:
+        """Phase 1, CPU: sidecar, image opened (a single image read and converted), weights
+        requested; an ``Outcome`` when the job must wait for its weights."""
+        started = time.perf_counter()
         timings: dict[str, float] = {}
         progress("reading", 0.0)
         if ticket.sidecar is None:
@@ -148,6 +182,7 @@ class JobRunner:
         adapter_class(model_type)  # a missing model package fails before the image is read
         image_rel = self.image_path(ticket, sidecar)
         media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
+        pixels = media.frame(0) if media.n_frames == 1 and sidecar.mode != "video" else None
         timings["read"] = time.perf_counter() - started
 
         spec = self.registry.request(model_type, weights_name)
@@ -159,34 +194,40 @@ class JobRunner:
                 f"downloading weights {weights_name} for {model_type}: {spec.percent:.0f}%",
             )
             return Outcome("waiting", waiting_for=(model_type, weights_name))
+        return Prepared(ticket, progress, sidecar, model_type, weights_name, image_rel, media, spec, pixels,
+                        timings, started)
 
-        progress("loading model", 0.0)
+    def infer(self, job: Prepared) -> Iterator[Detection]:
+        """Phase 2, the device: the model loaded and run; detections as they come (each mask
+        becomes its feature and is dropped, so a job holds one prompt batch of masks at a time)."""
+        job.progress("loading model", 0.0)
         load_started = time.perf_counter()
-        adapter = self.pool.get(spec)
-        timings["load"] = time.perf_counter() - load_started
-
-        infer_started = time.perf_counter()
+        job.adapter = self.pool.get(job.spec)
+        job.timings["load"] = time.perf_counter() - load_started
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
-            # Each mask becomes its feature as it comes and is dropped, so a job holds one
-            # prompt batch of masks at a time however many prompts its sidecar has.
-            detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch))
-            features = self._features(detections, sidecar, model_type, media, timings)
-        timings["inference"] = time.perf_counter() - infer_started - timings["geometry"]
+            yield from self._infer(job, Path(scratch))
+        job.encoder = getattr(job.adapter, "encoder_path", "eager")  # before another job can use it
 
-        progress("writing", 0.0)
-        timings["total"] = time.perf_counter() - started
-        meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features))
-        progress.outputs.write_result(feature_collection(features, meta))
+    def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
+        """Phase 3, CPU: features traced as detections arrive, the result written."""
+        traced_started = time.perf_counter()
+        features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings)
+        timings = job.timings
+        timings["inference"] = time.perf_counter() - traced_started - timings["geometry"] - timings.get("load", 0.0)
+        job.progress("writing", 0.0)
+        timings["total"] = time.perf_counter() - job.started
+        meta = self._meta(job, timings, len(features))
+        job.progress.outputs.write_result(feature_collection(features, meta))
+        media = job.media
         summary = (
-            f"job {ticket.job_id} done model={model_type} weights={weights_name} size={media.width}x{media.height}"
-            f"{'x' + str(media.n_frames) if media.n_frames > 1 else ''} features={len(features)} "
-            f"seconds={timings['total']:.2f}"
+            f"job {job.ticket.job_id} done model={job.model_type} weights={job.weights_name} "
+            f"size={media.width}x{media.height}{'x' + str(media.n_frames) if media.n_frames > 1 else ''} "
+            f"features={len(features)} seconds={timings['total']:.2f}"
         )
         return Outcome("done", features=len(features), summary=summary)
 
-    def _infer(
-        self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path
-    ) -> Iterator[Detection]:
+    def _infer(self, job: Prepared, scratch: Path) -> Iterator[Detection]:
+        adapter, sidecar, media, ticket, progress = job.adapter, job.sidecar, job.media, job.ticket, job.progress
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
         if sidecar.mode == "video":
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
@@ -199,7 +240,8 @@ class JobRunner:
             # A stack without a video block: every plane is segmented as an image.
             frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
             ctx = RunContext(
-                sidecar=sidecar, image=media.frame(frame_index), image_key=f"{base_key}:{frame_index}",
+                sidecar=sidecar, image=job.pixels if job.pixels is not None else media.frame(frame_index),
+                image_key=f"{base_key}:{frame_index}",
                 prompt_masks=masks, progress=frame_progress, prompt_batch_size=self.prompt_batch_size,
                 scratch_dir=scratch,
             )
@@ -254,23 +296,21 @@ class JobRunner:
             ))
         return features
 
-    def _meta(
-        self, ticket: JobTicket, sidecar: Sidecar, spec: LoadSpec, adapter: Any, media: Media,
-        image_rel: str, timings: dict[str, float], n_features: int,
-    ) -> dict[str, Any]:
+    def _meta(self, job: Prepared, timings: dict[str, float], n_features: int) -> dict[str, Any]:
+        ticket, sidecar, spec, media = job.ticket, job.sidecar, job.spec, job.media
         return {
             "version": __version__,
             "job": ticket.job_id,
             "model": spec.model_type,
             "weights": {
                 "name": spec.weights_name, "sha256": spec.sha256, "source": spec.source,
-                "config": getattr(adapter, "config_used", spec.config),
+                "config": getattr(job.adapter, "config_used", spec.config),
             },
             "device": describe(self.pool.device),
-            "image_encoder": getattr(adapter, "encoder_path", "eager"),  # e.g. onnxruntime, or eager
+            "image_encoder": job.encoder,  # e.g. onnxruntime, sdpa+bf16, or eager
             "host": self.config.service.instance,
             "image": {
-                "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
+                "path": job.image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
                 "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,
                 **({"slide": media.slide} if media.slide else {}),
             },
