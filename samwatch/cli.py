@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from samwatch import __version__
-from samwatch.config import Config, config_path_from, load_config
+from samwatch.config import Config, config_path_from, load_config, outbox_named_by
 from samwatch.errors import ConfigError
 from samwatch.logs import setup_logging
 
@@ -59,9 +60,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _status_outbox(args: argparse.Namespace) -> Path:
+    """The outbox to read: --outbox, else the config's, even when the config has an error.
+
+    A daemon whose config became invalid keeps running on its old one, and that is exactly when
+    its status is wanted: the outbox is then read from the file as far as it can be.
+    """
+    if args.outbox is not None:
+        return args.outbox
+    try:
+        return _load(args).outbox
+    except ConfigError as exc:
+        print(f"samwatch: the config has an error (the daemon keeps its old one): {exc}", file=sys.stderr)
+        return outbox_named_by(args.config)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
-    path = config.outbox / "_samwatch" / "status.json"
+    path = _status_outbox(args) / "_samwatch" / "status.json"
     try:
         status = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -139,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[common], help="what the daemon is doing (from the outbox heartbeat)")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--outbox", type=Path, default=None, help="read this outbox's heartbeat (no config needed: e.g. the share)"
+    )
     status.set_defaults(func=cmd_status)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the sidecar or the config")
@@ -152,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()  # the daemon's format for every command; `run` then applies the config's level
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
@@ -161,3 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `samwatch status | head`: the reader has gone, which is not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -263,6 +263,18 @@ def config_path_from(given: Path | None) -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
 
 
+def outbox_named_by(path: Path | None) -> Path:
+    """The outbox a config file names, read from the file alone: for a config with errors elsewhere."""
+    if path is None:
+        return Config().resolved(Path.cwd()).outbox
+    try:
+        value = read_yaml_mapping(path, MAX_CONFIG_BYTES).get("outbox", Config.model_fields["outbox"].default)
+    except (OSError, ValueError, yaml.YAMLError):
+        value = Config.model_fields["outbox"].default
+    outbox = Path(value) if isinstance(value, str | Path) else Config.model_fields["outbox"].default
+    return outbox if outbox.is_absolute() else (path.resolve().parent / outbox).resolve()
+
+
 def load_config(path: Path | None, *, check_files: bool = True) -> Config:
     """The config from ``path`` (or the defaults), validated; raises ConfigError."""
     if path is None:

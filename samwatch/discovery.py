@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from samwatch.errors import JobError
 from samwatch.media import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
-from samwatch.watcher import is_ignored_name, unusable_name
+from samwatch.watcher import is_ignored_path, unusable_name
 
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MASK_MARK = ".mask"
@@ -129,7 +129,7 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
                 file=sidecar_rel, field="image",
             )
         # Files samwatch never watches would keep the job waiting for them forever.
-        if any(is_ignored_name(part) for part in rel.split("/")):
+        if is_ignored_path(rel):
             raise JobError(
                 "image_not_found",
                 f"The image {image_ref!r} has a name starting with '.' or '_', which samwatch ignores; rename it.",
@@ -182,7 +182,8 @@ def find_jobs(
     files: Collection[str],
     image_ref_of: Callable[[str], str | None],
 ) -> list[JobSource]:
-    """Every job the inbox's files define (ready or not)."""
+    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none."""
+    files = [rel for rel in files if not is_ignored_path(rel)]
     jobs: list[JobSource] = []
     claimed: set[str] = set()
     images = index_images(files)

@@ -516,6 +516,27 @@ def class_color(name: str) -> list[int]:
     return [round(c * 255) for c in colorsys.hsv_to_rgb(hue, saturation, value)]
 
 
+#: property -> its QuPath measurement name. QuPath's "Import objects" keeps only name, color,
+#: classification, isLocked, measurements and metadata of a feature's properties, so scores
+#: must also be measurements to survive the import (and be filterable there).
+QUPATH_MEASUREMENTS = {
+    "quality": "SAM quality",
+    "stability_score": "SAM stability score",
+    "object_idx": "SAM object index",
+    "prompt_idx": "SAM prompt index",
+    "mask_idx": "SAM mask index",
+    "obj_id": "SAM object id",
+    "frame": "SAM frame",
+}
+
+
+def qupath_measurements(properties: dict[str, Any]) -> dict[str, float]:
+    return {
+        name: value for key, name in QUPATH_MEASUREMENTS.items()
+        if isinstance(value := properties.get(key), int | float) and not isinstance(value, bool)
+    }
+
+
 def make_feature(
     geometry: dict[str, Any],
     *,
@@ -529,7 +550,9 @@ def make_feature(
 
     ``plane`` (e.g. ``{"c": -1, "z": 0, "t": 3}``) goes inside the geometry, where QuPath
     and samapi put it. ``properties`` adds caller fields (object_idx, quality, ...); it may
-    not redefine ``objectType`` or ``classification``, which come from the arguments.
+    not redefine ``objectType`` or ``classification``, which come from the arguments. The
+    scores and indices among them are repeated as QuPath ``measurements``, and a feature with
+    a quality gets the ``name`` QuPath's SAM extension gives its objects.
     """
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
@@ -540,10 +563,14 @@ def make_feature(
     geometry = dict(geometry) if plane is None else {**geometry, "plane": dict(plane)}
     colour = class_color(label) if color is None else list(color)
     classification = {"name": label, "color": colour}
+    measurements = qupath_measurements(extra)
+    qupath: dict[str, Any] = {"measurements": measurements} if measurements else {}
+    if "SAM quality" in measurements:
+        qupath["name"] = f"SAM (Quality={extra['quality']:.2f})"
     return {
         "type": "Feature",
         "geometry": geometry,
-        "properties": {"objectType": object_type, "classification": classification, **extra},
+        "properties": {"objectType": object_type, "classification": classification, **qupath, **extra},
     }
 
 

@@ -45,6 +45,11 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
+def is_ignored_path(rel: str) -> bool:
+    """Whether any part of an inbox-relative path is ignored (``_done/p/c.yaml``, ``a/.tmp/b``)."""
+    return any(is_ignored_name(part) for part in rel.split("/") if part)
+
+
 def _frames_dir_state(path: str) -> FileState:
     """A folder of frames changes as a whole: total size and newest mtime of its entries."""
     size = 0
@@ -96,6 +101,8 @@ def scan_tree(root: Path, folder: str = "", skipped: dict[str, str] | None = Non
     stops the scan of the others.
     """
     found: dict[str, FileState] = {}
+    if is_ignored_path(folder):
+        return found  # e.g. an event inside inbox/_done/: nothing there is ever a job
     skipped = {} if skipped is None else skipped
     stack = [folder]
     while stack:
@@ -198,6 +205,8 @@ class EventSource:
                 parts = parts[: index + 1]
                 break
         folder = "/".join(parts[:-1])
+        if is_ignored_path(folder):
+            return
         with self._lock:
             self._dirty.add(folder)
 

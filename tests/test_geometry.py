@@ -487,6 +487,8 @@ def test_make_feature_puts_plane_in_geometry_and_colour_in_classification() -> N
         "properties": {
             "objectType": "detection",
             "classification": {"name": "cell", "color": class_color("cell")},
+            "name": "SAM (Quality=0.90)",
+            "measurements": {"SAM quality": 0.9, "SAM object index": 2},
             "object_idx": 2,
             "quality": 0.9,
         },

@@ -355,12 +355,14 @@ class WeightsRegistry:
         )
         try:
             sha = self._obtain(download, check)
+        # The reason is logged once, by whoever receives the error: each waiting job's summary
+        # line, or the CLI's fetch; here only the event.
         except JobError as error:
-            logger.warning("weights {}/{}: {}", entry.type, entry.name, error.message)
+            logger.info("weights {}/{}: download stopped ({})", entry.type, entry.name, error.code)
             self._finish(download, error)
         except OSError as exc:  # network errors are JobErrors by now: this is the local disk
             reason = f"cannot write into {download.target.parent} ({exc.strerror or exc})"
-            logger.warning("weights {}/{}: {}", entry.type, entry.name, reason)
+            logger.info("weights {}/{}: download stopped (local disk)", entry.type, entry.name)
             self._finish(download, download_failed(entry, reason))
         except Exception as exc:  # a bug must fail the waiting jobs, not leave them waiting forever
             logger.exception("weights {}/{}: the download crashed", entry.type, entry.name)
