@@ -100,6 +100,7 @@ class Speed:
             weights=[{"name": "default", "type": model, "path": str(self.checkpoint)}],
         )
         self.config.inbox.mkdir(parents=True)
+        self.config.outbox.mkdir(parents=True)
         self.registry = WeightsRegistry(self.config.weights, self.config.state_dir)
         self.pool = ModelPool(self.device, self.config.models, cache_dir=self.config.state_dir / "encoders")
         self.runner = JobRunner(self.config, self.registry, self.pool)

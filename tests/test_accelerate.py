@@ -140,6 +140,9 @@ def test_onnxruntime_sam2_encoder_matches_eager(sam2_t_checkpoint: Path, tmp_pat
     with torch.inference_mode():
         expected, got = eager_encoder(image), adapter.model.image_encoder(image)
     assert adapter.encoder_path == "onnxruntime"
+    state = adapter.model.state_dict()  # the wrapper is invisible: a copy of the model loads it
+    assert not any(".eager." in key for key in state)
+    adapter.model.load_state_dict(state)
     assert sorted(got) == sorted(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
