@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_core import boxes, real_image  # noqa: E402
+from bench_geometry import best_times  # noqa: E402
 
 from samwatch.config import Config  # noqa: E402
 from samwatch.geometry import iou, mask_to_geometry  # noqa: E402
@@ -55,16 +54,6 @@ from samwatch.pipeline import JobPipeline  # noqa: E402
 from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 
 HYPERNETWORK_GAIN = 200.0
-
-
-def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    best = [math.inf] * len(fns)
-    for _ in range(repeats):
-        for index, fn in enumerate(fns):
-            started = time.perf_counter()
-            fn()
-            best[index] = min(best[index], time.perf_counter() - started)
-    return best
 
 
 def conditioned_checkpoint(model: str, path: Path) -> None:
@@ -134,7 +123,7 @@ class Speed:
 def encode_section(speed: Speed, repeats: int, with_compile: bool) -> None:
     image = np.asarray(Image.open(speed.config.inbox / "img0.png").convert("RGB"))
     fast = speed.adapter.predictor
-    eager_s, fast_s = best_of([lambda: speed.eager.set_image(image), lambda: fast.set_image(image)], repeats)
+    eager_s, fast_s = best_times([lambda: speed.eager.set_image(image), lambda: fast.set_image(image)], repeats)
     prompts = boxes(20, seed=3)
     with torch.inference_mode():
         speed.eager.set_image(image)
@@ -155,7 +144,7 @@ def encode_section(speed: Speed, repeats: int, with_compile: bool) -> None:
             started = time.perf_counter()
             compiled(x)
             first = time.perf_counter() - started
-            eager_e, compiled_e = best_of([lambda: encoder(x), lambda: compiled(x)], repeats)
+            eager_e, compiled_e = best_times([lambda: encoder(x), lambda: compiled(x)], repeats)
         print(f"   torch.compile: first call {first:.1f} s, then {compiled_e:.3f} s vs eager {eager_e:.3f} s: "
               f"{compiled_e / eager_e:.2f}x ({compiled.path})")
 
@@ -168,7 +157,7 @@ def job_section(speed: Speed, repeats: int) -> None:
         ticket = speed.sidecar("twenty", "img0.png", prompts)
         speed.job(JobTicket(ticket.job_id, ticket.sidecar, ticket.image, f"fresh{next(counter)}", ticket.version))
 
-    samapi_s, ours_s = best_of([lambda: speed.samapi_loop("img0.png", prompts), ours], repeats)
+    samapi_s, ours_s = best_times([lambda: speed.samapi_loop("img0.png", prompts), ours], repeats)
     result = json.loads((speed.config.outbox / "twenty.geojson").read_text())
     timings = result["samwatch"]["timings"]
     print(f"2. 20-box job {ours_s:.3f} s vs samapi-style loop {samapi_s:.3f} s: {ours_s / samapi_s:.2f}x "
@@ -207,7 +196,7 @@ def geometry_section() -> None:
         mask = np.zeros((side, side), bool)
         rr, cc = draw.ellipse(side // 2, side // 2, 60, 90, shape=mask.shape)
         mask[rr, cc] = True
-        times.append(best_of([lambda m=mask: mask_to_geometry(m)], 5)[0])
+        times.append(best_times([lambda m=mask: mask_to_geometry(m)], 5)[0])
     print(f"4. one 180x120 px object traced in frames of 1024² / 4096² / 8192²: "
           + " / ".join(f"{t * 1e3:.2f} ms" for t in times)
           + f" ({times[-1] / times[0]:.1f}x for 64x the pixels: the frame costs only a bounding-box scan)")
@@ -216,7 +205,7 @@ def geometry_section() -> None:
         rng.integers(0, 10**5, (1000, 2)).tolist()]}, "properties": {"object_idx": i, "quality": 0.9}}
         for i in range(1000)]
     collection = {"type": "FeatureCollection", "features": features}
-    slow, fast = best_of([lambda: json.dumps(collection, separators=(",", ":")).encode(),
+    slow, fast = best_times([lambda: json.dumps(collection, separators=(",", ":")).encode(),
                           lambda: orjson.dumps(collection)], 3)
     print(f"   GeoJSON of 10⁶ vertices: orjson {fast * 1e3:.0f} ms vs json {slow * 1e3:.0f} ms: {slow / fast:.1f}x faster")
 
