@@ -37,7 +37,7 @@ from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
 from samwatch.media import content_hash  # noqa: E402
 from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool  # noqa: E402
-from samwatch.models.registry import WeightsRegistry  # noqa: E402
+from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 from samwatch.models import sam1  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
 from samwatch.outbox import JobOutputs  # noqa: E402

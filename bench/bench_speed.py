@@ -107,8 +107,11 @@ class Speed:
         return JobTicket(name, f"{name}.yaml", image, None, name)
 
     def job(self, ticket: JobTicket) -> None:
-        outcome = self.runner.run(ticket, Progress(JobOutputs(self.config.outbox, ticket.job_id), threading.Event()))
+        """One job as the daemon runs it: the runner's phases, then the result written."""
+        outputs = JobOutputs(self.config.outbox, ticket.job_id)
+        outcome = self.runner.run(ticket, Progress(outputs, threading.Event()))
         assert outcome.state == "done", outcome.error
+        outputs.done(outcome.result, outcome.summary)
 
     def samapi_loop(self, image_name: str, prompts: list[list[float]]) -> None:
         image = np.asarray(Image.open(self.config.inbox / image_name).convert("RGB"))
@@ -176,11 +179,15 @@ def burst_section(speed: Speed, count: int) -> None:
         speed.job(ticket)
     singles = time.perf_counter() - started
     outcomes: list[Outcome] = []
+
+    def write(ticket: JobTicket, outcome: Outcome) -> None:  # as the daemon does on each outcome
+        outcomes.append(outcome)
+        JobOutputs(speed.config.outbox, ticket.job_id).done(outcome.result, outcome.summary)
+
     pipeline = JobPipeline(speed.runner)
     started = time.perf_counter()
     for ticket in fresh("piped"):
-        pipeline.submit(ticket, Progress(JobOutputs(speed.config.outbox, ticket.job_id), threading.Event()),
-                        lambda _ticket, outcome: outcomes.append(outcome))
+        pipeline.submit(ticket, Progress(JobOutputs(speed.config.outbox, ticket.job_id), threading.Event()), write)
     pipeline.close()
     piped = time.perf_counter() - started
     assert [o.state for o in outcomes] == ["done"] * count, [o.error for o in outcomes if o.error]

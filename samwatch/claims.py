@@ -18,6 +18,9 @@ from pathlib import Path
 
 from samwatch.outbox import atomic_write_json
 
+#: a claim still unreadable this long after it was created was cut short (a full disk)
+HALF_WRITTEN_SECONDS = 2.0
+
 
 class ClaimStore:
     def __init__(self, folder: Path, instance: str, ttl: float, *, wallclock=time.time) -> None:
@@ -46,15 +49,22 @@ class ClaimStore:
 
     def try_claim(self, job_id: str, version: str) -> bool:
         lock = self._lock(job_id, version)
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 if not self._take_over_if_stale(lock):
                     return False
                 continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"owner": self.instance, "job": job_id, "claimed": self._wallclock()}, handle)
+            except FileNotFoundError:  # our folder was removed (rm -rf outbox): it comes back
+                self.folder.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump({"owner": self.instance, "job": job_id, "claimed": self._wallclock()}, handle)
+            except OSError:
+                lock.unlink(missing_ok=True)  # if this fails too, the half-written claim is replaced later
+                raise
             return True
         return False
 
@@ -75,12 +85,25 @@ class ClaimStore:
             return False
         return False
 
+    @staticmethod
+    def _half_written(lock: Path, age: float) -> bool:
+        """A claim left unreadable when the disk filled: its writer would have finished in microseconds."""
+        if age < HALF_WRITTEN_SECONDS:
+            return False
+        try:
+            json.loads(lock.read_text())
+        except ValueError:
+            return True
+        except OSError:
+            return False
+        return False
+
     def _take_over_if_stale(self, lock: Path) -> bool:
         try:
             age = self._wallclock() - lock.stat().st_mtime
         except FileNotFoundError:
             return True
-        if age < self.ttl and not self._owner_is_dead(lock):
+        if age < self.ttl and not self._owner_is_dead(lock) and not self._half_written(lock, age):
             return False
         try:
             os.rename(lock, lock.with_name(f"{lock.name}.stale-{secrets.token_hex(4)}"))
@@ -93,7 +116,7 @@ class ClaimStore:
     def refresh(self, job_id: str, version: str) -> None:
         try:
             os.utime(self._lock(job_id, version))
-        except FileNotFoundError:
+        except OSError:  # gone or read-only: the next refresh tries again, the job goes on
             pass
 
     def release(self, job_id: str, version: str, state: str | None) -> None:

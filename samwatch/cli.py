@@ -32,14 +32,18 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from samwatch.daemon import Daemon
+    from samwatch.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
 
     config = _load(args)
     setup_logging(config.log_level)
     try:
-        daemon = Daemon(config, config_path=args.config, threaded=not args.once)
+        daemon = Daemon.from_config(config, config_path=args.config, threaded=not args.once)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
+        return 2
+    except LedgerUnreadable as exc:
+        print(f"samwatch: {exc}", file=sys.stderr)
         return 2
     daemon.install_signal_handlers()
     if args.once:
@@ -84,17 +88,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     updated = datetime.fromisoformat(status["updated"])
     age = (datetime.now(timezone.utc) - updated).total_seconds()
-    stale = age > 3 * float(status.get("heartbeat_seconds", 5)) + 5
+    stopped = status["state"] == "stopped"  # a clean stop is not a hang
+    stale = not stopped and age > 3 * float(status.get("heartbeat_seconds", 5)) + 5
     if args.json:
         print(json.dumps({**status, "age_seconds": round(age, 1), "stale": stale}, indent=2))
-        return 1 if stale else 0
+        return 1 if stale or stopped else 0
     print(f"samwatch {status['version']} on {status['instance']} (pid {status['pid']}), device {status['device']}")
     heartbeat = f"last heartbeat {age:.0f} s ago"
     print(f"state: {status['state']}; {heartbeat}" + ("  -- STALE: the daemon is not running or is hung" if stale else ""))
     queue = status["queue"]
     print(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
-    current = status.get("current")
-    if current:
+    executor = status.get("executor", {})
+    print(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
+    for worker in status.get("workers", []):
+        loaded = ", ".join(f"{m['type']}/{m['weights']}" for m in worker.get("loaded_models", [])) or "no models"
+        print(f"  worker {worker['name']} on {worker['host']} {worker['device']}, {worker['memory_mb']} MB, {loaded}")
+    for current in status.get("running") or ([status["current"]] if status.get("current") else []):
         print(f"running: {current['job']} {current['stage']} {current['percent']}% ({current['seconds']} s)")
     models = ", ".join(f"{m['type']}/{m['weights']}" for m in status.get("loaded_models", [])) or "none"
     print(f"loaded models: {models}")
@@ -110,7 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("recent failures:")
         for failure in failures[-10:]:
             print(f"  {failure['at']} {failure['job']}: {failure['error']}: {failure['message']}")
-    return 1 if stale else 0
+    return 1 if stale or stopped else 0
 
 
 def _other_instances(folder: Path, own: str | None) -> list[tuple[str, str, float]]:

@@ -114,6 +114,11 @@ class ModelSettings(StrictModel):
         None, gt=0, description="Evict loaded models beyond this many MB of parameters; none: max_loaded only."
     )
     embedding_cache: int = Field(4, ge=0, description="Image embeddings kept per model for re-runs.")
+    tile_embedding_cache_mb: int = Field(
+        2048, ge=0,
+        description="Disk space in state_dir for embeddings of tiles and prompt windows of large images "
+        "(least recently used evicted); 0: none kept.",
+    )
     prompt_batch_size: int | None = Field(
         None, ge=1, description="Prompts decoded per batch; none: chosen per model and device (1 on CPU)."
     )
@@ -180,7 +185,11 @@ class Config(StrictModel):
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
     state_dir: Path = Path(".samwatch")
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.")
+    device: str | list[str] = Field(
+        "auto",
+        description="auto (every visible GPU, else mps, else cpu), cuda, cuda:N, mps or cpu; or a list, "
+        "one job slot per entry ([cuda:0, cuda:1]; [cpu, cpu] runs two CPU jobs at once).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     watch: WatchSettings = WatchSettings()
     defaults: DefaultSettings = DefaultSettings()
@@ -194,9 +203,13 @@ class Config(StrictModel):
 
     @field_validator("device")
     @classmethod
-    def _check_device(cls, value: str) -> str:
-        if not _DEVICE_RE.match(value):
-            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+    def _check_device(cls, value: str | list[str]) -> str | list[str]:
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ValueError("a device list needs at least one entry")
+        for item in items:
+            if not _DEVICE_RE.match(item) or (isinstance(value, list) and item == "auto"):
+                raise ValueError(f"{item!r}: must be auto, cpu, mps, cuda or cuda:N (a list names devices, not auto)")
         return value
 
     @field_validator("weights")

@@ -1,23 +1,19 @@
-"""The daemon loop: watch, queue, dispatch one job at a time, record, report.
+"""The daemon loop: watch, queue, dispatch to the executor, record, report.
 
-``Daemon.step(now)`` is one deterministic pass (tests drive it directly); ``run_forever``
-repeats it. Signal handlers only set flags that the next step reads. Jobs run in one worker
-thread so the loop keeps watching the inbox, writing queued jobs' progress files, and
-beating the heartbeat while a long job runs; with ``threaded=False`` (``run --once`` and
-tests) a job runs inside the step.
+``Daemon.step(now)`` is one deterministic pass (tests drive it in-process with a fake
+executor); ``run_forever`` repeats it. Signal handlers only set flags that the next step
+reads. The daemon is built from its collaborators (``Daemon.from_config`` wires the real
+ones): the ledger is the truth, ``queueing`` turns files into queued versions,
+``dispatch`` hands them to the executor, ``outcomes`` records what became of them and
+``status`` reports it all.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import queue
 import signal
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +22,25 @@ from loguru import logger
 from samwatch import __version__
 from samwatch.claims import ClaimStore
 from samwatch.config import Config, load_config, restart_only_changes
-from samwatch.discovery import JobSource, find_jobs, is_folder_defaults
-from samwatch.errors import ConfigError, JobError
-from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress, move_inputs
-from samwatch.ledger import JobRow, Ledger
-from samwatch.media import content_hash
-from samwatch.models.device import describe, pick_device
+from samwatch.dispatch import Dispatcher, StopKind, StopRequest
+from samwatch.errors import ConfigError
+from samwatch.executors.base import Executor, Finished
+from samwatch.executors.local import LocalExecutor
+from samwatch.ledger import ACTIVE_STATES, Ledger
+from samwatch.models.device import pick_devices
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
-from samwatch.outbox import STATE_FOLDER, JobOutputs, atomic_write_json, now_iso, sweep_temporaries
-from samwatch.job_sidecar import load_job_sidecar
+from samwatch.outbox import SPOOL_FOLDER, Outbox, sweep_temporaries
+from samwatch.outcomes import OutcomeRecorder
+from samwatch.queueing import JobQueue
+from samwatch.status import StatusReporter
+from samwatch.input_facts import InputFacts
 from samwatch.watcher import Watcher
+
+#: status.json is rewritten at the end of a step in which a job changed state (and on every
+#: heartbeat), but not more often than this: a burst of tiny jobs must not write it per job
+STATUS_MIN_GAP_SECONDS = 0.2
 
 
 @dataclass
@@ -49,89 +52,91 @@ class Flags:
     reload: bool = False
 
 
-@dataclass
-class Running:
-    ticket: JobTicket
-    row: JobRow
-    progress: Progress
-    cancel: threading.Event
-    started: float
-    cancel_reason: str = ""
-
-
-@dataclass
-class RunStats:
-    done: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    recent_failures: deque = field(default_factory=lambda: deque(maxlen=20))
-
-
-class Worker(threading.Thread):
-    """Runs tickets one at a time; results come back through ``results``."""
-
-    def __init__(self) -> None:
-        super().__init__(name="samwatch-worker", daemon=True)
-        self.tickets: queue.Queue[tuple[JobRunner, JobTicket, Progress] | None] = queue.Queue()
-        self.results: queue.Queue[tuple[JobTicket, Outcome]] = queue.Queue()
-
-    def run(self) -> None:
-        while (item := self.tickets.get()) is not None:
-            runner, ticket, progress = item
-            self.results.put((ticket, runner.run(ticket, progress)))
-
-
 class Daemon:
     def __init__(
         self,
         config: Config,
         *,
-        config_path: Path | None = None,
+        ledger: Ledger,
+        registry: Any,
+        claims: ClaimStore,
+        watcher: Watcher,
+        executor: Executor,
+        outbox: Outbox,
         clock: Callable[[], float] = time.monotonic,
-        threaded: bool = True,
+        config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
+        facts: InputFacts | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.clock = clock
-        self.threaded = threaded
         self.flags = Flags()
         self.notifier = notifier or SystemdNotifier()
-        self.stats = RunStats(recent_failures=deque(maxlen=config.service.recent_failures or 1))
         self.config_error: str | None = None
-        self.started_at = now_iso()
+        self.ledger = ledger
+        self.registry = registry
+        self.claims = claims
+        self.watcher = watcher
+        self.executor = executor
+        self.outbox = outbox
+        self.dispatcher = Dispatcher(executor, ledger, claims, outbox, clock)
+        self.facts = facts or InputFacts(config, ledger, threaded=False)
+        self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
+        self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
+        self.reporter = StatusReporter(self)
+        self.workers: list[dict[str, Any]] = executor.workers()
         self._config_mtime = self._stat_config()
+        self._next_heartbeat = float("-inf")
+        self._next_claim_refresh = float("-inf")
+        self._status_dirty = False
+        self._status_written = float("-inf")
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        threaded: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        notifier: SystemdNotifier | None = None,
+    ) -> Daemon:
+        """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``."""
         for folder in (config.inbox, config.outbox, config.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.status_dir = config.outbox / STATE_FOLDER
-        self.status_dir.mkdir(parents=True, exist_ok=True)
-        swept = sweep_temporaries(config.outbox)
+        outbox = Outbox(config.outbox, spool=config.state_dir / SPOOL_FOLDER, clock=clock)
+        outbox.ensure_folders()
+        try:
+            swept = sweep_temporaries(config.outbox)
+        except OSError as exc:  # a read-only outbox: they are swept at the next start
+            outbox.note_failure(exc)
+            swept = 0
         if swept:
             logger.info(f"removed {swept} temporary files left by an earlier run")
-        self.device = pick_device(config.device)
-        self.ledger = Ledger(config.state_dir / "ledger.sqlite3")
-        recovered = self.ledger.recover()
-        if recovered:
-            logger.info(f"{recovered} interrupted jobs queued again")
-        self.registry = WeightsRegistry(config.weights, config.state_dir)
-        self.pool = ModelPool(self.device, config.models, cache_dir=config.state_dir / "encoders")
-        self.claims = ClaimStore(self.status_dir / "claims", config.service.instance, config.service.claim_ttl_seconds)
-        self.watcher = Watcher(
+        devices = pick_devices(config.device)
+        ledger = Ledger(config.state_dir / "ledger.sqlite3")
+        interrupted = ledger.jobs_in(("running",))
+        if ledger.recover():
+            logger.info(f"{len(interrupted)} interrupted jobs queued again")
+            for row in interrupted:
+                outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
+        registry = WeightsRegistry(config.weights, config.state_dir)
+        pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in devices]
+        executor = LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
+        claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
+        watcher = Watcher(
             config.inbox,
             mode=config.watch.mode,
             settle_seconds=config.watch.settle_seconds,
             poll_interval=config.watch.poll_interval_seconds,
             rescan_interval=config.watch.rescan_interval_seconds,
         )
-        self.worker = Worker() if threaded else None
-        if self.worker is not None:
-            self.worker.start()
-        self.running: Running | None = None
-        self._image_refs: dict[str, tuple[Any, str | None]] = {}  # sidecar -> (file state, image key)
-        self._known_jobs: dict[str, JobSource] = {}
-        self._next_heartbeat = float("-inf")
-        self._busy_elsewhere: dict[str, float] = {}
-        self._waiting_on: dict[str, tuple[str, str] | None] = {}
+        return cls(
+            config, ledger=ledger, registry=registry, claims=claims, watcher=watcher, executor=executor,
+            outbox=outbox, clock=clock, config_path=config_path, notifier=notifier,
+            facts=InputFacts(config, ledger, threaded=threaded),
+        )
 
     # ---- signals ----------------------------------------------------------------------
 
@@ -153,9 +158,10 @@ class Daemon:
     def _announce(self) -> None:
         # Logged when the loop starts, after the CLI set the signal handlers: "started" means
         # a SIGTERM from now on stops the daemon cleanly.
+        devices = ", ".join(worker["device"] for worker in self.workers)
         logger.info(
             f"samwatch {__version__} started inbox={self.config.inbox} outbox={self.config.outbox} "
-            f"device={describe(self.device)} watch={self.watcher.mode}"
+            f"executor={self.executor.kind} device={devices} watch={self.watcher.mode}"
         )
 
     def run_forever(self, *, grace_seconds: float = 60.0) -> None:
@@ -165,10 +171,10 @@ class Daemon:
             while not self.flags.stop:
                 try:
                     self.step(self.clock())
+                    self._collect(self._sleep_time())
                 except Exception as exc:  # the loop must outlive any one bad pass (a share hiccup, a bug)
                     logger.opt(exception=exc).error(f"daemon pass failed, retrying: {exc!r}")
                     time.sleep(1.0)
-                self._wait(self._sleep_time())
             self._stop(grace_seconds)
         finally:
             self.close()
@@ -179,29 +185,18 @@ class Daemon:
         try:
             while not self.flags.stop:
                 self.step(self.clock())
-                idle = self.running is None and not self.ledger.jobs_in(("queued", "waiting", "running"))
-                if idle and not self.watcher.pending:
+                idle = not self.dispatcher.running and not self.ledger.jobs_in(ACTIVE_STATES)
+                if idle and not self.watcher.pending and not self.facts.busy:
                     break
-                time.sleep(0.05)
+                self._collect(0.05)
             if self.flags.stop:
                 self._stop(0.0)
         finally:
             self.close()
-        return 1 if self.stats.failed else 0
-
-    def _wait(self, timeout: float) -> None:
-        """Sleep until the next pass, waking at once when the running job ends."""
-        if self.worker is None or self.running is None:
-            time.sleep(timeout)
-            return
-        try:
-            ticket, outcome = self.worker.results.get(timeout=timeout)
-        except queue.Empty:
-            return
-        self._record(ticket, outcome)
+        return 1 if self.recorder.stats.failed else 0
 
     def _sleep_time(self) -> float:
-        if self.watcher.pending or self.running is not None:
+        if self.watcher.pending or self.dispatcher.running or self.facts.busy:
             return 0.1
         return min(0.5, self.config.watch.poll_interval_seconds / 4)
 
@@ -210,241 +205,42 @@ class Daemon:
             self.flags.reload = False
             self.reload()
         changed, vanished = self.watcher.poll(now)
-        if changed or vanished:
-            self._discover(changed, vanished)
-        self._collect()
-        self._check_waiting()
+        arrived = self.facts.drain()
+        if changed or vanished or arrived:
+            self.queue.discover(changed, vanished, arrived)
+        self._collect(0.0)
+        self.outbox.retry()
+        self.recorder.check_waiting()
         if not self.flags.stop:
             self._dispatch(now)
-        self._collect()
+        self._collect(0.0)
+        if now >= self._next_claim_refresh:
+            self.dispatcher.refresh_claims()
+            self._next_claim_refresh = now + min(5.0, self.config.service.claim_ttl_seconds / 4)
         if now >= self._next_heartbeat:
             self.heartbeat()
-            self._next_heartbeat = now + self.config.service.heartbeat_seconds
-
-    # ---- discovery --------------------------------------------------------------------
-
-    def _image_ref(self, rel: str) -> str | None:
-        """The sidecar's ``image:`` key, if it can be read (errors surface when the job runs)."""
-        state = self.watcher.settled.get(rel)
-        cached = self._image_refs.get(rel)
-        if cached is not None and cached[0] == state:
-            return cached[1]
-        try:
-            ref = load_job_sidecar(self.config, rel, problems=[]).sidecar.image
-        except (OSError, JobError):
-            ref = None
-        self._image_refs[rel] = (state, ref)
-        return ref
-
-    def _hash(self, rel: str) -> str:
-        stamp = asdict(self.watcher.settled[rel])
-        cached = self.ledger.cached_hash(rel, **stamp)
-        if cached is None:
-            cached = content_hash(self.config.inbox / rel)
-            self.ledger.store_hash(rel, cached, **stamp)
-        return cached
-
-    def _discover(self, changed: set[str], vanished: set[str]) -> None:
-        settled = self.watcher.settled
-        files = set(settled) | self.watcher.pending
-        jobs = {job.job_id: job for job in find_jobs(self.config.inbox, files, self._image_ref)}
-        previous = self._known_jobs
-        for job_id in set(previous) - set(jobs):
-            self._forget(previous[job_id])
-        self._known_jobs = jobs
-        touched = changed | vanished
-        for path in vanished:
-            self._image_refs.pop(path, None)
-        for job in list(jobs.values()):
-            if job.job_id in previous and previous[job.job_id] == job and not (set(job.inputs) & touched):
-                continue  # nothing it depends on changed
-            if any(path not in settled for path in job.inputs):
-                continue  # something it needs is still being written
-            try:
-                self._enqueue(job)
-            except (OSError, JobError) as exc:  # vanished or unreadable since the scan
-                logger.warning(f"job {job.job_id} not queued yet: {exc}")
-                self._known_jobs.pop(job.job_id, None)
-
-    def _enqueue(self, job: JobSource) -> None:
-        hashes = [self._hash(path) for path in job.inputs]
-        version = hashlib.sha256("\n".join([*job.inputs, *hashes]).encode()).hexdigest()
-        sidecar = job.sidecar or job.defaults
-        group = job.job_id.split("/", 1)[0] if "/" in job.job_id else ""
-        image_sha = self._hash(job.image) if job.image else None
-        if self.ledger.upsert(
-            job.job_id, sidecar=sidecar, image=job.image, image_sha=image_sha, version=version,
-            priority=self._priority(job), grp=group,
-        ):
-            elsewhere = self.claims.finished_elsewhere(job.job_id, version)
-            if elsewhere is not None:  # another daemon on this share did it: its outputs stand
-                self.ledger.set_state(job.job_id, elsewhere, version=version)
-                return
-            logger.info(f"job {job.job_id} queued version={version[:12]}")
-            if self.running is not None and self.running.ticket.job_id == job.job_id:
-                self._cancel_running("its inputs changed; the new version runs next")
-            else:
-                JobOutputs(self.config.outbox, job.job_id).write_progress("queued", "queued", 0, "waiting for its turn")
-
-    def _priority(self, job: JobSource) -> int:
-        """The sidecar's priority, else its folder defaults', else the config's."""
-        try:
-            return load_job_sidecar(self.config, job.sidecar or job.defaults or "", problems=[]).priority
-        except (OSError, JobError):
-            return self.config.defaults.priority
-
-    def _forget(self, job: JobSource) -> None:
-        """Its sidecar (or image) is gone: a queued job is cancelled, a running one stopped."""
-        row = self.ledger.get(job.job_id)
-        if row is None or row.state not in ("queued", "waiting", "running"):
-            return
-        if self.running is not None and self.running.ticket.job_id == job.job_id:
-            self._cancel_running("its sidecar was removed")
-            return
-        self.ledger.set_state(job.job_id, "cancelled")
-        JobOutputs(self.config.outbox, job.job_id).write_progress(
-            "cancelled", "cancelled", 0, "its sidecar or image was removed before it ran"
-        )
-        logger.info(f"job {job.job_id} cancelled: inputs removed")
-
-    def _cancel_running(self, reason: str) -> None:
-        assert self.running is not None
-        self.running.cancel_reason = reason
-        self.running.cancel.set()
-
-    # ---- dispatch ---------------------------------------------------------------------
+        elif self._status_dirty and now - self._status_written >= STATUS_MIN_GAP_SECONDS:
+            self._write_status()
 
     def _dispatch(self, now: float) -> None:
-        if self.running is not None:
-            self.claims.refresh(self.running.ticket.job_id, self.running.ticket.version)
-            return
-        self._busy_elsewhere = {job: until for job, until in self._busy_elsewhere.items() if until > now}
-        skipped = set(self._busy_elsewhere)
-        while (row := self.ledger.next_job(exclude=frozenset(skipped))) is not None:
-            elsewhere = self.claims.finished_elsewhere(row.job_id, row.version)
-            if elsewhere is not None:
-                self.ledger.finish(row, elsewhere)
-                # Our "queued" may have landed after the other daemon's final progress: restore it.
-                JobOutputs(self.config.outbox, row.job_id).write_progress(
-                    elsewhere, elsewhere, 100 if elsewhere == "done" else 0, "finished by another daemon on this share"
-                )
-                logger.info(f"job {row.job_id} finished by another daemon ({elsewhere})")
-                continue
-            if not self.claims.try_claim(row.job_id, row.version):
-                self._busy_elsewhere[row.job_id] = now + 2.0
-                skipped.add(row.job_id)
-                continue
-            self._start(row)
-            return
+        while self.dispatcher.free_slots() > 0 and (row := self.queue.next_ready(now)) is not None:
+            self.dispatcher.start(row)
+            self._status_changed()
+            self._collect(0.0)  # an inline executor has finished it already
 
-    def _start(self, row: JobRow) -> None:
-        ticket = JobTicket(row.job_id, row.sidecar, row.image, row.image_sha, row.version)
-        cancel = threading.Event()
-        outputs = JobOutputs(self.config.outbox, row.job_id)
-        progress = Progress(outputs, cancel, clock=self.clock)
-        progress.last_change = self.clock()
-        outputs.write_progress("running", "reading", 0, "started")
-        self.ledger.start(row)
-        self.running = Running(ticket, row, progress, cancel, self.clock())
-        runner = JobRunner(self.config, self.registry, self.pool, self.config.models.prompt_batch_size)
-        logger.info(f"job {row.job_id} started")
-        if self.worker is not None:
-            self.worker.tickets.put((runner, ticket, progress))
-        else:
-            self._record(ticket, runner.run(ticket, progress))
-
-    def _collect(self) -> None:
-        if self.worker is None:
-            return
-        try:
-            ticket, outcome = self.worker.results.get_nowait()
-        except queue.Empty:
-            return
-        self._record(ticket, outcome)
-
-    def _record(self, ticket: JobTicket, outcome: Outcome) -> None:
-        running = self.running
-        assert running is not None and running.ticket == ticket
-        self.running = None
-        outputs = JobOutputs(self.config.outbox, ticket.job_id)
-        row = running.row
-        if outcome.state == "waiting":
-            self.ledger.set_state(ticket.job_id, "waiting", version=ticket.version)
-            self.claims.release(ticket.job_id, ticket.version, None)
-            self._waiting_on[ticket.job_id] = outcome.waiting_for
-            return
-        if outcome.state == "cancelled":
-            if self.flags.stop or "inputs changed" in running.cancel_reason:
-                # Interrupted, not refused: it runs again (after a restart, or as its new version).
-                self.ledger.finish(row, "queued")
-                self.claims.release(ticket.job_id, ticket.version, None)
-                logger.info(f"job {ticket.job_id} interrupted: {running.cancel_reason or 'stopping'}")
-                return
-            message = f"The job was cancelled: {running.cancel_reason or 'cancelled'}."
-            outputs.write_progress("cancelled", "cancelled", running.progress.percent, message)
-            self.ledger.finish(row, "cancelled")
-            self.claims.release(ticket.job_id, ticket.version, None)
-            self.stats.cancelled += 1
-            logger.info(f"job {ticket.job_id} cancelled: {running.cancel_reason}")
-            return
-        if outcome.state == "done":
-            outputs.write_progress("done", "done", 100, f"{outcome.features} features")
-            self.stats.done += 1
-            logger.info(outcome.summary)
-        else:
-            assert outcome.error is not None
-            error = outcome.error
-            outputs.write_error({**error.to_dict(), "job": ticket.job_id, "sidecar": ticket.sidecar, "image": ticket.image})
-            outputs.write_progress("failed", "failed", running.progress.percent, error.message)
-            self.stats.failed += 1
-            self.stats.recent_failures.append(
-                {"job": ticket.job_id, "error": error.code, "message": error.message, "at": now_iso()}
-            )
-            logger.warning(f"job {ticket.job_id} failed error={error.code} seconds={outcome.seconds:.2f}: {error.message}")
-        self.ledger.finish(row, outcome.state, error=outcome.error.code if outcome.error else None)
-        self.claims.release(ticket.job_id, ticket.version, outcome.state)
-        if self.config.inputs.after == "move":
-            self._move_inputs(ticket, outcome.state == "done")
-
-    def _move_inputs(self, ticket: JobTicket, success: bool) -> None:
-        paths = [p for p in (ticket.sidecar,) if p and not is_folder_defaults(p)]
-        image = ticket.image
-        others = [
-            job for job in self._known_jobs.values()
-            if job.image == image and job.job_id != ticket.job_id
-            and (row := self.ledger.get(job.job_id)) is not None and row.state in ("queued", "waiting", "running")
-        ]
-        if image and not others:
-            paths.append(image)
-        move_inputs(self.config.inbox, paths, success)
-
-    # ---- weights downloads ------------------------------------------------------------
-
-    def _check_waiting(self) -> None:
-        for job_id, key in list(self._waiting_on.items()):
-            row = self.ledger.get(job_id)
-            if row is None or row.state != "waiting" or key is None:
-                self._waiting_on.pop(job_id, None)
-                continue
-            state = self.registry.request(*key)
-            error = getattr(state, "error", None)
-            outputs = JobOutputs(self.config.outbox, job_id)
-            if error is not None:
-                self._waiting_on.pop(job_id)
-                outputs.write_error({**error.to_dict(), "job": job_id, "sidecar": row.sidecar, "image": row.image})
-                outputs.write_progress("failed", "failed", 5, error.message)
-                self.ledger.finish(row, "failed", error=error.code)
-                self.stats.failed += 1
-                self.stats.recent_failures.append({"job": job_id, "error": error.code, "message": error.message, "at": now_iso()})
-                logger.warning(f"job {job_id} failed error={error.code}: {error.message}")
-            elif not hasattr(state, "state"):
-                self._waiting_on.pop(job_id)
-                self.ledger.set_state(job_id, "queued", version=row.version)
+    def _collect(self, timeout: float) -> None:
+        """Apply the executor's messages; waits up to ``timeout`` for the first (the loop's sleep)."""
+        for event in self.executor.poll(timeout):
+            if isinstance(event, Finished):
+                run = self.dispatcher.take(event)
+                if run is not None:
+                    self.recorder.record(run, event.outcome, stopping=self.flags.stop)
+                self._status_changed()
             else:
-                outputs.write_progress(
-                    "queued", "waiting for weights", 5,
-                    f"downloading weights {key[1]} for {key[0]}: {getattr(state, 'percent', 0) or 0:.0f}%",
-                )
+                self.dispatcher.on_progress(event)
+
+    def _status_changed(self) -> None:
+        self._status_dirty = True
 
     # ---- reload -----------------------------------------------------------------------
 
@@ -484,10 +280,9 @@ class Daemon:
             self.heartbeat()
             return False
         changed = self.registry.update(new.weights)
-        self.pool.evict(changed)
-        self.pool.settings = new.models
+        self.executor.reconfigure(new, changed)
         self.watcher.settle_seconds = new.watch.settle_seconds
-        self.config = new
+        self.config = self.queue.config = self.recorder.config = self.facts.config = new
         self.config_error = None
         logger.info(f"config reloaded from {self.config_path}; weights changed: {sorted(changed) or 'none'}")
         self.notifier.ready(self.status_line())
@@ -496,77 +291,46 @@ class Daemon:
 
     # ---- status -----------------------------------------------------------------------
 
-    def status_line(self) -> str:
-        counts = self.ledger.counts()
-        current = f"running {self.running.ticket.job_id} {self.running.progress.percent:.0f}%" if self.running else "idle"
-        return f"{current}; queued {counts.get('queued', 0)}, done {self.stats.done}, failed {self.stats.failed}"
-
-    def job_stalled(self) -> bool:
-        running = self.running
-        if running is None:
-            return False
-        last = max(running.progress.last_change, running.started)
-        return self.clock() - last > self.config.service.job_stall_seconds
-
     def status(self) -> dict[str, Any]:
-        counts = self.ledger.counts()
-        current = None
-        if self.running is not None:
-            current = {
-                "job": self.running.ticket.job_id,
-                "stage": self.running.progress.stage,
-                "percent": round(self.running.progress.percent),
-                "seconds": round(self.clock() - self.running.started, 1),
-            }
-        return {
-            "state": "stopping" if self.flags.stop else ("running" if self.running else "idle"),
-            "version": __version__,
-            "instance": self.config.service.instance,
-            "pid": os.getpid(),
-            "started": self.started_at,
-            "updated": now_iso(),
-            "heartbeat_seconds": self.config.service.heartbeat_seconds,
-            "device": describe(self.device),
-            "watch_mode": self.watcher.mode,
-            "inbox": str(self.config.inbox),
-            "queue": {"queued": counts.get("queued", 0), "waiting": counts.get("waiting", 0)},
-            "totals": {**counts, "done_this_run": self.stats.done, "failed_this_run": self.stats.failed},
-            "current": current,
-            "loaded_models": self.pool.loaded(),
-            "downloads": [item for item in self.registry.listing() if item.get("state") == "downloading"],
-            "recent_failures": list(self.stats.recent_failures),
-            "config": {"path": str(self.config_path) if self.config_path else None, "error": self.config_error},
-        }
+        return self.reporter.payload()
+
+    def status_line(self) -> str:
+        return self.reporter.line()
 
     def heartbeat(self) -> None:
-        status = self.status()
-        # Several daemons may share an outbox: each keeps its own file, status.json is the latest.
-        atomic_write_json(self.status_dir / "instances" / f"{self.config.service.instance}.json", status, durable=False)
-        atomic_write_json(self.status_dir / "status.json", status, durable=False)
-        atomic_write_json(self.status_dir / "weights.json", self.registry.samapi_listing(), durable=False)
+        self.outbox.ensure_folders()  # someone may have removed them (rm -rf outbox): ours come back
+        self._write_status()
+        self._next_heartbeat = self.clock() + self.config.service.heartbeat_seconds
         self.notifier.status(self.status_line())
-        if self.notifier.watchdog_seconds and not self.job_stalled():
+        if self.notifier.watchdog_seconds and not self.reporter.job_stalled():
             self.notifier.watchdog()
+
+    def _write_status(self, *, stopped: bool = False) -> None:
+        self.workers = self.executor.workers()
+        self._status_dirty = False
+        self._status_written = self.clock()
+        self.reporter.write(stopped=stopped)
 
     # ---- stopping ---------------------------------------------------------------------
 
     def _stop(self, grace_seconds: float) -> None:
         self.notifier.stopping()
         deadline = self.clock() + grace_seconds
-        while self.running is not None:
-            if self.flags.stop_now or self.clock() >= deadline:
-                self._cancel_running("the daemon is stopping")
-            self._collect()
-            if self.running is not None:
-                time.sleep(0.05)
-                if self.clock() > deadline + 30:
-                    logger.warning(f"job {self.running.ticket.job_id} did not stop; it runs again after restart")
-                    break
-        self.heartbeat()
+        asked = False
+        while self.dispatcher.running:
+            if not asked and (self.flags.stop_now or self.clock() >= deadline):
+                self.dispatcher.stop_all(StopRequest(StopKind.REQUEUE, "the daemon is stopping"))
+                asked = True
+            self._collect(0.05)
+            if self.dispatcher.running and self.clock() > deadline + 30:
+                jobs = ", ".join(run.ticket.job_id for run in self.dispatcher.running.values())
+                logger.warning(f"jobs {jobs} did not stop; they run again after restart")
+                break
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.tickets.put(None)
+        self.executor.close()
+        self.facts.close()
+        self._write_status(stopped=True)
         self.watcher.close()
         self.registry.close()
         self.ledger.close()

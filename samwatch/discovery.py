@@ -8,7 +8,9 @@ images of their own. A job is ready only when every file it involves has settled
 
 from __future__ import annotations
 
+import os
 import posixpath
+import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,10 +30,13 @@ class JobSource:
     sidecar: str | None  # the job's own sidecar
     defaults: str | None  # folder defaults file used
     image: str | None  # the image, None when it cannot be resolved (the run reports why)
+    # Other sidecars of the same stem (a.yaml beside a.json): the job fails until one goes,
+    # and their going is a change of its inputs, so it then runs again by itself.
+    rivals: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(p for p in (self.image, self.sidecar, self.defaults) if p)
+        return tuple(p for p in (self.image, self.sidecar, self.defaults, *self.rivals) if p)
 
 
 def split_name(rel: str) -> tuple[str, str, str]:
@@ -58,6 +63,9 @@ def is_image(rel: str) -> bool:
     return (suffix in MEDIA_SUFFIXES or suffix == FRAMES_DIR_SUFFIX) and not stem.endswith(MASK_MARK)
 
 
+_LOOP_CODES = {"image": "image_unreadable", "sidecar": "sidecar_parse_error"}
+
+
 def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str, sidecar: str) -> str:
     """``reference`` (relative to ``base_folder``) as an inbox-relative path, never outside it."""
     if PurePosixPath(reference).is_absolute() or Path(reference).is_absolute():
@@ -78,7 +86,7 @@ def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str,
         real = (inbox / joined).resolve()
     except (OSError, RuntimeError):  # a symlink loop: RuntimeError before Python 3.13, OSError after
         raise JobError(
-            "image_unreadable" if field == "image" else "mask_invalid",
+            _LOOP_CODES.get(field, "mask_invalid"),
             f"The {field} path {reference!r} is a symbolic link that leads back to itself (a link loop); "
             "replace it with the file.",
             file=sidecar, field=field,
@@ -95,20 +103,26 @@ def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str,
 ImageIndex = Mapping[tuple[str, str], list[str]]
 
 
+def _pairing_key(stem: str) -> str:
+    # macOS writes names decomposed (NFD: "e" + U+0301), most tools composed (NFC: "é"):
+    # the same name to a person, so the same name for pairing.
+    return unicodedata.normalize("NFC", stem)
+
+
 def index_images(files: Collection[str]) -> dict[tuple[str, str], list[str]]:
     """Images by (folder, stem), so pairing costs one lookup per sidecar, not a scan."""
     index: dict[tuple[str, str], list[str]] = {}
     for path in sorted(files):
         if is_image(path):
             folder, stem, _ = split_name(path)
-            index.setdefault((folder, stem), []).append(path)
+            index.setdefault((folder, _pairing_key(stem)), []).append(path)
     return index
 
 
 def implicit_image(sidecar_rel: str, images: ImageIndex) -> str | None:
     """The image a sidecar belongs to by name: ``a.cells.yaml`` -> ``a.cells.*`` or ``a.*``."""
     folder, stem, _ = split_name(sidecar_rel)
-    parts = stem.split(".")
+    parts = _pairing_key(stem).split(".")
     for keep in range(len(parts), 0, -1):
         matches = images.get((folder, ".".join(parts[:keep])))
         if matches:
@@ -121,6 +135,8 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
     folder, stem, _ = split_name(sidecar_rel)
     if image_ref is not None:
         rel = resolve_inside(inbox, folder, image_ref, field="image", sidecar=sidecar_rel)
+        if not (inbox / rel).exists():
+            rel = _spelled_on_disk(inbox, rel) or rel
         target = inbox / rel
         if not target.exists():
             raise JobError(
@@ -161,6 +177,20 @@ def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: 
     return resolve_inside(inbox, folder, posixpath.basename(found), field="image", sidecar=sidecar_rel)
 
 
+def _spelled_on_disk(inbox: Path, rel: str) -> str | None:
+    """The file that ``rel`` names when only their Unicode normalisation differs (NFC/NFD)."""
+    folder, name = posixpath.split(rel)
+    wanted = unicodedata.normalize("NFC", name)
+    try:
+        names = [entry.name for entry in os.scandir(inbox / folder)]
+    except OSError:
+        return None
+    for candidate in names:
+        if unicodedata.normalize("NFC", candidate) == wanted:
+            return posixpath.join(folder, candidate)
+    return None
+
+
 def image_on_disk(inbox: Path, sidecar_rel: str, image_ref: str | None) -> str:
     """The image of the sidecar ``sidecar_rel`` among the files in its folder now."""
     folder = split_name(sidecar_rel)[0]
@@ -188,19 +218,22 @@ def find_jobs(
     claimed: set[str] = set()
     images = index_images(files)
     defaults_by_folder = {split_name(rel)[0]: rel for rel in sorted(files, reverse=True) if is_folder_defaults(rel)}
+    sidecars_of: dict[str, list[str]] = {}
     for rel in sorted(files):
-        if not is_sidecar(rel):
-            continue
-        folder, stem, _ = split_name(rel)
+        if is_sidecar(rel):
+            folder, stem, _ = split_name(rel)
+            sidecars_of.setdefault(f"{folder}/{stem}" if folder else stem, []).append(rel)
+    for job_id, (rel, *rivals) in sidecars_of.items():
+        folder = split_name(rel)[0]
         try:
             image = resolve_image(inbox, rel, image_ref_of(rel), images)
         except JobError:
             image = None
         if image:
             claimed.add(image)
-        job_id = f"{folder}/{stem}" if folder else stem
         # Its folder defaults count as an input: settings it inherits may change.
-        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder), image=image))
+        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder),
+                              image=image, rivals=tuple(rivals)))
     if defaults_by_folder:
         for rel in (path for paths in images.values() for path in paths):
             if rel in claimed:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from samwatch.config import Config
-from samwatch.discovery import is_folder_defaults, split_name
+from samwatch.discovery import is_folder_defaults, resolve_inside, split_name
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, mode_advice, modes_of
 from samwatch.sidecar import (
@@ -93,6 +93,22 @@ def nearest_defaults_rel(inbox: Path, folder: str) -> str | None:
 
 
 def _read(inbox: Path, rel: str, config: Config) -> dict[str, Any]:
+    folder, stem, _ = split_name(rel)
+    # Before a byte is read: a link out of the inbox could show what it points at through the
+    # errors (an unknown key is named in them).
+    resolve_inside(inbox, folder, posixpath.basename(rel), field="sidecar", sidecar=rel)
+    rivals = [
+        other for suffix in SIDECAR_SUFFIXES
+        if (other := posixpath.join(folder, stem + suffix)) != rel and (inbox / other).is_file()
+    ]
+    if rivals:
+        raise JobError(
+            "sidecar_invalid",
+            f"Both {posixpath.basename(rel)!r} and {', '.join(repr(posixpath.basename(r)) for r in rivals)} exist: "
+            "one job, two sidecars, and samwatch will not guess which one you meant; remove or rename one "
+            "(a tagged sidecar such as name.cells.yaml is a second job).",
+            file=rel,
+        )
     return read_sidecar_data(inbox / rel, max_bytes=config.limits.max_sidecar_bytes, name=rel)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import platform
 import shutil
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,14 +26,17 @@ from samwatch.config import Config, LimitSettings
 from samwatch.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
-from samwatch.media import ChannelRule, Media, MediaLimits, probe
+from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
-from samwatch.outbox import JobOutputs
 from samwatch.prompts import prompt_masks
 from samwatch.job_sidecar import load_job_sidecar
 from samwatch.sidecar import Sidecar
+from samwatch.slides import ArraySource
+from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
+from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
+from samwatch.tiling.tile import TileJob
 
 #: stage -> the span of the overall percent it covers
 STAGE_SPANS: dict[str, tuple[float, float]] = {
@@ -46,6 +48,7 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
     "automask": (20, 95),
     "tracking": (20, 95),
     "frames": (20, 95),
+    "tiles": (20, 95),
     "writing": (95, 100),
 }
 
@@ -69,14 +72,29 @@ class Outcome:
     waiting_for: tuple[str, str] | None = None
     seconds: float = 0.0
     summary: str = ""
+    #: the GeoJSON FeatureCollection of a done job: the daemon writes it, after checking
+    #: that this run is still the one the ledger expects (a late duplicate is dropped)
+    result: dict[str, Any] | None = None
+
+
+class ProgressSink(Protocol):
+    def running(self, stage: str, percent: float, message: str = "") -> None: ...
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
 
 
 @dataclass
 class Progress:
-    """The running job's progress: written to its progress file, read by the heartbeat."""
+    """The running job's progress, reported to ``sink`` (throttled); checks the cancel flag.
 
-    outputs: JobOutputs
-    cancel: threading.Event
+    The sink is a message channel back to the daemon (an executor's queue) or, in tests, a
+    job's ``JobOutputs``; the flag is a ``threading.Event`` or a cluster-wide one.
+    """
+
+    sink: ProgressSink
+    cancel: CancelFlag
     clock: Callable[[], float] = time.monotonic
     min_interval: float = 0.5
     stage: str = "reading"
@@ -87,14 +105,18 @@ class Progress:
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if self.cancel.is_set():
             raise JobCancelled("The job was cancelled: its sidecar was removed or the daemon is stopping.")
-        low, high = STAGE_SPANS.get(stage, (20, 95))
-        percent = low + (high - low) * max(0.0, min(1.0, fraction))
+        percent = stage_percent(stage if stage in STAGE_SPANS else "automask", fraction)
         now = self.clock()
         self.last_change = now
         if stage != self.stage or now - self._last_write >= self.min_interval or fraction >= 1.0:
-            self.outputs.write_progress("running", stage, percent, message)
+            self.sink.running(stage, percent, message)
             self._last_write = now
         self.stage, self.percent = stage, percent
+
+
+def stage_percent(stage: str, fraction: float) -> float:
+    low, high = STAGE_SPANS[stage]
+    return low + (high - low) * max(0.0, min(1.0, fraction))
 
 
 @dataclass
@@ -114,6 +136,7 @@ class Prepared:
     started: float
     adapter: Any = None
     encoder: str = "eager"  # what encoded the image, for provenance
+    provenance: dict[str, Any] = field(default_factory=dict)  # e.g. the tiling report
 
 
 def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
@@ -151,10 +174,7 @@ class JobRunner:
         started = time.perf_counter()
         try:
             prepared = self.prepare(ticket, progress)
-            if isinstance(prepared, Outcome):
-                outcome = prepared
-            else:
-                outcome = self.finish(prepared, self.infer(prepared))
+            outcome = prepared if isinstance(prepared, Outcome) else self.finish(prepared, self.infer(prepared))
         except Exception as exc:
             outcome = outcome_of_error(ticket, exc)
         outcome.seconds = time.perf_counter() - started
@@ -173,7 +193,6 @@ class JobRunner:
         """Phase 1, CPU: sidecar, image opened (a single image read and converted), weights
         requested; an ``Outcome`` when the job must wait for its weights."""
         started = time.perf_counter()
-        timings: dict[str, float] = {}
         progress("reading", 0.0)
         if ticket.sidecar is None:
             raise JobError("image_not_found", "The job has no sidecar.")
@@ -182,17 +201,15 @@ class JobRunner:
         adapter_class(model_type)  # a missing model package fails before the image is read
         image_rel = self.image_path(ticket, sidecar)
         media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
-        pixels = media.frame(0) if media.n_frames == 1 and sidecar.mode != "video" else None
-        timings["read"] = time.perf_counter() - started
+        whole_image = media.n_frames == 1 and sidecar.mode != "video" and not is_tiled(
+            sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels)
+        pixels = media.frame(0) if whole_image else None
+        timings = {"read": time.perf_counter() - started}
 
         spec = self.registry.request(model_type, weights_name)
         if not isinstance(spec, LoadSpec):
             if spec.error is not None:
                 raise spec.error
-            progress.outputs.write_progress(
-                "queued", "waiting for weights", 5,
-                f"downloading weights {weights_name} for {model_type}: {spec.percent:.0f}%",
-            )
             return Outcome("waiting", waiting_for=(model_type, weights_name))
         return Prepared(ticket, progress, sidecar, model_type, weights_name, image_rel, media, spec, pixels,
                         timings, started)
@@ -209,30 +226,37 @@ class JobRunner:
         job.encoder = getattr(job.adapter, "encoder_path", "eager")  # before another job can use it
 
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
-        """Phase 3, CPU: features traced as detections arrive, the result written."""
+        """Phase 3, CPU: features traced as detections arrive, the result assembled."""
         traced_started = time.perf_counter()
         features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings)
         timings = job.timings
         timings["inference"] = time.perf_counter() - traced_started - timings["geometry"] - timings.get("load", 0.0)
         job.progress("writing", 0.0)
         timings["total"] = time.perf_counter() - job.started
-        meta = self._meta(job, timings, len(features))
-        job.progress.outputs.write_result(feature_collection(features, meta))
+        meta = self._meta(job, timings, len(features)) | job.provenance
         media = job.media
         summary = (
             f"job {job.ticket.job_id} done model={job.model_type} weights={job.weights_name} "
             f"size={media.width}x{media.height}{'x' + str(media.n_frames) if media.n_frames > 1 else ''} "
             f"features={len(features)} seconds={timings['total']:.2f}"
         )
-        return Outcome("done", features=len(features), summary=summary)
+        return Outcome("done", features=len(features), summary=summary, result=feature_collection(features, meta))
 
     def _infer(self, job: Prepared, scratch: Path) -> Iterator[Detection]:
         adapter, sidecar, media, ticket, progress = job.adapter, job.sidecar, job.media, job.ticket, job.progress
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
+        # The model is loaded: say what runs now, even if the adapter's first report comes late.
+        progress("frames" if sidecar.mode != "video" and media.n_frames > 1 else _OPENING_STAGE[sidecar.mode], 0.0)
         if sidecar.mode == "video":
+            if sidecar.region is not None or sidecar.tiling is not None:
+                raise JobError("sidecar_invalid", "region and tiling are for images, not for tracking through frames.",
+                               file=ticket.sidecar, field="region" if sidecar.region is not None else "tiling")
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
             yield from adapter.run(ctx)
+            return
+        if is_tiled(sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels):
+            yield from self._infer_tiled(adapter, sidecar, media, base_key, progress, scratch, job.spec, job.provenance)
             return
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
@@ -249,6 +273,39 @@ class JobRunner:
                 if media.n_frames > 1:
                     detection.frame = frame_index
                 yield detection
+
+    def _infer_tiled(
+        self, adapter: Any, sidecar: Sidecar, media: Media, base_key: str, progress: Progress, scratch: Path,
+        spec: LoadSpec, provenance: dict[str, Any],
+    ) -> Iterator[Detection]:
+        """A job on part of an image, or on one larger than a window (samwatch.tiling): its
+        detections as each tile's become final, masks cropped to their boxes."""
+        store = TileEmbeddingStore(
+            self.config.state_dir / "tile-embeddings", f"{spec.model_type}:{weights_identity(spec)}",
+            self.config.models.tile_embedding_cache_mb * 1024 * 1024,
+        )
+        report: TilingReport | None = None
+        for frame_index in range(media.n_frames):
+            with self._frame_source(media, frame_index, sidecar) as source:
+                plan = plan_for(sidecar, source)
+                report = report or TilingReport(plan)
+                job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
+                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store)
+                frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
+                for detection in segment(adapter, source, job, plan, frame_progress, report,
+                                         max_object_pixels=self.config.limits.max_image_pixels):
+                    if media.n_frames > 1:
+                        detection.frame = frame_index
+                    yield detection
+        if report is not None:
+            provenance["tiling"] = report.to_dict()
+
+    def _frame_source(self, media: Media, index: int, sidecar: Sidecar) -> Any:
+        """Frame ``index`` behind the region API: a slide read lazily, other images decoded."""
+        limits = media_limits(self.config.limits)
+        if media.kind == "slide":
+            return open_region_source(media.path, limits=limits, channels=channel_rule(sidecar))
+        return ArraySource(media.path, media.frame(index), limits)
 
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
@@ -324,6 +381,9 @@ class JobRunner:
         }
 
 
+_OPENING_STAGE = {"prompts": "encoding image", "text": "encoding image", "automask": "automask", "video": "tracking"}
+
+
 def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidecar) -> Media:
     """The job's image opened from its header (limits checked), as the sidecar reads it."""
     if path.is_file() and path.stat().st_size > limits.max_image_bytes:
@@ -332,14 +392,12 @@ def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidec
             f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
             file=image_rel,
         )
-    rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
     video = sidecar.video
     try:
         return probe(
             path,
-            limits=MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
-                               max_slide_pixels=limits.max_slide_pixels),
-            channels=rule,
+            limits=media_limits(limits),
+            channels=channel_rule(sidecar),
             frame_axis=(video.axes[-1] if video else None),
             plane_position=(video.plane_position if video else 0),
             max_frames=_frames_held(video),
@@ -347,6 +405,15 @@ def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidec
     except JobError as exc:
         exc.file = image_rel  # inbox-relative: what the person sees on the share
         raise
+
+
+def media_limits(limits: LimitSettings) -> MediaLimits:
+    return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
+                       max_slide_pixels=limits.max_slide_pixels)
+
+
+def channel_rule(sidecar: Sidecar) -> ChannelRule:
+    return ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
 
 
 def _frames_held(video: Any) -> int | None:

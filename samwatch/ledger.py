@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     seen        REAL NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
     error       TEXT,
-    updated     REAL NOT NULL
+    updated     REAL NOT NULL,
+    token       TEXT                -- the run now allowed to report this job's outcome
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS groups (grp TEXT PRIMARY KEY, served REAL NOT NULL);
@@ -56,19 +57,42 @@ class JobRow:
     error: str | None
 
 
+class LedgerUnreadable(Exception):
+    """The ledger file is damaged or not a database: the daemon cannot start on it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"the ledger {path} cannot be read ({reason}). Move it aside (mv '{path}' '{path}.broken') and "
+            "start samwatch again: it makes a new ledger, and the outbox is the record of finished work "
+            "(results and _samwatch/claims), so finished jobs are not redone."
+        )
+
+
 class Ledger:
     def __init__(self, path: Path, *, wallclock=time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open()
+        except sqlite3.OperationalError:
+            raise  # locked, read-only, out of space: not the file's fault
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
+            self._db.close()
+            raise LedgerUnreadable(path, str(exc)) from None
+        self._wallclock = wallclock
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a job reported done survives a power cut, as the result file does.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "token" not in columns:  # a ledger from before dispatch tokens
+            self._db.execute("ALTER TABLE jobs ADD COLUMN token TEXT")
         hash_columns = {row[1] for row in self._db.execute("PRAGMA table_info(file_hashes)")}
         for column in ("ctime_ns", "inode"):
             if column not in hash_columns:  # a ledger from before; its rows then never match: re-hashed once
                 self._db.execute(f"ALTER TABLE file_hashes ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
-        self._wallclock = wallclock
 
     def close(self) -> None:
         self._db.close()
@@ -115,23 +139,31 @@ class Ledger:
 
     def set_state(self, job_id: str, state: str, *, version: str | None = None, error: str | None = None) -> bool:
         """Move a job to ``state``; with ``version``, only if that is still its version."""
-        query = "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE job_id = ?"
+        query = "UPDATE jobs SET state = ?, error = ?, token = NULL, updated = ? WHERE job_id = ?"
         params: tuple = (state, error, self._wallclock(), job_id)
         if version is not None:
             query += " AND version = ?"
             params += (version,)
         return self._db.execute(query, params).rowcount > 0
 
-    def start(self, job: JobRow) -> None:
+    def start(self, job: JobRow, token: str) -> None:
+        """``token`` names this run: only its outcome is recorded (see ``holds``)."""
         self._db.execute(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated = ? WHERE job_id = ?",
-            (self._wallclock(), job.job_id),
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, token = ?, updated = ? WHERE job_id = ?",
+            (token, self._wallclock(), job.job_id),
         )
         self._db.execute(
             "INSERT INTO groups (grp, served) VALUES (?, ?) "
             "ON CONFLICT(grp) DO UPDATE SET served = excluded.served",
             (job.grp, self._wallclock()),
         )
+
+    def holds(self, job_id: str, token: str) -> bool:
+        """Whether the run ``token`` is still the one this job waits for (``finish`` checks the version)."""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE job_id = ? AND token = ? AND state = 'running'", (job_id, token)
+        ).fetchone()
+        return row is not None
 
     def finish(self, job: JobRow, state: str, error: str | None = None) -> None:
         """Record the outcome of ``job``'s version; a newer version stays queued."""
@@ -174,7 +206,7 @@ class Ledger:
     def recover(self) -> int:
         """After a crash or kill: jobs that were running run again."""
         return self._db.execute(
-            "UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'", (self._wallclock(),)
+            "UPDATE jobs SET state = 'queued', token = NULL, updated = ? WHERE state = 'running'", (self._wallclock(),)
         ).rowcount
 
     def counts(self) -> dict[str, int]:

@@ -90,7 +90,8 @@ _MASK_DIRECT_MODES = frozenset({"1", "L", "P", "I", "F", "RGB"}) | _PIL_16BIT_MO
 # What decoders raise on damaged or foreign bytes (Pillow's UnidentifiedImageError is an
 # OSError, PyAV's InvalidDataError a ValueError).
 _DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, IndexError, struct.error,
-                  zlib.error, tifffile.TiffFileError, av.FFmpegError)
+                  zlib.error, tifffile.TiffFileError, av.FFmpegError,
+                  ZeroDivisionError)  # tifffile, on a page 0 pixels high
 
 
 @dataclass(frozen=True)

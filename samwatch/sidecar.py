@@ -7,6 +7,7 @@ samwatch only ever sees the native :class:`Sidecar`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +39,7 @@ FOLDER_DEFAULTS_STEM = "samwatch"
 #: not set them; prompts never are (they belong to one image).
 INHERITED_KEYS = (
     "model", "type", "weights", "label", "color", "priority", "output", "channels",
-    "normalize", "confidence_threshold",
+    "normalize", "confidence_threshold", "tiling",
 )
 
 MaskChoice = Literal["single", "all", "largest", "smallest", "best"]
@@ -201,6 +202,42 @@ class VideoSpec(StrictModel):
     )
 
 
+class TilingSpec(StrictModel):
+    """How a large image (or region) is cut into model-sized windows; see samwatch.tiling."""
+
+    tile_size: int = Field(
+        1024, ge=256,
+        description="model pixels per tile side (the window around prompts too); at most what "
+        "limits.max_image_pixels lets one decode hold",
+    )
+    overlap: int = Field(
+        128, ge=0,
+        description="model pixels shared by neighbouring tiles (the halo); objects up to this size are "
+        "never cut, larger ones crossing a seam are joined",
+    )
+    level: int | None = Field(None, ge=0, description="pyramid level to segment at (0: full resolution)")
+    downsample: float | None = Field(
+        None, ge=1, description="segment at 1/downsample of full resolution (e.g. 2: 20x on a 40x slide)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TilingSpec:
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_size ({self.tile_size})")
+        if self.level is not None and self.downsample is not None:
+            raise ValueError("give level or downsample, not both")
+        return self
+
+
+Region = tuple[int, int, int, int]
+
+
+def _check_region(region: Region | None) -> Region | None:
+    if region is not None and (region[0] < 0 or region[1] < 0 or region[2] <= 0 or region[3] <= 0):
+        raise ValueError("a region is [x, y, width, height] in full-resolution pixels, x, y >= 0 and width, height > 0")
+    return region
+
+
 class OutputSpec(StrictModel):
     object_type: Literal["annotation", "detection"] = "annotation"
     simplify_tolerance: float = Field(0.0, ge=0, description="pixels; 0 keeps every contour vertex")
@@ -230,11 +267,16 @@ class Sidecar(StrictModel):
     )
     confidence_threshold: float = Field(0.5, ge=0, le=1)
     video: VideoSpec | None = None
+    region: Region | None = Field(
+        None, description="[x, y, width, height] in full-resolution (level-0) pixels: segment only this part"
+    )
+    tiling: TilingSpec | None = Field(None, description="tiles for images larger than one window; see README")
     output: OutputSpec = OutputSpec()
     channels: list[int] | None = Field(None, description="channels to R, G, B (0-based)")
     normalize: Literal["auto", "percentile", "minmax", "none"] = "auto"
 
     _color = field_validator("color")(_check_color)
+    _region = field_validator("region")(_check_region)
 
     @model_validator(mode="before")
     @classmethod
@@ -333,10 +375,24 @@ def fold_samapi_form(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _as_json_object(text: str | bytes) -> dict[str, Any] | None:
+    """The text as a JSON object, or None to read it as YAML. JSON's parser is some forty
+    times faster than YAML's on a sidecar of 40 000 prompts, and gives the same mapping."""
+    if not text.lstrip()[:1] in (b"{", "{"):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None  # YAML's flow style, or broken: YAML says where
+    return data if isinstance(data, dict) else None
+
+
 def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     """YAML or JSON text -> a mapping (JSON is YAML); ``name`` goes into the error."""
+    data = _as_json_object(text)
     try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
+        if data is None:
+            data = yaml.load(text, Loader=_YAML_LOADER)
     except RecursionError:
         raise JobError(
             "sidecar_parse_error",

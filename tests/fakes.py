@@ -4,6 +4,9 @@ It replaces ``adapter_class`` (the one place samwatch picks a model family), so 
 watcher, ledger, claims and outbox all run for real while a "model" costs microseconds.
 A prompt's box becomes its mask. A sidecar label ``slow:N`` makes the job take N seconds,
 reporting progress ten times a second (so cancellation and heartbeats can be observed).
+With the label ``painted``, automask and text jobs find the image's painted objects: one
+mask per distinct non-black colour in the pixels they are given (a tile sees the parts of the
+objects inside it), so stitching can be checked against known objects.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class FakeAdapter:
             while (elapsed := time.monotonic() - started) < seconds:
                 ctx.progress("decoding prompts", elapsed / seconds)
                 time.sleep(0.1)
+        if label == "painted" and ctx.sidecar.mode in ("automask", "text"):
+            ctx.progress("encoding image", 0.0)
+            yield from painted_objects(ctx.image)
+            return
         height, width = ctx.image.shape[:2]
         for index, prompt in enumerate(ctx.sidecar.prompts):
             mask = np.full((height, width), False)  # every page written, as a real decoder does
@@ -41,6 +48,12 @@ class FakeAdapter:
                 mask[y1:y2, x1:x2] = True
             yield Detection(mask=mask, score=0.9, prompt_idx=index)
         ctx.progress("decoding prompts", 1.0)
+
+
+def painted_objects(image: np.ndarray) -> list[Detection]:
+    """One detection per distinct non-black colour of ``image``."""
+    codes = image[..., 0].astype(np.int64) << 16 | image[..., 1].astype(np.int64) << 8 | image[..., 2]
+    return [Detection(mask=codes == code, score=0.9) for code in np.unique(codes) if code != 0]
 
 
 def install() -> None:
@@ -52,3 +65,59 @@ def install() -> None:
 
     samwatch.models.pool.adapter_class = fake_adapter_class
     samwatch.jobs.adapter_class = fake_adapter_class
+
+
+class FakeExecutor:
+    """An executor the test drives by hand: it holds dispatches until told how they end."""
+
+    kind = "fake"
+
+    def __init__(self, slots: int = 1) -> None:
+        from samwatch.executors.base import Finished, ProgressReport
+
+        self._finished, self._report = Finished, ProgressReport
+        self.slots = slots
+        self.submitted: list = []  # every Dispatch, in order
+        self.in_flight: dict[str, object] = {}  # token -> Dispatch
+        self.cancelled: list[str] = []
+        self.events: list = []
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.in_flight)
+
+    def submit(self, dispatch) -> None:  # noqa: ANN001
+        self.submitted.append(dispatch)
+        self.in_flight[dispatch.token] = dispatch
+
+    def dispatch_of(self, job_id: str):  # noqa: ANN201
+        return next(d for d in self.in_flight.values() if d.ticket.job_id == job_id)
+
+    def progress(self, job_id: str, stage: str, percent: float) -> None:
+        dispatch = self.dispatch_of(job_id)
+        self.events.append(self._report(job_id, dispatch.token, stage, percent, ""))
+
+    def finish(self, job_id: str, outcome, *, token: str | None = None) -> None:  # noqa: ANN001
+        """End the run of ``job_id`` (or deliver an outcome for any ``token``, even a stale one)."""
+        if token is None:
+            token = self.dispatch_of(job_id).token
+        self.in_flight.pop(token, None)
+        self.events.append(self._finished(job_id, token, outcome, "fake-0"))
+
+    def poll(self, timeout: float = 0.0) -> list:
+        events, self.events = self.events, []
+        return events
+
+    def cancel(self, token: str) -> None:
+        self.cancelled.append(token)
+
+    def workers(self) -> list[dict]:
+        return [{"name": "fake-0", "host": "test", "device": "cpu", "memory_mb": 0, "loaded_models": [], "job": None}]
+
+    def reconfigure(self, config, changed) -> None:  # noqa: ANN001
+        pass
+
+    def map_units(self, fn, units) -> list:  # noqa: ANN001
+        return [fn(unit) for unit in units]
+
+    def close(self) -> None:
+        pass

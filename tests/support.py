@@ -153,3 +153,19 @@ def placed(detections: Iterable[Any], shape: tuple[int, int]) -> list[Any]:
         full[y : y + height, x : x + width] = detection.mask
         result.append(replace(detection, mask=full, origin=(0, 0)))
     return result
+
+
+class HeartbeatGaps:
+    """Sampled often, keeps the longest time status.json went without a heartbeat."""
+
+    def __init__(self, status: Path) -> None:
+        self.status = status
+        self.longest = 0.0
+
+    def sample(self) -> None:
+        from datetime import datetime
+
+        body = read_json(self.status)
+        if body is not None:
+            beat = datetime.fromisoformat(body["updated"]).timestamp()
+            self.longest = max(self.longest, time.time() - beat)

@@ -165,7 +165,7 @@ def _job(tmp_path: Path, checkpoint: Path, cache: Path) -> tuple[dict, list[str]
     finally:
         logger.remove(sink)
     assert outcome.state == "done", outcome.error
-    return json.loads(outputs.result.read_text()), warnings
+    return outcome.result, warnings
 
 
 def test_result_names_the_encoder_path(tmp_path: Path, conditioned_vit_t: Path, encoder_cache: Path) -> None:

@@ -176,6 +176,16 @@ def test_bad_inputs_each_get_an_error_and_the_daemon_goes_on(service, tmp_path: 
     assert {f["error"] for f in status["recent_failures"]} >= {"sidecar_parse_error", "image_unreadable"}
 
 
+def test_image_too_thin_for_sam_gets_a_clear_code(service) -> None:
+    root, daemon = service
+    save_image(root / "inbox" / "thin" / "strip.png", np.full((1, 100_000), 90, np.uint8))
+    write_sidecar(root / "inbox" / "thin" / "strip.yaml", {"prompts": [{"bbox": [0, 0, 50, 1]}]})
+    assert run_job(root, "thin/strip")["state"] == "failed"
+    error = read_json(root / "outbox" / "thin" / "strip.error.json")
+    assert error["error"] == "image_shape_unsupported" and "sam2" in error["message"], error
+    assert daemon.alive()
+
+
 def test_fixing_a_failed_job_removes_its_error(service) -> None:
     root, _ = service
     inbox, outbox = root / "inbox", root / "outbox"

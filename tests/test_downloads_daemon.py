@@ -52,6 +52,8 @@ def test_jobs_wait_for_a_download_while_others_run(tmp_path: Path, server: str) 
     save_image(inbox / "d" / "img.png", SMALL)
     write_sidecar(inbox / "d" / "img.remote.yaml", {"weights": "remote", "prompts": [{"bbox": [1, 1, 9, 9]}]})
     wait_for(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("stage") == "waiting for weights", 60, what="waiting")
+    # Its percent moves with the download (within the waiting stage's span, 5-10).
+    wait_for(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("percent", 0) >= 6, 30, what="download percent moving")
     # While the download runs, a job for weights on disk goes ahead.
     write_sidecar(inbox / "d" / "img.local.yaml", {"prompts": [{"bbox": [1, 1, 9, 9]}]})
     wait_for(lambda: progress_state(outbox, "d/img.local") == "done", 30, what="other job done during the download")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -48,13 +47,9 @@ def _progress(runner: JobRunner, name: str) -> Progress:
     return Progress(JobOutputs(runner.config.outbox, name), threading.Event())
 
 
-def _features(runner: JobRunner, name: str) -> list[dict]:
-    return json.loads(JobOutputs(runner.config.outbox, name).result.read_text())["features"]
-
-
 def test_pipelined_outcomes_equal_one_by_one_in_order(runner: JobRunner) -> None:
     sequential = {name: runner.run(_ticket(name), _progress(runner, name)) for name in SIDECARS}
-    features = {name: _features(runner, name) for name, o in sequential.items() if o.state == "done"}
+    features = {name: o.result["features"] for name, o in sequential.items() if o.state == "done"}
     finished: list[tuple[str, Outcome]] = []
     pipeline = JobPipeline(runner)
     for name in SIDECARS:
@@ -66,8 +61,9 @@ def test_pipelined_outcomes_equal_one_by_one_in_order(runner: JobRunner) -> None
         assert (outcome.error and outcome.error.code) == (sequential[name].error and sequential[name].error.code)
     assert dict(finished)["bad"].error.code == "sidecar_invalid"
     assert dict(finished)["off"].error.code == "prompt_out_of_bounds"
+    piped = dict(finished)
     for name, expected in features.items():
-        assert [f["geometry"] for f in _features(runner, name)] == [f["geometry"] for f in expected]
+        assert [f["geometry"] for f in piped[name].result["features"]] == [f["geometry"] for f in expected]
 
 
 def test_a_failure_while_writing_fails_that_job_only(runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> None:

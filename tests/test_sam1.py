@@ -60,9 +60,7 @@ def test_geojson_matches_the_direct_predictor(tmp_path: Path, vit_t_checkpoint: 
     outputs = JobOutputs(config.outbox, "c")
     outcome = runner.run(JobTicket("c", "c.yaml", "c.png", "sha", "v1"), Progress(outputs, threading.Event()))
     assert outcome.state == "done", outcome.error
-    import json
-
-    features = json.loads(outputs.result.read_text())["features"]
+    features = outcome.result["features"]
     direct = build_predictor("vit_t", None)
     direct.model.load_state_dict(torch.load(vit_t_checkpoint, weights_only=True))
     direct.set_image(rgb)

@@ -20,7 +20,7 @@ def test_versions_decide_reruns(tmp_path: Path) -> None:
     assert upsert(ledger, "a", "v1")
     assert not upsert(ledger, "a", "v1")
     row = ledger.next_job()
-    ledger.start(row)
+    ledger.start(row, "t")
     ledger.finish(row, "done")
     assert not upsert(ledger, "a", "v1")  # identical content: not again
     assert upsert(ledger, "a", "v2")
@@ -31,7 +31,7 @@ def test_a_new_version_while_running_stays_queued(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.db")
     upsert(ledger, "a", "v1")
     row = ledger.next_job()
-    ledger.start(row)
+    ledger.start(row, "t")
     upsert(ledger, "a", "v2")
     ledger.finish(row, "done")  # the outcome of v1 must not mark v2 done
     assert ledger.get("a").state == "queued" and ledger.get("a").version == "v2"
@@ -40,7 +40,7 @@ def test_a_new_version_while_running_stays_queued(tmp_path: Path) -> None:
 def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.db")
     upsert(ledger, "a", "v1")
-    ledger.start(ledger.next_job())
+    ledger.start(ledger.next_job(), "t")
     ledger.close()
     again = Ledger(tmp_path / "l.db")
     assert again.recover() == 1
@@ -56,7 +56,7 @@ def test_priority_then_fairness_between_folders(tmp_path: Path) -> None:
     upsert(ledger, "urgent/x", "v", priority=5, grp="urgent")
     order = []
     while (row := ledger.next_job()) is not None:
-        ledger.start(row)
+        ledger.start(row, "t")
         ledger.finish(row, "done")
         order.append(row.job_id)
     assert order[0] == "urgent/x"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def run(runner: JobRunner, stem: str, image: str, body: dict) -> dict:
 
     outcome = runner.run(JobTicket(stem, f"{stem}.yaml", image, f"sha-{stem}", "v"), Recording(outputs, threading.Event(), min_interval=0))
     assert outcome.state == "done", outcome.error and outcome.error.to_dict()
-    result = json.loads(outputs.result.read_text())
+    result = outcome.result
     result["percents"] = percents
     return result
 

@@ -72,6 +72,8 @@ class RunContext:
     progress: ProgressFn = lambda stage, fraction: None
     prompt_batch_size: int = 1
     scratch_dir: Path | None = None  # a private temporary folder for this job
+    # Embeddings outliving the process (samwatch.tiling.cache): consulted after the memo.
+    embedding_store: Any = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,11 @@ class EmbeddingMemo:
         if self._current == ctx.image_key:
             return
         cached = self._cache.get(ctx.image_key)
+        store = ctx.embedding_store
+        if cached is None and store is not None:
+            cached = store.load(ctx.image_key, predictor.device)
+            if cached is not None:
+                self._cache.put(ctx.image_key, cached)
         if cached is not None:
             for name, value in cached.items():
                 setattr(predictor, name, value)
@@ -296,7 +303,10 @@ class EmbeddingMemo:
         else:
             ctx.progress("encoding image", 0.0)
             encode()
-            self._cache.put(ctx.image_key, self.capture(predictor))
+            captured = self.capture(predictor)
+            self._cache.put(ctx.image_key, captured)
+            if store is not None:
+                store.save(ctx.image_key, captured)
         self._current = ctx.image_key
 
 

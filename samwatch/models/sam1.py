@@ -30,6 +30,7 @@ from samwatch.models.weights_io import load_checkpoint
 from samwatch.families import FAMILY_OF
 
 _EMBEDDING_ATTRS = ("features", "original_size", "input_size")
+_INPUT_SIDE = 1024
 
 
 def build_predictor(model_type: str, state: dict[str, Any] | None, spec: LoadSpec | None = None) -> Any:
@@ -67,6 +68,20 @@ class Adapter(PromptAdapter):
 
     def parameter_bytes(self) -> int:
         return parameter_bytes(self.predictor.model)
+
+    def set_image(self, ctx: RunContext) -> None:
+        height, width = ctx.image.shape[:2]
+        # SAM scales the longest side to 1024 and keeps the aspect: past 1:2048 the short side
+        # rounds to 0 pixels. (SAM2 and SAM3 scale to a square and take any aspect.)
+        if min(height, width) * 2 * _INPUT_SIDE < max(height, width):
+            raise JobError(
+                "image_shape_unsupported",
+                f"The image is {width}x{height} pixels: thinner than 1:{2 * _INPUT_SIDE}, which SAM and MobileSAM "
+                f"cannot take (its short side would shrink below one pixel at their {_INPUT_SIDE}-pixel input); "
+                "crop it into squarer pieces, or use a sam2_* model.",
+                field="model",
+            )
+        super().set_image(ctx)
 
     def _encoder_owner(self) -> torch.nn.Module:
         return self.predictor.model

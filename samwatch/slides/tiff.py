@@ -38,7 +38,7 @@ _VENDOR_FLAGS = ("ome", "svs", "ndpi", "scn", "qpi", "philips", "bif", "imagej")
 # What tifffile, zarr and the codecs raise on bytes that do not decode (imagecodecs' errors
 # are RuntimeErrors; zarr passes a codec's error through).
 _DECODE_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError, struct.error, zlib.error,
-                  tifffile.TiffFileError)
+                  tifffile.TiffFileError, ZeroDivisionError)  # tifffile, on a page 0 pixels high
 _TIFF_MAGIC = frozenset({b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"})
 _PHYSICAL_SIZE = re.compile(r'PhysicalSize([XY])="([0-9.eE+-]+)"')
 _PHYSICAL_UNIT = re.compile(r'PhysicalSize([XY])Unit="([^"]+)"')

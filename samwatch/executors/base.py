@@ -1,0 +1,80 @@
+"""The executor seam: what the daemon hands work to, and the messages that come back.
+
+The daemon keeps watching, queueing, claiming, the ledger and every outbox write; an
+executor only runs job versions. Everything crosses the seam as messages (a ``Dispatch``
+in, ``ProgressReport`` and ``Finished`` out), never as shared objects, so the same daemon
+drives a thread in this process or a worker on a cluster. Each dispatch carries a token the
+ledger records: a ``Finished`` whose token the ledger no longer holds (a late result of a
+run that was given up on) is dropped, which is what makes outcomes exactly-once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from samwatch.config import Config
+from samwatch.jobs import JobTicket, Outcome
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    ticket: JobTicket
+    token: str  # unique per run: the ledger's record of which run may report the outcome
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    job_id: str
+    token: str
+    stage: str
+    percent: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    job_id: str
+    token: str
+    outcome: Outcome
+    worker: str  # which slot or cluster worker ran it
+
+
+Event = ProgressReport | Finished
+
+
+class Executor(Protocol):
+    kind: str
+
+    def free_slots(self) -> int:
+        """How many more dispatches it takes now (the daemon never queues inside it)."""
+
+    def submit(self, dispatch: Dispatch) -> None: ...
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """Messages since the last poll; waits up to ``timeout`` for the first one."""
+
+    def cancel(self, token: str) -> None:
+        """Ask the run to stop: it ends soon with a ``cancelled`` outcome (or whatever it finished with)."""
+
+    def workers(self) -> list[dict[str, Any]]:
+        """One entry per slot or worker: name, host, device, memory, loaded models, job."""
+
+    def reconfigure(self, config: Config, changed: set[tuple[str, str]]) -> None:
+        """The config was reloaded: later runs use it; models of ``changed`` weights entries unload."""
+
+    def map_units(self, fn: Callable[[Any], Any], units: Iterable[Any]) -> list[Any]:
+        """Run ``fn`` on each unit (a tile, a frame) where this executor runs work; results in order."""
+
+    def close(self) -> None: ...
+
+
+class ProgressChannel:
+    """The ``ProgressSink`` a run reports into: each report becomes a message to the daemon."""
+
+    def __init__(self, job_id: str, token: str, post: Callable[[ProgressReport], None]) -> None:
+        self.job_id, self.token, self._post = job_id, token, post
+
+    def running(self, stage: str, percent: float, message: str = "") -> None:
+        self._post(ProgressReport(self.job_id, self.token, stage, percent, message))

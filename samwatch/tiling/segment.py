@@ -1,0 +1,167 @@
+"""A job on a large image or a region: plan the windows, run them one by one, stream the results.
+
+``is_tiled`` decides whether a job is tiled at all (the image or ``region`` is larger than one
+window, or a coarser level is asked for); ``plan_for`` checks the ``region:``/``tiling:`` values
+against the image. ``segment`` then runs each tile as its own unit (:func:`~samwatch.tiling.tile.run_tile`)
+and yields detections as soon as they are final: prompt windows' masks at once, automask and
+SAM3 text through the :class:`~samwatch.tiling.stitch.Stitcher`. No full-image mask is ever made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from samwatch.errors import JobError
+from samwatch.models.base import Detection, ProgressFn
+from samwatch.sidecar import Sidecar, TilingSpec
+from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
+from samwatch.tiling.stitch import Stitcher
+from samwatch.slides import RegionSource
+from samwatch.tiling.tile import TileJob, run_tile
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    """Where a tiled job looks: ``region`` in level-0 pixels, ``grid`` the same at ``downsample``."""
+
+    region: Rect
+    grid: Rect
+    downsample: float
+    level: int
+    tile_size: int
+    overlap: int
+
+
+@dataclass
+class TilingReport:
+    """What a tiled job did, for the result's provenance."""
+
+    plan: TilingPlan
+    tiles: int = 0
+    windows_encoded: int = 0
+    cache_hits: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        region = plan.region
+        return {
+            "tile_size": plan.tile_size, "overlap": plan.overlap, "level": plan.level,
+            "downsample": plan.downsample, "region": [region.x, region.y, region.w, region.h],
+            "tiles": self.tiles, "windows_encoded": self.windows_encoded, "cache_hits": self.cache_hits,
+        }
+
+
+def is_tiled(sidecar: Sidecar, width: int, height: int, *, max_image_pixels: int) -> bool:
+    """Whether a job on a ``width`` x ``height`` image goes through tiles (decided from the header:
+    a region, a coarser level, or an image larger than one window), after checking ``tiling``."""
+    spec = sidecar.tiling or TilingSpec()
+    if spec.tile_size * spec.tile_size > max_image_pixels:
+        raise JobError(
+            "sidecar_invalid",
+            f"tiling.tile_size {spec.tile_size} makes tiles of {spec.tile_size ** 2:,} pixels, over "
+            f"limits.max_image_pixels ({max_image_pixels:,}); use a smaller tile_size.",
+            field="tiling.tile_size",
+        )
+    full_resolution = spec.level in (None, 0) and spec.downsample in (None, 1)
+    fits = width <= spec.tile_size and height <= spec.tile_size
+    return sidecar.region is not None or not full_resolution or not fits
+
+
+def plan_for(sidecar: Sidecar, source: RegionSource) -> TilingPlan:
+    """The tiling of a tiled job (see :func:`is_tiled`) on ``source``."""
+    spec = sidecar.tiling or TilingSpec()
+    region = _region(sidecar, source.width, source.height)
+    if spec.level is not None:
+        source.check_level(spec.level)
+        level, downsample = spec.level, float(source.levels[spec.level].downsample)
+    elif spec.downsample is not None:
+        downsample = float(spec.downsample)
+        level = source.best_level(downsample)
+    else:
+        level, downsample = 0, 1.0
+    return TilingPlan(region, to_grid(region, downsample), downsample, level, spec.tile_size, spec.overlap)
+
+
+def _region(sidecar: Sidecar, width: int, height: int) -> Rect:
+    if sidecar.region is None:
+        return Rect(0, 0, width, height)
+    x, y, w, h = sidecar.region
+    if x + w > width or y + h > height:
+        raise JobError(
+            "region_out_of_bounds",
+            f"The region [{x}, {y}, {w}, {h}] (x, y, width, height) reaches beyond the {width}×{height} image; "
+            "region coordinates are full-resolution (level-0) pixels, origin top-left.",
+            field="region",
+        )
+    return Rect(x, y, w, h)
+
+
+def plan_windows(sidecar: Sidecar, plan: TilingPlan, source: RegionSource) -> tuple[list[TileSpec], bool]:
+    """The job's windows, and whether their results are stitched (tiles) or final (prompt windows)."""
+    if sidecar.mode != "prompts":
+        return plan_tiles(plan.grid, plan.tile_size, plan.overlap, plan.downsample, plan.level), True
+    _check_prompts(sidecar, plan.region)
+    if plan.grid.w <= plan.tile_size and plan.grid.h <= plan.tile_size:
+        everything = tuple(range(len(sidecar.prompts)))
+        return [TileSpec(0, 1, plan.grid, plan.grid, plan.downsample, plan.level, everything)], False
+    windows = plan_prompt_windows(
+        sidecar.prompts, plan.region, plan.tile_size, plan.overlap, plan.downsample, source.best_level
+    )
+    return windows, False
+
+
+def _check_prompts(sidecar: Sidecar, region: Rect) -> None:
+    """Prompts lie in the region (level-0 pixels); mask prompts need the whole image in one window."""
+    surface = "region" if sidecar.region is not None else "image"
+    for index, prompt in enumerate(sidecar.prompts):
+        if prompt.mask is not None or prompt.b64mask is not None:
+            raise JobError(
+                "sidecar_invalid",
+                "Mask prompts need the whole image in one window: drop the mask, or the region and tiling.",
+                field=f"prompts.{index}.{'mask' if prompt.mask is not None else 'b64mask'}",
+            )
+        x1, y1, x2, y2 = prompt_extent(prompt)
+        if x1 < region.x or y1 < region.y or x2 > region.x2 or y2 > region.y2:
+            raise JobError(
+                "prompt_out_of_bounds",
+                f"prompts.{index} spans [{x1:g}, {y1:g}, {x2:g}, {y2:g}] (x1, y1, x2, y2), outside the {surface} "
+                f"[{region.x}, {region.y}, {region.w}, {region.h}] (x, y, width, height); prompts are "
+                "full-resolution (level-0) pixels of the image, origin top-left.",
+                field=f"prompts.{index}",
+            )
+
+
+def segment(
+    adapter: Any, source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport,
+    *, max_object_pixels: int = 1 << 26,
+) -> Iterator[Detection]:
+    """Every window of the job in turn (cancellable between them), results as they become final;
+    stitched objects larger than ``max_object_pixels`` (grid pixels) come in per-tile pieces."""
+    tiles, stitched = plan_windows(job.sidecar, plan, source)
+    report.tiles += len(tiles)
+    stitcher = Stitcher(tiles, max_pixels=max_object_pixels) if stitched else None
+    for tile in tiles:
+        progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+        detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report))
+        yield from stitcher.add(tile, detections) if stitcher is not None else detections
+    if stitcher is not None:
+        yield from stitcher.finish()
+    if job.embedding_store is not None:
+        report.cache_hits = job.embedding_store.hits
+
+
+def _tile_progress(progress: ProgressFn, tile: TileSpec, report: TilingReport) -> ProgressFn:
+    """The adapter's progress as a share of its tile's; counts the windows the encoder ran on."""
+
+    encoded = False
+
+    def report_stage(stage: str, fraction: float, message: str = "") -> None:
+        nonlocal encoded
+        if stage == "encoding image" and not encoded:
+            encoded = True
+            report.windows_encoded += 1
+        progress("tiles", (tile.index + fraction) / tile.count, f"tile {tile.index + 1}/{tile.count}: {stage}")
+
+    return report_stage

@@ -1,0 +1,193 @@
+"""Tiling: the planner, the stitcher with the fake model's painted objects, prompt windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fakes import FakeAdapter
+
+from samwatch.errors import JobCancelled, JobError
+from samwatch.media import MediaLimits
+from samwatch.sidecar import validate_sidecar
+from samwatch.slides import ArraySource
+from samwatch.tiling.plan import Rect, plan_tiles
+from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
+from samwatch.tiling.tile import TileJob, tile_sidecar
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 64, 32)]
+
+
+def _source(image: np.ndarray) -> ArraySource:
+    return ArraySource("painted.png", image, MediaLimits())
+
+
+def _painted(height: int, width: int, shapes: list[tuple[slice, slice]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    image = np.zeros((height, width, 3), np.uint8)
+    masks = []
+    yy, xx = np.mgrid[:height, :width]
+    for colour, shape in zip(COLOURS, shapes):
+        if isinstance(shape, tuple) and isinstance(shape[0], slice):
+            mask = np.zeros((height, width), bool)
+            mask[shape] = True
+        else:  # a disc (cx, cy, r)
+            cx, cy, r = shape
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        image[mask] = colour
+        masks.append(mask)
+    return image, masks
+
+
+def _placed(detection, height: int, width: int) -> np.ndarray:
+    full = np.zeros((height, width), bool)
+    x, y = (int(v) for v in detection.origin)
+    h, w = detection.mask.shape
+    full[y:y + h, x:x + w] = detection.mask
+    return full
+
+
+def _run(image: np.ndarray, body: dict, **options) -> tuple[list, TilingReport]:
+    sidecar = validate_sidecar(body, name="t.yaml")
+    source = _source(image)
+    assert is_tiled(sidecar, source.width, source.height, max_image_pixels=10**9)
+    plan = plan_for(sidecar, source)
+    report = TilingReport(plan)
+    job = TileJob(sidecar=sidecar, image_key="painted")
+    messages = []
+    detections = list(segment(FakeAdapter(), source, job, plan, lambda s, f, m="": messages.append(m), report, **options))
+    return detections, report
+
+
+def test_tiles_cover_the_region_with_cores_that_partition_it() -> None:
+    region = Rect(100, 50, 2500, 1300)
+    tiles = plan_tiles(region, 1024, 128, 1.0, 0)
+    covered = np.zeros((region.y2, region.x2), np.int32)
+    for tile in tiles:
+        assert (tile.window.w, tile.window.h) == (1024, 1024)
+        assert region.x <= tile.window.x and tile.window.x2 <= region.x2
+        core = tile.core
+        assert tile.window.intersection(core) == core
+        covered[core.y:core.y2, core.x:core.x2] += 1
+    assert (covered[region.y:, region.x:] == 1).all()
+    xs = sorted({t.window.x for t in tiles})
+    assert all(b - a <= 1024 - 128 for a, b in zip(xs, xs[1:]))
+
+
+def test_objects_across_seams_come_out_once_each_with_their_area() -> None:
+    height, width = 1100, 1400
+    shapes = [
+        (480, 300, 30),                       # a disc across the first vertical seam
+        (slice(380, 450), slice(700, 760)),   # a box across a horizontal seam (y 403)
+        (478, 403, 40),                       # on the corner of four tiles
+        (slice(150, 190), slice(50, 1350)),   # a bar wider than the halo, through every column
+        (slice(600, 1050), slice(1200, 1230)),  # a tall bar through two rows
+        (200, 800, 15),                       # well inside one tile
+    ]
+    image, masks = _painted(height, width, shapes)
+    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}})
+    assert report.tiles == 9
+    assert len(detections) == len(masks)
+    found = [_placed(d, height, width) for d in detections]
+    for mask in masks:
+        same = [f for f in found if (f & mask).any()]
+        assert len(same) == 1
+        assert same[0].sum() == mask.sum() and (same[0] == mask).all()
+
+
+def test_a_region_limits_automask_and_shifts_nothing() -> None:
+    image, masks = _painted(900, 900, [(600, 620, 30), (100, 100, 20)])
+    detections, report = _run(image, {"label": "painted", "region": [500, 500, 300, 300]})
+    assert report.tiles == 1
+    (only,) = detections
+    assert (_placed(only, 900, 900) == masks[0]).all()
+
+
+def test_region_and_tiling_bad_values() -> None:
+    image = np.zeros((600, 800, 3), np.uint8)
+    source = _source(image)
+    with pytest.raises(JobError) as outside:
+        plan_for(validate_sidecar({"region": [700, 0, 200, 100]}, name="s"), source)
+    assert outside.value.code == "region_out_of_bounds"
+    for body, field in (
+        ({"region": [0, 0, 0, 10]}, "region"),
+        ({"tiling": {"tile_size": 128}}, "tiling.tile_size"),
+        ({"tiling": {"tile_size": 512, "overlap": 512}}, "tiling"),
+    ):
+        with pytest.raises(JobError) as bad:
+            validate_sidecar(body, name="s")
+        assert bad.value.code == "sidecar_invalid" and bad.value.field.startswith(field)
+    with pytest.raises(JobError) as too_big:
+        is_tiled(validate_sidecar({"tiling": {"tile_size": 2048}}, name="s"), 800, 600, max_image_pixels=2000**2)
+    assert (too_big.value.code, too_big.value.field) == ("sidecar_invalid", "tiling.tile_size")
+
+
+def test_prompts_share_windows_and_map_back_to_level0() -> None:
+    image = np.zeros((3000, 3000, 3), np.uint8)
+    prompts = [
+        {"bbox": [100, 100, 140, 150]}, {"bbox": [300, 200, 360, 260]},  # together in one window
+        {"bbox": [2500, 2500, 2550, 2560]},                              # far away: its own
+        {"bbox": [200, 1000, 2800, 2900]},                               # larger than a window
+    ]
+    detections, report = _run(image, {"prompts": prompts})
+    assert report.tiles == 3
+    by_prompt = {d.prompt_idx: d for d in detections}
+    for index, prompt in enumerate(prompts):
+        x1, y1, x2, y2 = prompt["bbox"]
+        detection = by_prompt[index]
+        h, w = detection.mask.shape
+        ox, oy = detection.origin
+        assert abs(ox - x1) <= detection.scale and abs(oy - y1) <= detection.scale
+        assert abs(ox + w * detection.scale - x2) <= 2 * detection.scale
+    assert by_prompt[3].scale > 2 and by_prompt[0].scale == 1
+
+
+def test_prompts_outside_the_region_are_refused() -> None:
+    image = np.zeros((3000, 3000, 3), np.uint8)
+    with pytest.raises(JobError) as outside:
+        _run(image, {"region": [1000, 1000, 500, 500], "prompts": [{"bbox": [900, 1100, 1200, 1200]}]})
+    assert (outside.value.code, outside.value.field) == ("prompt_out_of_bounds", "prompts.0")
+
+
+def test_progress_names_the_tile_and_cancelling_stops_between_tiles() -> None:
+    image, _ = _painted(1400, 1400, [(700, 700, 30)])
+    sidecar = validate_sidecar({"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}}, name="t.yaml")
+    source = _source(image)
+    plan = plan_for(sidecar, source)
+    seen: list[str] = []
+
+    def progress(stage: str, fraction: float, message: str = "") -> None:
+        seen.append(message)
+        if message == "tile 4/9":
+            raise JobCancelled()
+
+    ran = []
+    adapter = FakeAdapter()
+    original = adapter.run
+    adapter.run = lambda ctx: (ran.append(1), original(ctx))[1]
+    with pytest.raises(JobCancelled):
+        list(segment(adapter, source, TileJob(sidecar=sidecar, image_key="k"), plan, progress, TilingReport(plan)))
+    assert len(ran) == 3 and "tile 1/9" in seen and "tile 3/9: encoding image" in seen
+
+
+def test_sam3_exemplar_boxes_go_to_the_tiles_that_hold_them() -> None:
+    sidecar = validate_sidecar({"text": "cell", "positive_bboxes": [[100, 100, 150, 160], [1300, 1300, 1350, 1340]]},
+                               name="t")
+    tiles = plan_tiles(Rect(0, 0, 1400, 1400), 512, 64, 1.0, 0)
+    first, last = tile_sidecar(sidecar, tiles[0]), tile_sidecar(sidecar, tiles[-1])
+    assert first.positive_bboxes == [(100, 100, 150, 160)] and first.text == "cell"
+    x, y = tiles[-1].window.x, tiles[-1].window.y
+    assert last.positive_bboxes == [(1300 - x, 1300 - y, 1350 - x, 1340 - y)]
+    boxes_only = validate_sidecar({"positive_bboxes": [[100, 100, 150, 160]]}, name="t")
+    assert tile_sidecar(boxes_only, tiles[-1]) is None
+
+
+def test_an_object_larger_than_the_limit_comes_in_one_piece_per_tile() -> None:
+    height, width = 1100, 1400
+    image, (disc,) = _painted(height, width, [(300, 300, 40)])
+    image[~disc] = (250, 250, 250)  # a background spanning every tile
+    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}},
+                              max_object_pixels=800 * 800)
+    found = [_placed(d, height, width) for d in detections]
+    background = [f for f in found if not (f & disc).any()]
+    assert len(background) == report.tiles == 9
+    assert (np.sum(background, axis=0) == ~disc).all()  # the pieces cover it exactly once
+    assert sum(1 for f in found if (f & disc).any()) == 1
