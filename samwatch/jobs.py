@@ -150,6 +150,12 @@ def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
             "out_of_memory",
             "The device ran out of memory for this job; use a smaller model, fewer frames or prompts, or device: cpu.",
         ))
+    if isinstance(exc, OSError):  # the share or the disk, not the job: worth another try (retries.py)
+        return Outcome("failed", error=JobError(
+            "io_error",
+            f"Reading this job's files failed ({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}); "
+            "samwatch tries again by itself after a while. If it persists, check the share or disk.",
+        ))
     # a bug must fail its job, never the daemon
     logger.error(f"job {ticket.job_id} internal error: {exc!r}\n{''.join(traceback.format_exception(exc))}")
     return Outcome("failed", error=JobError(
