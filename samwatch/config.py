@@ -137,6 +137,24 @@ class ServiceSettings(StrictModel):
         120.0, gt=0, description="A claim not refreshed this long is taken over by another daemon."
     )
     recent_failures: int = Field(20, ge=0)
+    retry_base_seconds: float = Field(
+        30.0, gt=0, description="A transient failure (download, I/O) runs again after this, doubled per attempt."
+    )
+    retry_attempts: int = Field(5, ge=0, description="Automatic retries of one job version after transient failures.")
+
+
+OutputFormat = Literal["geojson", "labels"]
+
+
+class OutputSettings(StrictModel):
+    """What every result includes unless its sidecar's ``output:`` block says otherwise."""
+
+    formats: list[OutputFormat] = Field(
+        default_factory=lambda: ["geojson"],
+        description="geojson is always written; labels adds NAME.labels.tif (OME-TIFF instance labels) and NAME.labels.csv.",
+    )
+    preview: bool = Field(True, description="Write NAME.preview.png: the image with every feature drawn.")
+    preview_size: int = Field(1024, ge=64, le=8192, description="Longest side of the preview, in pixels.")
 
 
 class WeightsEntry(StrictModel):
@@ -238,6 +256,7 @@ class Config(StrictModel):
     def _executor_shorthand(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
 
+    output: OutputSettings = OutputSettings()
     weights: list[WeightsEntry] = Field(
         default_factory=list, description="Registry entries; each type also has a built-in 'default'."
     )
@@ -329,10 +348,14 @@ def outbox_named_by(path: Path | None) -> Path:
     return outbox if outbox.is_absolute() else (path.resolve().parent / outbox).resolve()
 
 
-def load_config(path: Path | None, *, check_files: bool = True) -> Config:
-    """The config from ``path`` (or the defaults), validated; raises ConfigError."""
-    if path is None:
-        return Config().resolved(Path.cwd())
+def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool = False) -> Config:
+    """The config from ``path`` (or the defaults), validated; raises ConfigError.
+
+    ``missing_ok``: a ``path`` that does not exist means the built-in defaults (the default
+    config path, which ``samwatch weights add`` may create later).
+    """
+    if path is None or (missing_ok and not path.exists()):
+        return Config().resolved(Path.cwd() if path is None else path.absolute().parent)
     try:
         data = read_yaml_mapping(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:

@@ -34,7 +34,9 @@ from samwatch.notify import SystemdNotifier
 from samwatch.outbox import SPOOL_FOLDER, Outbox, sweep_temporaries
 from samwatch.outcomes import OutcomeRecorder
 from samwatch.queueing import JobQueue
+from samwatch.retries import Retrier
 from samwatch.status import StatusReporter
+from samwatch.input_facts import InputFacts
 from samwatch.watcher import Watcher
 
 #: status.json is rewritten at the end of a step in which a job changed state (and on every
@@ -73,10 +75,13 @@ class Daemon:
         outbox: Outbox,
         clock: Callable[[], float] = time.monotonic,
         config_path: Path | None = None,
+        config_optional: bool = False,
         notifier: SystemdNotifier | None = None,
+        facts: InputFacts | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.config_optional = config_optional  # a missing file means the built-in defaults
         self.clock = clock
         self.flags = Flags()
         self.notifier = notifier or SystemdNotifier()
@@ -88,9 +93,11 @@ class Daemon:
         self.executor = executor
         self.outbox = outbox
         self.dispatcher = Dispatcher(executor, ledger, claims, outbox, clock)
-        self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher)
+        self.facts = facts or InputFacts(config, ledger, threaded=False)
+        self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
         self.reporter = StatusReporter(self)
+        self.retrier = Retrier(config, ledger, claims, outbox, registry, clock)
         self.workers: list[dict[str, Any]] = executor.workers()
         self._config_mtime = self._stat_config()
         self._next_heartbeat = float("-inf")
@@ -104,6 +111,7 @@ class Daemon:
         config: Config,
         *,
         config_path: Path | None = None,
+        config_optional: bool = False,
         threaded: bool = True,
         clock: Callable[[], float] = time.monotonic,
         notifier: SystemdNotifier | None = None,
@@ -126,7 +134,8 @@ class Daemon:
             logger.info(f"{len(interrupted)} interrupted jobs queued again")
             for row in interrupted:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
-        registry = WeightsRegistry(config.weights, config.state_dir)
+        # A failed download may be tried again as soon as a job's retry backoff allows.
+        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds)
         executor = _make_executor(config, registry, threaded=threaded, clock=clock)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
         watcher = Watcher(
@@ -138,7 +147,8 @@ class Daemon:
         )
         return cls(
             config, ledger=ledger, registry=registry, claims=claims, watcher=watcher, executor=executor,
-            outbox=outbox, clock=clock, config_path=config_path, notifier=notifier,
+            outbox=outbox, clock=clock, config_path=config_path, config_optional=config_optional, notifier=notifier,
+            facts=InputFacts(config, ledger, threaded=threaded),
         )
 
     # ---- signals ----------------------------------------------------------------------
@@ -189,7 +199,7 @@ class Daemon:
             while not self.flags.stop:
                 self.step(self.clock())
                 idle = not self.dispatcher.running and not self.ledger.jobs_in(ACTIVE_STATES)
-                if idle and not self.watcher.pending:
+                if idle and not self.watcher.pending and not self.facts.busy:
                     break
                 self._collect(0.05)
             if self.flags.stop:
@@ -199,7 +209,7 @@ class Daemon:
         return 1 if self.recorder.stats.failed else 0
 
     def _sleep_time(self) -> float:
-        if self.watcher.pending or self.dispatcher.running:
+        if self.watcher.pending or self.dispatcher.running or self.facts.busy:
             return 0.1
         return min(0.5, self.config.watch.poll_interval_seconds / 4)
 
@@ -208,11 +218,13 @@ class Daemon:
             self.flags.reload = False
             self.reload()
         changed, vanished = self.watcher.poll(now)
-        if changed or vanished:
-            self.queue.discover(changed, vanished)
+        arrived = self.facts.drain()
+        if changed or vanished or arrived:
+            self.queue.discover(changed, vanished, arrived)
         self._collect(0.0)
         self.outbox.retry()
         self.recorder.check_waiting()
+        self.retrier.step(now)
         if not self.flags.stop:
             self._dispatch(now)
         self._collect(0.0)
@@ -268,7 +280,7 @@ class Daemon:
             return False
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, missing_ok=self.config_optional)
             blocked = restart_only_changes(self.config, new)
             if blocked:
                 raise ConfigError(
@@ -284,8 +296,9 @@ class Daemon:
         changed = self.registry.update(new.weights)
         self.executor.reconfigure(new, changed)
         self.watcher.settle_seconds = new.watch.settle_seconds
-        self.config = self.queue.config = self.recorder.config = new
+        self.config = self.queue.config = self.recorder.config = self.facts.config = new
         self.config_error = None
+        self.retrier.after_change(new)
         logger.info(f"config reloaded from {self.config_path}; weights changed: {sorted(changed) or 'none'}")
         self.notifier.ready(self.status_line())
         self.heartbeat()
@@ -331,6 +344,7 @@ class Daemon:
 
     def close(self) -> None:
         self.executor.close()
+        self.facts.close()
         self._write_status(stopped=True)
         self.watcher.close()
         self.registry.close()

@@ -8,19 +8,17 @@ respects claims, so several daemons on one share never run one version twice.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
-from typing import Any
 
 from loguru import logger
 
 from samwatch.claims import ClaimStore
 from samwatch.config import Config
-from samwatch.discovery import JobSource, find_jobs
+from samwatch.discovery import JobSource, find_jobs, is_folder_defaults, split_name
 from samwatch.dispatch import Dispatcher, StopKind, StopRequest
 from samwatch.errors import JobError
-from samwatch.job_sidecar import load_job_sidecar
+from samwatch.input_facts import InputFacts, SidecarFact
+from samwatch.job_sidecar import JobSidecar
 from samwatch.ledger import ACTIVE_STATES, JobRow, Ledger
-from samwatch.media import content_hash
 from samwatch.outbox import Outbox
 from samwatch.watcher import Watcher
 
@@ -31,7 +29,7 @@ BUSY_ELSEWHERE_SECONDS = 2.0
 class JobQueue:
     def __init__(
         self, config: Config, ledger: Ledger, watcher: Watcher, claims: ClaimStore, outbox: Outbox,
-        dispatcher: Dispatcher,
+        dispatcher: Dispatcher, facts: InputFacts,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -39,17 +37,19 @@ class JobQueue:
         self.claims = claims
         self.outbox = outbox
         self.dispatcher = dispatcher
+        self.facts = facts
         self.known_jobs: dict[str, JobSource] = {}
-        self._image_refs: dict[str, tuple[Any, str | None]] = {}  # sidecar -> (file state, image key)
         self._busy_elsewhere: dict[str, float] = {}
 
     # ---- discovery --------------------------------------------------------------------
 
-    def discover(self, changed: set[str], vanished: set[str]) -> None:
-        with self.ledger.batch():
-            self._discover(changed, vanished)
+    def discover(self, changed: set[str], vanished: set[str], arrived: set[str] = frozenset()) -> None:
+        """Jobs whose inputs ``changed`` or ``vanished`` (watcher) or whose facts ``arrived``
+        (InputFacts.drain) are queued in their current version."""
+        with self.ledger.batch():  # one commit for a whole burst
+            self._discover(changed, vanished, arrived)
 
-    def _discover(self, changed: set[str], vanished: set[str]) -> None:
+    def _discover(self, changed: set[str], vanished: set[str], arrived: set[str]) -> None:
         settled = self.watcher.settled
         files = set(settled) | self.watcher.pending
         jobs = {job.job_id: job for job in find_jobs(self.config.inbox, files, self._image_ref)}
@@ -57,9 +57,12 @@ class JobQueue:
         for job_id in set(previous) - set(jobs):
             self._forget(previous[job_id])
         self.known_jobs = jobs
-        touched = changed | vanished
-        for path in vanished:
-            self._image_refs.pop(path, None)
+        touched = changed | vanished | arrived
+        for path in changed | vanished:
+            if path in vanished:
+                self.facts.forget(path)
+            if is_folder_defaults(path):  # what its sidecars inherit changed
+                self.facts.forget_sidecars_under(split_name(path)[0])
         for job in list(jobs.values()):
             if job.job_id in previous and previous[job.job_id] == job and not (set(job.inputs) & touched):
                 continue  # nothing it depends on changed
@@ -71,36 +74,30 @@ class JobQueue:
                 logger.warning(f"job {job.job_id} not queued yet: {exc}")
                 self.known_jobs.pop(job.job_id, None)
 
+    def _sidecar(self, rel: str) -> SidecarFact | None:
+        state = self.watcher.settled.get(rel)
+        return None if state is None else self.facts.sidecar(rel, state)
+
     def _image_ref(self, rel: str) -> str | None:
         """The sidecar's ``image:`` key, if it can be read (errors surface when the job runs)."""
-        state = self.watcher.settled.get(rel)
-        cached = self._image_refs.get(rel)
-        if cached is not None and cached[0] == state:
-            return cached[1]
-        try:
-            ref = load_job_sidecar(self.config, rel, problems=[]).sidecar.image
-        except (OSError, JobError):
-            ref = None
-        self._image_refs[rel] = (state, ref)
-        return ref
-
-    def _hash(self, rel: str) -> str:
-        stamp = asdict(self.watcher.settled[rel])
-        cached = self.ledger.cached_hash(rel, **stamp)
-        if cached is None:
-            cached = content_hash(self.config.inbox / rel)
-            self.ledger.store_hash(rel, cached, **stamp)
-        return cached
+        fact = self._sidecar(rel)
+        return fact.sidecar.image if isinstance(fact, JobSidecar) else None
 
     def _enqueue(self, job: JobSource) -> None:
-        hashes = [self._hash(path) for path in job.inputs]
+        """Queue ``job``'s current version; a job whose facts are still being worked out is
+        looked at again when they arrive (the daemon passes them on as changed paths)."""
+        hashes = [self.facts.hash(path, self.watcher.settled[path]) for path in job.inputs]
+        sidecar_fact = self._sidecar(job.sidecar or job.defaults or "")
+        if None in hashes or sidecar_fact is None:
+            return
         version = hashlib.sha256("\n".join([*job.inputs, *hashes]).encode()).hexdigest()
         sidecar = job.sidecar or job.defaults
         group = job.job_id.split("/", 1)[0] if "/" in job.job_id else ""
-        image_sha = self._hash(job.image) if job.image else None
+        image_sha = hashes[0] if job.image else None  # the image comes first in inputs
+        priority = sidecar_fact.priority if isinstance(sidecar_fact, JobSidecar) else self.config.defaults.priority
         if not self.ledger.upsert(
             job.job_id, sidecar=sidecar, image=job.image, image_sha=image_sha, version=version,
-            priority=self._priority(job), grp=group,
+            priority=priority, grp=group,
         ):
             return
         elsewhere = self.claims.finished_elsewhere(job.job_id, version)
@@ -113,13 +110,6 @@ class JobQueue:
         )
         if not interrupted:
             self.outbox.queued(job.job_id)
-
-    def _priority(self, job: JobSource) -> int:
-        """The sidecar's priority, else its folder defaults', else the config's."""
-        try:
-            return load_job_sidecar(self.config, job.sidecar or job.defaults or "", problems=[]).priority
-        except (OSError, JobError):
-            return self.config.defaults.priority
 
     def _forget(self, job: JobSource) -> None:
         """Its sidecar (or image) is gone: a queued job is cancelled, a running one stopped."""

@@ -7,6 +7,7 @@ samwatch only ever sees the native :class:`Sidecar`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from samwatch.config import describe_validation_error
+from samwatch.config import OutputFormat, describe_validation_error
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, ModelType
 
@@ -240,6 +241,9 @@ def _check_region(region: Region | None) -> Region | None:
 class OutputSpec(StrictModel):
     object_type: Literal["annotation", "detection"] = "annotation"
     simplify_tolerance: float = Field(0.0, ge=0, description="pixels; 0 keeps every contour vertex")
+    formats: list[OutputFormat] | None = Field(None, description="as the config's output.formats; none: the config's")
+    preview: bool | None = Field(None, description="as the config's output.preview; none: the config's")
+    preview_size: int | None = Field(None, ge=64, le=8192, description="none: the config's output.preview_size")
 
 
 class Sidecar(StrictModel):
@@ -374,10 +378,24 @@ def fold_samapi_form(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _as_json_object(text: str | bytes) -> dict[str, Any] | None:
+    """The text as a JSON object, or None to read it as YAML. JSON's parser is some forty
+    times faster than YAML's on a sidecar of 40 000 prompts, and gives the same mapping."""
+    if not text.lstrip()[:1] in (b"{", "{"):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None  # YAML's flow style, or broken: YAML says where
+    return data if isinstance(data, dict) else None
+
+
 def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     """YAML or JSON text -> a mapping (JSON is YAML); ``name`` goes into the error."""
+    data = _as_json_object(text)
     try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
+        if data is None:
+            data = yaml.load(text, Loader=_YAML_LOADER)
     except RecursionError:
         raise JobError(
             "sidecar_parse_error",

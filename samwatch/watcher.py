@@ -171,7 +171,12 @@ def choose_mode(mode: str, inbox: Path) -> str:
 
 
 class EventSource:
-    """Native events (watchdog) reduced to a set of folders to rescan."""
+    """Native events (watchdog) reduced to a set of folders to rescan.
+
+    The inbox's parent is watched too (not recursively): a watch dies with its folder, so
+    when the inbox is deleted and made again, the event of its return in the parent puts a
+    new watch on it and a rescan of it at once, instead of at the next periodic rescan.
+    """
 
     def __init__(self, inbox: Path) -> None:
         from watchdog.events import FileSystemEventHandler
@@ -179,6 +184,7 @@ class EventSource:
 
         self._inbox = inbox
         self._dirty: set[str] = set()
+        self._returned = False
         self._lock = threading.Lock()
         source = self
 
@@ -188,10 +194,33 @@ class EventSource:
                     if raw:
                         source._mark(Path(os.fsdecode(raw)))
 
+        class _ParentHandler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # noqa: ANN001 - watchdog's type
+                for raw in (event.src_path, getattr(event, "dest_path", "")):
+                    if raw and Path(os.fsdecode(raw)) == source._inbox:
+                        with source._lock:
+                            source._returned = True
+
+        self._handler = _Handler()
         self._observer = Observer()
-        self._observer.schedule(_Handler(), str(inbox), recursive=True)
+        self._inbox_watch = self._observer.schedule(self._handler, str(inbox), recursive=True)
+        try:
+            self._observer.schedule(_ParentHandler(), str(inbox.parent), recursive=False)
+        except OSError as exc:  # a parent we may not watch: the periodic rescan still finds a new inbox
+            logger.warning(f"cannot watch {inbox.parent} for the inbox coming back: {exc}")
         self._observer.daemon = True
         self._observer.start()
+
+    def _rewatch_inbox(self) -> None:
+        try:
+            self._observer.unschedule(self._inbox_watch)
+        except (KeyError, OSError):
+            pass  # the old watch went with the old folder
+        try:
+            self._inbox_watch = self._observer.schedule(self._handler, str(self._inbox), recursive=True)
+        except OSError:
+            return  # gone again: its next return is another event
+        logger.info(f"inbox {self._inbox} is back: watching it again")
 
     def _mark(self, path: Path) -> None:
         try:
@@ -213,6 +242,10 @@ class EventSource:
     def drain(self) -> set[str]:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
+            returned, self._returned = self._returned, False
+        if returned:  # rescheduled here, in the daemon's thread, not in watchdog's
+            self._rewatch_inbox()
+            dirty.add("")
         return dirty
 
     def stop(self) -> None:

@@ -56,7 +56,7 @@ def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_
     daemon = DaemonProcess(config, fake_model=True)
     stems = [f"j{index}" for index in range(4)]
     for stem in stems:
-        drop(inbox, stem, "slow:2")
+        drop(inbox, stem, "slow:4")  # long enough for status.json (workers sampled every 2 s) to catch both busy
     wait_for(lambda: len(busy_workers(outbox)) == 2, 60, what="both workers busy")
     assert status(outbox)["executor"]["kind"] == "dask"
     # Kill the process of a worker mid-job: the scheduler runs that job elsewhere.
