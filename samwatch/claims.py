@@ -119,6 +119,10 @@ class ClaimStore:
         except OSError:  # gone or read-only: the next refresh tries again, the job goes on
             pass
 
+    def reopen(self, job_id: str, version: str) -> None:
+        """This version runs again (a retry): its recorded outcome no longer stands."""
+        self._done(job_id, version).unlink(missing_ok=True)
+
     def release(self, job_id: str, version: str, state: str | None) -> None:
         """Drop the claim; with ``state``, first record the outcome for the other daemons."""
         if state is not None:

@@ -137,6 +137,10 @@ class ServiceSettings(StrictModel):
         120.0, gt=0, description="A claim not refreshed this long is taken over by another daemon."
     )
     recent_failures: int = Field(20, ge=0)
+    retry_base_seconds: float = Field(
+        30.0, gt=0, description="A transient failure (download, I/O) runs again after this, doubled per attempt."
+    )
+    retry_attempts: int = Field(5, ge=0, description="Automatic retries of one job version after transient failures.")
 
 
 class WeightsEntry(StrictModel):
@@ -288,10 +292,14 @@ def outbox_named_by(path: Path | None) -> Path:
     return outbox if outbox.is_absolute() else (path.resolve().parent / outbox).resolve()
 
 
-def load_config(path: Path | None, *, check_files: bool = True) -> Config:
-    """The config from ``path`` (or the defaults), validated; raises ConfigError."""
-    if path is None:
-        return Config().resolved(Path.cwd())
+def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool = False) -> Config:
+    """The config from ``path`` (or the defaults), validated; raises ConfigError.
+
+    ``missing_ok``: a ``path`` that does not exist means the built-in defaults (the default
+    config path, which ``samwatch weights add`` may create later).
+    """
+    if path is None or (missing_ok and not path.exists()):
+        return Config().resolved(Path.cwd() if path is None else path.absolute().parent)
     try:
         data = read_yaml_mapping(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:

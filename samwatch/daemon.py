@@ -34,6 +34,7 @@ from samwatch.notify import SystemdNotifier
 from samwatch.outbox import SPOOL_FOLDER, Outbox, sweep_temporaries
 from samwatch.outcomes import OutcomeRecorder
 from samwatch.queueing import JobQueue
+from samwatch.retries import Retrier
 from samwatch.status import StatusReporter
 from samwatch.input_facts import InputFacts
 from samwatch.watcher import Watcher
@@ -65,11 +66,13 @@ class Daemon:
         outbox: Outbox,
         clock: Callable[[], float] = time.monotonic,
         config_path: Path | None = None,
+        config_optional: bool = False,
         notifier: SystemdNotifier | None = None,
         facts: InputFacts | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.config_optional = config_optional  # a missing file means the built-in defaults
         self.clock = clock
         self.flags = Flags()
         self.notifier = notifier or SystemdNotifier()
@@ -85,6 +88,7 @@ class Daemon:
         self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
         self.reporter = StatusReporter(self)
+        self.retrier = Retrier(config, ledger, claims, outbox, registry, clock)
         self.workers: list[dict[str, Any]] = executor.workers()
         self._config_mtime = self._stat_config()
         self._next_heartbeat = float("-inf")
@@ -98,6 +102,7 @@ class Daemon:
         config: Config,
         *,
         config_path: Path | None = None,
+        config_optional: bool = False,
         threaded: bool = True,
         clock: Callable[[], float] = time.monotonic,
         notifier: SystemdNotifier | None = None,
@@ -121,7 +126,8 @@ class Daemon:
             logger.info(f"{len(interrupted)} interrupted jobs queued again")
             for row in interrupted:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
-        registry = WeightsRegistry(config.weights, config.state_dir)
+        # A failed download may be tried again as soon as a job's retry backoff allows.
+        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds)
         pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in devices]
         executor = LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
@@ -134,7 +140,7 @@ class Daemon:
         )
         return cls(
             config, ledger=ledger, registry=registry, claims=claims, watcher=watcher, executor=executor,
-            outbox=outbox, clock=clock, config_path=config_path, notifier=notifier,
+            outbox=outbox, clock=clock, config_path=config_path, config_optional=config_optional, notifier=notifier,
             facts=InputFacts(config, ledger, threaded=threaded),
         )
 
@@ -211,6 +217,7 @@ class Daemon:
         self._collect(0.0)
         self.outbox.retry()
         self.recorder.check_waiting()
+        self.retrier.step(now)
         if not self.flags.stop:
             self._dispatch(now)
         self._collect(0.0)
@@ -266,7 +273,7 @@ class Daemon:
             return False
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, missing_ok=self.config_optional)
             blocked = restart_only_changes(self.config, new)
             if blocked:
                 raise ConfigError(
@@ -284,6 +291,7 @@ class Daemon:
         self.watcher.settle_seconds = new.watch.settle_seconds
         self.config = self.queue.config = self.recorder.config = self.facts.config = new
         self.config_error = None
+        self.retrier.after_change(new)
         logger.info(f"config reloaded from {self.config_path}; weights changed: {sorted(changed) or 'none'}")
         self.notifier.ready(self.status_line())
         self.heartbeat()

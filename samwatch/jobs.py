@@ -141,6 +141,12 @@ class JobRunner:
                 "out_of_memory",
                 "The device ran out of memory for this job; use a smaller model, fewer frames or prompts, or device: cpu.",
             ))
+        except OSError as exc:  # the share or the disk, not the job: worth another try (retries.py)
+            outcome = Outcome("failed", error=JobError(
+                "io_error",
+                f"Reading this job's files failed ({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}); "
+                "samwatch tries again by itself after a while. If it persists, check the share or disk.",
+            ))
         except Exception as exc:  # a bug must fail its job, never the daemon
             logger.error(f"job {ticket.job_id} internal error: {exc!r}\n{traceback.format_exc()}")
             outcome = Outcome("failed", error=JobError(

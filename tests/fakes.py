@@ -57,8 +57,17 @@ def painted_objects(image: np.ndarray) -> list[Detection]:
 
 
 def install() -> None:
+    """Fake the model family; ``SAMWATCH_FAKE_DEFAULT_URL`` replaces vit_t's built-in default URL
+    (a daemon on defaults must not download 40 MB in a test)."""
+    import os
+
     import samwatch.jobs
     import samwatch.models.pool
+    import samwatch.weights.entries
+
+    if os.environ.get("SAMWATCH_FAKE_DEFAULT_URL"):
+        urls = samwatch.weights.entries.DEFAULT_WEIGHT_URLS
+        samwatch.weights.entries.DEFAULT_WEIGHT_URLS = {**urls, "vit_t": os.environ["SAMWATCH_FAKE_DEFAULT_URL"]}
 
     def fake_adapter_class(model_type: str) -> type:
         return FakeAdapter

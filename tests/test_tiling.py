@@ -191,3 +191,63 @@ def test_an_object_larger_than_the_limit_comes_in_one_piece_per_tile() -> None:
     assert len(background) == report.tiles == 9
     assert (np.sum(background, axis=0) == ~disc).all()  # the pieces cover it exactly once
     assert sum(1 for f in found if (f & disc).any()) == 1
+
+
+def test_the_tile_embedding_store_round_trips_and_evicts_the_least_recently_used(tmp_path) -> None:
+    import os
+
+    import torch
+
+    from samwatch.tiling.cache import TileEmbeddingStore
+
+    def embedding(seed: int) -> dict:  # SAM2's layout: nested containers of tensors, sizes as tuples
+        generator = torch.Generator().manual_seed(seed)
+        return {"_features": {"image_embed": torch.rand(1, 8, 16, 16, generator=generator),
+                              "high_res_feats": [torch.rand(1, 4, 32, 32, generator=generator)]},
+                "_orig_hw": [(1024, 1024)]}
+
+    store = TileEmbeddingStore(tmp_path, "sam2_t:abc", max_bytes=10**9)
+    store.save("a", embedding(1))
+    back = store.load("a", "cpu")
+    assert back["_orig_hw"] == [(1024, 1024)]
+    assert torch.equal(back["_features"]["high_res_feats"][0], embedding(1)["_features"]["high_res_feats"][0])
+    assert store.load("b", "cpu") is None and (store.hits, store.misses) == (1, 1)
+    assert TileEmbeddingStore(tmp_path, "vit_t:abc", 10**9).load("a", "cpu") is None  # another model's key
+
+    size = store._path("a").stat().st_size
+    small = TileEmbeddingStore(tmp_path, "sam2_t:abc", max_bytes=int(size * 3.5))
+    small.save("b", embedding(2))
+    small.save("c", embedding(3))
+    for age, key in enumerate("abc"):
+        os.utime(small._path(key), (1000 + age, 1000 + age))
+    assert small.load("a", "cpu") is not None  # a becomes the most recently used
+    small.save("d", embedding(4))  # over the bound: the least recently used (b) goes
+    assert [small._path(k).exists() for k in "abcd"] == [True, False, True, True]
+    small._path("a").write_bytes(b"damaged")
+    assert small.load("a", "cpu") is None and not small._path("a").exists()  # a damaged file is a miss
+
+
+def test_masks_overlapping_within_a_tile_are_not_chained_through_a_neighbour() -> None:
+    from samwatch.models.base import Detection
+    from samwatch.tiling.stitch import Stitcher
+
+    tiles = plan_tiles(Rect(0, 0, 896, 512), 512, 128, 1.0, 0)
+    assert [t.window.x for t in tiles] == [0, 384]
+    cell = np.zeros((512, 896), bool)
+    cell[100:300, 300:600] = True
+    nucleus = np.zeros((512, 896), bool)
+    nucleus[110:290, 390:510] = True  # most of the cell where both tiles look
+
+    def seen_by(tile, mask):
+        window = tile.window
+        crop = mask[window.y:window.y2, window.x:window.x2]
+        ys, xs = np.nonzero(crop)
+        return Detection(mask=crop[ys.min():ys.max() + 1, xs.min():xs.max() + 1], score=0.9,
+                         origin=(window.x + xs.min(), window.y + ys.min()))
+
+    stitcher = Stitcher(tiles)
+    out = []
+    for tile in tiles:
+        out += stitcher.add(tile, [seen_by(tile, cell), seen_by(tile, nucleus)])
+    out += stitcher.finish()
+    assert sorted(int(d.mask.sum()) for d in out) == sorted([int(nucleus.sum()), int(cell.sum())])

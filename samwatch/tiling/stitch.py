@@ -8,7 +8,9 @@ stream out as soon as no unprocessed tile can still touch them:
 * A fragment is *cut* when its box reaches a border of its tile's window that is not a border
   of the region (the object goes on in a neighbour).
 * Fragments of different tiles are the same object when, over the pixels both tiles saw, their
-  IoU is at least ``match_iou``; matching is transitive (union-find over fragments).
+  IoU is at least ``match_iou``. A fragment joins the one object it overlaps best, and an object
+  takes one fragment per tile, so masks that overlap within a tile (a cell and its nucleus, say)
+  are never chained into one through a neighbour.
 * An object seen whole somewhere is that whole view; of several whole views, the one from the
   tile whose core holds its centre (then the best score). An object cut everywhere (larger than
   the halo) is the union of its fragments.
@@ -119,25 +121,23 @@ class Stitcher:
         """File the fragment with the object it belongs to; yields pieces of oversized objects."""
         cells = self._cells_of(fragment.box)
         candidates = {gid for cell in cells for gid in self._cells.get(cell, ())}
-        matched = [gid for gid in sorted(candidates) if self._matches(self._groups[gid], fragment)]
-        if not matched:
+        scored = [
+            (self._overlap(self._groups[gid], fragment), -gid) for gid in candidates
+            if all(member.tile.index != fragment.tile.index for member in self._groups[gid].fragments)
+        ]
+        best, negative_gid = max(scored, default=(0.0, 0))
+        if best < self.match_iou:
             gid = self._next_id
             self._next_id += 1
             self._groups[gid] = _Group([fragment], fragment.box)
             self._index(gid, cells)
             return
-        gid, others = matched[0], matched[1:]
+        gid = -negative_gid
         group = self._groups[gid]
-        was_oversized = group.oversized
         group.fragments.append(fragment)
         group.box = _union_box(group.box, fragment.box)
-        for other in others:
-            merged = self._remove(other)
-            was_oversized = was_oversized or merged.oversized
-            group.fragments.extend(merged.fragments)
-            group.box = _union_box(group.box, merged.box)
         self._index(gid, self._cells_of(group.box))
-        if was_oversized or group.box.w * group.box.h > self.max_pixels:
+        if group.oversized or group.box.w * group.box.h > self.max_pixels:
             group.oversized = True
             yield from _core_pieces(group.fragments)
 
@@ -156,19 +156,19 @@ class Stitcher:
                 del self._cells[cell]
         return group
 
-    def _matches(self, group: _Group, fragment: _Fragment) -> bool:
+    def _overlap(self, group: _Group, fragment: _Fragment) -> float:
+        """The best IoU of ``fragment`` with one of the group's fragments, over what both tiles saw."""
+        best = 0.0
         for member in group.fragments:
-            if member.tile.index == fragment.tile.index:
-                continue
             seen_by_both = member.tile.window.intersection(fragment.tile.window)
             area = seen_by_both and seen_by_both.intersection(_union_box(member.box, fragment.box))
             if area is None:
                 continue
             a, b = _paste(member, area), _paste(fragment, area)
             union = np.count_nonzero(a | b)
-            if union and np.count_nonzero(a & b) / union >= self.match_iou:
-                return True
-        return False
+            if union:
+                best = max(best, np.count_nonzero(a & b) / union)
+        return best
 
     # -- output -----------------------------------------------------------------------------
 
