@@ -143,6 +143,20 @@ class ServiceSettings(StrictModel):
     retry_attempts: int = Field(5, ge=0, description="Automatic retries of one job version after transient failures.")
 
 
+OutputFormat = Literal["geojson", "labels"]
+
+
+class OutputSettings(StrictModel):
+    """What every result includes unless its sidecar's ``output:`` block says otherwise."""
+
+    formats: list[OutputFormat] = Field(
+        default_factory=lambda: ["geojson"],
+        description="geojson is always written; labels adds NAME.labels.tif (OME-TIFF instance labels) and NAME.labels.csv.",
+    )
+    preview: bool = Field(True, description="Write NAME.preview.png: the image with every feature drawn.")
+    preview_size: int = Field(1024, ge=64, le=8192, description="Longest side of the preview, in pixels.")
+
+
 class WeightsEntry(StrictModel):
     name: str
     type: ModelType
@@ -201,6 +215,7 @@ class Config(StrictModel):
     inputs: InputSettings = InputSettings()
     models: ModelSettings = ModelSettings()
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    output: OutputSettings = OutputSettings()
     weights: list[WeightsEntry] = Field(
         default_factory=list, description="Registry entries; each type also has a built-in 'default'."
     )
