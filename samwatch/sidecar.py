@@ -26,6 +26,7 @@ from pydantic import (
 from samwatch.config import OutputFormat, describe_validation_error
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, ModelType
+from samwatch.yaml_child import load_yaml
 
 #: libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one,
 #: which would hold the daemon's loop for seconds on a legal 40 000-prompt sidecar, and it
@@ -395,7 +396,7 @@ def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     data = _as_json_object(text)
     try:
         if data is None:
-            data = yaml.load(text, Loader=_YAML_LOADER)
+            data = load_yaml(text, _YAML_LOADER)
     except RecursionError:
         raise JobError(
             "sidecar_parse_error",
