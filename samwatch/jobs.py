@@ -30,6 +30,7 @@ from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, 
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
+from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
 from samwatch.job_sidecar import load_job_sidecar
 from samwatch.sidecar import Sidecar
@@ -75,6 +76,8 @@ class Outcome:
     #: the GeoJSON FeatureCollection of a done job: the daemon writes it, after checking
     #: that this run is still the one the ledger expects (a late duplicate is dropped)
     result: dict[str, Any] | None = None
+    #: files written with the result (outbox suffix -> bytes): preview, label image, table
+    extras: dict[str, bytes] = field(default_factory=dict)
 
 
 class ProgressSink(Protocol):
@@ -241,12 +244,17 @@ class JobRunner:
         timings["total"] = time.perf_counter() - job.started
         meta = self._meta(job, timings, len(features)) | job.provenance
         media = job.media
+        extras = result_extras(
+            features, media, job.sidecar, OutputPlan.resolve(self.config.output, job.sidecar.output),
+            frame_axis=_frame_axes(job.sidecar, media)[-1],
+        )
         summary = (
             f"job {job.ticket.job_id} done model={job.model_type} weights={job.weights_name} "
             f"size={media.width}x{media.height}{'x' + str(media.n_frames) if media.n_frames > 1 else ''} "
             f"features={len(features)} seconds={timings['total']:.2f}"
         )
-        return Outcome("done", features=len(features), summary=summary, result=feature_collection(features, meta))
+        return Outcome("done", features=len(features), summary=summary, result=feature_collection(features, meta),
+                       extras=extras)
 
     def _infer(self, job: Prepared, scratch: Path) -> Iterator[Detection]:
         adapter, sidecar, media, ticket, progress = job.adapter, job.sidecar, job.media, job.ticket, job.progress
@@ -320,7 +328,7 @@ class JobRunner:
         """One feature per non-empty detection, traced as it arrives; ``timings["geometry"]``
         gets the time spent tracing."""
         default_label = sidecar.label or self.config.defaults.label
-        axes = sidecar.video.axes if sidecar.video else ("XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT")
+        axes = _frame_axes(sidecar, media)
         plane_position = sidecar.video.plane_position if sidecar.video else 0
         features = []
         timings["geometry"] = 0.0
@@ -411,6 +419,13 @@ def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidec
     except JobError as exc:
         exc.file = image_rel  # inbox-relative: what the person sees on the share
         raise
+
+
+def _frame_axes(sidecar: Sidecar, media: Media) -> str:
+    """XYT or XYZ: which axis a stack's frames run along."""
+    if sidecar.video:
+        return sidecar.video.axes
+    return "XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT"
 
 
 def media_limits(limits: LimitSettings) -> MediaLimits:
