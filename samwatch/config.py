@@ -122,10 +122,6 @@ class ModelSettings(StrictModel):
     prompt_batch_size: int | None = Field(
         None, ge=1, description="Prompts decoded per batch; none: chosen per model and device (1 on CPU)."
     )
-    pipeline_depth: int = Field(
-        1, ge=1, le=8, description="Jobs in flight per device: one being read, one on the device, one being "
-        "traced (samwatch/pipeline.py); 1 runs them one at a time.",
-    )
     accelerate: AccelerateSettings = Field(
         default_factory=AccelerateSettings, description="Image encoder fast paths per device type."
     )

@@ -1,10 +1,8 @@
-"""The embedded executor: one job pipeline per device slot, in this process.
+"""The embedded executor: one worker thread per device slot, in this process.
 
 Each slot has its own model pool (models stay loaded between its jobs), so ``device:
-[cuda:0, cuda:1]`` runs two jobs at once, one per GPU. A slot takes up to
-``models.pipeline_depth`` jobs: while one is on the device the next is read and the one
-before traced (samwatch/pipeline.py). With ``threaded=False`` (``run --once``) a dispatch
-runs inside ``submit``, on the caller's thread, one at a time.
+[cuda:0, cuda:1]`` runs two jobs at once, one per GPU. With ``threaded=False`` (``run
+--once``) a dispatch runs inside ``submit``, on the caller's thread.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -23,10 +21,9 @@ import torch
 
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
 from samwatch.config import Config
-from samwatch.jobs import JobRunner, Outcome, Progress
+from samwatch.jobs import JobRunner, Progress
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool
-from samwatch.pipeline import JobPipeline
 
 
 
@@ -34,8 +31,9 @@ from samwatch.pipeline import JobPipeline
 class _Slot:
     name: str
     pool: ModelPool
-    running: list[Dispatch] = field(default_factory=list)  # in submission order
-    pipeline: JobPipeline | None = None
+    tickets: queue.Queue[Dispatch | None]
+    current: Dispatch | None = None
+    thread: threading.Thread | None = None
 
 
 class LocalExecutor:
@@ -50,38 +48,41 @@ class LocalExecutor:
         self._clock = clock
         self._events: queue.Queue[Event] = queue.Queue()
         self._cancels: dict[str, threading.Event] = {}
-        self._slots = [_Slot(f"local-{index}", pool) for index, pool in enumerate(pools)]
-        self._depth = config.models.pipeline_depth if threaded else 1
+        self._slots = [_Slot(f"local-{index}", pool, queue.Queue()) for index, pool in enumerate(pools)]
         if threaded:
             for slot in self._slots:
-                slot.pipeline = JobPipeline(self._runner(slot), name=slot.name)
+                slot.thread = threading.Thread(target=self._serve, args=(slot,), name=f"samwatch-{slot.name}", daemon=True)
+                slot.thread.start()
 
     @property
     def pools(self) -> list[ModelPool]:
         return [slot.pool for slot in self._slots]
 
     def free_slots(self) -> int:
-        return sum(max(0, self._depth - len(slot.running)) for slot in self._slots)
+        return sum(slot.current is None for slot in self._slots)
 
     def submit(self, dispatch: Dispatch) -> None:
-        slot = min(self._slots, key=lambda s: len(s.running))  # the least busy device
-        slot.running.append(dispatch)
+        slot = next(slot for slot in self._slots if slot.current is None)
+        slot.current = dispatch
         self._cancels[dispatch.token] = threading.Event()
+        if slot.thread is None:
+            self._run(slot, dispatch)
+        else:
+            slot.tickets.put(dispatch)
+
+    def _serve(self, slot: _Slot) -> None:
+        while (dispatch := slot.tickets.get()) is not None:
+            self._run(slot, dispatch)
+
+    def _run(self, slot: _Slot, dispatch: Dispatch) -> None:
         ticket = dispatch.ticket
         channel = ProgressChannel(ticket.job_id, dispatch.token, self._events.put)
         progress = Progress(channel, self._cancels[dispatch.token], clock=self._clock)
-        if slot.pipeline is None:
-            self._finished(slot, dispatch, self._runner(slot).run(ticket, progress))
-        else:
-            slot.pipeline.submit(ticket, progress, lambda _ticket, outcome: self._finished(slot, dispatch, outcome))
-
-    def _runner(self, slot: _Slot) -> JobRunner:
-        return JobRunner(self._config, self._registry, slot.pool, self._config.models.prompt_batch_size)
-
-    def _finished(self, slot: _Slot, dispatch: Dispatch, outcome: Outcome) -> None:
+        config = self._config
+        outcome = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size).run(ticket, progress)
         self._cancels.pop(dispatch.token, None)
-        slot.running.remove(dispatch)  # free before the message: the daemon may dispatch as soon as it reads it
-        self._events.put(Finished(dispatch.ticket.job_id, dispatch.token, outcome, slot.name))
+        slot.current = None  # free before the message: the daemon may dispatch as soon as it reads it
+        self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         events: list[Event] = []
@@ -105,7 +106,7 @@ class LocalExecutor:
                 "name": slot.name, "host": host, "device": describe(slot.pool.device),
                 "memory_mb": _device_memory_mb(slot.pool.device, rss_mb),
                 "loaded_models": slot.pool.loaded(),
-                "job": slot.running[0].ticket.job_id if slot.running else None,
+                "job": slot.current.ticket.job_id if slot.current is not None else None,
             }
             for slot in self._slots
         ]
@@ -115,8 +116,6 @@ class LocalExecutor:
         for slot in self._slots:
             slot.pool.evict(changed)
             slot.pool.settings = config.models
-            if slot.pipeline is not None:
-                slot.pipeline.runner = self._runner(slot)  # jobs from their next phase on
 
     def map_units(self, fn: Callable[[Any], Any], units: Iterable[Any]) -> list[Any]:
         # A slot owns its device: the units of its job run there, one after another.
@@ -124,8 +123,7 @@ class LocalExecutor:
 
     def close(self) -> None:
         for slot in self._slots:
-            if slot.pipeline is not None:
-                slot.pipeline.stop()
+            slot.tickets.put(None)
 
 
 def _device_memory_mb(device: torch.device, process_rss_mb: int) -> int:
