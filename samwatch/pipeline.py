@@ -44,14 +44,14 @@ class _End:
 
 
 class JobPipeline:
-    def __init__(self, runner: JobRunner) -> None:
+    def __init__(self, runner: JobRunner, *, name: str = "pipeline") -> None:
         self.runner = runner
         self._to_read: queue.Queue[_Job | None] = queue.Queue()
         self._to_device: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._to_write: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._threads = [
-            threading.Thread(target=stage, name=f"samwatch-{name}", daemon=True)
-            for name, stage in (("read", self._read), ("device", self._device), ("write", self._write))
+            threading.Thread(target=stage, name=f"samwatch-{name}-{stage_name}", daemon=True)
+            for stage_name, stage in (("read", self._read), ("device", self._device), ("write", self._write))
         ]
         for thread in self._threads:
             thread.start()
@@ -60,9 +60,13 @@ class JobPipeline:
         """Queue a job; ``done(ticket, outcome)`` is called from a stage thread when it ends."""
         self._to_read.put(_Job(ticket, progress, done, time.perf_counter()))
 
+    def stop(self) -> None:
+        """No more jobs: the stage threads end once the jobs submitted are through."""
+        self._to_read.put(None)
+
     def close(self) -> None:
         """Finish the jobs submitted, then stop the stage threads."""
-        self._to_read.put(None)
+        self.stop()
         for thread in self._threads:
             thread.join()
 
