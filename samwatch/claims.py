@@ -128,5 +128,7 @@ class ClaimStore:
         if state is not None:
             for old in self.folder.glob(f"{self._key(job_id)}.*.done"):
                 old.unlink(missing_ok=True)
-            atomic_write_json(self._done(job_id, version), {"state": state, "owner": self.instance})
+            # Not fsync'd: the outcome itself is durable (result file, ledger); a marker lost to a
+            # power cut only lets another daemon redo the same version, to the same files.
+            atomic_write_json(self._done(job_id, version), {"state": state, "owner": self.instance}, durable=False)
         self._lock(job_id, version).unlink(missing_ok=True)

@@ -95,47 +95,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**status, "age_seconds": round(age, 1), "stale": stale}, indent=2))
         return 1 if stale or stopped else 0
-    print(f"samwatch {status['version']} on {status['instance']} (pid {status['pid']}), device {status['device']}")
-    heartbeat = f"last heartbeat {age:.0f} s ago"
-    print(f"state: {status['state']}; {heartbeat}" + ("  -- STALE: the daemon is not running or is hung" if stale else ""))
-    queue = status["queue"]
-    print(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
-    executor = status.get("executor", {})
-    print(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
-    for worker in status.get("workers", []):
-        loaded = ", ".join(f"{m['type']}/{m['weights']}" for m in worker.get("loaded_models", [])) or "no models"
-        print(f"  worker {worker['name']} on {worker['host']} {worker['device']}, {worker['memory_mb']} MB, {loaded}")
-    for current in status.get("running") or ([status["current"]] if status.get("current") else []):
-        print(f"running: {current['job']} {current['stage']} {current['percent']}% ({current['seconds']} s)")
-    models = ", ".join(f"{m['type']}/{m['weights']}" for m in status.get("loaded_models", [])) or "none"
-    print(f"loaded models: {models}")
-    for download in status.get("downloads", []):
-        print(f"downloading: {download.get('type')}/{download.get('name')} {download.get('percent', 0):.0f}%")
-    if status.get("config", {}).get("error"):
-        print(f"config error (old config in force): {status['config']['error']}")
-    others = _other_instances(path.parent / "instances", status.get("instance"))
-    for name, other_state, other_age in others:
-        print(f"other daemon on this outbox: {name}: {other_state}, heartbeat {other_age:.0f} s ago")
-    failures = status.get("recent_failures", [])
-    if failures:
-        print("recent failures:")
-        for failure in failures[-10:]:
-            print(f"  {failure['at']} {failure['job']}: {failure['error']}: {failure['message']}")
+    from samwatch.status_view import print_status
+
+    print_status(status, age, stale, _other_instances(path.parent / "instances", status.get("instance")))
     return 1 if stale or stopped else 0
 
 
-def _other_instances(folder: Path, own: str | None) -> list[tuple[str, str, float]]:
-    """Other daemons sharing this outbox (each writes ``_samwatch/instances/<name>.json``)."""
-    found = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            other = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if other.get("instance") != own:
-            age = (datetime.now(timezone.utc) - datetime.fromisoformat(other["updated"])).total_seconds()
-            found.append((other.get("instance", path.stem), other.get("state", "?"), age))
-    return found
+def _other_instances(folder: Path, own: str | None) -> list[dict]:
+    """Other daemons' heartbeats on this outbox (each writes ``_samwatch/instances/<name>.json``)."""
+    from samwatch.outputs.dashboard import read_instances
+
+    return read_instances(folder, {"instance": own})[1:]
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

@@ -44,6 +44,15 @@ from samwatch.watcher import Watcher
 STATUS_MIN_GAP_SECONDS = 0.2
 
 
+def _make_executor(config: Config, registry: Any, *, threaded: bool, clock: Callable[[], float]) -> Executor:
+    if config.executor.kind == "dask":
+        from samwatch.executors.dask import DaskExecutor  # samwatch[dask]: imported only when used
+
+        return DaskExecutor(config, registry)
+    pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in pick_devices(config.device)]
+    return LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
+
+
 @dataclass
 class Flags:
     """Set by signal handlers, read by the loop: nothing else happens in a handler."""
@@ -119,7 +128,6 @@ class Daemon:
             swept = 0
         if swept:
             logger.info(f"removed {swept} temporary files left by an earlier run")
-        devices = pick_devices(config.device)
         ledger = Ledger(config.state_dir / "ledger.sqlite3")
         interrupted = ledger.jobs_in(("running",))
         if ledger.recover():
@@ -128,8 +136,7 @@ class Daemon:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
         # A failed download may be tried again as soon as a job's retry backoff allows.
         registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds)
-        pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in devices]
-        executor = LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
+        executor = _make_executor(config, registry, threaded=threaded, clock=clock)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
         watcher = Watcher(
             config.inbox,
