@@ -8,7 +8,9 @@ problem of a sidecar is reported, not only the first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from samwatch.config import Config
 from samwatch.discovery import image_on_disk, is_folder_defaults, is_sidecar
@@ -67,30 +69,29 @@ def bounds_problems(sidecar: Sidecar, width: int, height: int, n_frames: int) ->
     """Every box and point that lies outside the image (or frame), and prompts on missing frames."""
     from samwatch.models.base import check_box, check_inside
 
-    checks = [
-        lambda index=index, prompt=prompt: check_inside(prompt.bbox, prompt.points, width, height, where=f"prompts.{index}")
-        for index, prompt in enumerate(sidecar.prompts)
-    ]
+    problems: list[JobError] = []
+
+    def attempt(check: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        try:
+            check(*args, **kwargs)
+        except JobError as exc:
+            problems.append(exc)
+
+    for index, prompt in enumerate(sidecar.prompts):
+        attempt(check_inside, prompt.bbox, prompt.points, width, height, where=f"prompts.{index}")
     for positive in (True, False):
         for index, box in enumerate(sidecar.boxes_xyxy(positive)):
-            field = f"{'positive' if positive else 'negative'}_bboxes.{index}"
-            checks.append(lambda box=box, field=field: check_box(box, width, height, field=field))
+            attempt(check_box, box, width, height, field=f"{'positive' if positive else 'negative'}_bboxes.{index}")
     for frame, objects in (sidecar.video.objects.items() if sidecar.video else ()):
         if not 0 <= frame < n_frames:
-            checks.append(lambda frame=frame: _no_frame(frame, n_frames))
+            attempt(_no_frame, frame, n_frames)
             continue
         for index, obj in enumerate(objects):
             where = f"video.objects.{frame}.{index}"
-            checks.append(lambda obj=obj, where=where: check_inside(obj.bbox, obj.points, width, height, where=where, surface="frame"))
+            attempt(check_inside, obj.bbox, obj.points, width, height, where=where, surface="frame")
             for box_index, (x, y, w, h) in enumerate(obj.boxes_xywh):
-                field = f"{where}.boxes_xywh.{box_index}"
-                checks.append(lambda box=(x, y, x + w, y + h), field=field: check_box(box, width, height, field=field, surface="frame"))
-    problems = []
-    for check in checks:
-        try:
-            check()
-        except JobError as exc:
-            problems.append(exc)
+                attempt(check_box, (x, y, x + w, y + h), width, height, field=f"{where}.boxes_xywh.{box_index}",
+                        surface="frame")
     return problems
 
 

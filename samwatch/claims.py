@@ -119,10 +119,16 @@ class ClaimStore:
         except OSError:  # gone or read-only: the next refresh tries again, the job goes on
             pass
 
+    def reopen(self, job_id: str, version: str) -> None:
+        """This version runs again (a retry): its recorded outcome no longer stands."""
+        self._done(job_id, version).unlink(missing_ok=True)
+
     def release(self, job_id: str, version: str, state: str | None) -> None:
         """Drop the claim; with ``state``, first record the outcome for the other daemons."""
         if state is not None:
             for old in self.folder.glob(f"{self._key(job_id)}.*.done"):
                 old.unlink(missing_ok=True)
-            atomic_write_json(self._done(job_id, version), {"state": state, "owner": self.instance})
+            # Not fsync'd: the outcome itself is durable (result file, ledger); a marker lost to a
+            # power cut only lets another daemon redo the same version, to the same files.
+            atomic_write_json(self._done(job_id, version), {"state": state, "owner": self.instance}, durable=False)
         self._lock(job_id, version).unlink(missing_ok=True)

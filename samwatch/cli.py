@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from samwatch import __version__
-from samwatch.config import Config, config_path_from, load_config, outbox_named_by
+from samwatch.config import DEFAULT_CONFIG_PATH, Config, config_path_from, load_config, outbox_named_by
 from samwatch.errors import ConfigError
 from samwatch.logs import setup_logging
 
@@ -35,10 +35,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from samwatch.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
 
+    optional = args.config is None  # on defaults: ./samwatch.config.yaml is watched, and may come later
     config = _load(args)
     setup_logging(config.log_level)
+    watched = (args.config or DEFAULT_CONFIG_PATH).absolute()
     try:
-        daemon = Daemon.from_config(config, config_path=args.config, threaded=not args.once)
+        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional, threaded=not args.once)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
         return 2
@@ -93,47 +95,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**status, "age_seconds": round(age, 1), "stale": stale}, indent=2))
         return 1 if stale or stopped else 0
-    print(f"samwatch {status['version']} on {status['instance']} (pid {status['pid']}), device {status['device']}")
-    heartbeat = f"last heartbeat {age:.0f} s ago"
-    print(f"state: {status['state']}; {heartbeat}" + ("  -- STALE: the daemon is not running or is hung" if stale else ""))
-    queue = status["queue"]
-    print(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
-    executor = status.get("executor", {})
-    print(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
-    for worker in status.get("workers", []):
-        loaded = ", ".join(f"{m['type']}/{m['weights']}" for m in worker.get("loaded_models", [])) or "no models"
-        print(f"  worker {worker['name']} on {worker['host']} {worker['device']}, {worker['memory_mb']} MB, {loaded}")
-    for current in status.get("running") or ([status["current"]] if status.get("current") else []):
-        print(f"running: {current['job']} {current['stage']} {current['percent']}% ({current['seconds']} s)")
-    models = ", ".join(f"{m['type']}/{m['weights']}" for m in status.get("loaded_models", [])) or "none"
-    print(f"loaded models: {models}")
-    for download in status.get("downloads", []):
-        print(f"downloading: {download.get('type')}/{download.get('name')} {download.get('percent', 0):.0f}%")
-    if status.get("config", {}).get("error"):
-        print(f"config error (old config in force): {status['config']['error']}")
-    others = _other_instances(path.parent / "instances", status.get("instance"))
-    for name, other_state, other_age in others:
-        print(f"other daemon on this outbox: {name}: {other_state}, heartbeat {other_age:.0f} s ago")
-    failures = status.get("recent_failures", [])
-    if failures:
-        print("recent failures:")
-        for failure in failures[-10:]:
-            print(f"  {failure['at']} {failure['job']}: {failure['error']}: {failure['message']}")
+    from samwatch.status_view import print_status
+
+    print_status(status, age, stale, _other_instances(path.parent / "instances", status.get("instance")))
     return 1 if stale or stopped else 0
 
 
-def _other_instances(folder: Path, own: str | None) -> list[tuple[str, str, float]]:
-    """Other daemons sharing this outbox (each writes ``_samwatch/instances/<name>.json``)."""
-    found = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            other = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if other.get("instance") != own:
-            age = (datetime.now(timezone.utc) - datetime.fromisoformat(other["updated"])).total_seconds()
-            found.append((other.get("instance", path.stem), other.get("state", "?"), age))
-    return found
+def _other_instances(folder: Path, own: str | None) -> list[dict]:
+    """Other daemons' heartbeats on this outbox (each writes ``_samwatch/instances/<name>.json``)."""
+    from samwatch.outputs.dashboard import read_instances
+
+    return read_instances(folder, {"instance": own})[1:]
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from samwatch.outbox import STATE_FOLDER
+    from samwatch.retry_requests import RetryRequest, request_retry
+
+    if not args.paths and not args.failed:
+        print("samwatch retry: name the sidecars, images or folders to run again, or give --failed", file=sys.stderr)
+        return 2
+    inbox = None
+    if args.outbox is not None:
+        outbox = args.outbox
+    else:
+        config = _load(args)
+        outbox, inbox = config.outbox, config.inbox
+    try:
+        paths = tuple(_inbox_relative(inbox, Path(p)) for p in args.paths)
+    except ValueError as exc:
+        print(f"samwatch retry: {exc}", file=sys.stderr)
+        return 2
+    request_retry(outbox / STATE_FOLDER, RetryRequest(paths, args.failed))
+    what = ", ".join([*paths, *(["every failed job"] if args.failed else [])])
+    print(f"Asked the daemon to run again: {what}. It takes the request on its next pass (see samwatch status).")
+    return 0
+
+
+def _inbox_relative(inbox: Path | None, path: Path) -> str:
+    """An inbox-relative path from one given on the command line (relative to here, or to the inbox)."""
+    if inbox is None or not (path.is_absolute() or path.exists()):
+        if path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"{path}: give a path inside the inbox (with --outbox: relative to the inbox)")
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(inbox.resolve()).as_posix()
+    except ValueError:
+        raise ValueError(f"{path} is not inside the inbox {inbox}") from None
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -167,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--outbox", type=Path, default=None, help="read this outbox's heartbeat (no config needed: e.g. the share)"
     )
     status.set_defaults(func=cmd_status)
+
+    retry = commands.add_parser("retry", parents=[common], help="run failed (or any) jobs again")
+    retry.add_argument("paths", nargs="*", help="sidecars, images or folders in the inbox whose jobs run again")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--outbox", type=Path, default=None, help="ask through this outbox (no config needed)")
+    retry.set_defaults(func=cmd_retry)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of the sidecar or the config")
     schema.add_argument("which", choices=["sidecar", "config"])

@@ -137,6 +137,24 @@ class ServiceSettings(StrictModel):
         120.0, gt=0, description="A claim not refreshed this long is taken over by another daemon."
     )
     recent_failures: int = Field(20, ge=0)
+    retry_base_seconds: float = Field(
+        30.0, gt=0, description="A transient failure (download, I/O) runs again after this, doubled per attempt."
+    )
+    retry_attempts: int = Field(5, ge=0, description="Automatic retries of one job version after transient failures.")
+
+
+OutputFormat = Literal["geojson", "labels"]
+
+
+class OutputSettings(StrictModel):
+    """What every result includes unless its sidecar's ``output:`` block says otherwise."""
+
+    formats: list[OutputFormat] = Field(
+        default_factory=lambda: ["geojson"],
+        description="geojson is always written; labels adds NAME.labels.tif (OME-TIFF instance labels) and NAME.labels.csv.",
+    )
+    preview: bool = Field(True, description="Write NAME.preview.png: the image with every feature drawn.")
+    preview_size: int = Field(1024, ge=64, le=8192, description="Longest side of the preview, in pixels.")
 
 
 class WeightsEntry(StrictModel):
@@ -181,6 +199,38 @@ class WeightsEntry(StrictModel):
         return self.url if self.url is not None else str(self.path)
 
 
+class ClusterSettings(StrictModel):
+    """A dask-jobqueue cluster the daemon starts itself (needs dask-jobqueue and the batch system)."""
+
+    kind: Literal["slurm", "pbs", "sge", "lsf"] = "slurm"
+    queue: str | None = Field(None, description="Partition / queue the worker jobs go to.")
+    cores: int = Field(4, ge=1, description="Cores per worker job.")
+    memory: str = Field("16GB", description="Memory per worker job, e.g. 32GB.")
+    gpus: int = Field(0, ge=0, description="GPUs per worker job (Slurm: --gres=gpu:N).")
+    walltime: str | None = Field(None, description="Per worker job, e.g. 08:00:00.")
+    extra_directives: list[str] = Field(default_factory=list, description="More #SBATCH/#PBS lines.")
+    adapt_minimum: int = Field(0, ge=0, description="Worker jobs kept when idle.")
+    adapt_maximum: int = Field(4, ge=1, description="Worker jobs at most.")
+
+
+class ExecutorSettings(StrictModel):
+    kind: Literal["local", "dask"] = Field("local", description="local: threads here, one per device; dask: a Dask cluster.")
+    address: str | None = Field(None, description="dask: an existing scheduler, e.g. tcp://host:8786.")
+    cluster: ClusterSettings | None = Field(None, description="dask: start a dask-jobqueue cluster instead.")
+    device: str = Field("auto", description="dask: the device each worker uses (auto: its GPU, else cpu).")
+    path_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="dask: prefixes rewritten for workers that mount the share elsewhere "
+        "({'/srv/samwatch': '/mnt/samwatch'}): inbox, state_dir and weights paths.",
+    )
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> ExecutorSettings:
+        if self.kind == "dask" and (self.address is None) == (self.cluster is None):
+            raise ValueError("executor kind dask needs exactly one of address or cluster")
+        return self
+
+
 class Config(StrictModel):
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
@@ -197,6 +247,16 @@ class Config(StrictModel):
     inputs: InputSettings = InputSettings()
     models: ModelSettings = ModelSettings()
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    executor: ExecutorSettings = Field(
+        ExecutorSettings(), description="Where jobs run: local (default) or a Dask cluster (samwatch[dask])."
+    )
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    output: OutputSettings = OutputSettings()
     weights: list[WeightsEntry] = Field(
         default_factory=list, description="Registry entries; each type also has a built-in 'default'."
     )
@@ -288,10 +348,14 @@ def outbox_named_by(path: Path | None) -> Path:
     return outbox if outbox.is_absolute() else (path.resolve().parent / outbox).resolve()
 
 
-def load_config(path: Path | None, *, check_files: bool = True) -> Config:
-    """The config from ``path`` (or the defaults), validated; raises ConfigError."""
-    if path is None:
-        return Config().resolved(Path.cwd())
+def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool = False) -> Config:
+    """The config from ``path`` (or the defaults), validated; raises ConfigError.
+
+    ``missing_ok``: a ``path`` that does not exist means the built-in defaults (the default
+    config path, which ``samwatch weights add`` may create later).
+    """
+    if path is None or (missing_ok and not path.exists()):
+        return Config().resolved(Path.cwd() if path is None else path.absolute().parent)
     try:
         data = read_yaml_mapping(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
@@ -315,4 +379,4 @@ def load_config(path: Path | None, *, check_files: bool = True) -> Config:
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """Keys that a running daemon cannot apply without a restart."""
-    return [key for key in ("inbox", "outbox", "state_dir", "device") if getattr(old, key) != getattr(new, key)]
+    return [key for key in ("inbox", "outbox", "state_dir", "device", "executor") if getattr(old, key) != getattr(new, key)]

@@ -34,6 +34,7 @@ from samwatch.notify import SystemdNotifier
 from samwatch.outbox import SPOOL_FOLDER, Outbox, sweep_temporaries
 from samwatch.outcomes import OutcomeRecorder
 from samwatch.queueing import JobQueue
+from samwatch.retries import Retrier
 from samwatch.status import StatusReporter
 from samwatch.input_facts import InputFacts
 from samwatch.watcher import Watcher
@@ -41,6 +42,15 @@ from samwatch.watcher import Watcher
 #: status.json is rewritten at the end of a step in which a job changed state (and on every
 #: heartbeat), but not more often than this: a burst of tiny jobs must not write it per job
 STATUS_MIN_GAP_SECONDS = 0.2
+
+
+def _make_executor(config: Config, registry: Any, *, threaded: bool, clock: Callable[[], float]) -> Executor:
+    if config.executor.kind == "dask":
+        from samwatch.executors.dask import DaskExecutor  # samwatch[dask]: imported only when used
+
+        return DaskExecutor(config, registry)
+    pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in pick_devices(config.device)]
+    return LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
 
 
 @dataclass
@@ -65,11 +75,13 @@ class Daemon:
         outbox: Outbox,
         clock: Callable[[], float] = time.monotonic,
         config_path: Path | None = None,
+        config_optional: bool = False,
         notifier: SystemdNotifier | None = None,
         facts: InputFacts | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.config_optional = config_optional  # a missing file means the built-in defaults
         self.clock = clock
         self.flags = Flags()
         self.notifier = notifier or SystemdNotifier()
@@ -85,6 +97,7 @@ class Daemon:
         self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
         self.reporter = StatusReporter(self)
+        self.retrier = Retrier(config, ledger, claims, outbox, registry, clock)
         self.workers: list[dict[str, Any]] = executor.workers()
         self._config_mtime = self._stat_config()
         self._next_heartbeat = float("-inf")
@@ -98,6 +111,7 @@ class Daemon:
         config: Config,
         *,
         config_path: Path | None = None,
+        config_optional: bool = False,
         threaded: bool = True,
         clock: Callable[[], float] = time.monotonic,
         notifier: SystemdNotifier | None = None,
@@ -114,16 +128,15 @@ class Daemon:
             swept = 0
         if swept:
             logger.info(f"removed {swept} temporary files left by an earlier run")
-        devices = pick_devices(config.device)
         ledger = Ledger(config.state_dir / "ledger.sqlite3")
         interrupted = ledger.jobs_in(("running",))
         if ledger.recover():
             logger.info(f"{len(interrupted)} interrupted jobs queued again")
             for row in interrupted:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
-        registry = WeightsRegistry(config.weights, config.state_dir)
-        pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in devices]
-        executor = LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
+        # A failed download may be tried again as soon as a job's retry backoff allows.
+        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds)
+        executor = _make_executor(config, registry, threaded=threaded, clock=clock)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
         watcher = Watcher(
             config.inbox,
@@ -134,7 +147,7 @@ class Daemon:
         )
         return cls(
             config, ledger=ledger, registry=registry, claims=claims, watcher=watcher, executor=executor,
-            outbox=outbox, clock=clock, config_path=config_path, notifier=notifier,
+            outbox=outbox, clock=clock, config_path=config_path, config_optional=config_optional, notifier=notifier,
             facts=InputFacts(config, ledger, threaded=threaded),
         )
 
@@ -211,6 +224,7 @@ class Daemon:
         self._collect(0.0)
         self.outbox.retry()
         self.recorder.check_waiting()
+        self.retrier.step(now)
         if not self.flags.stop:
             self._dispatch(now)
         self._collect(0.0)
@@ -266,7 +280,7 @@ class Daemon:
             return False
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, missing_ok=self.config_optional)
             blocked = restart_only_changes(self.config, new)
             if blocked:
                 raise ConfigError(
@@ -284,6 +298,7 @@ class Daemon:
         self.watcher.settle_seconds = new.watch.settle_seconds
         self.config = self.queue.config = self.recorder.config = self.facts.config = new
         self.config_error = None
+        self.retrier.after_change(new)
         logger.info(f"config reloaded from {self.config_path}; weights changed: {sorted(changed) or 'none'}")
         self.notifier.ready(self.status_line())
         self.heartbeat()

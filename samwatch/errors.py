@@ -34,6 +34,8 @@ ERROR_CODES: dict[str, str] = {
     "model_requires_cuda": "this model path cannot run on the chosen device",
     "weights_unavailable": "the weights cannot be obtained (gated, no access, no token)",
     "weights_download_failed": "downloading the weights failed",
+    "weights_download_cancelled": "the download of the weights was cancelled (samwatch weights cancel)",
+    "io_error": "reading the job's files failed (a share or disk error); retried with backoff",
     "weights_checksum_mismatch": "the weights file does not match its sha256",
     "weights_unsafe": "the checkpoint needs pickle code to load and was refused",
     "weights_wrong_architecture": "the checkpoint does not fit the model type",

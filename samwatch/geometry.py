@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import cv2
@@ -461,6 +461,13 @@ def _polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:
     raise ValueError(f"unsupported geometry type {geometry['type']!r}")
 
 
+def ring_edges(rings: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The edges of closed rings (N x 2 arrays) as start and end points, for :func:`rasterize_edges`."""
+    if not rings:
+        return np.zeros((0, 2)), np.zeros((0, 2))
+    return np.concatenate([r[:-1] for r in rings]), np.concatenate([r[1:] for r in rings])
+
+
 def rasterize(geometry: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
     """Boolean mask of the pixels whose centre lies inside ``geometry``.
 
@@ -469,14 +476,20 @@ def rasterize(geometry: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
     polygons minus their holes. Scanlines through pixel centres never meet a corner of an
     exact (pixel-corner) polygon, so the result has no boundary ambiguity.
     """
+    rings = [np.asarray(ring, np.float64) for rings in _polygons_of(geometry) for ring in rings]
+    return rasterize_edges(*ring_edges(rings), shape)
+
+
+def rasterize_edges(
+    p: np.ndarray, q: np.ndarray, shape: tuple[int, int], *, origin: tuple[float, float] = (0, 0), scale: float = 1.0
+) -> np.ndarray:
+    """:func:`rasterize` of the edges from :func:`ring_edges`, for a window: output pixel
+    (row, col) covers [origin + scale * (col, row), origin + scale * (col + 1, row + 1)) of the
+    geometry's coordinates (a tile of a label image, or a coarser pyramid level)."""
     height, width = shape
-    edges = [
-        np.asarray(ring, np.float64) for rings in _polygons_of(geometry) for ring in rings
-    ]
-    if not edges:
-        return np.zeros(shape, bool)
-    p = np.concatenate([e[:-1] for e in edges])
-    q = np.concatenate([e[1:] for e in edges])
+    if origin != (0, 0) or scale != 1:
+        p = (p - np.asarray(origin, np.float64)) / scale
+        q = (q - np.asarray(origin, np.float64)) / scale
     sloped = p[:, 1] != q[:, 1]  # horizontal edges never cross a pixel-centre scanline
     p, q = p[sloped], q[sloped]
     # Rows whose centre y + 0.5 lies in [min(y), max(y)) of an edge cross that edge once.

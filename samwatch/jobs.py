@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from loguru import logger
 
@@ -29,6 +30,7 @@ from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, 
 from samwatch.models.base import Detection, LoadSpec, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
+from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
 from samwatch.job_sidecar import load_job_sidecar
 from samwatch.sidecar import Sidecar
@@ -74,6 +76,8 @@ class Outcome:
     #: the GeoJSON FeatureCollection of a done job: the daemon writes it, after checking
     #: that this run is still the one the ledger expects (a late duplicate is dropped)
     result: dict[str, Any] | None = None
+    #: files written with the result (outbox suffix -> bytes): preview, label image, table
+    extras: dict[str, bytes] = field(default_factory=dict)
 
 
 class ProgressSink(Protocol):
@@ -118,6 +122,52 @@ def stage_percent(stage: str, fraction: float) -> float:
     return low + (high - low) * max(0.0, min(1.0, fraction))
 
 
+@dataclass
+class Prepared:
+    """A job between its phases: what reading found, then what the device run added."""
+
+    ticket: JobTicket
+    progress: Progress
+    sidecar: Sidecar
+    model_type: str
+    weights_name: str
+    image_rel: str
+    media: Media
+    spec: LoadSpec
+    pixels: np.ndarray | None  # a single image, already read and converted to RGB
+    timings: dict[str, float]
+    started: float
+    adapter: Any = None
+    encoder: str = "eager"  # what encoded the image, for provenance
+    provenance: dict[str, Any] = field(default_factory=dict)  # e.g. the tiling report
+
+
+def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
+    """What any failure inside a job becomes: its outcome, never an exception for the daemon."""
+    if isinstance(exc, JobCancelled):
+        return Outcome("cancelled", error=exc)
+    if isinstance(exc, JobError):
+        return Outcome("failed", error=exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return Outcome("failed", error=JobError(
+            "out_of_memory",
+            "The device ran out of memory for this job; use a smaller model, fewer frames or prompts, or device: cpu.",
+        ))
+    if isinstance(exc, OSError):  # the share or the disk, not the job: worth another try (retries.py)
+        return Outcome("failed", error=JobError(
+            "io_error",
+            f"Reading this job's files failed ({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}); "
+            "samwatch tries again by itself after a while. If it persists, check the share or disk.",
+        ))
+    # a bug must fail its job, never the daemon
+    logger.error(f"job {ticket.job_id} internal error: {exc!r}\n{''.join(traceback.format_exception(exc))}")
+    return Outcome("failed", error=JobError(
+        "internal_error",
+        f"samwatch failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); the log has the details. "
+        "Please report it with the sidecar.",
+    ))
+
+
 class JobRunner:
     """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
 
@@ -129,25 +179,13 @@ class JobRunner:
         self.prompt_batch_size = prompt_batch_size or default_prompt_batch_size(pool.device)
 
     def run(self, ticket: JobTicket, progress: Progress) -> Outcome:
+        """The three phases of a job one after another (pipeline.py overlaps them across jobs)."""
         started = time.perf_counter()
         try:
-            outcome = self._run(ticket, progress, started)
-        except JobCancelled as exc:
-            outcome = Outcome("cancelled", error=exc)
-        except JobError as exc:
-            outcome = Outcome("failed", error=exc)
-        except torch.cuda.OutOfMemoryError:
-            outcome = Outcome("failed", error=JobError(
-                "out_of_memory",
-                "The device ran out of memory for this job; use a smaller model, fewer frames or prompts, or device: cpu.",
-            ))
-        except Exception as exc:  # a bug must fail its job, never the daemon
-            logger.error(f"job {ticket.job_id} internal error: {exc!r}\n{traceback.format_exc()}")
-            outcome = Outcome("failed", error=JobError(
-                "internal_error",
-                f"samwatch failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); the log has the details. "
-                "Please report it with the sidecar.",
-            ))
+            prepared = self.prepare(ticket, progress)
+            outcome = prepared if isinstance(prepared, Outcome) else self.finish(prepared, self.infer(prepared))
+        except Exception as exc:
+            outcome = outcome_of_error(ticket, exc)
         outcome.seconds = time.perf_counter() - started
         return outcome
 
@@ -160,8 +198,10 @@ class JobRunner:
             return ticket.image
         return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image)
 
-    def _run(self, ticket: JobTicket, progress: Progress, started: float) -> Outcome:
-        timings: dict[str, float] = {}
+    def prepare(self, ticket: JobTicket, progress: Progress) -> Prepared | Outcome:
+        """Phase 1, CPU: sidecar, image opened (a single image read and converted), weights
+        requested; an ``Outcome`` when the job must wait for its weights."""
+        started = time.perf_counter()
         progress("reading", 0.0)
         if ticket.sidecar is None:
             raise JobError("image_not_found", "The job has no sidecar.")
@@ -170,42 +210,54 @@ class JobRunner:
         adapter_class(model_type)  # a missing model package fails before the image is read
         image_rel = self.image_path(ticket, sidecar)
         media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
-        timings["read"] = time.perf_counter() - started
+        whole_image = media.n_frames == 1 and sidecar.mode != "video" and not is_tiled(
+            sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels)
+        pixels = media.frame(0) if whole_image else None
+        timings = {"read": time.perf_counter() - started}
 
         spec = self.registry.request(model_type, weights_name)
         if not isinstance(spec, LoadSpec):
             if spec.error is not None:
                 raise spec.error
             return Outcome("waiting", waiting_for=(model_type, weights_name))
+        return Prepared(ticket, progress, sidecar, model_type, weights_name, image_rel, media, spec, pixels,
+                        timings, started)
 
-        progress("loading model", 0.0)
+    def infer(self, job: Prepared) -> Iterator[Detection]:
+        """Phase 2, the device: the model loaded and run; detections as they come (each mask
+        becomes its feature and is dropped, so a job holds one prompt batch of masks at a time)."""
+        job.progress("loading model", 0.0)
         load_started = time.perf_counter()
-        adapter = self.pool.get(spec)
-        timings["load"] = time.perf_counter() - load_started
-
-        infer_started = time.perf_counter()
-        provenance: dict[str, Any] = {}
+        job.adapter = self.pool.get(job.spec)
+        job.timings["load"] = time.perf_counter() - load_started
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
-            # Each mask becomes its feature as it comes and is dropped, so a job holds one
-            # prompt batch of masks at a time however many prompts its sidecar has.
-            detections = self._infer(adapter, sidecar, media, ticket, progress, Path(scratch), spec, provenance)
-            features = self._features(detections, sidecar, model_type, media, timings)
-        timings["inference"] = time.perf_counter() - infer_started - timings["geometry"]
+            yield from self._infer(job, Path(scratch))
+        job.encoder = getattr(job.adapter, "encoder_path", "eager")  # before another job can use it
 
-        progress("writing", 0.0)
-        timings["total"] = time.perf_counter() - started
-        meta = self._meta(ticket, sidecar, spec, adapter, media, image_rel, timings, len(features)) | provenance
-        summary = (
-            f"job {ticket.job_id} done model={model_type} weights={weights_name} size={media.width}x{media.height}"
-            f"{'x' + str(media.n_frames) if media.n_frames > 1 else ''} features={len(features)} "
-            f"seconds={timings['total']:.2f}"
+    def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
+        """Phase 3, CPU: features traced as detections arrive, the result assembled."""
+        traced_started = time.perf_counter()
+        features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings)
+        timings = job.timings
+        timings["inference"] = time.perf_counter() - traced_started - timings["geometry"] - timings.get("load", 0.0)
+        job.progress("writing", 0.0)
+        timings["total"] = time.perf_counter() - job.started
+        meta = self._meta(job, timings, len(features)) | job.provenance
+        media = job.media
+        extras = result_extras(
+            features, media, job.sidecar, OutputPlan.resolve(self.config.output, job.sidecar.output),
+            frame_axis=_frame_axes(job.sidecar, media)[-1],
         )
-        return Outcome("done", features=len(features), summary=summary, result=feature_collection(features, meta))
+        summary = (
+            f"job {job.ticket.job_id} done model={job.model_type} weights={job.weights_name} "
+            f"size={media.width}x{media.height}{'x' + str(media.n_frames) if media.n_frames > 1 else ''} "
+            f"features={len(features)} seconds={timings['total']:.2f}"
+        )
+        return Outcome("done", features=len(features), summary=summary, result=feature_collection(features, meta),
+                       extras=extras)
 
-    def _infer(
-        self, adapter: Any, sidecar: Sidecar, media: Media, ticket: JobTicket, progress: Progress, scratch: Path,
-        spec: LoadSpec, provenance: dict[str, Any],
-    ) -> Iterator[Detection]:
+    def _infer(self, job: Prepared, scratch: Path) -> Iterator[Detection]:
+        adapter, sidecar, media, ticket, progress = job.adapter, job.sidecar, job.media, job.ticket, job.progress
         base_key = f"{ticket.image_sha or ticket.image}:{sidecar.channels}:{sidecar.normalize}"
         # The model is loaded: say what runs now, even if the adapter's first report comes late.
         progress("frames" if sidecar.mode != "video" and media.n_frames > 1 else _OPENING_STAGE[sidecar.mode], 0.0)
@@ -218,7 +270,7 @@ class JobRunner:
             yield from adapter.run(ctx)
             return
         if is_tiled(sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels):
-            yield from self._infer_tiled(adapter, sidecar, media, base_key, progress, scratch, spec, provenance)
+            yield from self._infer_tiled(adapter, sidecar, media, base_key, progress, scratch, job.spec, job.provenance)
             return
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
@@ -226,7 +278,8 @@ class JobRunner:
             # A stack without a video block: every plane is segmented as an image.
             frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
             ctx = RunContext(
-                sidecar=sidecar, image=media.frame(frame_index), image_key=f"{base_key}:{frame_index}",
+                sidecar=sidecar, image=job.pixels if job.pixels is not None else media.frame(frame_index),
+                image_key=f"{base_key}:{frame_index}",
                 prompt_masks=masks, progress=frame_progress, prompt_batch_size=self.prompt_batch_size,
                 scratch_dir=scratch,
             )
@@ -275,7 +328,7 @@ class JobRunner:
         """One feature per non-empty detection, traced as it arrives; ``timings["geometry"]``
         gets the time spent tracing."""
         default_label = sidecar.label or self.config.defaults.label
-        axes = sidecar.video.axes if sidecar.video else ("XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT")
+        axes = _frame_axes(sidecar, media)
         plane_position = sidecar.video.plane_position if sidecar.video else 0
         features = []
         timings["geometry"] = 0.0
@@ -314,23 +367,21 @@ class JobRunner:
             ))
         return features
 
-    def _meta(
-        self, ticket: JobTicket, sidecar: Sidecar, spec: LoadSpec, adapter: Any, media: Media,
-        image_rel: str, timings: dict[str, float], n_features: int,
-    ) -> dict[str, Any]:
+    def _meta(self, job: Prepared, timings: dict[str, float], n_features: int) -> dict[str, Any]:
+        ticket, sidecar, spec, media = job.ticket, job.sidecar, job.spec, job.media
         return {
             "version": __version__,
             "job": ticket.job_id,
             "model": spec.model_type,
             "weights": {
                 "name": spec.weights_name, "sha256": spec.sha256, "source": spec.source,
-                "config": getattr(adapter, "config_used", spec.config),
+                "config": getattr(job.adapter, "config_used", spec.config),
             },
             "device": describe(self.pool.device),
-            "image_encoder": getattr(adapter, "encoder_path", "eager"),  # e.g. onnxruntime, or eager
+            "image_encoder": job.encoder,  # e.g. onnxruntime, sdpa+bf16, or eager
             "host": self.config.service.instance,
             "image": {
-                "path": image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
+                "path": job.image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
                 "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,
                 **({"slide": media.slide} if media.slide else {}),
             },
@@ -368,6 +419,13 @@ def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidec
     except JobError as exc:
         exc.file = image_rel  # inbox-relative: what the person sees on the share
         raise
+
+
+def _frame_axes(sidecar: Sidecar, media: Media) -> str:
+    """XYT or XYZ: which axis a stack's frames run along."""
+    if sidecar.video:
+        return sidecar.video.axes
+    return "XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT"
 
 
 def media_limits(limits: LimitSettings) -> MediaLimits:

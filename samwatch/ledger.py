@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,20 @@ class Ledger:
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many writes, one commit: a burst of discovered jobs costs one sync to disk, not one each."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     # ---- jobs -------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRow | None:
@@ -148,6 +164,10 @@ class Ledger:
 
     def start(self, job: JobRow, token: str) -> None:
         """``token`` names this run: only its outcome is recorded (see ``holds``)."""
+        with self.batch():
+            self._start(job, token)
+
+    def _start(self, job: JobRow, token: str) -> None:
         self._db.execute(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, token = ?, updated = ? WHERE job_id = ?",
             (token, self._wallclock(), job.job_id),

@@ -8,13 +8,14 @@ so a restart can sweep the ones a killed process left behind.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -27,6 +28,11 @@ from loguru import logger
 
 TMP_PREFIX = ".samwatch-"
 STATE_FOLDER = "_samwatch"
+#: Files that belong to a result and live and die with it (see samwatch/outputs/).
+PREVIEW_SUFFIX = ".preview.png"
+LABELS_SUFFIX = ".labels.tif"
+LABELS_CSV_SUFFIX = ".labels.csv"
+EXTRA_SUFFIXES = (PREVIEW_SUFFIX, LABELS_SUFFIX, LABELS_CSV_SUFFIX)
 
 
 def _process_umask() -> int:
@@ -59,19 +65,11 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(
-    path: Path,
-    data: bytes,
-    *,
-    durable: bool = True,
-    mode: int | None = None,
-    check: Callable[[Path], None] | None = None,
-) -> None:
-    """Replace ``path`` with ``data`` so that no reader ever sees a partial file.
+def stage_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> Path:
+    """``data`` in a hidden temporary beside ``path`` (fsync'd if durable); the caller renames it.
 
     ``mode`` defaults to what a plain ``open`` would give (0666 less the umask): mkstemp's 0600
-    would hide results from the people on the share. ``check`` is called on the written
-    temporary before the rename; if it raises, ``path`` is untouched.
+    would hide results from the people on the share.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=path.parent)
@@ -82,20 +80,42 @@ def atomic_write_bytes(
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
-        if check is not None:
-            check(Path(tmp_name))
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    if durable:
+    return Path(tmp_name)
+
+
+def atomic_write_bytes(
+    path: Path,
+    data: bytes,
+    *,
+    durable: bool = True,
+    sync_folder: bool = True,
+    mode: int | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Replace ``path`` with ``data`` so that no reader ever sees a partial file.
+
+    ``check`` is called on the written temporary before the rename; if it raises, ``path``
+    is untouched.
+    """
+    tmp = stage_bytes(path, data, durable=durable, mode=mode)
+    try:
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable and sync_folder:  # False: the caller syncs the folder once after several renames
         fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, payload: Any, *, durable: bool = True) -> None:
+def atomic_write_json(path: Path, payload: Any, *, durable: bool = True, sync_folder: bool = True) -> None:
     # orjson: a result of 10⁶ vertices encodes ~10x faster than with json (bench/bench_speed.py).
     data = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
-    atomic_write_bytes(path, data, durable=durable)
+    atomic_write_bytes(path, data, durable=durable, sync_folder=sync_folder)
 
 
 def sweep_temporaries(root: Path) -> int:
@@ -151,6 +171,11 @@ class JobOutputs:
     def error(self) -> Path:
         return self._path(".error.json")
 
+    @property
+    def extras(self) -> tuple[Path, ...]:
+        """Preview, label image and table: present only beside a result of the same run."""
+        return tuple(self._path(suffix) for suffix in EXTRA_SUFFIXES)
+
     def queued(self, message: str = "waiting for its turn", *, stage: str = "queued", percent: float = 0) -> None:
         self._write_progress(ProgressState.QUEUED, stage, percent, message)
 
@@ -161,18 +186,47 @@ class JobOutputs:
     def running(self, stage: str, percent: float, message: str = "") -> None:
         self._write_progress(ProgressState.RUNNING, stage, percent, message)
 
-    def done(self, collection: dict[str, Any] | None, message: str) -> None:
-        """``collection`` None: the result is already there (another daemon wrote it)."""
+    def done(self, collection: dict[str, Any] | None, message: str, extras: Mapping[str, bytes] | None = None) -> None:
+        """``collection`` None: the result is already there (another daemon wrote it).
+
+        ``extras`` (suffix -> bytes, see ``EXTRA_SUFFIXES``) are written aside first and renamed
+        into place just before the GeoJSON, so whoever sees a result finds its extras; an extra
+        this result lacks (an older version's preview) is removed.
+        """
         if collection is not None:
-            atomic_write_json(self.result, collection)
+            self._place_extras(extras or {})
+            atomic_write_json(self.result, collection, sync_folder=False)  # synced with the progress file's folder
             self.error.unlink(missing_ok=True)
         self._write_progress(ProgressState.DONE, ProgressState.DONE.value, 100, message)
 
+    def _place_extras(self, extras: Mapping[str, bytes]) -> None:
+        unknown = set(extras) - set(EXTRA_SUFFIXES)
+        if unknown:
+            raise ValueError(f"not a result extra: {sorted(unknown)}")
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for suffix, data in extras.items():
+                staged.append((stage_bytes(self._path(suffix), data), self._path(suffix)))
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for suffix in EXTRA_SUFFIXES:
+            if suffix not in extras:
+                try:
+                    self._path(suffix).unlink()
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # not there, or not even its folder: nothing stale to remove
+
     def failed(self, error: dict[str, Any] | None, percent: float, message: str) -> None:
-        # One outcome per content version: a stale result of an earlier version goes.
+        # One outcome per content version: a stale result of an earlier version goes, its
+        # extras after it (a reader that sees no result expects no extras).
         if error is not None:
-            atomic_write_json(self.error, {**error, "updated": now_iso()})
-            self.result.unlink(missing_ok=True)
+            atomic_write_json(self.error, {**error, "updated": now_iso()}, sync_folder=False)
+            for path in (self.result, *self.extras):
+                path.unlink(missing_ok=True)
         self._write_progress(ProgressState.FAILED, ProgressState.FAILED.value, percent, message)
 
     def cancelled(self, percent: float, message: str) -> None:
@@ -239,8 +293,10 @@ class Outbox:
     def running(self, job_id: str, stage: str, percent: float, message: str = "") -> None:
         self._write(job_id, "running", stage=stage, percent=percent, message=message)
 
-    def done(self, job_id: str, collection: dict[str, Any] | None, message: str) -> None:
-        self._write(job_id, "done", collection=collection, message=message)
+    def done(
+        self, job_id: str, collection: dict[str, Any] | None, message: str, extras: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self._write(job_id, "done", collection=collection, message=message, extras=extras)
 
     def failed(self, job_id: str, error: dict[str, Any] | None, percent: float, message: str) -> None:
         self._write(job_id, "failed", error=error, percent=percent, message=message)
@@ -265,6 +321,11 @@ class Outbox:
     def write_state_file(self, name: str, payload: Any) -> None:
         """A heartbeat-frequency file in ``_samwatch`` (status, weights listing): not fsync'd, not kept."""
         self.attempt(f"state:{name}", lambda: atomic_write_json(self.state_folder / name, payload, durable=False), keep=False)
+
+    def write_state_page(self, name: str, text: str) -> None:
+        """As ``write_state_file``, for a page people open (the dashboard)."""
+        data = text.encode("utf-8")
+        self.attempt(f"state:{name}", lambda: atomic_write_bytes(self.state_folder / name, data, durable=False), keep=False)
 
     # ---- faults -------------------------------------------------------------------------------
 
@@ -335,6 +396,8 @@ class Outbox:
         path = self._spool_path(job_id)
         if path is None:
             return
+        if arguments.get("extras"):  # preview and label bytes, as JSON text
+            arguments = {**arguments, "extras": {k: base64.b64encode(v).decode() for k, v in arguments["extras"].items()}}
         try:
             atomic_write_json(path, {"job": job_id, "method": method, "arguments": arguments})
         except OSError as exc:  # the state disk too: the write stays in memory only
@@ -355,7 +418,9 @@ class Outbox:
             try:
                 entry = orjson.loads(path.read_bytes())
                 job_id, method, arguments = entry["job"], entry["method"], entry["arguments"]
-            except (OSError, ValueError, KeyError, TypeError):
+                if arguments.get("extras"):
+                    arguments["extras"] = {k: base64.b64decode(v) for k, v in arguments["extras"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
             if method not in _FINAL_METHODS:
                 continue

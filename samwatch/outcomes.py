@@ -21,7 +21,8 @@ from samwatch.dispatch import Running, StopKind
 from samwatch.errors import JobError
 from samwatch.jobs import Outcome, move_inputs, stage_percent
 from samwatch.ledger import JobRow, Ledger
-from samwatch.outbox import Outbox, now_iso
+from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox, now_iso
+from samwatch.outputs.dashboard import RecentResults
 from samwatch.queueing import JobQueue
 
 WAITING_STAGE = "waiting for weights"
@@ -33,10 +34,17 @@ class RunStats:
     failed: int = 0
     cancelled: int = 0
     recent_failures: deque = field(default_factory=lambda: deque(maxlen=20))
+    recent_results: RecentResults = field(default_factory=RecentResults)
+
+    def success(self, job_id: str, outcome: Outcome) -> None:
+        self.done += 1
+        self.recent_results.add(job_id, features=outcome.features, seconds=outcome.seconds,
+                                preview=PREVIEW_SUFFIX in outcome.extras, labels=LABELS_SUFFIX in outcome.extras)
 
     def failure(self, job_id: str, error: JobError) -> None:
         self.failed += 1
         self.recent_failures.append({"job": job_id, "error": error.code, "message": error.message, "at": now_iso()})
+        self.recent_results.discard(job_id)  # its result file is gone
 
 
 class OutcomeRecorder:
@@ -78,8 +86,8 @@ class OutcomeRecorder:
         error = outcome.error
         self.ledger.finish(row, outcome.state, error=error.code if error else None)
         if outcome.state == "done":
-            self.outbox.done(ticket.job_id, outcome.result, f"{outcome.features} features")
-            self.stats.done += 1
+            self.outbox.done(ticket.job_id, outcome.result, f"{outcome.features} features", outcome.extras)
+            self.stats.success(ticket.job_id, outcome)
             logger.info(outcome.summary)
         else:
             assert error is not None

@@ -46,6 +46,10 @@ class JobQueue:
     def discover(self, changed: set[str], vanished: set[str], arrived: set[str] = frozenset()) -> None:
         """Jobs whose inputs ``changed`` or ``vanished`` (watcher) or whose facts ``arrived``
         (InputFacts.drain) are queued in their current version."""
+        with self.ledger.batch():  # one commit for a whole burst
+            self._discover(changed, vanished, arrived)
+
+    def _discover(self, changed: set[str], vanished: set[str], arrived: set[str]) -> None:
         settled = self.watcher.settled
         files = set(settled) | self.watcher.pending
         jobs = {job.job_id: job for job in find_jobs(self.config.inbox, files, self._image_ref)}

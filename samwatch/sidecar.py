@@ -23,9 +23,10 @@ from pydantic import (
     model_validator,
 )
 
-from samwatch.config import describe_validation_error
+from samwatch.config import OutputFormat, describe_validation_error
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, ModelType
+from samwatch.yaml_child import load_yaml
 
 #: libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one,
 #: which would hold the daemon's loop for seconds on a legal 40 000-prompt sidecar, and it
@@ -241,6 +242,9 @@ def _check_region(region: Region | None) -> Region | None:
 class OutputSpec(StrictModel):
     object_type: Literal["annotation", "detection"] = "annotation"
     simplify_tolerance: float = Field(0.0, ge=0, description="pixels; 0 keeps every contour vertex")
+    formats: list[OutputFormat] | None = Field(None, description="as the config's output.formats; none: the config's")
+    preview: bool | None = Field(None, description="as the config's output.preview; none: the config's")
+    preview_size: int | None = Field(None, ge=64, le=8192, description="none: the config's output.preview_size")
 
 
 class Sidecar(StrictModel):
@@ -392,7 +396,7 @@ def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     data = _as_json_object(text)
     try:
         if data is None:
-            data = yaml.load(text, Loader=_YAML_LOADER)
+            data = load_yaml(text, _YAML_LOADER)
     except RecursionError:
         raise JobError(
             "sidecar_parse_error",

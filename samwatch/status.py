@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from samwatch import __version__
 from samwatch.outbox import now_iso
+from samwatch.outputs.dashboard import PAGE, dashboard_page
 
 if TYPE_CHECKING:
     from samwatch.daemon import Daemon
@@ -71,6 +72,7 @@ class StatusReporter:
             "loaded_models": _distinct(model for worker in workers for model in worker.get("loaded_models", [])),
             "downloads": [item for item in daemon.registry.listing() if item.get("state") == "downloading"],
             "recent_failures": list(stats.recent_failures),
+            "recent_results": stats.recent_results.listing(),
             "skipped_inputs": dict(daemon.watcher.skipped),  # inbox entries no job can be made of, with why
             "config": {"path": str(daemon.config_path) if daemon.config_path else None, "error": daemon.config_error},
             "outbox": {"problem": daemon.outbox.problem, "pending_writes": daemon.outbox.pending_writes},
@@ -98,6 +100,7 @@ class StatusReporter:
         daemon.outbox.write_state_file(f"instances/{daemon.config.service.instance}.json", status)
         daemon.outbox.write_state_file("status.json", status)
         daemon.outbox.write_state_file("weights.json", daemon.registry.samapi_listing())
+        daemon.outbox.write_state_page(PAGE, dashboard_page(daemon.outbox.state_folder, status))
 
 
 def _distinct(models: Any) -> list[dict[str, str]]:

@@ -56,13 +56,51 @@ def painted_objects(image: np.ndarray) -> list[Detection]:
     return [Detection(mask=codes == code, score=0.9) for code in np.unique(codes) if code != 0]
 
 
-def install() -> None:
+def worker_plugin():  # noqa: ANN201
+    """A Dask worker plugin: the fake model family in every worker process (pickled by value)."""
+    from distributed import WorkerPlugin
+
+    class InstallFakes(WorkerPlugin):
+        name = "samwatch-fake-model"
+
+        def setup(self, worker) -> None:  # noqa: ANN001
+            install()
+
+        def teardown(self, worker) -> None:  # noqa: ANN001
+            uninstall()
+
+    return InstallFakes()
+
+
+def uninstall() -> None:
+    """Back to the real model families (after ``install``)."""
     import samwatch.jobs
     import samwatch.models.pool
+
+    # Kept on the module, not here: pickled by value (Dask workers), this file has its own globals.
+    real = getattr(samwatch.models.pool, "_real_adapter_class", None)
+    if real is not None:
+        samwatch.models.pool.adapter_class = samwatch.jobs.adapter_class = real
+
+
+def install() -> None:
+    """Fake the model family; ``SAMWATCH_FAKE_DEFAULT_URL`` replaces vit_t's built-in default URL
+    (a daemon on defaults must not download 40 MB in a test)."""
+    import os
+
+    import samwatch.jobs
+    import samwatch.models.pool
+    import samwatch.weights.entries
+
+    if os.environ.get("SAMWATCH_FAKE_DEFAULT_URL"):
+        urls = samwatch.weights.entries.DEFAULT_WEIGHT_URLS
+        samwatch.weights.entries.DEFAULT_WEIGHT_URLS = {**urls, "vit_t": os.environ["SAMWATCH_FAKE_DEFAULT_URL"]}
 
     def fake_adapter_class(model_type: str) -> type:
         return FakeAdapter
 
+    if not hasattr(samwatch.models.pool, "_real_adapter_class"):
+        samwatch.models.pool._real_adapter_class = samwatch.models.pool.adapter_class
     samwatch.models.pool.adapter_class = fake_adapter_class
     samwatch.jobs.adapter_class = fake_adapter_class
 

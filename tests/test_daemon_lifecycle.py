@@ -97,6 +97,8 @@ def test_cli_schema_version_and_check(tmp_path: Path) -> None:
     assert "prompts" in schema["properties"] and "bbox" in schema["x-samapi-keys"]
     assert "weights" in json.loads(run("schema", "config").stdout)["properties"]
     (tmp_path / "inbox").mkdir()
+    (tmp_path / "w.pt").write_bytes(b"x")  # check asks that weights be on disk or obtainable: no network here
+    (tmp_path / "samwatch.config.yaml").write_text("weights: [{name: default, type: vit_t, path: w.pt}]\n")
     save_image(tmp_path / "inbox" / "a.png", coins())
     (tmp_path / "inbox" / "a.yaml").write_text("prompts: [{bbox: [1, 2, 3, 4]}]\n")
     (tmp_path / "inbox" / "b.yaml").write_text("prompts: [{bbox: [1, 2, 3, 4]}]\nfoo: 1\n")

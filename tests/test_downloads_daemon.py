@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import http.server
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
 from test_service import SMALL
 
 PAYLOAD = bytes(range(256)) * 4096 * 3  # 3 MiB
@@ -34,11 +33,8 @@ class SlowHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve_http(SlowHandler) as url:
+        yield url
 
 
 def test_jobs_wait_for_a_download_while_others_run(tmp_path: Path, server: str) -> None:

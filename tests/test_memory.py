@@ -1,4 +1,5 @@
-"""What bounds a job's memory: masks cropped to their objects, batches sized to the image."""
+"""What bounds a job's memory and time: masks cropped to their objects, batches sized to the
+image, big YAML parsed in a child process."""
 
 from __future__ import annotations
 
@@ -32,3 +33,15 @@ def test_batches_shrink_on_huge_images() -> None:
     assert batch_size_for(32, (8192, 8192), 1) == MASK_PIXEL_BUDGET // 8192**2
     assert batch_size_for(32, (30000, 30000), 3) == 1
     assert batch_size_for(1, (100, 100), 1) == 1
+
+
+def test_a_big_yaml_text_parsed_in_a_child_is_what_yaml_gives() -> None:
+    import yaml
+
+    from samwatch.yaml_child import CHILD_MIN_BYTES, load_yaml
+
+    text = "prompts:\n" + "".join(f"- {{bbox: [{i}, 1, {i + 5}, 9.5], label: c{i}}}\n" for i in range(4000))
+    assert len(text) > CHILD_MIN_BYTES
+    assert load_yaml(text, yaml.SafeLoader) == yaml.safe_load(text)
+    dated = "when: 2024-01-01\n#" + "x" * CHILD_MIN_BYTES  # JSON cannot carry a date: parsed here
+    assert load_yaml(dated, yaml.SafeLoader) == yaml.safe_load(dated)

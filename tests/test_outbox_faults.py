@@ -68,27 +68,27 @@ def test_full_and_read_only_outbox_mid_job_then_back(tmp_path: Path, small_outbo
     daemon = DaemonProcess(config, fake_model=True)
     # Full while a job runs: the job's outcome is kept, the daemon goes on.
     job(inbox, "full")
-    wait_for(lambda: progress_state(outbox, "full") == "running", 30, what="job running")
+    wait_for(lambda: progress_state(outbox, "full") == "running", 60, what="job running")
     filler = fill(outbox)
-    wait_for(lambda: "outbox write failed (ENOSPC" in daemon.log(), 30, what="ENOSPC reported")
-    wait_for(lambda: "job full done" in daemon.log(), 30, what="job done while the disk is full")
+    wait_for(lambda: "outbox write failed (ENOSPC" in daemon.log(), 60, what="ENOSPC reported")
+    wait_for(lambda: "job full done" in daemon.log(), 60, what="job done while the disk is full")
     assert daemon.alive() and not (outbox / "full.geojson").exists()
     filler.unlink()
-    wait_for(lambda: progress_state(outbox, "full") == "done" and (outbox / "full.geojson").exists(), 30, what="catch-up")
+    wait_for(lambda: progress_state(outbox, "full") == "done" and (outbox / "full.geojson").exists(), 60, what="catch-up")
     wait_for(lambda: outbox_problem(outbox) is None and read_json(outbox / "_samwatch" / "status.json")["outbox"]["pending_writes"] == 0,
              30, what="status clear again")
     # Read-only while a job runs, then writable again.
     job(inbox, "ro")
-    wait_for(lambda: progress_state(outbox, "ro") == "running", 30, what="second job running")
+    wait_for(lambda: progress_state(outbox, "ro") == "running", 60, what="second job running")
     assert _mount("-o", "remount,ro", str(outbox)).returncode == 0
-    wait_for(lambda: "outbox write failed (EROFS" in daemon.log(), 30, what="EROFS reported")
+    wait_for(lambda: "outbox write failed (EROFS" in daemon.log(), 60, what="EROFS reported")
     job(inbox, "during", label="fast")  # claims cannot be written: it waits, it is not lost
-    wait_for(lambda: "job ro done" in daemon.log(), 30, what="job done on a read-only outbox")
+    wait_for(lambda: "job ro done" in daemon.log(), 60, what="job done on a read-only outbox")
     assert daemon.alive()
     assert _mount("-o", "remount,rw", str(outbox)).returncode == 0
-    wait_for(lambda: progress_state(outbox, "ro") == "done" and (outbox / "ro.geojson").exists(), 30, what="catch-up after ro")
-    wait_for(lambda: progress_state(outbox, "during") == "done", 30, what="job queued during the fault")
-    wait_for(lambda: outbox_problem(outbox) is None, 30, what="status clear after ro")
+    wait_for(lambda: progress_state(outbox, "ro") == "done" and (outbox / "ro.geojson").exists(), 60, what="catch-up after ro")
+    wait_for(lambda: progress_state(outbox, "during") == "done", 60, what="job queued during the fault")
+    wait_for(lambda: outbox_problem(outbox) is None, 60, what="status clear after ro")
     # Every job has exactly one outcome.
     log = daemon.log()
     assert [log.count(f"job {stem} done ") for stem in ("full", "ro", "during")] == [1, 1, 1]

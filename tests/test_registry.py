@@ -292,7 +292,7 @@ def test_cancel_in_process_removes_the_part(
     assert registry.cancel("vit_b") == 0
     assert registry.cancel("vit_t", "slow") == 1
     state = settled(registry, "vit_t", "slow")
-    assert isinstance(state, DownloadState) and state.error is not None and state.error.code == "cancelled"
+    assert isinstance(state, DownloadState) and state.error is not None and state.error.code == "weights_download_cancelled"
     assert [n for n in files_in(state_dir / "weights" / "vit_t") if not n.endswith(".lock")] == []
 
 
@@ -313,7 +313,7 @@ def test_cancel_file_from_another_process(
 
     request_cancel(state_dir, "vit_t", "slow")
     state = settled(registry, "vit_t", "slow")
-    assert isinstance(state, DownloadState) and state.error is not None and state.error.code == "cancelled"
+    assert isinstance(state, DownloadState) and state.error is not None and state.error.code == "weights_download_cancelled"
     assert [n for n in files_in(state_dir / "weights" / "vit_t") if not n.endswith(".lock")] == []
 
 
@@ -624,5 +624,5 @@ def test_hf_download_can_be_cancelled(make_registry: Any, monkeypatch: pytest.Mo
     downloading(registry, "sam3", "default")
     registry.cancel("sam3")
     state = settled(registry, "sam3", "default")
-    assert isinstance(state, DownloadState) and state.error is not None and state.error.code == "cancelled"
+    assert isinstance(state, DownloadState) and state.error is not None and state.error.code == "weights_download_cancelled"
     assert files_in(state_dir / "weights" / "hf") == []

@@ -160,3 +160,10 @@ def test_vit_b_loads_through_segment_anything(tmp_path: Path) -> None:
     adapter.setup(LoadSpec("vit_b", path, "b"), torch.device("cpu"))
     assert type(adapter.predictor).__module__.startswith("segment_anything")
     assert adapter.parameter_bytes() > 300e6
+
+
+def test_an_image_too_thin_for_sam_is_refused_before_encoding(adapter: Adapter) -> None:
+    sidecar = validate_sidecar({"prompts": [{"bbox": [0, 0, 50, 1]}]}, name="t")
+    with pytest.raises(JobError) as caught:
+        adapter.run(RunContext(sidecar=sidecar, image=np.zeros((1, 100_000, 3), np.uint8), image_key="thin"))
+    assert caught.value.code == "image_shape_unsupported"

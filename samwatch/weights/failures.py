@@ -9,12 +9,12 @@ from samwatch.errors import JobError
 def download_failed(entry: WeightsEntry, reason: str) -> JobError:
     if entry.name == "default":  # built in: there may be no config file to look at
         advice = (
-            "A later job retries. Without internet here, download that file on another machine, copy it "
+            "The job runs again by itself after a pause. Without internet here, download that file on another machine, copy it "
             f"here and run `samwatch weights add default {entry.type} /path/to/{entry.url.rsplit('/', 1)[-1] if entry.url else 'file'}` "
             "(it creates ./samwatch.config.yaml when there is none; a running daemon picks it up)."
         )
     else:
-        advice = "A later job retries; if it persists, check the url in the config's weights list."
+        advice = "The job runs again by itself after a pause; if it persists, check the url in the config's weights list."
     return JobError(
         "weights_download_failed",
         f"Downloading the {entry.type} weights {entry.name!r} from {entry.url} failed: {reason}. {advice}",

@@ -51,7 +51,7 @@ class Transfer:
                     raise download_failed(self.entry, f"the connection closed after {done} of {total} bytes")
             except JobError as error:
                 # a resumable .part is worth keeping for the retry; anything else starts clean
-                if error.code == "cancelled" or validator is None:
+                if error.code == "weights_download_cancelled" or validator is None:
                     self.discard()
                 raise
         sha = digest.hexdigest()

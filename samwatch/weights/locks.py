@@ -36,7 +36,7 @@ def request_cancel(state_dir: Path, model_type: str | None = None, name: str | N
 
 @dataclass(frozen=True)
 class CancelCheck:
-    """Raises JobError("cancelled") once this download is cancelled, here or by the cancel file."""
+    """Raises ``weights_download_cancelled`` once this download is cancelled, here or by the cancel file."""
 
     event: threading.Event
     cancel_file: Path
@@ -47,9 +47,11 @@ class CancelCheck:
     def __call__(self) -> None:
         if self.event.is_set() or self._requested_by_file():
             raise JobError(
-                "cancelled",
-                f"The download of the {self.model_type} weights {self.name!r} was cancelled "
-                "(samwatch weights cancel, a config change or shutdown); a later job starts it again.",
+                "weights_download_cancelled",
+                f"The download of the {self.model_type} weights {self.name!r} was cancelled (samwatch weights "
+                f"cancel, a config change or shutdown). Start it again with `samwatch weights fetch {self.name} "
+                f"--type {self.model_type}`: the jobs that waited for it then run again by themselves.",
+                field="weights",
             )
 
     def _requested_by_file(self) -> bool:

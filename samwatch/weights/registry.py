@@ -177,6 +177,16 @@ class WeightsRegistry:
         outcome = self._url_request(entry, force=False)
         return outcome if isinstance(outcome, LoadSpec) else outcome.state
 
+    def on_disk(self, model_type: str, name: str) -> bool:
+        """Whether the entry's file is there and verified now (fetched by anyone); never hashes or fetches."""
+        try:
+            entry = self.entry(model_type, name)
+        except JobError:
+            return False
+        if entry.path is not None:
+            return entry.path.is_file()
+        return verified_sha(entry, self.file_path(entry)) is not None
+
     def unobtainable(self, model_type: str, name: str) -> JobError | None:
         """Why these weights could not be had now (``samwatch check``): None if on disk or reachable."""
         entry = self.entry(model_type, name)

@@ -44,7 +44,9 @@ class Accelerator:
     def wrap(self, encoder: torch.nn.Module, *, model_type: str, weights_sha: str,
              input_shape: tuple[int, ...]) -> AcceleratedEncoder:
         what = f"{model_type} (weights {weights_sha[:12]})"
-        if not self.steps:
+        if not self.steps or ("onnxruntime" in self.steps and self.cache_dir is None):
+            # No steps, or an export with nowhere to keep it (a pool built without a state
+            # folder, as in tests): eager by choice, nothing to warn about.
             return AcceleratedEncoder(encoder, None, EAGER, None, what=what)
         undo: list = []
         try:
@@ -64,8 +66,6 @@ class Accelerator:
         if "onnxruntime" in self.steps:
             from samwatch.models.accel import onnx_runtime
 
-            if self.cache_dir is None:
-                raise ValueError("no state folder to keep the exported encoder in")
             key = onnx_runtime.cache_key(model_type, weights_sha, input_shape)
             folder = onnx_runtime.cached_export(encoder, input_shape, self.cache_dir, key)
             return onnx_runtime.OrtEncoder(folder, threads=torch.get_num_threads())

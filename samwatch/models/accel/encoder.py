@@ -34,6 +34,17 @@ class AcceleratedEncoder(torch.nn.Module):
         self._undo = undo or []  # what restores the eager module's own forward methods
         self.path = name if fast is not None else EAGER
         self.failure: str | None = None
+        self._register_load_state_dict_pre_hook(self._load_as_eager)
+
+    # The wrapper is invisible in state dicts: a copy of the model (SAM2's video predictor is
+    # built from ``model.state_dict()``) sees the eager module's own keys.
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        return self.eager.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    @staticmethod
+    def _load_as_eager(state: dict[str, Any], prefix: str, *_: Any) -> None:
+        for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "eager.")]:
+            state[prefix + "eager." + key[len(prefix):]] = state.pop(key)
 
     def __getattr__(self, name: str) -> Any:
         # Predictors read encoder attributes such as ``img_size``; they are the eager module's.

@@ -1,0 +1,135 @@
+"""Scaling out: throughput on 1, 2, 4, 8 Dask workers and on 1 vs 2 local slots; the daemon's own
+overhead per job.
+
+    python bench/bench_scale.py [--jobs 200] [--seconds 0.1] [--workers 1 2 4 8]
+
+The daemon runs in this process (``Daemon.from_config``, the real watcher, ledger, claims and
+outbox) and is stepped until every job is done. The model is the fake family (tests/fakes.py)
+with a fixed per-job time that *sleeps* (``slow:N``), so on a 2-core machine the workers do not
+compete for CPU and the figure is the scheduling, not the arithmetic. Dask workers are threads of
+one LocalCluster process (processes=False) for the same reason. Ratios are against one worker
+(goal: ≥ 0.8·N) and one local slot. Overhead: the daemon's time per job from the settled files to
+``executor.submit`` (hashing, ledger, claim, progress write) and from the outcome to its files
+(ledger, result, progress, claim marker); goal < 20 ms each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import fakes  # noqa: E402
+from samwatch.config import Config  # noqa: E402
+from samwatch.daemon import Daemon  # noqa: E402
+from support import fake_weights, save_image, write_sidecar  # noqa: E402
+
+fakes.install()
+
+
+def make_inbox(root: Path, count: int, seconds: float) -> Path:
+    inbox = root / "inbox"
+    image = np.full((48, 64), 120, np.uint8)
+    for index in range(count):
+        save_image(inbox / f"b/j{index:04d}.png", image)
+        write_sidecar(inbox / f"b/j{index:04d}.yaml", {"label": f"slow:{seconds}", "prompts": [{"bbox": [1, 1, 9, 9]}]})
+    return inbox
+
+
+class Timed:
+    """Wraps a bound method, adding up the seconds spent in it."""
+
+    def __init__(self, method) -> None:  # noqa: ANN001
+        self.method, self.seconds = method, 0.0
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        started = time.perf_counter()
+        try:
+            return self.method(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def run(root: Path, inbox: Path, count: int, name: str, **overrides) -> dict[str, float]:  # noqa: ANN003
+    work = root / name
+    config = Config(
+        inbox=inbox, outbox=work / "outbox", state_dir=work / "state", weights=fake_weights(root), log_level="WARNING",
+        watch={"mode": "polling", "settle_seconds": 0.0, "poll_interval_seconds": 0.05},
+        service={"instance": name, "heartbeat_seconds": 1.0}, **overrides,
+    )
+    daemon = Daemon.from_config(config)
+    discover = daemon.queue.discover = Timed(daemon.queue.discover)
+    start = daemon.dispatcher.start = Timed(daemon.dispatcher.start)
+    picks = daemon.queue.next_ready = Timed(daemon.queue.next_ready)
+    record = daemon.recorder.record = Timed(daemon.recorder.record)
+    submit = daemon.executor.submit = Timed(daemon.executor.submit)
+    first = None
+    try:
+        while daemon.recorder.stats.done < count:
+            daemon.step(time.monotonic())
+            if first is None and daemon.dispatcher.running:
+                first = time.perf_counter()
+            daemon._collect(0.01)
+        wall = time.perf_counter() - first
+    finally:
+        daemon.close()
+    return {
+        "wall": wall, "jobs_per_s": count / wall,
+        "to_submit_ms": 1000 * (discover.seconds + picks.seconds + start.seconds - submit.seconds) / count,
+        "to_file_ms": 1000 * record.seconds / count,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=0.1)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--root", type=Path, default=None,
+                        help="folder for inbox/outbox/state (e.g. /dev/shm: the daemon's CPU cost without the disk's fsyncs)")
+    args = parser.parse_args()
+    from distributed import Client, LocalCluster
+
+    from samwatch.executors.dask import DaskExecutor
+
+    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.root) as tmp:
+        root = Path(tmp)
+        inbox = make_inbox(root, args.jobs, args.seconds)
+        print(f"{args.jobs} jobs of {args.seconds} s (sleeping fake model)")
+        local = {slots: run(root, inbox, args.jobs, f"local{slots}", device=["cpu"] * slots) for slots in (1, 2)}
+        for slots, figures in local.items():
+            print(f"local {slots} slot(s): {figures['jobs_per_s']:6.1f} jobs/s  ({figures['wall']:.1f} s)  "
+                  f"overhead: settled->submitted {figures['to_submit_ms']:.1f} ms, outcome->files {figures['to_file_ms']:.1f} ms")
+        print(f"local 2 slots / 1 slot: {local[2]['jobs_per_s'] / local[1]['jobs_per_s']:.2f}x (ideal 2)")
+        dask: dict[int, dict[str, float]] = {}
+        for workers in args.workers:
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+                with Client(cluster) as client:
+                    original = DaskExecutor.__init__
+
+                    def with_client(self, config, registry, *, client=client):  # noqa: ANN001, ANN202
+                        original(self, config, registry, client=client)
+
+                    DaskExecutor.__init__ = with_client
+                    try:
+                        dask[workers] = run(root, inbox, args.jobs, f"dask{workers}",
+                                            executor={"kind": "dask", "address": cluster.scheduler_address})
+                    finally:
+                        DaskExecutor.__init__ = original
+            figures = dask[workers]
+            ratio = figures["jobs_per_s"] / dask[args.workers[0]]["jobs_per_s"]
+            print(f"dask {workers} worker(s): {figures['jobs_per_s']:6.1f} jobs/s  ({figures['wall']:.1f} s)  "
+                  f"{ratio:.2f}x one worker (goal >= {0.8 * workers / args.workers[0]:.1f})  "
+                  f"overhead: {figures['to_submit_ms']:.1f} ms + {figures['to_file_ms']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

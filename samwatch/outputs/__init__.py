@@ -1,0 +1,1 @@
+"""Files for people and other tools, beside the GeoJSON: previews, label images, the dashboard."""

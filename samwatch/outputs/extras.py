@@ -1,0 +1,101 @@
+"""What a result writes besides its GeoJSON: the preview and the label image.
+
+:func:`result_extras` reads the features once and renders both from the same arrays, in the
+worker that ran the job; the bytes travel in the job's ``Outcome`` and ``JobOutputs.done``
+writes them atomically with the result (so any executor works, local or remote).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+
+from samwatch.config import OutputSettings
+import numpy as np
+
+from samwatch.media import Media, MediaLimits
+from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
+from samwatch.outputs.labels import labels_csv, write_labels
+from samwatch.outputs.preview import encode_png, render_preview
+from samwatch.outputs.shapes import read_shapes
+from samwatch.pixels import ChannelRule
+from samwatch.slides import open_slide
+from samwatch.sidecar import OutputSpec, Sidecar
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """The extras one result gets: the config's ``output`` with the sidecar's overrides."""
+
+    preview: bool = True
+    preview_size: int = 1024
+    labels: bool = False
+
+    @classmethod
+    def resolve(cls, settings: OutputSettings, spec: OutputSpec) -> OutputPlan:
+        formats = spec.formats if spec.formats is not None else settings.formats
+        return cls(
+            preview=settings.preview if spec.preview is None else spec.preview,
+            preview_size=spec.preview_size or settings.preview_size,
+            labels="labels" in formats,
+        )
+
+
+def describe_prompt(sidecar: Sidecar, prompt_idx: int | None) -> str:
+    """What made a feature, for the labels CSV: its prompt, or the job's kind."""
+    if prompt_idx is not None and 0 <= prompt_idx < len(sidecar.prompts):
+        prompt = sidecar.prompts[prompt_idx].model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        return json.dumps(prompt, separators=(",", ":"))
+    if sidecar.mode == "text":
+        return f"text: {sidecar.text}" if sidecar.text else "exemplar boxes"
+    return sidecar.mode
+
+
+def preview_frames(media: Media, sidecar: Sidecar, size: int) -> Callable[[int], np.ndarray]:
+    """Plane reader for the preview: a slide's overview comes from its coarsest level that is
+    still at least ``size`` a side, never from decoding the slide whole."""
+    if media.kind != "slide":
+        return media.frame
+    rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
+
+    def overview(_plane: int) -> np.ndarray:
+        with open_slide(media.path, limits=MediaLimits(), channels=rule) as reader:
+            level = reader.best_level(max(reader.width, reader.height) / size)
+            return reader.read_region(0, 0, reader.width, reader.height, level=level)
+
+    return overview
+
+
+def result_extras(
+    features: Sequence[dict[str, Any]], media: Media, sidecar: Sidecar, plan: OutputPlan, *, frame_axis: str = "T"
+) -> dict[str, bytes]:
+    """suffix -> content of the extra files ``plan`` asks for (none for a plain result).
+
+    The label image is rasterised tile by tile into its compressed bytes, so memory follows
+    the compressed size (mostly background: small even for slides), not the pixel count.
+    """
+    if not (plan.preview or plan.labels):
+        return {}
+    shapes = read_shapes(features, frame_axis=frame_axis)
+    extras: dict[str, bytes] = {}
+    if plan.preview and shapes:
+        try:
+            sheet = render_preview(
+                shapes, preview_frames(media, sidecar, plan.preview_size), width=media.width, height=media.height, n_frames=media.n_frames,
+                size=plan.preview_size, filled=sidecar.mode == "automask", plane_letter=frame_axis.lower(),
+            )
+            extras[PREVIEW_SUFFIX] = encode_png(sheet)
+        except Exception as exc:  # a picture for people must not cost them the result
+            logger.opt(exception=exc).warning(f"preview of {media.path.name} skipped: {exc!r}")
+    if plan.labels:
+        tiff = io.BytesIO()
+        write_labels(tiff, shapes, width=media.width, height=media.height, n_planes=media.n_frames,
+                     plane_axis=frame_axis)
+        extras[LABELS_SUFFIX] = tiff.getvalue()
+        extras[LABELS_CSV_SUFFIX] = labels_csv(shapes, lambda index: describe_prompt(sidecar, index))
+    return extras

@@ -1,0 +1,144 @@
+"""Jobs on a Dask cluster: a LocalCluster of two worker processes with the fake model.
+
+One cluster for the module (worker processes are slow to start on two cores); each test runs
+``samwatch run`` as a subprocess against its scheduler, as a facility would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+from test_service import SMALL
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import cloudpickle
+
+    import fakes
+
+    cloudpickle.register_pickle_by_value(fakes)  # the workers cannot import tests/
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        with distributed.Client(local) as client:
+            client.register_plugin(fakes.worker_plugin())
+            yield local, client
+
+
+def dask_config(tmp_path: Path, cluster, **extra) -> Path:
+    local, _ = cluster
+    return write_config(tmp_path, fake_weights(tmp_path), executor={"kind": "dask", "address": local.scheduler_address}, **extra)
+
+
+def drop(inbox: Path, stem: str, label: str) -> None:
+    save_image(inbox / f"{stem}.png", SMALL)
+    write_sidecar(inbox / f"{stem}.yaml", {"label": label, "prompts": [{"bbox": [1, 1, 9, 9]}]})
+
+
+def status(outbox: Path) -> dict:
+    return read_json(outbox / "_samwatch" / "status.json") or {}
+
+
+def busy_workers(outbox: Path) -> set[str]:
+    return {w["name"] for w in status(outbox).get("workers", []) if w.get("job")}
+
+
+def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_path: Path, cluster) -> None:
+    _, client = cluster
+    config = dask_config(tmp_path, cluster)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProcess(config, fake_model=True)
+    stems = [f"j{index}" for index in range(4)]
+    for stem in stems:
+        drop(inbox, stem, "slow:4")  # long enough for status.json (workers sampled every 2 s) to catch both busy
+    wait_for(lambda: len(busy_workers(outbox)) == 2, 60, what="both workers busy")
+    assert status(outbox)["executor"]["kind"] == "dask"
+    # Kill the process of a worker mid-job: the scheduler runs that job elsewhere.
+    victim = next(w for w in status(outbox)["workers"] if w.get("job"))
+    pids = client.run(os.getpid)
+    address = next(a for a in pids if str(client.scheduler_info()["workers"][a]["name"]) == victim["name"])
+    os.kill(pids[address], signal.SIGKILL)
+    wait_for(lambda: all(finished(outbox, s) for s in stems), 120, what="every job finished")
+    log = daemon.log()
+    assert all(progress_state(outbox, s) == "done" for s in stems), log[-3000:]
+    assert [log.count(f"job {s} done ") for s in stems] == [1] * len(stems)
+    assert daemon.stop() == 0
+
+
+def test_deleting_a_sidecar_cancels_its_job_on_a_worker(tmp_path: Path, cluster) -> None:
+    config = dask_config(tmp_path, cluster)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProcess(config, fake_model=True)
+    drop(inbox, "long", "slow:60")
+    wait_for(lambda: (read_json(outbox / "long.progress.json") or {}).get("percent", 0) > 40, 60, what="progress from the worker")
+    (inbox / "long.yaml").unlink()
+    wait_for(lambda: progress_state(outbox, "long") == "cancelled", 30, what="cancelled")
+    drop(inbox, "after", "slow:0.2")  # the worker is free again: the cooperative flag stopped it
+    wait_for(lambda: progress_state(outbox, "after") == "done", 60, what="next job")
+    assert daemon.stop() == 0
+
+
+def test_daemon_killed_with_jobs_on_the_cluster_loses_and_doubles_none(tmp_path: Path, cluster) -> None:
+    config = dask_config(tmp_path, cluster)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    stems = [f"k{index}" for index in range(5)]
+    for stem in stems:
+        drop(inbox, stem, "slow:1")
+    first = DaemonProcess(config, fake_model=True)
+    wait_for(lambda: sum(progress_state(outbox, s) == "done" for s in stems) >= 1 and busy_workers(outbox), 90, what="some done, some running")
+    first.kill()
+    done_before = {s for s in stems if progress_state(outbox, s) == "done"}
+    assert len(done_before) < len(stems)
+    second = DaemonProcess(config, fake_model=True)
+    wait_for(lambda: all(progress_state(outbox, s) == "done" for s in stems), 120, what="all done after restart")
+    assert second.stop() == 0
+    logs = first.log() + second.log()
+    for stem in stems:
+        assert logs.count(f"job {stem} done ") == 1, stem
+        assert (stem in done_before) != (f"job {stem} done " in second.log())
+
+
+def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path, cluster, vit_t_checkpoint: Path) -> None:
+    import fakes
+
+    _, client = cluster
+    client.run(fakes.uninstall)  # the real model families from here on (the last test of the module)
+    from support import coins
+
+    weights = [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)}]
+    results = {}
+    for kind in ("local", "dask"):
+        root = tmp_path / kind
+        root.mkdir()
+        executor = {"kind": "dask", "address": cluster[0].scheduler_address} if kind == "dask" else "local"
+        config = write_config(root, weights, executor=executor)
+        save_image(root / "inbox" / "c.png", coins())
+        write_sidecar(root / "inbox" / "c.yaml", {"prompts": [{"bbox": [40, 40, 120, 110]}, {"points": [[200, 150]]}]})
+        daemon = DaemonProcess(config)
+        wait_for(lambda: finished(root / "outbox", "c"), 240, what=f"{kind} job")
+        assert daemon.stop() == 0
+        assert progress_state(root / "outbox", "c") == "done", daemon.log()[-2000:]
+        results[kind] = read_json(root / "outbox" / "c.geojson")["features"]
+    assert results["dask"] == results["local"] and results["local"]
+
+
+def test_jobqueue_clusters_are_configured_without_a_batch_system() -> None:
+    from samwatch.config import Config
+    from samwatch.executors.dask import jobqueue_arguments
+
+    config = Config(executor={"kind": "dask", "cluster": {
+        "kind": "slurm", "queue": "gpu", "cores": 8, "memory": "64GB", "gpus": 1, "walltime": "08:00:00",
+        "adapt_minimum": 0, "adapt_maximum": 10,
+    }})
+    assert jobqueue_arguments(config.executor.cluster) == {
+        "cores": 8, "memory": "64GB", "processes": 1, "job_extra_directives": ["--gres=gpu:1"],
+        "queue": "gpu", "walltime": "08:00:00",
+    }
+    with pytest.raises(ValueError, match="exactly one of address or cluster"):
+        Config(executor={"kind": "dask"})
