@@ -16,7 +16,7 @@ import secrets
 import time
 from pathlib import Path
 
-from samwatch.outbox import atomic_write_json
+from samwatch.atomic import atomic_write_json
 
 #: a claim still unreadable this long after it was created was cut short (a full disk)
 HALF_WRITTEN_SECONDS = 2.0

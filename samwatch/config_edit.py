@@ -20,7 +20,7 @@ from ruamel.yaml.util import load_yaml_guess_indent
 
 from samwatch.config import MAX_CONFIG_BYTES, WeightsEntry, load_config
 from samwatch.errors import ConfigError
-from samwatch.outbox import atomic_write_bytes
+from samwatch.atomic import atomic_write_bytes
 
 
 def add_weights_entry(config_path: Path, entry: WeightsEntry) -> Path:

@@ -31,7 +31,8 @@ from samwatch.models.device import pick_devices
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
-from samwatch.outbox import SPOOL_FOLDER, Outbox, sweep_temporaries
+from samwatch.atomic import sweep_temporaries
+from samwatch.outbox import SPOOL_FOLDER, Outbox
 from samwatch.outcomes import OutcomeRecorder
 from samwatch.queueing import JobQueue
 from samwatch.retries import Retrier

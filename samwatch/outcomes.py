@@ -21,7 +21,8 @@ from samwatch.dispatch import Running, StopKind
 from samwatch.errors import JobError
 from samwatch.jobs import Outcome, move_inputs, stage_percent
 from samwatch.ledger import JobRow, Ledger
-from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox, now_iso
+from samwatch.atomic import now_iso
+from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox
 from samwatch.outputs.dashboard import RecentResults
 from samwatch.queueing import JobQueue
 

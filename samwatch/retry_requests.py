@@ -17,7 +17,7 @@ from pathlib import Path
 from loguru import logger
 
 from samwatch.ledger import JobRow
-from samwatch.outbox import atomic_write_json, now_iso
+from samwatch.atomic import atomic_write_json, now_iso
 
 REQUESTS_FOLDER = "requests"
 _PREFIX = "retry-"

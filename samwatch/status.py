@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from samwatch import __version__
-from samwatch.outbox import now_iso
+from samwatch.atomic import now_iso
 from samwatch.outputs.dashboard import PAGE, dashboard_page
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samwatch.outbox import now_iso
+from samwatch.atomic import now_iso
 from samwatch.outputs.dashboard import PAGE, RecentResults, dashboard_page
 
 EVIL = 'x<script>alert("hi")<'  # a legal file name that must stay text

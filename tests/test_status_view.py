@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from samwatch.outbox import now_iso
+from samwatch.atomic import now_iso
 from samwatch.status_view import print_status
 
 STATUS = {

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, now_iso
+from samwatch.atomic import now_iso
+from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX
 
 RECENT_RESULTS = 50
 RECENT_FAILURES = 20

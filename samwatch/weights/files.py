@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from samwatch.config import WeightsEntry
-from samwatch.outbox import atomic_write_json
+from samwatch.atomic import atomic_write_json
 
 CHUNK_BYTES = 1024 * 1024
 

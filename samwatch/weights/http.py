@@ -14,7 +14,7 @@ from typing import Any
 
 from samwatch.config import WeightsEntry
 from samwatch.errors import JobError
-from samwatch.outbox import fsync_dir, now_iso
+from samwatch.atomic import fsync_dir, now_iso
 from samwatch.weights.failures import checksum_mismatch, download_failed, http_error
 from samwatch.weights.files import CHUNK_BYTES, part_progress, read_json, sha256_prefix, sibling, write_json
 

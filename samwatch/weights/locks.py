@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from samwatch.errors import JobError
-from samwatch.outbox import now_iso
+from samwatch.atomic import now_iso
 from samwatch.weights.files import write_json
 
 
