@@ -139,6 +139,7 @@ class Prepared:
     started: float
     adapter: Any = None
     encoder: str = "eager"  # what encoded the image, for provenance
+    decoder: str = "eager"  # what decoded its prompts
     provenance: dict[str, Any] = field(default_factory=dict)  # e.g. the tiling report
 
 
@@ -233,6 +234,7 @@ class JobRunner:
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
             yield from self._infer(job, Path(scratch))
         job.encoder = getattr(job.adapter, "encoder_path", "eager")  # before another job can use it
+        job.decoder = getattr(job.adapter, "decoder_path", "eager")
 
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
         """Phase 3, CPU: features traced as detections arrive, the result assembled."""
@@ -379,6 +381,7 @@ class JobRunner:
             },
             "device": describe(self.pool.device),
             "image_encoder": job.encoder,  # e.g. onnxruntime, sdpa+bf16, or eager
+            "mask_decoder": job.decoder,  # onnxruntime or eager
             "host": self.config.service.instance,
             "image": {
                 "path": job.image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,

@@ -177,7 +177,7 @@ def test_result_names_the_encoder_path(tmp_path: Path, conditioned_vit_t: Path, 
 
 def test_a_broken_export_falls_back_to_eager_with_one_warning(tmp_path: Path, conditioned_vit_t: Path) -> None:
     cache = tmp_path / "encoders"
-    key = onnx_runtime.cache_key("vit_t", _sha256(conditioned_vit_t), (1, 3, 1024, 1024))
+    key = onnx_runtime.cache_key("encoder", "vit_t", _sha256(conditioned_vit_t), (1, 3, 1024, 1024))
     (cache / key).mkdir(parents=True)
     (cache / key / onnx_runtime.MODEL_FILE).write_bytes(b"not an onnx model")
     (cache / key / onnx_runtime.LAYOUT_FILE).write_text(json.dumps({"layout": "broken"}))

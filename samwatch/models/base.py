@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from samwatch.errors import JobError
-from samwatch.models.accel import Accelerator, encoder_path, weights_identity
+from samwatch.models.accel import Accelerator, module_path, weights_identity
 from samwatch.sidecar import Prompt, Sidecar
 
 ProgressFn = Callable[[str, float], None]
@@ -240,7 +240,7 @@ class PromptAdapter:
     @property
     def encoder_path(self) -> str:
         """What encoded the last image: ``eager``, or the accelerated path's name."""
-        return encoder_path(self._encoder_owner().image_encoder)
+        return module_path(self._encoder_owner().image_encoder)
 
     def run(self, ctx: RunContext) -> Iterable[Detection]:
         mode = ctx.sidecar.mode

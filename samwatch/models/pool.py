@@ -57,7 +57,7 @@ class ModelPool:
             accelerate(self.accelerator, spec)
         logger.info(
             f"model loaded type={spec.model_type} weights={spec.weights_name} device={self.device} "
-            f"encoder={getattr(adapter, 'encoder_path', 'eager')} "
+            f"encoder={getattr(adapter, 'encoder_path', 'eager')} decoder={getattr(adapter, 'decoder_path', 'eager')} "
             f"params_mb={adapter.parameter_bytes() / 1e6:.0f} seconds={time.perf_counter() - started:.1f}"
         )
         self._loaded[key] = adapter

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from samwatch.errors import JobError
+from samwatch.models.accel import Accelerator, module_path, weights_identity
 from samwatch.models.base import (
     Detection,
     EmbeddingMemo,
@@ -89,6 +90,20 @@ class Adapter(PromptAdapter):
     def _encoder_input_shape(self) -> tuple[int, ...]:
         size = self.predictor.model.image_encoder.img_size
         return (1, 3, size, size)
+
+    def accelerate(self, accelerator: Accelerator, spec: LoadSpec) -> None:
+        """The fast image encoder, and the fast mask decoder: on a CPU the per-prompt cost."""
+        super().accelerate(accelerator, spec)
+        model = self.predictor.model
+        model.mask_decoder = accelerator.wrap_decoder(
+            model.mask_decoder, model_type=spec.model_type, weights_sha=weights_identity(spec.checkpoint, spec.sha256),
+            embedding_shape=(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size),
+        )
+
+    @property
+    def decoder_path(self) -> str:
+        """What decoded the last prompt: ``eager`` or ``onnxruntime``."""
+        return module_path(self.predictor.model.mask_decoder)
 
     def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
         from samwatch.models.automask import generate_sam1

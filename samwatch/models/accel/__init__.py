@@ -1,24 +1,27 @@
-"""Accelerated image encoders, chosen per device by ``models.accelerate`` in the config.
+"""Accelerated model parts, chosen per device by ``models.accelerate`` in the config.
 
 The image encoder is most of a job's model time (vit_t on 2 CPU cores: ~1 s of a 1.2 s
-20-box job), so it is the one part replaced: the prompt encoder and mask decoder stay eager
-fp32. Steps per device (config.py ``AccelerateSettings`` has the defaults and why):
-``onnxruntime`` (CPU), ``sdpa``, ``bf16``/``fp16``, ``compile``. Whatever cannot be built
-falls back to eager with one warning.
+20-box job); once it is fast, SAM's per-prompt mask decoder is the CPU's next cost (vit_t:
+~33 ms of a box's 36 ms). Steps per device (config.py ``AccelerateSettings`` has the
+defaults and why): ``onnxruntime`` (CPU: the encoder, and SAM/MobileSAM's mask decoder),
+``sdpa``, ``bf16``/``fp16``, ``compile`` (the encoder only). Whatever cannot be built falls
+back to eager with one warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from samwatch.models.accel.encoder import EAGER, AcceleratedEncoder, encoder_path
+from samwatch.models.accel.wrapped import EAGER, Accelerated, AcceleratedDecoder, AcceleratedEncoder, module_path
 
-__all__ = ["Accelerator", "AcceleratedEncoder", "EAGER", "encoder_path", "weights_identity"]
+__all__ = ["Accelerator", "AcceleratedDecoder", "AcceleratedEncoder", "EAGER", "module_path", "weights_identity"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ORT = "onnxruntime"
 
 
 def weights_identity(checkpoint: Path, sha256: str | None) -> str:
@@ -29,8 +32,20 @@ def weights_identity(checkpoint: Path, sha256: str | None) -> str:
     return hashlib.sha256(f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
 
 
+class _PredictMasks(torch.nn.Module):
+    """The decoder's ``predict_masks`` as a module's forward (what an export traces)."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
+
+
 class Accelerator:
-    """Builds the fast encoder for one device from its configured steps."""
+    """Builds the fast model parts for one device from its configured steps."""
 
     def __init__(self, steps: tuple[str, ...], device: torch.device, cache_dir: Path | None) -> None:
         self.steps = steps
@@ -43,34 +58,74 @@ class Accelerator:
 
     def wrap(self, encoder: torch.nn.Module, *, model_type: str, weights_sha: str,
              input_shape: tuple[int, ...]) -> AcceleratedEncoder:
-        what = f"{model_type} (weights {weights_sha[:12]})"
-        if not self.steps or ("onnxruntime" in self.steps and self.cache_dir is None):
-            # No steps, or an export with nowhere to keep it (a pool built without a state
-            # folder, as in tests): eager by choice, nothing to warn about.
-            return AcceleratedEncoder(encoder, None, EAGER, None, what=what)
-        undo: list = []
-        try:
-            fast = self._build(encoder, model_type, weights_sha, input_shape, undo)
-        except Exception as exc:  # a path that cannot be built costs speed, never a job
-            wrapper = AcceleratedEncoder(encoder, None, self.name, input_shape, what=what)
-            for step in undo:
-                step()
-            wrapper.fail(f"could not be built ({type(exc).__name__}: {str(exc)[:300]})")
-            return wrapper
-        return AcceleratedEncoder(encoder, fast, self.name, input_shape, what=what, undo=undo)
+        """The image encoder behind this device's steps."""
+        def build(undo: list) -> object:
+            return self._build_encoder(encoder, model_type, weights_sha, input_shape, undo)
 
-    def _build(self, encoder: torch.nn.Module, model_type: str, weights_sha: str,
-               input_shape: tuple[int, ...], undo: list):
-        from samwatch.models.accel import torch_paths
+        return self._wrapped(AcceleratedEncoder, encoder, self.name, build, model_type, weights_sha, input_shape,
+                             wanted=bool(self.steps))
 
-        if "onnxruntime" in self.steps:
+    def wrap_decoder(self, decoder: torch.nn.Module, *, model_type: str, weights_sha: str,
+                     embedding_shape: tuple[int, ...]) -> AcceleratedDecoder:
+        """SAM's mask decoder in ONNX Runtime when the steps say ``onnxruntime``, else eager.
+
+        ``embedding_shape`` is one image's embedding (1 × channels × h × w); prompts per call
+        and sparse tokens per prompt are the export's free axes."""
+        def build(undo: list) -> object:
             from samwatch.models.accel import onnx_runtime
 
-            key = onnx_runtime.cache_key(model_type, weights_sha, input_shape)
-            folder = onnx_runtime.cached_export(encoder, input_shape, self.cache_dir, key)
-            return onnx_runtime.OrtEncoder(folder, threads=torch.get_num_threads())
+            channels = embedding_shape[1]
+            inputs = {"image_embeddings": torch.randn(embedding_shape), "image_pe": torch.randn(embedding_shape),
+                      "sparse": torch.randn(1, 2, channels), "dense": torch.randn(embedding_shape)}
+            prompts = {0: "prompts"}
+            # ``dense`` may also be 1 × 1 per prompt: see AcceleratedDecoder.forward.
+            export = onnx_runtime.Export(
+                _PredictMasks(decoder), inputs, outputs=["masks", "iou_pred"],
+                dynamic_axes={"sparse": {0: "prompts", 1: "tokens"}, "dense": {0: "prompts", 2: "height", 3: "width"},
+                              "masks": prompts, "iou_pred": prompts})
+            return self._in_onnx_runtime(export, "decoder", model_type, weights_sha, embedding_shape)
+
+        return self._wrapped(AcceleratedDecoder, decoder, ORT, build, model_type, weights_sha, embedding_shape,
+                             wanted=ORT in self.steps)
+
+    def _wrapped(self, wrapper: type[Accelerated], module: torch.nn.Module, name: str,
+                 build: Callable[[list], object], model_type: str, weights_sha: str,
+                 input_shape: tuple[int, ...], *, wanted: bool) -> Accelerated:
+        what = f"{model_type} (weights {weights_sha[:12]})"
+        if not wanted or (ORT in self.steps and self.cache_dir is None):
+            # No steps, or an export with nowhere to keep it (a pool built without a state
+            # folder, as in tests): eager by choice, nothing to warn about.
+            return wrapper(module, None, EAGER, None, what=what)
+        undo: list = []
+        try:
+            fast = build(undo)
+        except Exception as exc:  # a path that cannot be built costs speed, never a job
+            failed = wrapper(module, None, name, input_shape, what=what)
+            for step in undo:
+                step()
+            failed.fail(f"could not be built ({type(exc).__name__}: {str(exc)[:300]})")
+            return failed
+        return wrapper(module, fast, name, input_shape, what=what, undo=undo)
+
+    def _build_encoder(self, encoder: torch.nn.Module, model_type: str, weights_sha: str,
+                       input_shape: tuple[int, ...], undo: list):
+        from samwatch.models.accel import torch_paths
+
+        if ORT in self.steps:
+            from samwatch.models.accel import onnx_runtime
+
+            export = onnx_runtime.Export(encoder, {"image": torch.randn(*input_shape)})
+            return self._in_onnx_runtime(export, "encoder", model_type, weights_sha, input_shape)
         if "sdpa" in self.steps:
             undo.append(torch_paths.use_sdpa(encoder))
         fast = torch_paths.compiled(encoder, self.device) if "compile" in self.steps else encoder
         dtype = next((_DTYPES[step] for step in self.steps if step in _DTYPES), None)
         return torch_paths.autocast(fast, self.device, dtype) if dtype is not None else fast
+
+    def _in_onnx_runtime(self, export, part: str, model_type: str, weights_sha: str, input_shape: tuple[int, ...]):
+        """A session on ``export`` from the cache (exported first if none is there)."""
+        from samwatch.models.accel import onnx_runtime
+
+        key = onnx_runtime.cache_key(part, model_type, weights_sha, input_shape)
+        return onnx_runtime.OrtModule(onnx_runtime.cached_export(export, self.cache_dir, key),
+                                      threads=torch.get_num_threads())

@@ -1,10 +1,11 @@
-"""The image encoder in ONNX Runtime: exported once per weights and kept in ``state_dir``.
+"""Model parts in ONNX Runtime: each exported once per weights and kept in ``state_dir``.
 
-An export is keyed by everything that makes it valid — model type, weights sha256, input
-shape, and the torch and onnxruntime versions — and is written into a temporary folder that
-is renamed into place, so a crash or a second daemon never leaves a half-written model where
-a later start would load it. Outputs may be any nesting of tensors (SAM2's encoder returns a
-dict of lists); their structure is stored beside the model to rebuild it.
+An export is keyed by everything that makes it valid — which part (image encoder or mask
+decoder), model type, weights sha256, input shape, and the torch and onnxruntime versions —
+and is written into a temporary folder that is renamed into place, so a crash or a second
+daemon never leaves a half-written model where a later start would load it. Outputs may be
+any nesting of tensors (SAM2's encoder returns a dict of lists); their structure is stored
+beside the model to rebuild it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 from loguru import logger
 from torch.utils import _pytree as pytree
 
-MODEL_FILE = "encoder.onnx"
+MODEL_FILE = "model.onnx"
 LAYOUT_FILE = "outputs.json"
 OPSET = 17
 
@@ -33,38 +35,49 @@ def runtime_version() -> str:
     return onnxruntime.__version__
 
 
-def cache_key(model_type: str, weights_sha: str, input_shape: tuple[int, ...]) -> str:
-    raw = f"{model_type}-{weights_sha[:16]}-{'x'.join(map(str, input_shape))}-torch{torch.__version__}-ort{runtime_version()}"
+def cache_key(part: str, model_type: str, weights_sha: str, input_shape: tuple[int, ...]) -> str:
+    raw = (f"{part}-{model_type}-{weights_sha[:16]}-{'x'.join(map(str, input_shape))}"
+           f"-torch{torch.__version__}-ort{runtime_version()}")
     return re.sub(r"[^A-Za-z0-9._-]", "_", raw)
 
 
 class _Flat(torch.nn.Module):
-    """The encoder with its outputs flattened to a tuple (what ONNX can name)."""
+    """A call with its outputs flattened to a tuple (what ONNX can name)."""
 
-    def __init__(self, encoder: torch.nn.Module) -> None:
+    def __init__(self, call: torch.nn.Module) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.call = call
         self.layout: str | None = None
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        leaves, spec = pytree.tree_flatten(self.encoder(image))
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves, spec = pytree.tree_flatten(self.call(*inputs))
         self.layout = pytree.treespec_dumps(spec)
         return tuple(leaves)
 
 
-def export(encoder: torch.nn.Module, input_shape: tuple[int, ...], folder: Path) -> None:
-    """Write ``encoder`` as ONNX (fp32, CPU) into ``folder`` (created)."""
-    flat = _Flat(encoder).eval()
-    example = torch.randn(*input_shape)
-    folder.mkdir(parents=True)
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(flat, (example,), str(folder / MODEL_FILE), input_names=["image"],
-                          opset_version=OPSET, dynamo=False)
-    (folder / LAYOUT_FILE).write_text(json.dumps({"layout": flat.layout}))
+class Export:
+    """What to export: a module, example inputs by name, and which of their axes may vary."""
+
+    def __init__(self, module: torch.nn.Module, inputs: Mapping[str, torch.Tensor], *,
+                 outputs: Sequence[str] | None = None, dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
+        self.module = module
+        self.inputs = dict(inputs)
+        self.outputs = list(outputs) if outputs else None
+        self.dynamic_axes = dynamic_axes
+
+    def write(self, folder: Path) -> None:
+        """Write the module as ONNX (fp32, CPU) into ``folder`` (created)."""
+        flat = _Flat(self.module).eval()
+        folder.mkdir(parents=True)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(flat, tuple(self.inputs.values()), str(folder / MODEL_FILE),
+                              input_names=list(self.inputs), output_names=self.outputs,
+                              dynamic_axes=self.dynamic_axes, opset_version=OPSET, dynamo=False)
+        (folder / LAYOUT_FILE).write_text(json.dumps({"layout": flat.layout}))
 
 
-def cached_export(encoder: torch.nn.Module, input_shape: tuple[int, ...], cache_root: Path, key: str) -> Path:
+def cached_export(export: Export, cache_root: Path, key: str) -> Path:
     """The folder holding ``key``'s export, exporting it first if no complete one exists."""
     final = cache_root / key
     if (final / LAYOUT_FILE).is_file():
@@ -72,7 +85,7 @@ def cached_export(encoder: torch.nn.Module, input_shape: tuple[int, ...], cache_
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".samwatch-export-", dir=cache_root))
     try:
-        export(encoder, input_shape, staging / "model")
+        export.write(staging / "model")
         try:
             os.rename(staging / "model", final)
         except OSError:
@@ -80,12 +93,12 @@ def cached_export(encoder: torch.nn.Module, input_shape: tuple[int, ...], cache_
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info(f"image encoder exported to ONNX: {final}")
+    logger.info(f"exported to ONNX: {final}")
     return final
 
 
-class OrtEncoder:
-    """Calls the exported encoder as the eager one is called: a tensor in, the same structure out."""
+class OrtModule:
+    """Calls an export as the eager module is called: tensors in, the same structure out."""
 
     def __init__(self, folder: Path, threads: int) -> None:
         import onnxruntime
@@ -99,10 +112,11 @@ class OrtEncoder:
             str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"]
         )
         self.spec = pytree.treespec_loads(json.loads((folder / LAYOUT_FILE).read_text())["layout"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [node.name for node in self.session.get_inputs()]
 
-    def __call__(self, image: torch.Tensor) -> Any:
-        array = image.detach().to("cpu", torch.float32).contiguous().numpy()
-        outputs = self.session.run(None, {self.input_name: array})
-        return pytree.tree_unflatten([torch.from_numpy(out).to(image.device) for out in outputs], self.spec)
-
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        feeds = {name: tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+                 for name, tensor in zip(self.input_names, inputs, strict=True)}
+        outputs = self.session.run(None, feeds)
+        device = inputs[0].device
+        return pytree.tree_unflatten([torch.from_numpy(out).to(device) for out in outputs], self.spec)
