@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="timm")
 
 SAM2_TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+HYPERNETWORK_GAIN = 200.0
 
 
 @pytest.fixture(autouse=True)
@@ -53,3 +54,30 @@ def sam2_t_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_sam2(SAM2_TINY_CONFIG, None, device="cpu")
     torch.save({"model": model.state_dict()}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def conditioned_vit_t(tmp_path_factory: pytest.TempPathFactory, vit_t_checkpoint: Path) -> Path:
+    """vit_t with the mask decoder's hypernetwork output layers scaled ×200.
+
+    Random weights give mask logits within ±0.05 of 0, where any rounding flips pixels; scaled,
+    |logits| ≫ 0 away from real boundaries, so two computation paths can be compared by IoU.
+    """
+    from samwatch.models.base import LoadSpec
+    from samwatch.models.sam1 import build_predictor
+
+    predictor = build_predictor("vit_t", torch.load(vit_t_checkpoint, weights_only=True),
+                                LoadSpec("vit_t", vit_t_checkpoint, "random"))
+    with torch.no_grad():
+        for mlp in predictor.model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(HYPERNETWORK_GAIN)
+            mlp.layers[-1].bias.mul_(HYPERNETWORK_GAIN)
+    path = tmp_path_factory.mktemp("weights") / "vit_t_conditioned.pt"
+    torch.save(predictor.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ONNX export cache for the session, as the daemon's ``state_dir/encoders``."""
+    return tmp_path_factory.mktemp("state") / "encoders"

@@ -1,15 +1,17 @@
-"""Accelerated image encoders against eager fp32: embeddings, masks, fallback, provenance.
+"""Accelerated image encoders and mask decoders against eager fp32: masks, fallback, provenance.
 
 Random weights give logits within ±0.05 of 0, where any rounding flips pixels; the mask
-decoder's hypernetwork output layers are scaled ×200 here so |logits| ≫ 0 away from real
-boundaries (the masks are then as well-conditioned as trained ones), and IoU is meaningful.
-The ONNX export is made once per session into one cache folder, as the daemon's state_dir.
+decoder's hypernetwork output layers are scaled ×200 (conftest ``conditioned_vit_t``) so
+|logits| ≫ 0 away from real boundaries (the masks are then as well-conditioned as trained
+ones), and IoU is meaningful. The ONNX exports are made once per session into one cache
+folder (``encoder_cache``), as the daemon's state_dir.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -27,36 +29,11 @@ from samwatch.models.accel import Accelerator, onnx_runtime, torch_paths
 from samwatch.models.base import LoadSpec, RunContext
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
-from samwatch.models.sam1 import build_predictor
 from samwatch.outbox import JobOutputs
 from samwatch.sidecar import validate_sidecar
 from support import coins
 
 BOXES = [[40, 40, 120, 110], [150, 50, 260, 160], [250, 180, 360, 290], [10, 150, 140, 290], [200, 20, 380, 140]]
-HYPERNETWORK_GAIN = 200.0
-
-
-def condition(model: torch.nn.Module) -> None:
-    """Scale the hypernetwork's last layers so mask logits lie far from the 0 threshold."""
-    with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(HYPERNETWORK_GAIN)
-            mlp.layers[-1].bias.mul_(HYPERNETWORK_GAIN)
-
-
-@pytest.fixture(scope="session")
-def conditioned_vit_t(tmp_path_factory: pytest.TempPathFactory, vit_t_checkpoint: Path) -> Path:
-    predictor = build_predictor("vit_t", torch.load(vit_t_checkpoint, weights_only=True),
-                                LoadSpec("vit_t", vit_t_checkpoint, "random"))
-    condition(predictor.model)
-    path = tmp_path_factory.mktemp("weights") / "vit_t_conditioned.pt"
-    torch.save(predictor.model.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("state") / "encoders"
 
 
 def _sha256(path: Path) -> str:
@@ -171,6 +148,7 @@ def _job(tmp_path: Path, checkpoint: Path, cache: Path) -> tuple[dict, list[str]
 def test_result_names_the_encoder_path(tmp_path: Path, conditioned_vit_t: Path, encoder_cache: Path) -> None:
     result, warnings = _job(tmp_path, conditioned_vit_t, encoder_cache)  # the default: onnxruntime on CPU
     assert result["samwatch"]["image_encoder"] == "onnxruntime"
+    assert result["samwatch"]["mask_decoder"] == "onnxruntime"
     assert len(result["features"]) == len(BOXES)
     assert warnings == []
 
@@ -215,6 +193,161 @@ def test_accelerate_settings_are_checked() -> None:
     with pytest.raises(ValidationError, match="bf16 and fp16"):
         ModelSettings(accelerate={"cuda": ["bf16", "fp16"]})
     assert ModelSettings().accelerate.steps_for("cpu") == ("onnxruntime",)
+
+
+# The mask decoder on CPU (SAM/MobileSAM): ``predict_masks`` in ONNX Runtime behind
+# ``model.mask_decoder``, compared with the eager decoder on the same embedding.
+
+
+@pytest.fixture(scope="module")
+def ort_vit_t(conditioned_vit_t: Path, encoder_cache: Path, rgb: np.ndarray):
+    adapter = _adapter(conditioned_vit_t, ("onnxruntime",), encoder_cache)
+    adapter.predictor.set_image(rgb)
+    return adapter
+
+
+def _both_decoders(predictor, call):
+    """``call()``'s (masks, scores, low-res logits) with the ONNX decoder, then with eager."""
+    model = predictor.model
+    wrapped = model.mask_decoder
+    got = [np.asarray(out) for out in call()]
+    assert wrapped.path == "onnxruntime"
+    model.mask_decoder = wrapped.eager
+    try:
+        expected = [np.asarray(out) for out in call()]
+    finally:
+        model.mask_decoder = wrapped
+    return expected, got
+
+
+def _assert_decoded_alike(expected, got) -> None:
+    (masks_e, scores_e, logits_e), (masks_g, scores_g, logits_g) = expected, got
+    assert masks_g.shape == masks_e.shape and logits_g.shape == logits_e.shape
+    assert np.abs(logits_e).max() > 5  # well-conditioned: logits far from the 0 threshold
+    np.testing.assert_allclose(logits_g, logits_e, atol=1e-4 * np.abs(logits_e).max())
+    np.testing.assert_allclose(scores_g, scores_e, atol=1e-4)
+    flat_e, flat_g = masks_e.reshape(-1, *masks_e.shape[-2:]), masks_g.reshape(-1, *masks_g.shape[-2:])
+    assert any(m.mean() > 0.01 for m in flat_e)
+    for a, b in zip(flat_e, flat_g):
+        assert iou(a, b) >= 0.98
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+@pytest.mark.parametrize("prompt", ["box", "points", "mask_input"])
+def test_onnxruntime_decoder_matches_eager(ort_vit_t, prompt: str, multimask: bool) -> None:
+    predictor = ort_vit_t.predictor
+    kwargs: dict = {"box": np.array(BOXES[1], dtype=np.float32)}
+    if prompt != "box":
+        kwargs = {"point_coords": np.array([[200.0, 100.0], [60.0, 70.0]], dtype=np.float32),
+                  "point_labels": np.array([1, 0])}
+    if prompt == "mask_input":
+        kwargs["mask_input"] = predictor.predict(box=np.array(BOXES[0]), multimask_output=False)[2]
+    _assert_decoded_alike(*_both_decoders(predictor, lambda: predictor.predict(**kwargs, multimask_output=multimask)))
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_onnxruntime_decoder_takes_batches(ort_vit_t, multimask: bool) -> None:
+    """Several prompts per call (GPU-style batches, automask's point batches): a free axis."""
+    predictor = ort_vit_t.predictor
+    boxes = torch.as_tensor(predictor.transform.apply_boxes(np.array(BOXES[:3], dtype=np.float32),
+                                                            predictor.original_size))
+
+    def call():
+        masks, scores, logits = predictor.predict_torch(None, None, boxes=boxes, multimask_output=multimask)
+        return masks.numpy(), scores.numpy(), logits.numpy()
+
+    expected, got = _both_decoders(predictor, call)
+    assert got[0].shape[:2] == (3, 3 if multimask else 1)
+    _assert_decoded_alike(expected, got)
+
+
+def _canvas(detection, shape: tuple[int, int]) -> np.ndarray:
+    full = np.zeros(shape, bool)
+    x0, y0 = int(detection.origin[0]), int(detection.origin[1])
+    full[y0:y0 + detection.mask.shape[0], x0:x0 + detection.mask.shape[1]] = detection.mask
+    return full
+
+
+def test_automask_through_the_onnxruntime_decoder(ort_vit_t, conditioned_vit_t: Path, rgb: np.ndarray) -> None:
+    """SamAutomaticMaskGenerator decodes batches of points through the same wrapped decoder."""
+    params = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+              "box_nms_thresh": 1.0, "include_image_edge": True}
+    sidecar = validate_sidecar({"model": "vit_t", "automask": params}, name="a")
+
+    def run(adapter) -> list[np.ndarray]:
+        detections = adapter.run(RunContext(sidecar=sidecar, image=rgb, image_key=f"auto{id(adapter)}"))
+        return sorted((_canvas(d, rgb.shape[:2]) for d in detections), key=lambda m: (m.sum(), m.argmax()))
+
+    got = run(ort_vit_t)
+    assert ort_vit_t.decoder_path == "onnxruntime"
+    expected = run(_adapter(conditioned_vit_t, (), None))
+    assert len(got) == len(expected) == 16
+    for a, b in zip(expected, got):
+        assert iou(a, b) >= 0.98
+
+
+def test_the_decoder_export_is_cached_and_reused(ort_vit_t, conditioned_vit_t: Path, encoder_cache: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_export(self, folder: Path) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_runtime.Export, "write", no_export)
+    again = _adapter(conditioned_vit_t, ("onnxruntime",), encoder_cache)  # a second pool: the daemon restarted
+    assert (again.encoder_path, again.decoder_path) == ("onnxruntime", "onnxruntime")
+    assert sorted(p.name.split("-")[0] for p in encoder_cache.iterdir()) == ["decoder", "encoder"]
+
+
+def _decoder_export(cache: Path) -> Path:
+    (folder,) = [p for p in cache.iterdir() if p.name.startswith("decoder-")]
+    return folder
+
+
+def _break_by_raising(cache: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    def unexportable(*args):
+        raise RuntimeError("unsupported operator")
+
+    shutil.rmtree(_decoder_export(cache))  # so that the job's pool exports it again
+    monkeypatch.setattr("samwatch.models.accel._PredictMasks.forward", unexportable)
+    return "unsupported operator"
+
+
+def _break_by_corrupting(cache: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (_decoder_export(cache) / onnx_runtime.MODEL_FILE).write_bytes(b"not an onnx model")
+    return "could not be built"
+
+
+@pytest.mark.parametrize("breaks", [_break_by_raising, _break_by_corrupting])
+def test_a_broken_decoder_export_falls_back_to_eager_with_one_warning(
+        breaks, ort_vit_t, tmp_path: Path, conditioned_vit_t: Path, encoder_cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "encoders"
+    shutil.copytree(encoder_cache, cache)  # this session's exports; the encoder's stays good
+    reason = breaks(cache, monkeypatch)
+    result, warnings = _job(tmp_path, conditioned_vit_t, cache)
+    assert (result["samwatch"]["image_encoder"], result["samwatch"]["mask_decoder"]) == ("onnxruntime", "eager")
+    assert len(result["features"]) == len(BOXES)
+    assert len(warnings) == 1 and "mask decoder onnxruntime" in warnings[0] and reason in warnings[0]
+
+
+def test_a_decoder_failing_on_a_call_falls_back_for_good(ort_vit_t, conditioned_vit_t: Path, encoder_cache: Path,
+                                                        rgb: np.ndarray) -> None:
+    fast = _adapter(conditioned_vit_t, ("onnxruntime",), encoder_cache)
+    decoder = fast.predictor.model.mask_decoder
+
+    def broken(*inputs: torch.Tensor) -> None:
+        raise RuntimeError("session lost")
+
+    decoder._fast = broken
+    warnings: list[str] = []
+    sink = logger.add(lambda message: warnings.append(str(message)), level="WARNING")
+    try:
+        masks = _masks(fast, rgb)
+    finally:
+        logger.remove(sink)
+    assert len(masks) == len(BOXES) and all(m.mean() > 0.01 for m in masks)
+    assert fast.decoder_path == "eager" and "session lost" in decoder.failure
+    assert len(warnings) == 1
+    assert not any(".eager." in key for key in fast.predictor.model.state_dict())  # still transparent
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
