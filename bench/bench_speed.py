@@ -138,6 +138,23 @@ def encode_section(speed: Speed, repeats: int, with_compile: bool) -> None:
     print(f"1. image encode ({speed.adapter.encoder_path}) {fast_s:.3f} s vs eager upstream set_image {eager_s:.3f} s: "
           f"{fast_s / eager_s:.2f}x (target <= 0.5x); masks of 20 boxes IoU min {min(ious):.4f} mean "
           f"{np.mean(ious):.4f} (target >= 0.98); embedding max |diff| {diff:.2e} of max |value| {scale:.2f}")
+    decoder = fast.model.mask_decoder  # on the fast predictor's embedding: the decoder alone differs
+
+    def predict_all(module: torch.nn.Module):
+        def run() -> list[np.ndarray]:
+            fast.model.mask_decoder = module
+            try:
+                return [fast.predict(box=np.array(b), multimask_output=False)[0][0] for b in prompts]
+            finally:
+                fast.model.mask_decoder = decoder
+        return run
+
+    with torch.inference_mode():
+        eager_d, fast_d = best_times([predict_all(decoder.eager), predict_all(decoder)], repeats)
+        ious = [iou(a, b) for a, b in zip(predict_all(decoder.eager)(), predict_all(decoder)())]
+    print(f"   mask decoder ({decoder.path}) {fast_d / len(prompts) * 1e3:.1f} ms vs eager "
+          f"{eager_d / len(prompts) * 1e3:.1f} ms per box predict: {fast_d / eager_d:.2f}x; IoU of 20 boxes min "
+          f"{min(ious):.4f} mean {np.mean(ious):.4f}")
     if with_compile:
         encoder = speed.eager.model.image_encoder
         compiled = Accelerator(("compile",), speed.device, None).wrap(
