@@ -104,18 +104,25 @@ def test_sdpa_matches_sam_vit_attention_with_relative_positions() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_onnxruntime_sam2_encoder_matches_eager(sam2_t_checkpoint: Path, tmp_path: Path) -> None:
-    """SAM2's encoder returns a dict of lists (features, positions, FPN levels): all rebuilt."""
+@pytest.fixture(scope="module")
+def ort_sam2_t(sam2_t_checkpoint: Path, encoder_cache: Path, rgb: np.ndarray):
     from samwatch.models.sam2 import Adapter
 
     adapter = Adapter()
     spec = LoadSpec("sam2_t", sam2_t_checkpoint, "default", sha256=_sha256(sam2_t_checkpoint))
     adapter.setup(spec, torch.device("cpu"))
-    eager_encoder = adapter.model.image_encoder
-    adapter.accelerate(Accelerator(("onnxruntime",), torch.device("cpu"), tmp_path), spec)
+    adapter.accelerate(Accelerator(("onnxruntime",), torch.device("cpu"), encoder_cache), spec)
+    with torch.inference_mode():
+        adapter.predictor.set_image(rgb)
+    return adapter
+
+
+def test_onnxruntime_sam2_encoder_matches_eager(ort_sam2_t) -> None:
+    """SAM2's encoder returns a dict of lists (features, positions, FPN levels): all rebuilt."""
+    adapter = ort_sam2_t
     image = torch.randn(1, 3, 1024, 1024)
     with torch.inference_mode():
-        expected, got = eager_encoder(image), adapter.model.image_encoder(image)
+        expected, got = adapter.model.image_encoder.eager(image), adapter.model.image_encoder(image)
     assert adapter.encoder_path == "onnxruntime"
     state = adapter.model.state_dict()  # the wrapper is invisible: a copy of the model loads it
     assert not any(".eager." in key for key in state)
@@ -206,26 +213,30 @@ def ort_vit_t(conditioned_vit_t: Path, encoder_cache: Path, rgb: np.ndarray):
     return adapter
 
 
-def _both_decoders(predictor, call):
+def _both_decoders(call, model: torch.nn.Module, attribute: str = "mask_decoder"):
     """``call()``'s (masks, scores, low-res logits) with the ONNX decoder, then with eager."""
-    model = predictor.model
-    wrapped = model.mask_decoder
+    wrapped = getattr(model, attribute)
     got = [np.asarray(out) for out in call()]
     assert wrapped.path == "onnxruntime"
-    model.mask_decoder = wrapped.eager
+    setattr(model, attribute, wrapped.eager)
     try:
         expected = [np.asarray(out) for out in call()]
     finally:
-        model.mask_decoder = wrapped
+        setattr(model, attribute, wrapped)
     return expected, got
 
 
-def _assert_decoded_alike(expected, got) -> None:
+def _assert_logits_alike(expected, got) -> None:
     (masks_e, scores_e, logits_e), (masks_g, scores_g, logits_g) = expected, got
     assert masks_g.shape == masks_e.shape and logits_g.shape == logits_e.shape
-    assert np.abs(logits_e).max() > 5  # well-conditioned: logits far from the 0 threshold
     np.testing.assert_allclose(logits_g, logits_e, atol=1e-4 * np.abs(logits_e).max())
     np.testing.assert_allclose(scores_g, scores_e, atol=1e-4)
+
+
+def _assert_decoded_alike(expected, got) -> None:
+    _assert_logits_alike(expected, got)
+    masks_e, masks_g, logits_e = expected[0], got[0], expected[2]
+    assert np.abs(logits_e).max() > 5  # well-conditioned: logits far from the 0 threshold
     flat_e, flat_g = masks_e.reshape(-1, *masks_e.shape[-2:]), masks_g.reshape(-1, *masks_g.shape[-2:])
     assert any(m.mean() > 0.01 for m in flat_e)
     for a, b in zip(flat_e, flat_g):
@@ -242,7 +253,8 @@ def test_onnxruntime_decoder_matches_eager(ort_vit_t, prompt: str, multimask: bo
                   "point_labels": np.array([1, 0])}
     if prompt == "mask_input":
         kwargs["mask_input"] = predictor.predict(box=np.array(BOXES[0]), multimask_output=False)[2]
-    _assert_decoded_alike(*_both_decoders(predictor, lambda: predictor.predict(**kwargs, multimask_output=multimask)))
+    _assert_decoded_alike(*_both_decoders(lambda: predictor.predict(**kwargs, multimask_output=multimask),
+                                          predictor.model))
 
 
 @pytest.mark.parametrize("multimask", [False, True])
@@ -256,9 +268,31 @@ def test_onnxruntime_decoder_takes_batches(ort_vit_t, multimask: bool) -> None:
         masks, scores, logits = predictor.predict_torch(None, None, boxes=boxes, multimask_output=multimask)
         return masks.numpy(), scores.numpy(), logits.numpy()
 
-    expected, got = _both_decoders(predictor, call)
+    expected, got = _both_decoders(call, predictor.model)
     assert got[0].shape[:2] == (3, 3 if multimask else 1)
     _assert_decoded_alike(expected, got)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+@pytest.mark.parametrize("prompts", ["box", "points", "boxes"])
+def test_onnxruntime_sam2_decoder_matches_eager(ort_sam2_t, prompts: str, multimask: bool) -> None:
+    """SAM2's decoder (high-resolution features in, its choice by stability after): random
+    weights, so logits and scores are compared, not masks."""
+    predictor = ort_sam2_t.predictor
+    kwargs = {"box": np.array(BOXES[1], dtype=np.float32)}
+    if prompts == "points":
+        kwargs = {"point_coords": np.array([[200.0, 100.0], [60.0, 70.0]], dtype=np.float32),
+                  "point_labels": np.array([1, 0])}
+    if prompts == "boxes":
+        kwargs = {"box": np.array(BOXES[:3], dtype=np.float32)}
+
+    def call():
+        with torch.inference_mode():
+            return predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+
+    expected, got = _both_decoders(call, ort_sam2_t.model, "sam_mask_decoder")
+    _assert_logits_alike(expected, got)
+    assert ort_sam2_t.decoder_path == "onnxruntime"
 
 
 def _canvas(detection, shape: tuple[int, int]) -> np.ndarray:
@@ -294,11 +328,11 @@ def test_the_decoder_export_is_cached_and_reused(ort_vit_t, conditioned_vit_t: P
     monkeypatch.setattr(onnx_runtime.Export, "write", no_export)
     again = _adapter(conditioned_vit_t, ("onnxruntime",), encoder_cache)  # a second pool: the daemon restarted
     assert (again.encoder_path, again.decoder_path) == ("onnxruntime", "onnxruntime")
-    assert sorted(p.name.split("-")[0] for p in encoder_cache.iterdir()) == ["decoder", "encoder"]
+    assert sorted(p.name.split("-")[0] for p in encoder_cache.glob("*-vit_t-*")) == ["decoder", "encoder"]
 
 
 def _decoder_export(cache: Path) -> Path:
-    (folder,) = [p for p in cache.iterdir() if p.name.startswith("decoder-")]
+    (folder,) = cache.glob("decoder-vit_t-*")
     return folder
 
 
@@ -307,7 +341,7 @@ def _break_by_raising(cache: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         raise RuntimeError("unsupported operator")
 
     shutil.rmtree(_decoder_export(cache))  # so that the job's pool exports it again
-    monkeypatch.setattr("samwatch.models.accel._PredictMasks.forward", unexportable)
+    monkeypatch.setattr("samwatch.models.accel.decoders._Sam1PredictMasks.forward", unexportable)
     return "unsupported operator"
 
 

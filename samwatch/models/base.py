@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from samwatch.errors import JobError
-from samwatch.models.accel import Accelerator, module_path, weights_identity
+from samwatch.models.accel import EAGER, Accelerator, DecoderExport, module_path, weights_identity
 from samwatch.sidecar import Prompt, Sidecar
 
 ProgressFn = Callable[[str, float], None]
@@ -208,6 +208,9 @@ def check_prompt_bounds(sidecar: Sidecar, width: int, height: int) -> None:
 
 
 PromptBatch = list[tuple[int, Prompt]]
+DecoderPlan = tuple[str, Callable[..., DecoderExport], tuple[int, ...]]
+"""The model attribute holding the mask decoder, how it is exported (``accel.decoders``), and
+one image's embedding shape."""
 DecodeBatch = Callable[[PromptBatch, bool, list[np.ndarray | None]], tuple[np.ndarray, np.ndarray]]
 """``decode(batch, multimask, prompt_masks) -> (prompts × masks × H × W, prompts × masks)``."""
 
@@ -229,18 +232,36 @@ class PromptAdapter:
     def _encoder_input_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def _decoder_plan(self) -> DecoderPlan | None:
+        """Where the mask decoder is and how to export it; None: it stays eager."""
+        return None
+
     def accelerate(self, accelerator: Accelerator, spec: LoadSpec) -> None:
-        """Put ``accelerator``'s fast image encoder in front of the eager one."""
+        """Put ``accelerator``'s fast image encoder (and mask decoder) in front of the eager ones."""
         owner = self._encoder_owner()
+        weights_sha = weights_identity(spec.checkpoint, spec.sha256)
         owner.image_encoder = accelerator.wrap(
-            owner.image_encoder, model_type=spec.model_type,
-            weights_sha=weights_identity(spec.checkpoint, spec.sha256), input_shape=self._encoder_input_shape(),
+            owner.image_encoder, model_type=spec.model_type, weights_sha=weights_sha,
+            input_shape=self._encoder_input_shape(),
         )
+        plan = self._decoder_plan()
+        if plan is not None:
+            attribute, family, embedding_shape = plan
+            setattr(owner, attribute, accelerator.wrap_decoder(
+                getattr(owner, attribute), family, model_type=spec.model_type, weights_sha=weights_sha,
+                embedding_shape=embedding_shape,
+            ))
 
     @property
     def encoder_path(self) -> str:
         """What encoded the last image: ``eager``, or the accelerated path's name."""
         return module_path(self._encoder_owner().image_encoder)
+
+    @property
+    def decoder_path(self) -> str:
+        """What decoded the last prompt: ``eager`` or ``onnxruntime``."""
+        plan = self._decoder_plan()
+        return module_path(getattr(self._encoder_owner(), plan[0])) if plan is not None else EAGER
 
     def run(self, ctx: RunContext) -> Iterable[Detection]:
         mode = ctx.sidecar.mode

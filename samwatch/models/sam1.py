@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from samwatch.errors import JobError
-from samwatch.models.accel import Accelerator, module_path, weights_identity
+from samwatch.models.accel import decoders
 from samwatch.models.base import (
+    DecoderPlan,
     Detection,
     EmbeddingMemo,
     LoadSpec,
@@ -91,19 +92,9 @@ class Adapter(PromptAdapter):
         size = self.predictor.model.image_encoder.img_size
         return (1, 3, size, size)
 
-    def accelerate(self, accelerator: Accelerator, spec: LoadSpec) -> None:
-        """The fast image encoder, and the fast mask decoder: on a CPU the per-prompt cost."""
-        super().accelerate(accelerator, spec)
-        model = self.predictor.model
-        model.mask_decoder = accelerator.wrap_decoder(
-            model.mask_decoder, model_type=spec.model_type, weights_sha=weights_identity(spec.checkpoint, spec.sha256),
-            embedding_shape=(1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size),
-        )
-
-    @property
-    def decoder_path(self) -> str:
-        """What decoded the last prompt: ``eager`` or ``onnxruntime``."""
-        return module_path(self.predictor.model.mask_decoder)
+    def _decoder_plan(self) -> DecoderPlan:
+        prompt_encoder = self.predictor.model.prompt_encoder
+        return "mask_decoder", decoders.sam1, (1, prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
 
     def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
         from samwatch.models.automask import generate_sam1

@@ -23,7 +23,9 @@ from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from samwatch.errors import JobError
+from samwatch.models.accel import decoders
 from samwatch.models.base import (
+    DecoderPlan,
     Detection,
     EmbeddingMemo,
     LoadSpec,
@@ -103,6 +105,10 @@ class Adapter(PromptAdapter):
 
     def _encoder_input_shape(self) -> tuple[int, ...]:
         return (1, 3, self.model.image_size, self.model.image_size)
+
+    def _decoder_plan(self) -> DecoderPlan:
+        side = self.model.sam_image_embedding_size
+        return "sam_mask_decoder", decoders.sam2, (1, self.model.sam_prompt_embed_dim, side, side)
 
     def _track(self, ctx: RunContext) -> list[Detection]:
         from samwatch.models.sam2_video import track

@@ -3,22 +3,25 @@
 The image encoder is most of a job's model time (vit_t on 2 CPU cores: ~1 s of a 1.2 s
 20-box job); once it is fast, SAM's per-prompt mask decoder is the CPU's next cost (vit_t:
 ~33 ms of a box's 36 ms). Steps per device (config.py ``AccelerateSettings`` has the
-defaults and why): ``onnxruntime`` (CPU: the encoder, and SAM/MobileSAM's mask decoder),
+defaults and why): ``onnxruntime`` (CPU: the encoder and the mask decoder),
 ``sdpa``, ``bf16``/``fp16``, ``compile`` (the encoder only). Whatever cannot be built falls
 back to eager with one warning.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from samwatch.models.accel.decoders import DecoderExport
 from samwatch.models.accel.wrapped import EAGER, Accelerated, AcceleratedDecoder, AcceleratedEncoder, module_path
 
-__all__ = ["Accelerator", "AcceleratedDecoder", "AcceleratedEncoder", "EAGER", "module_path", "weights_identity"]
+__all__ = ["Accelerator", "AcceleratedDecoder", "AcceleratedEncoder", "DecoderExport", "EAGER", "module_path",
+           "weights_identity"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ORT = "onnxruntime"
@@ -30,18 +33,6 @@ def weights_identity(checkpoint: Path, sha256: str | None) -> str:
         return sha256
     stat = checkpoint.stat()
     return hashlib.sha256(f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-
-
-class _PredictMasks(torch.nn.Module):
-    """The decoder's ``predict_masks`` as a module's forward (what an export traces)."""
-
-    def __init__(self, decoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
 
 
 class Accelerator:
@@ -65,30 +56,25 @@ class Accelerator:
         return self._wrapped(AcceleratedEncoder, encoder, self.name, build, model_type, weights_sha, input_shape,
                              wanted=bool(self.steps))
 
-    def wrap_decoder(self, decoder: torch.nn.Module, *, model_type: str, weights_sha: str,
-                     embedding_shape: tuple[int, ...]) -> AcceleratedDecoder:
-        """SAM's mask decoder in ONNX Runtime when the steps say ``onnxruntime``, else eager.
+    def wrap_decoder(self, decoder: torch.nn.Module, family: Callable[..., DecoderExport], *, model_type: str,
+                     weights_sha: str, embedding_shape: tuple[int, ...]) -> AcceleratedDecoder:
+        """A mask decoder with ``predict_masks`` in ONNX Runtime when the steps say ``onnxruntime``,
+        else eager. ``family`` (``decoders.sam1``, ``decoders.sam2``) says how to export and feed it;
+        ``embedding_shape`` is one image's embedding (1 × channels × h × w)."""
+        plan = family(decoder, embedding_shape)
 
-        ``embedding_shape`` is one image's embedding (1 × channels × h × w); prompts per call
-        and sparse tokens per prompt are the export's free axes."""
         def build(undo: list) -> object:
             from samwatch.models.accel import onnx_runtime
 
-            channels = embedding_shape[1]
-            inputs = {"image_embeddings": torch.randn(embedding_shape), "image_pe": torch.randn(embedding_shape),
-                      "sparse": torch.randn(1, 2, channels), "dense": torch.randn(embedding_shape)}
-            prompts = {0: "prompts"}
-            # ``dense`` may also be 1 × 1 per prompt: see AcceleratedDecoder.forward.
-            export = onnx_runtime.Export(
-                _PredictMasks(decoder), inputs, outputs=["masks", "iou_pred"],
-                dynamic_axes={"sparse": {0: "prompts", 1: "tokens"}, "dense": {0: "prompts", 2: "height", 3: "width"},
-                              "masks": prompts, "iou_pred": prompts})
+            export = onnx_runtime.Export(plan.module, plan.inputs, outputs=plan.outputs,
+                                         dynamic_axes=plan.dynamic_axes())
             return self._in_onnx_runtime(export, "decoder", model_type, weights_sha, embedding_shape)
 
-        return self._wrapped(AcceleratedDecoder, decoder, ORT, build, model_type, weights_sha, embedding_shape,
+        wrapper = functools.partial(AcceleratedDecoder, feeds=plan.feeds)
+        return self._wrapped(wrapper, decoder, ORT, build, model_type, weights_sha, embedding_shape,
                              wanted=ORT in self.steps)
 
-    def _wrapped(self, wrapper: type[Accelerated], module: torch.nn.Module, name: str,
+    def _wrapped(self, wrapper: Callable[..., Accelerated], module: torch.nn.Module, name: str,
                  build: Callable[[list], object], model_type: str, weights_sha: str,
                  input_shape: tuple[int, ...], *, wanted: bool) -> Accelerated:
         what = f"{model_type} (weights {weights_sha[:12]})"

@@ -40,6 +40,7 @@ class Accelerated(torch.nn.Module):
         self.path = name if fast is not None else EAGER
         self.failure: str | None = None
         self._register_load_state_dict_pre_hook(self._load_as_eager)
+        self.training = eager.training  # upstream code reads it (SAM2's decoder picks masks by it)
 
     # The wrapper is invisible in state dicts: a copy of the model (SAM2's video predictor is
     # built from ``model.state_dict()``) sees the eager module's own keys.
@@ -91,37 +92,25 @@ class AcceleratedEncoder(Accelerated):
 
 
 class AcceleratedDecoder(Accelerated):
-    """SAM's ``MaskDecoder``: the fast path computes ``predict_masks``; the wrapper then picks
-    the masks as the eager ``forward`` does (all but the first for multimask, else the first)."""
+    """A mask decoder whose ``predict_masks`` has a fast path. ``forward`` is the upstream
+    class's own, run with this wrapper as ``self``: its call of ``predict_masks`` reaches the
+    fast path, and what follows (the multimask slice, SAM2's choice by stability) stays upstream's."""
 
     part = "mask decoder"
 
-    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
-                dense_prompt_embeddings: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+    def __init__(self, eager: torch.nn.Module, fast: FastPath | None, name: str,
+                 input_shape: tuple[int, ...] | None, *, what: str, feeds: Callable[..., Any] | None = None,
+                 undo: list[Callable[[], None]] | None = None) -> None:
+        super().__init__(eager, fast, name, input_shape, what=what, undo=undo)
+        self._feeds = feeds  # predict_masks's arguments -> the fast path's inputs, or None if they do not fit
 
-        def fast() -> tuple[torch.Tensor, torch.Tensor]:
-            masks, iou_pred = self._fast(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                         _unbroadcast(dense_prompt_embeddings))
-            chosen = slice(1, None) if multimask_output else slice(0, 1)
-            return masks[:, chosen], iou_pred[:, chosen]
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.eager).forward(self, *args, **kwargs)
 
-        # The export takes one image's embedding (prompts vary in number, tokens per prompt
-        # too); a prompt with no sparse token at all is left to eager.
-        fits = (tuple(image_embeddings.shape) == self._input_shape and tuple(image_pe.shape) == self._input_shape
-                and sparse_prompt_embeddings.shape[1] > 0)
-        return self._serve(fits, fast, lambda: self.eager(*inputs, multimask_output))
-
-
-def _unbroadcast(dense: torch.Tensor) -> torch.Tensor:
-    """Without a mask prompt the dense embedding is one vector expanded over the grid (and the
-    prompts); the decoder only adds it to the image embedding, so the vector itself serves,
-    the same sums without copying 4 MB per prompt into the runtime (~1-2 ms of a 20 ms decode)."""
-    if dense.stride(2) == 0 and dense.stride(3) == 0:
-        dense = dense[:, :, :1, :1]
-    if dense.shape[0] > 1 and dense.stride(0) == 0:
-        dense = dense[:1]
-    return dense
+    def predict_masks(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self._feeds(*args, **kwargs) if self._fast is not None and self._feeds is not None else None
+        return self._serve(inputs is not None, lambda: self._fast(*inputs),
+                           lambda: self.eager.predict_masks(*args, **kwargs))
 
 
 def module_path(module: torch.nn.Module | None) -> str:
