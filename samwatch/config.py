@@ -86,16 +86,16 @@ class AccelerateSettings(StrictModel):
 
     Defaults by measurement (bench/bench_speed.py): on 2 CPU cores ONNX Runtime encodes vit_t
     in about a third of eager PyTorch's time, while ``torch.compile`` took ~50 s to compile and
-    gained nothing steady. ``onnxruntime`` also runs SAM/MobileSAM's mask decoder, each prompt's
-    cost once the image is encoded (vit_t: a box predicts in ~0.7x of eager's 36 ms; SAM2's
-    decoder stays eager). On CUDA, SDPA attention with bf16 autocast as segment-anything-fast
-    does; ``compile`` (max-autotune) is opt-in as it adds minutes to the first job of a model.
-    GPU steps apply to the image encoder only; the decoder stays eager fp32 there.
+    gained nothing steady. ``onnxruntime`` also runs the mask decoder, each prompt's cost once
+    the image is encoded (vit_t, sam2_t: a box predicts in ~0.7x of eager's 36 ms). On CUDA,
+    SDPA attention with bf16 autocast as segment-anything-fast does; ``compile``
+    (max-autotune) is opt-in as it adds minutes to the first job of a model. GPU steps apply
+    to the image encoder only; the decoder stays eager fp32 there.
     """
 
     cpu: tuple[AccelStep, ...] = Field(
         ("onnxruntime",),
-        description="On CPU: [onnxruntime] (image encoder, and SAM/MobileSAM's mask decoder) or PyTorch steps.",
+        description="On CPU: [onnxruntime] (image encoder and mask decoder) or PyTorch steps.",
     )
     cuda: tuple[AccelStep, ...] = Field(
         ("sdpa", "bf16"), description="On CUDA GPUs: any of sdpa, bf16 or fp16, compile."
