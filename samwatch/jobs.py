@@ -336,7 +336,7 @@ class JobRunner:
             traced = time.perf_counter()
             geometry = mask_to_geometry(
                 detection.mask, simplify_tolerance=sidecar.output.simplify_tolerance,
-                offset=detection.origin, scale=detection.scale,
+                offset=detection.origin, scale=detection.scale, arrays=True,
             )
             timings["geometry"] += time.perf_counter() - traced
             if geometry is None:

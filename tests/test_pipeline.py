@@ -16,7 +16,7 @@ from samwatch.models.pool import ModelPool
 from samwatch.outbox import JobOutputs
 from samwatch.pipeline import JobPipeline
 from samwatch.weights.registry import WeightsRegistry
-from support import coins
+from support import as_json, coins
 
 SIDECARS = {
     "a": {"prompts": [{"bbox": [40, 40, 120, 110]}, {"bbox": [150, 50, 260, 160]}]},
@@ -63,7 +63,7 @@ def test_pipelined_outcomes_equal_one_by_one_in_order(runner: JobRunner) -> None
     assert dict(finished)["off"].error.code == "prompt_out_of_bounds"
     piped = dict(finished)
     for name, expected in features.items():
-        assert [f["geometry"] for f in piped[name].result["features"]] == [f["geometry"] for f in expected]
+        assert as_json([f["geometry"] for f in piped[name].result["features"]]) == as_json([f["geometry"] for f in expected])
 
 
 def test_a_failure_while_writing_fails_that_job_only(runner: JobRunner, monkeypatch: pytest.MonkeyPatch) -> None:
