@@ -184,10 +184,10 @@ def burst_section(speed: Speed, count: int) -> None:
         outcomes.append(outcome)
         JobOutputs(speed.config.outbox, ticket.job_id).done(outcome.result, outcome.summary)
 
-    pipeline = JobPipeline(speed.runner)
+    pipeline = JobPipeline()
     started = time.perf_counter()
     for ticket in fresh("piped"):
-        pipeline.submit(ticket, Progress(JobOutputs(speed.config.outbox, ticket.job_id), threading.Event()), write)
+        pipeline.submit(speed.runner, ticket, Progress(JobOutputs(speed.config.outbox, ticket.job_id), threading.Event()), write)
     pipeline.close()
     piped = time.perf_counter() - started
     assert [o.state for o in outcomes] == ["done"] * count, [o.error for o in outcomes if o.error]
