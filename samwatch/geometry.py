@@ -411,11 +411,8 @@ def _geojson(rings: _Rings, offset: np.ndarray, scale: float = 1, *, arrays: boo
     step = np.arange(closed[-1]) - closed[ring] + (first[order] - bounds[order])[ring]
     picked = vertices[bounds[order][ring] + step % n[ring]]
     coordinates = (picked * scale if scale != 1 else picked) + offset
-    if arrays:
-        ring_lists = np.split(coordinates, closed[1:-1])
-    else:
-        listed, edges = coordinates.tolist(), closed.tolist()
-        ring_lists = [listed[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    listed, edges = (coordinates if arrays else coordinates.tolist()), closed.tolist()
+    ring_lists = [listed[a:b] for a, b in zip(edges[:-1], edges[1:])]  # row slices: views of one array
     heads = np.flatnonzero(~is_hole[order]).tolist() + [len(order)]
     polygons = [ring_lists[a:b] for a, b in zip(heads[:-1], heads[1:])]
     if len(polygons) == 1:
