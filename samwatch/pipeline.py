@@ -53,6 +53,8 @@ class JobPipeline:
     def __init__(self, *, name: str = "pipeline") -> None:
         self._lock = threading.Lock()
         self._for_device = 0  # jobs read and not yet through the device stage
+        #: time the device stage has spent on jobs: over wall time, how busy the device was kept
+        self.device_seconds = 0.0
         self._to_read: queue.Queue[_Job | None] = queue.Queue()
         self._to_device: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._to_write: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
@@ -101,6 +103,7 @@ class JobPipeline:
 
     def _device(self) -> None:
         while (job := self._to_device.get()) is not None:
+            started = time.perf_counter()
             job.detections = queue.Queue(maxsize=HANDOFF)
             self._to_write.put(job)  # the writer traces while this stage decodes
             try:
@@ -113,6 +116,7 @@ class JobPipeline:
             finally:
                 with self._lock:
                     self._for_device -= 1
+                self.device_seconds += time.perf_counter() - started
         self._to_write.put(None)
 
     def _write(self) -> None:

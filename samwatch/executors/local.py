@@ -107,6 +107,7 @@ class LocalExecutor:
                 "loaded_models": slot.pool.loaded(),
                 "job": next((d.ticket.job_id for d in list(slot.in_flight.values())), None),  # the oldest: on the device or done with it
                 "jobs": [d.ticket.job_id for d in list(slot.in_flight.values())],
+                "device_busy_seconds": round(slot.pipeline.device_seconds, 1) if slot.pipeline else None,
             }
             for slot in self._slots
         ]
