@@ -224,6 +224,11 @@ class ExecutorSettings(StrictModel):
     kind: Literal["local", "dask"] = Field("local", description="local: threads here, one per device; dask: a Dask cluster.")
     address: str | None = Field(None, description="dask: an existing scheduler, e.g. tcp://host:8786.")
     cluster: ClusterSettings | None = Field(None, description="dask: start a dask-jobqueue cluster instead.")
+    pipeline_depth: int = Field(
+        3, ge=1, le=8,
+        description="local: jobs each slot holds at once, so that one is on the device while the next is read "
+        "and the last is traced and written; 1 runs them strictly one after another.",
+    )
     device: str = Field("auto", description="dask: the device each worker uses (auto: its GPU, else cpu).")
     path_map: dict[str, str] = Field(
         default_factory=dict,

@@ -390,9 +390,9 @@ def _as_uint8(mask: np.ndarray) -> np.ndarray:
     return (mask != 0).view(np.uint8)
 
 
-def _geojson(rings: _Rings, offset: np.ndarray, scale: float = 1) -> dict[str, Any]:
+def _geojson(rings: _Rings, offset: np.ndarray, scale: float = 1, *, arrays: bool = False) -> dict[str, Any]:
     """Closed, ordered GeoJSON rings at ``offset + scale * vertex``: polygons by exterior,
-    exterior then holes."""
+    exterior then holes; each ring a list of [x, y] lists, or with ``arrays`` an n × 2 array."""
     vertices, bounds, polygon, is_hole = rings
     # Each ring starts at its top-most, then left-most vertex: the smallest row-major key
     # (unique within a ring); rings are ordered by that same key.
@@ -410,9 +410,9 @@ def _geojson(rings: _Rings, offset: np.ndarray, scale: float = 1) -> dict[str, A
     ring = np.repeat(np.arange(len(order)), n + 1)
     step = np.arange(closed[-1]) - closed[ring] + (first[order] - bounds[order])[ring]
     picked = vertices[bounds[order][ring] + step % n[ring]]
-    coordinates = ((picked * scale if scale != 1 else picked) + offset).tolist()
-    edges = closed.tolist()
-    ring_lists = [coordinates[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    coordinates = (picked * scale if scale != 1 else picked) + offset
+    listed, edges = (coordinates if arrays else coordinates.tolist()), closed.tolist()
+    ring_lists = [listed[a:b] for a, b in zip(edges[:-1], edges[1:])]  # row slices: views of one array
     heads = np.flatnonzero(~is_hole[order]).tolist() + [len(order)]
     polygons = [ring_lists[a:b] for a, b in zip(heads[:-1], heads[1:])]
     if len(polygons) == 1:
@@ -426,6 +426,7 @@ def mask_to_geometry(
     simplify_tolerance: float = 0.0,
     offset: tuple[float, float] = (0, 0),
     scale: float = 1.0,
+    arrays: bool = False,
 ) -> dict[str, Any] | None:
     """GeoJSON Polygon/MultiPolygon outlining the nonzero pixels of ``mask``.
 
@@ -435,6 +436,11 @@ def mask_to_geometry(
     simplified rings would cross or touch. Each vertex becomes ``offset + scale * vertex``
     (a mask read at a pyramid level, or a tile placed in the slide); coordinates are Python
     ints unless the offset or scale is fractional.
+
+    ``arrays`` gives each ring as an n × 2 numpy array (int64, or float64 when fractional)
+    instead of nested lists: what jobs use, since a noisy mask of 10⁵ vertices as lists is
+    3·10⁵ Python objects, whose allocation and garbage-collector passes cost ten times the
+    tracing itself; orjson writes the arrays directly (atomic.py ``OPT_SERIALIZE_NUMPY``).
     """
     binary = _as_uint8(mask)
     x, y, width, height = cv2.boundingRect(binary)
@@ -449,8 +455,8 @@ def mask_to_geometry(
     dx, dy = offset
     if all(float(v).is_integer() for v in (dx, dy, scale)):
         scale = int(scale)
-        return _geojson(rings, np.array([int(dx) + x * scale, int(dy) + y * scale]), scale)
-    return _geojson(rings, np.array([dx + x * scale, dy + y * scale], np.float64), scale)
+        return _geojson(rings, np.array([int(dx) + x * scale, int(dy) + y * scale]), scale, arrays=arrays)
+    return _geojson(rings, np.array([dx + x * scale, dy + y * scale], np.float64), scale, arrays=arrays)
 
 
 def _polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:

@@ -43,6 +43,7 @@ from samwatch.tiling.tile import TileJob
 STAGE_SPANS: dict[str, tuple[float, float]] = {
     "reading": (0, 5),
     "waiting for weights": (5, 10),
+    "waiting for the device": (5, 10),
     "loading model": (10, 20),
     "encoding image": (20, 40),
     "decoding prompts": (40, 95),
@@ -52,6 +53,9 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
     "tiles": (20, 95),
     "writing": (95, 100),
 }
+
+#: The stage of a job read ahead while the one before it holds the device (pipeline.py).
+WAITING_FOR_DEVICE = "waiting for the device"
 
 
 @dataclass(frozen=True)
@@ -338,7 +342,7 @@ class JobRunner:
             traced = time.perf_counter()
             geometry = mask_to_geometry(
                 detection.mask, simplify_tolerance=sidecar.output.simplify_tolerance,
-                offset=detection.origin, scale=detection.scale,
+                offset=detection.origin, scale=detection.scale, arrays=True,
             )
             timings["geometry"] += time.perf_counter() - traced
             if geometry is None:

@@ -8,6 +8,11 @@ tracing overlaps decoding and a job still holds only a few masks at a time. Read
 (cv2) and the runtimes release the GIL for their heavy parts, which is what lets the stages
 run at once. Every failure becomes that job's outcome (jobs.py ``outcome_of_error``); a job
 refused while reading reports at once, the others in submission order.
+
+Each job brings its own ``JobRunner``, so a job runs entirely under the config it was
+submitted with, even when the config is reloaded while it is in flight. A job read ahead
+while the device is busy says so (stage ``waiting for the device``): the stall watchdog
+does not count that wait against it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from samwatch.jobs import JobRunner, JobTicket, Outcome, Prepared, Progress, outcome_of_error
+from samwatch.jobs import WAITING_FOR_DEVICE, JobRunner, JobTicket, Outcome, Prepared, Progress, outcome_of_error
 from samwatch.models.base import Detection
 
 Done = Callable[[JobTicket, Outcome], None]
@@ -28,6 +33,7 @@ HANDOFF = 16
 
 @dataclass
 class _Job:
+    runner: JobRunner
     ticket: JobTicket
     progress: Progress
     done: Done
@@ -44,8 +50,11 @@ class _End:
 
 
 class JobPipeline:
-    def __init__(self, runner: JobRunner, *, name: str = "pipeline") -> None:
-        self.runner = runner
+    def __init__(self, *, name: str = "pipeline") -> None:
+        self._lock = threading.Lock()
+        self._for_device = 0  # jobs read and not yet through the device stage
+        #: time the device stage has spent on jobs: over wall time, how busy the device was kept
+        self.device_seconds = 0.0
         self._to_read: queue.Queue[_Job | None] = queue.Queue()
         self._to_device: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._to_write: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
@@ -56,9 +65,9 @@ class JobPipeline:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, ticket: JobTicket, progress: Progress, done: Done) -> None:
+    def submit(self, runner: JobRunner, ticket: JobTicket, progress: Progress, done: Done) -> None:
         """Queue a job; ``done(ticket, outcome)`` is called from a stage thread when it ends."""
-        self._to_read.put(_Job(ticket, progress, done, time.perf_counter()))
+        self._to_read.put(_Job(runner, ticket, progress, done, time.perf_counter()))
 
     def stop(self) -> None:
         """No more jobs: the stage threads end once the jobs submitted are through."""
@@ -77,7 +86,9 @@ class JobPipeline:
     def _read(self) -> None:
         while (job := self._to_read.get()) is not None:
             try:
-                prepared = self.runner.prepare(job.ticket, job.progress)
+                prepared = job.runner.prepare(job.ticket, job.progress)
+                if not isinstance(prepared, Outcome) and self._for_device:
+                    job.progress(WAITING_FOR_DEVICE, 0.0, "read; the job before it is on the device")
             except Exception as exc:
                 self._end(job, outcome_of_error(job.ticket, exc))
                 continue
@@ -85,27 +96,34 @@ class JobPipeline:
                 self._end(job, prepared)
                 continue
             job.prepared = prepared
+            with self._lock:
+                self._for_device += 1
             self._to_device.put(job)
         self._to_device.put(None)
 
     def _device(self) -> None:
         while (job := self._to_device.get()) is not None:
+            started = time.perf_counter()
             job.detections = queue.Queue(maxsize=HANDOFF)
             self._to_write.put(job)  # the writer traces while this stage decodes
             try:
-                for detection in self.runner.infer(job.prepared):
+                for detection in job.runner.infer(job.prepared):
                     job.detections.put(detection)
             except Exception as exc:
                 job.detections.put(_End(exc))
             else:
                 job.detections.put(_End())
+            finally:
+                with self._lock:
+                    self._for_device -= 1
+                self.device_seconds += time.perf_counter() - started
         self._to_write.put(None)
 
     def _write(self) -> None:
         while (job := self._to_write.get()) is not None:
             stream = _Stream(job.detections)
             try:
-                outcome = self.runner.finish(job.prepared, stream)
+                outcome = job.runner.finish(job.prepared, stream)
             except Exception as exc:
                 stream.drain()  # let the device stage finish this job and go on
                 outcome = outcome_of_error(job.ticket, exc)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from samwatch import __version__
 from samwatch.atomic import now_iso
+from samwatch.jobs import WAITING_FOR_DEVICE
 from samwatch.outputs.dashboard import PAGE, dashboard_page
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class StatusReporter:
     def running_jobs(self) -> list[dict[str, Any]]:
         daemon = self.daemon
         now = daemon.clock()
-        where = {worker.get("job"): worker.get("name") for worker in daemon.workers if worker.get("job")}
+        where = {job: worker.get("name") for worker in daemon.workers for job in worker.get("jobs") or [worker.get("job")] if job}
         return [
             {
                 "job": run.ticket.job_id,
@@ -87,11 +88,13 @@ class StatusReporter:
         return f"{current}; queued {counts.get('queued', 0)}, done {stats.done}, failed {stats.failed}"
 
     def job_stalled(self) -> bool:
-        """A running job without progress for ``job_stall_seconds``: the watchdog stops being fed."""
+        """A running job without progress for ``job_stall_seconds``: the watchdog stops being fed.
+        A job read ahead, waiting for the device, is not stalled: the job on the device is judged."""
         daemon = self.daemon
         limit = daemon.config.service.job_stall_seconds
         now = daemon.clock()
-        return any(now - max(run.last_change, run.started) > limit for run in daemon.dispatcher.running.values())
+        return any(now - max(run.last_change, run.started) > limit
+                   for run in daemon.dispatcher.running.values() if run.stage != WAITING_FOR_DEVICE)
 
     def write(self, *, stopped: bool = False) -> None:
         daemon = self.daemon

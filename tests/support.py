@@ -69,6 +69,13 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def as_json(value: Any) -> Any:
+    """``value`` as its JSON file would read back: a job's in-memory result holds rings as arrays."""
+    import orjson
+
+    return orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS))
+
+
 def progress_state(outbox: Path, stem: str) -> str | None:
     data = read_json(outbox / f"{stem}.progress.json")
     return data.get("state") if data else None

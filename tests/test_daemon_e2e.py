@@ -238,19 +238,34 @@ def test_identical_resave_does_not_rerun_and_change_does(service) -> None:
     wait_for(lambda: daemon.log().count("job rerun/r done") == 2, JOB_TIMEOUT, what="second run logged")
 
 
-def test_deleting_a_queued_sidecar_cancels_it(service) -> None:
+def test_deleting_a_queued_or_read_ahead_sidecar_cancels_it(service) -> None:
     root, _ = service
     inbox, outbox = root / "inbox", root / "outbox"
-    # A long job keeps the worker busy while the second one waits in the queue.
+    # A long job holds the device; with executor.pipeline_depth 3 the slot reads two more jobs
+    # ahead (they wait for the device) and the fourth waits in the daemon's queue.
     save_image(inbox / "busy" / "long.png", coins())
     write_sidecar(inbox / "busy" / "long.yaml", {"automask": {"points_per_side": 8, "points_per_batch": 4}})
-    save_image(inbox / "busy" / "z.png", coins())
-    write_sidecar(inbox / "busy" / "z.yaml", {"prompts": [{"bbox": [40, 40, 120, 110]}]})
     wait_for(lambda: progress_state(outbox, "busy/long") == "running", JOB_TIMEOUT, what="long job running")
-    wait_for(lambda: progress_state(outbox, "busy/z") == "queued", JOB_TIMEOUT, what="second job queued")
-    (inbox / "busy" / "z.yaml").unlink()
-    wait_for(lambda: progress_state(outbox, "busy/z") == "cancelled", JOB_TIMEOUT, what="cancelled")
-    assert not (outbox / "busy" / "z.geojson").exists()
+    stems = [f"busy/z{index}" for index in range(3)]
+    for stem in stems:
+        save_image(inbox / f"{stem}.png", coins())
+        write_sidecar(inbox / f"{stem}.yaml", {"prompts": [{"bbox": [40, 40, 120, 110]}]})
+
+    def stages() -> dict[str, str] | None:
+        progress = {stem: read_json(outbox / f"{stem}.progress.json") or {} for stem in stems}
+        found = {stem: "queued" if p.get("state") == "queued" else p.get("stage") or "" for stem, p in progress.items()}
+        return found if sorted(found.values()) == ["queued", "waiting for the device", "waiting for the device"] else None
+
+    found = wait_for(stages, JOB_TIMEOUT, what="two jobs read ahead and one queued")
+    queued = next(stem for stem, stage in found.items() if stage == "queued")
+    waiting, kept = (stem for stem, stage in found.items() if stage != "queued")
+    assert progress_state(outbox, "busy/long") == "running"
+    for stem in (queued, waiting):
+        (inbox / f"{stem}.yaml").unlink()
+    for stem in (queued, waiting):
+        wait_for(lambda stem=stem: progress_state(outbox, stem) == "cancelled", JOB_TIMEOUT, what=f"{stem} cancelled")
+        assert not (outbox / f"{stem}.geojson").exists()
+    wait_for(lambda: progress_state(outbox, kept) == "done", JOB_TIMEOUT, what="the job read ahead and kept")
 
 
 def test_status_command_reads_the_heartbeat(service) -> None:

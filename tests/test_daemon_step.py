@@ -144,3 +144,19 @@ def test_stopping_requeues_the_running_job_and_says_so(rig) -> None:
     state = progress(daemon, "a")
     assert state["state"] == "queued" and "runs again" in state["message"]
     assert daemon.ledger.get("a").state == "queued"
+
+
+def test_a_job_waiting_for_the_device_is_not_a_stall(rig) -> None:
+    daemon, executor, clock = rig
+    for stem in ("a", "b"):
+        add_job(daemon.config.inbox, stem)
+    advance(daemon, clock)
+    advance(daemon, clock)
+    limit = daemon.config.service.job_stall_seconds
+    executor.progress("b", "waiting for the device", 5)
+    for _ in range(3):  # a keeps reporting progress on the device while b waits behind it
+        executor.progress("a", "decoding prompts", 50)
+        advance(daemon, clock, limit / 2)
+    assert not daemon.reporter.job_stalled()
+    advance(daemon, clock, limit * 2)  # a goes silent: that is a stall
+    assert daemon.reporter.job_stalled()

@@ -379,6 +379,20 @@ def test_offset_is_added_and_keeps_ints_when_integral() -> None:
     assert fractional["coordinates"][0][:2] == [[2.5, -0.25], [3.5, -0.25]]
 
 
+
+@pytest.mark.parametrize(("offset", "scale"), [((0, 0), 1.0), ((100, 50), 2.0), ((0.5, -1.25), 0.25)])
+def test_array_rings_equal_list_rings(offset: tuple[float, float], scale: float) -> None:
+    import orjson
+
+    mask = filters.gaussian(np.random.default_rng(5).random((96, 80)), 2) > 0.5  # holes, several parts
+    listed = mask_to_geometry(mask, offset=offset, scale=scale)
+    arrays = mask_to_geometry(mask, offset=offset, scale=scale, arrays=True)
+    assert listed["type"] == arrays["type"] == "MultiPolygon"
+    rings = [ring for polygon in arrays["coordinates"] for ring in polygon]
+    assert all(isinstance(ring, np.ndarray) and ring.flags.c_contiguous for ring in rings)
+    assert orjson.loads(orjson.dumps(arrays, option=orjson.OPT_SERIALIZE_NUMPY)) == listed
+
+
 # ---------------------------------------------------------------------- simplification
 
 

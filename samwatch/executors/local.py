@@ -1,8 +1,11 @@
-"""The embedded executor: one worker thread per device slot, in this process.
+"""The embedded executor: one job pipeline per device slot, in this process.
 
 Each slot has its own model pool (models stay loaded between its jobs), so ``device:
-[cuda:0, cuda:1]`` runs two jobs at once, one per GPU. With ``threaded=False`` (``run
---once``) a dispatch runs inside ``submit``, on the caller's thread.
+[cuda:0, cuda:1]`` runs jobs on both GPUs at once. A slot holds up to
+``executor.pipeline_depth`` jobs (pipeline.py): while one is on the device, the next one's
+image is read and the last one's masks are traced, so the device does not wait for the CPU
+in a burst. With ``threaded=False`` (``run --once``) a dispatch runs whole inside ``submit``,
+on the caller's thread.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -21,19 +24,18 @@ import torch
 
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
 from samwatch.config import Config
-from samwatch.jobs import JobRunner, Progress
+from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool
-
+from samwatch.pipeline import JobPipeline
 
 
 @dataclass
 class _Slot:
     name: str
     pool: ModelPool
-    tickets: queue.Queue[Dispatch | None]
-    current: Dispatch | None = None
-    thread: threading.Thread | None = None
+    pipeline: JobPipeline | None
+    in_flight: dict[str, Dispatch] = field(default_factory=dict)  # token -> dispatch, oldest first
 
 
 class LocalExecutor:
@@ -48,41 +50,38 @@ class LocalExecutor:
         self._clock = clock
         self._events: queue.Queue[Event] = queue.Queue()
         self._cancels: dict[str, threading.Event] = {}
-        self._slots = [_Slot(f"local-{index}", pool, queue.Queue()) for index, pool in enumerate(pools)]
-        if threaded:
-            for slot in self._slots:
-                slot.thread = threading.Thread(target=self._serve, args=(slot,), name=f"samwatch-{slot.name}", daemon=True)
-                slot.thread.start()
+        self._depth = config.executor.pipeline_depth if threaded else 1
+        self._slots = [
+            _Slot(f"local-{index}", pool, JobPipeline(name=f"local-{index}") if threaded else None)
+            for index, pool in enumerate(pools)
+        ]
 
     @property
     def pools(self) -> list[ModelPool]:
         return [slot.pool for slot in self._slots]
 
     def free_slots(self) -> int:
-        return sum(slot.current is None for slot in self._slots)
+        return sum(max(0, self._depth - len(slot.in_flight)) for slot in self._slots)
 
     def submit(self, dispatch: Dispatch) -> None:
-        slot = next(slot for slot in self._slots if slot.current is None)
-        slot.current = dispatch
-        self._cancels[dispatch.token] = threading.Event()
-        if slot.thread is None:
-            self._run(slot, dispatch)
+        # The emptiest slot: a burst spreads over every device before any pipeline fills.
+        slot = min((slot for slot in self._slots if len(slot.in_flight) < self._depth), key=lambda s: len(s.in_flight))
+        slot.in_flight[dispatch.token] = dispatch
+        cancel = self._cancels[dispatch.token] = threading.Event()
+        channel = ProgressChannel(dispatch.ticket.job_id, dispatch.token, self._events.put)
+        progress = Progress(channel, cancel, clock=self._clock)
+        config = self._config  # the job runs under the config of its dispatch, start to end
+        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size)
+
+        def done(ticket: JobTicket, outcome: Outcome) -> None:
+            self._cancels.pop(dispatch.token, None)
+            del slot.in_flight[dispatch.token]  # free before the message: the daemon may dispatch as soon as it reads it
+            self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))
+
+        if slot.pipeline is None:
+            done(dispatch.ticket, runner.run(dispatch.ticket, progress))
         else:
-            slot.tickets.put(dispatch)
-
-    def _serve(self, slot: _Slot) -> None:
-        while (dispatch := slot.tickets.get()) is not None:
-            self._run(slot, dispatch)
-
-    def _run(self, slot: _Slot, dispatch: Dispatch) -> None:
-        ticket = dispatch.ticket
-        channel = ProgressChannel(ticket.job_id, dispatch.token, self._events.put)
-        progress = Progress(channel, self._cancels[dispatch.token], clock=self._clock)
-        config = self._config
-        outcome = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size).run(ticket, progress)
-        self._cancels.pop(dispatch.token, None)
-        slot.current = None  # free before the message: the daemon may dispatch as soon as it reads it
-        self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))
+            slot.pipeline.submit(runner, dispatch.ticket, progress, done)
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         events: list[Event] = []
@@ -106,7 +105,9 @@ class LocalExecutor:
                 "name": slot.name, "host": host, "device": describe(slot.pool.device),
                 "memory_mb": _device_memory_mb(slot.pool.device, rss_mb),
                 "loaded_models": slot.pool.loaded(),
-                "job": slot.current.ticket.job_id if slot.current is not None else None,
+                "job": next((d.ticket.job_id for d in list(slot.in_flight.values())), None),  # the oldest: on the device or done with it
+                "jobs": [d.ticket.job_id for d in list(slot.in_flight.values())],
+                "device_busy_seconds": round(slot.pipeline.device_seconds, 1) if slot.pipeline else None,
             }
             for slot in self._slots
         ]
@@ -123,7 +124,8 @@ class LocalExecutor:
 
     def close(self) -> None:
         for slot in self._slots:
-            slot.tickets.put(None)
+            if slot.pipeline is not None:
+                slot.pipeline.stop()
 
 
 def _device_memory_mb(device: torch.device, process_rss_mb: int) -> int:
