@@ -261,8 +261,9 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=50)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--only", default="1234", help="sections to run, e.g. 13")
+    parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all cores, at most 16)")
     args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), 16))
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), 16))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         speed = Speed(args.model, args.device, Path(tmp), images=max(args.burst, 1))
