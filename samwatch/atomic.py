@@ -97,10 +97,21 @@ def atomic_write_bytes(
         fsync_dir(path.parent)
 
 
+def encode_json(payload: Any) -> bytes:
+    # orjson: a result of 10⁶ vertices encodes ~10x faster than with json (bench/bench_speed.py);
+    # numpy rings (geometry.py ``arrays``) are written without a Python object per vertex.
+    return orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encoded_now(payload: Any) -> orjson.Fragment:
+    """``payload`` encoded on this thread, written later as is by ``atomic_write_json`` (also
+    inside a larger document): a job's result is encoded on its worker thread, so the
+    daemon's loop only writes the bytes."""
+    return orjson.Fragment(encode_json(payload))
+
+
 def atomic_write_json(path: Path, payload: Any, *, durable: bool = True, sync_folder: bool = True) -> None:
-    # orjson: a result of 10⁶ vertices encodes ~10x faster than with json (bench/bench_speed.py).
-    data = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
-    atomic_write_bytes(path, data, durable=durable, sync_folder=sync_folder)
+    atomic_write_bytes(path, encode_json(payload), durable=durable, sync_folder=sync_folder)
 
 
 def sweep_temporaries(root: Path) -> int:

@@ -78,8 +78,9 @@ class Outcome:
     seconds: float = 0.0
     summary: str = ""
     #: the GeoJSON FeatureCollection of a done job: the daemon writes it, after checking
-    #: that this run is still the one the ledger expects (a late duplicate is dropped)
-    result: dict[str, Any] | None = None
+    #: that this run is still the one the ledger expects (a late duplicate is dropped); the
+    #: local executor hands it over encoded (an ``orjson.Fragment``, atomic.py ``encoded_now``)
+    result: Any = None
     #: files written with the result (outbox suffix -> bytes): preview, label image, table
     extras: dict[str, bytes] = field(default_factory=dict)
 

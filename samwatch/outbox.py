@@ -88,8 +88,10 @@ class JobOutputs:
     def running(self, stage: str, percent: float, message: str = "") -> None:
         self._write_progress(ProgressState.RUNNING, stage, percent, message)
 
-    def done(self, collection: dict[str, Any] | None, message: str, extras: Mapping[str, bytes] | None = None) -> None:
-        """``collection`` None: the result is already there (another daemon wrote it).
+    def done(self, collection: dict[str, Any] | orjson.Fragment | None, message: str,
+             extras: Mapping[str, bytes] | None = None) -> None:
+        """``collection`` None: the result is already there (another daemon wrote it); a
+        ``Fragment``: encoded already (atomic.py ``encoded_now``).
 
         ``extras`` (suffix -> bytes, see ``EXTRA_SUFFIXES``) are written aside first and renamed
         into place just before the GeoJSON, so whoever sees a result finds its extras; an extra
@@ -196,7 +198,8 @@ class Outbox:
         self._write(job_id, "running", stage=stage, percent=percent, message=message)
 
     def done(
-        self, job_id: str, collection: dict[str, Any] | None, message: str, extras: Mapping[str, bytes] | None = None,
+        self, job_id: str, collection: dict[str, Any] | orjson.Fragment | None, message: str,
+        extras: Mapping[str, bytes] | None = None,
     ) -> None:
         self._write(job_id, "done", collection=collection, message=message, extras=extras)
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from samwatch.claims import ClaimStore
@@ -111,13 +112,18 @@ def test_removing_the_outbox_while_idle_does_not_wedge(tmp_path: Path) -> None:
     assert daemon.alive() and daemon.stop() == 0
 
 
-def test_kept_writes_supersede_and_survive_a_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoded", [False, True], ids=["dict", "encoded"])
+def test_kept_writes_supersede_and_survive_a_restart(tmp_path: Path, encoded: bool) -> None:
+    from samwatch.atomic import encoded_now
+
     now = [0.0]
+    result = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {
+        "type": "Polygon", "coordinates": [np.array([[0, 0], [1, 0], [1, 1], [0, 0]])]}, "properties": {}}]}
     root, spool = tmp_path / "outbox", tmp_path / "spool"
     root.write_text("not a folder")  # every write below it fails (mkdir: EEXIST), as on a broken share
     outbox = Outbox(root, spool=spool, clock=lambda: now[0])
     outbox.running("a", "decoding prompts", 50)
-    outbox.done("a", {"type": "FeatureCollection", "features": []}, "0 features")
+    outbox.done("a", encoded_now(result) if encoded else result, "1 features")
     assert outbox.pending_writes == 1 and outbox.problem["error"] == "EEXIST"
     again = Outbox(root, spool=spool, clock=lambda: now[0])  # a restart: the final write was spooled
     assert again.pending_writes == 1
@@ -125,7 +131,8 @@ def test_kept_writes_supersede_and_survive_a_restart(tmp_path: Path) -> None:
     now[0] += 1.0
     again.retry()
     assert again.pending_writes == 0 and again.problem is None
-    assert read_json(root / "a.progress.json")["state"] == "done" and (root / "a.geojson").exists()
+    assert read_json(root / "a.progress.json")["state"] == "done"
+    assert read_json(root / "a.geojson")["features"][0]["geometry"]["coordinates"] == [[[0, 0], [1, 0], [1, 1], [0, 0]]]
     assert list(spool.glob("*.json")) == []
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import torch
 
+from samwatch.atomic import encoded_now
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
 from samwatch.config import Config
 from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress
@@ -74,6 +75,8 @@ class LocalExecutor:
         runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size)
 
         def done(ticket: JobTicket, outcome: Outcome) -> None:
+            if outcome.result is not None:  # a large result would hold up the daemon's loop
+                outcome.result = encoded_now(outcome.result)
             self._cancels.pop(dispatch.token, None)
             del slot.in_flight[dispatch.token]  # free before the message: the daemon may dispatch as soon as it reads it
             self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))
