@@ -39,11 +39,14 @@ from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob
 
+#: The stage of a job read ahead while the one before it holds the device (pipeline.py).
+WAITING_FOR_DEVICE = "waiting for the device"
+
 #: stage -> the span of the overall percent it covers
 STAGE_SPANS: dict[str, tuple[float, float]] = {
     "reading": (0, 5),
     "waiting for weights": (5, 10),
-    "waiting for the device": (5, 10),
+    WAITING_FOR_DEVICE: (5, 10),
     "loading model": (10, 20),
     "encoding image": (20, 40),
     "decoding prompts": (40, 95),
@@ -53,9 +56,6 @@ STAGE_SPANS: dict[str, tuple[float, float]] = {
     "tiles": (20, 95),
     "writing": (95, 100),
 }
-
-#: The stage of a job read ahead while the one before it holds the device (pipeline.py).
-WAITING_FOR_DEVICE = "waiting for the device"
 
 
 @dataclass(frozen=True)
