@@ -1,24 +1,30 @@
-"""Peak memory of one job against the number of its prompts, on a large image.
+"""Peak and after-job memory of samwatch jobs, each in a fresh process, against upstream's.
 
-    python bench/bench_memory.py [--side 8192] [--boxes 1000] [--baseline 10] [--model vit_t]
+    python bench/bench_memory.py [--only boxes,automask,tiled,upstream,microsam] [--points 32]
+                                 [--tile-points 16] [--boxes 1000] [--box-side 8192] [--eager]
 
-Runs the real job pipeline (JobRunner: image -> model -> features -> GeoJSON) in this process
-with random weights (no downloads here). The model is loaded and the image encoded by a warm-up
-job first, so what is measured is what a job adds above the loaded model: peak RSS (VmHWM,
-reset between jobs) of a ``--baseline``-box job and of a ``--boxes``-box job on the same
-``--side``² image. Goal: the big job under 2 GiB above the loaded model, and a ratio near 1
-(memory does not grow with prompts; before masks were traced as they came it grew by
-~128 MiB per prompt at 8192²).
+Every scenario runs in its own subprocess with random vit_t weights (no downloads here): a
+warm-up job loads the model (ONNX Runtime encoder and decoder unless ``--eager``) and makes the
+exports, then the RSS settles: that is *idle*, the level with the model loaded. The measured job
+follows; its *peak* is the kernel's high-water mark over it (VmHWM, reset at the start), *after*
+the RSS once the job has ended and memory.give_back has run, as the daemon does after each job.
+Bars (issue 24): automask 1024², 32² points in batches of 64: peak over idle <= 1024 MiB, and the
+same for a 4096² tiled automask; after <= 256 MiB over idle.
 
-Random weights give masks that cover the whole image with blobs, whose polygons (millions of
-vertices each) would measure the size of the output, not what the pipeline holds. So the
-decoder's full-resolution masks, computed for real, are cut to their prompt's box before they
-are handed on, as a trained model's masks lie around their box.
+Scenarios: ``boxes`` (``--boxes`` boxes on a ``--box-side``² image; masks cut to their boxes, as
+a trained model's lie around them, so what is measured is what the pipeline holds, not the size
+of random blobs' polygons), ``automask`` (1024², ``--points``² points, batches of 64),
+``tiled`` (4096² tiled automask, ``--tile-points``² points per 1024 window, filters off as in
+bench_tiling.py), ``upstream`` (mobile_sam's own SamAutomaticMaskGenerator on the 1024² job,
+as samwatch ran it before: whole batches upsampled to the image's size) and ``microsam`` (micro-sam's
+TiledAutomaticMaskGenerator on the 4096² job, if micro-sam is importable).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,34 +32,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samwatch.config import Config  # noqa: E402
-from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
-from samwatch.media import content_hash  # noqa: E402
-from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
-from samwatch.models.pool import ModelPool  # noqa: E402
-from samwatch.weights.registry import WeightsRegistry  # noqa: E402
-from samwatch.models import sam1  # noqa: E402
-from samwatch.models.sam1 import build_predictor  # noqa: E402
-from samwatch.outbox import JobOutputs  # noqa: E402
-
 MiB = 2**20
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+SCENARIOS = ("boxes", "automask", "tiled", "upstream", "microsam")
 
 
 def test_image(side: int) -> np.ndarray:
@@ -73,6 +56,8 @@ def boxes(count: int, side: int, seed: int = 0) -> list[list[float]]:
 
 
 def limit_masks_to_their_boxes() -> None:
+    from samwatch.models import sam1
+
     decode = sam1.Adapter._decode_batch
 
     def decode_within_boxes(self, batch, multimask, prompt_masks):  # noqa: ANN001, ANN202
@@ -88,71 +73,201 @@ def limit_masks_to_their_boxes() -> None:
     sam1.Adapter._decode_batch = decode_within_boxes
 
 
-class Bench:
-    def __init__(self, model: str, device: str, side: int, root: Path) -> None:
-        torch.manual_seed(0)
-        checkpoint = root / f"{model}.pt"
-        torch.save(build_predictor(model, None).model.state_dict(), checkpoint)
-        self.side = side
-        self.config = Config(
-            inbox=root / "inbox", outbox=root / "outbox", state_dir=root / "state", device=device,
-            weights=[{"name": "default", "type": model, "path": str(checkpoint)}],
-        )
-        self.config.inbox.mkdir(parents=True)
-        self.device = pick_device(device)
-        self.runner = JobRunner(
-            self.config, WeightsRegistry(self.config.weights, self.config.state_dir),
-            ModelPool(self.device, self.config.models), default_prompt_batch_size(self.device),
-        )
-        self.image = self.config.inbox / "big.png"
-        Image.fromarray(test_image(side)).save(self.image, compress_level=1)
-        self.image_sha = content_hash(self.image)
-        self.model = model
+def settled_rss() -> int:
+    from samwatch.memory import give_back, rss_bytes
 
-    def job(self, name: str, count: int) -> tuple[float, int, int]:
-        """(seconds, features, peak RSS above the RSS at its start)."""
-        sidecar = self.config.inbox / f"{name}.yaml"
-        sidecar.write_text(yaml.safe_dump({
-            "model": self.model, "image": self.image.name,
-            "prompts": [{"bbox": box} for box in boxes(count, self.side)],
-        }))
-        outputs = JobOutputs(self.config.outbox, name)
-        reset_peak()
-        before = _status_kib("VmRSS")
-        started = time.perf_counter()
-        outcome = self.runner.run(
-            JobTicket(name, sidecar.name, self.image.name, self.image_sha, name),
-            Progress(outputs, threading.Event()),
-        )
-        seconds = time.perf_counter() - started
+    give_back()
+    last = rss_bytes()
+    for _ in range(20):
+        time.sleep(0.25)
+        now = rss_bytes()
+        if abs(now - last) < 4 * MiB:
+            return now
+        last = now
+    return last
+
+
+# ---- in the child -------------------------------------------------------------------------
+
+
+def samwatch_job(root: Path, args: argparse.Namespace, scenario: str) -> dict:
+    import threading as _threading
+
+    import torch
+    import yaml
+    from PIL import Image
+
+    from samwatch.config import Config
+    from samwatch.jobs import JobRunner, JobTicket, Progress
+    from samwatch.media import content_hash
+    from samwatch.memory import PeakMeter, give_back
+    from samwatch.models.device import pick_device
+    from samwatch.models.pool import ModelPool
+    from samwatch.models.sam1 import build_predictor
+    from samwatch.outbox import JobOutputs
+    from samwatch.weights.registry import WeightsRegistry
+
+    torch.manual_seed(0)
+    checkpoint = root / "vit_t.pt"
+    torch.save(build_predictor("vit_t", None).model.state_dict(), checkpoint)
+    config = Config(inbox=root / "inbox", outbox=root / "outbox", state_dir=args.state or root / "state", device="cpu",
+                    weights=[{"name": "default", "type": "vit_t", "path": str(checkpoint)}],
+                    models={"accelerate": {"cpu": [] if args.eager else ["onnxruntime"]}})
+    config.inbox.mkdir(parents=True)
+    pool = ModelPool(pick_device("cpu"), config.models, cache_dir=config.state_dir / "encoders")
+    runner = JobRunner(config, WeightsRegistry(config.weights, config.state_dir), pool, 1)
+
+    def job(name: str, image: str, body: dict) -> int:
+        (config.inbox / f"{name}.yaml").write_text(yaml.safe_dump({"model": "vit_t", "image": image, **body}))
+        outcome = runner.run(JobTicket(name, f"{name}.yaml", image, content_hash(config.inbox / image), name),
+                             Progress(JobOutputs(config.outbox, name), _threading.Event()))
         if outcome.state != "done":
             raise SystemExit(f"job {name} {outcome.state}: {outcome.error and outcome.error.message}")
-        return seconds, outcome.features, _status_kib("VmHWM") - before
+        return outcome.features
+
+    Image.fromarray(test_image(256)).save(config.inbox / "warm.png")
+    job("warm", "warm.png", {"prompts": [{"bbox": [10, 10, 100, 100]}]})
+    if scenario == "boxes":
+        limit_masks_to_their_boxes()
+        side, body = args.box_side, {"prompts": [{"bbox": box} for box in boxes(args.boxes, args.box_side)]}
+    elif scenario == "automask":
+        side, body = 1024, {"automask": {"points_per_side": args.points, "points_per_batch": 64}}
+    else:
+        side, body = 4096, {"automask": {"points_per_side": args.tile_points, "points_per_batch": 64,
+                                         "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
+    Image.fromarray(test_image(side)).save(config.inbox / "big.png", compress_level=1)
+    idle = settled_rss()
+    meter = PeakMeter()
+    meter.start()
+    started = time.perf_counter()
+    features = job("big", "big.png", body)
+    seconds = time.perf_counter() - started
+    peak = meter.peak()
+    give_back()
+    return {"idle": idle, "peak": peak, "after": settled_rss(), "seconds": seconds, "objects": features}
+
+
+def upstream_job(root: Path, args: argparse.Namespace) -> dict:
+    import torch
+    from mobile_sam import SamAutomaticMaskGenerator, SamPredictor, build_sam_vit_t
+
+    from samwatch.memory import PeakMeter
+
+    torch.manual_seed(0)
+    predictor = SamPredictor(build_sam_vit_t().eval())
+    rgb = np.repeat(test_image(1024)[..., None], 3, axis=2)
+    predictor.set_image(rgb[:256, :256])
+    idle = settled_rss()
+    meter = PeakMeter()
+    meter.start()
+    started = time.perf_counter()
+    generator = SamAutomaticMaskGenerator(predictor.model, points_per_side=args.points, points_per_batch=64)
+    count = len(generator.generate(rgb))
+    seconds = time.perf_counter() - started
+    peak = meter.peak()
+    del generator
+    return {"idle": idle, "peak": peak, "after": settled_rss(), "seconds": seconds, "objects": count}
+
+
+def microsam_job(root: Path, args: argparse.Namespace) -> dict | None:
+    try:
+        from micro_sam import util
+        from micro_sam.instance_segmentation import TiledAutomaticMaskGenerator
+    except ImportError as exc:
+        return {"skipped": f"micro-sam not importable ({exc})"}
+    import torch
+    from mobile_sam import build_sam_vit_t
+
+    from samwatch.memory import PeakMeter
+
+    torch.manual_seed(0)
+    checkpoint = root / "vit_t.pt"
+    torch.save(build_sam_vit_t().state_dict(), checkpoint)
+    predictor = util.get_sam_model(model_type="vit_t", checkpoint_path=str(checkpoint), device="cpu")
+    image = np.repeat(test_image(4096)[..., None], 3, axis=2)
+    idle = settled_rss()
+    meter = PeakMeter()
+    meter.start()
+    started = time.perf_counter()
+    halo, tile_shape = (64, 64), (1024 - 128, 1024 - 128)
+    embeddings = util.precompute_image_embeddings(predictor, image, save_path=str(root / "emb.zarr"),
+                                                  tile_shape=tile_shape, halo=halo, verbose=False)
+    generator = TiledAutomaticMaskGenerator(predictor, points_per_side=args.tile_points)
+    generator.initialize(image, image_embeddings=embeddings, tile_shape=tile_shape, halo=halo)
+    count = len(generator.generate(pred_iou_thresh=0.0, stability_score_thresh=0.0))
+    seconds = time.perf_counter() - started
+    peak = meter.peak()
+    del generator, embeddings
+    return {"idle": idle, "peak": peak, "after": settled_rss(), "seconds": seconds, "objects": count}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        root = Path(tmp)
+        if args.child == "upstream":
+            result = upstream_job(root, args)
+        elif args.child == "microsam":
+            result = microsam_job(root, args)
+        else:
+            result = samwatch_job(root, args, args.child)
+    print("RESULT " + json.dumps(result))
+
+
+# ---- the parent ---------------------------------------------------------------------------
+
+
+def run_child(scenario: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", scenario, *argv], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"skipped": f"failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--side", type=int, default=8192)
+    parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument("--points", type=int, default=32, help="automask points per side on 1024²")
+    parser.add_argument("--tile-points", type=int, default=16, help="points per side per window on 4096²")
     parser.add_argument("--boxes", type=int, default=1000)
-    parser.add_argument("--baseline", type=int, default=10)
-    parser.add_argument("--model", default="vit_t")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--box-side", type=int, default=8192)
+    parser.add_argument("--eager", action="store_true", help="eager PyTorch instead of ONNX Runtime")
+    parser.add_argument("--state", type=Path, default=None, help="a state_dir to keep ONNX exports between runs")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    limit_masks_to_their_boxes()
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        bench = Bench(args.model, args.device, args.side, Path(tmp))
-        bench.job("warm", 1)  # loads the model, encodes and caches the image's embedding
-        loaded = _status_kib("VmRSS")
-        base_s, base_n, base_peak = bench.job("baseline", args.baseline)
-        big_s, big_n, big_peak = bench.job("big", args.boxes)
-    print(f"image {args.side}x{args.side}, model {args.model} on {args.device}; "
-          f"RSS with the model loaded and the image encoded: {loaded / MiB:.0f} MiB")
-    print(f"{args.baseline:5d} boxes: {base_s:7.1f} s, {base_n} features, peak +{base_peak / MiB:.0f} MiB")
-    print(f"{args.boxes:5d} boxes: {big_s:7.1f} s, {big_n} features, peak +{big_peak / MiB:.0f} MiB "
-          f"(goal < 2048 MiB)")
-    print(f"ratio peak({args.boxes}) / peak({args.baseline}): {big_peak / max(base_peak, 1):.2f} "
-          f"(prompts x{args.boxes / args.baseline:.0f})")
+    if args.child:
+        child(args)
+        return
+    argv = [f"--points={args.points}", f"--tile-points={args.tile_points}", f"--boxes={args.boxes}",
+            f"--box-side={args.box_side}", *(["--eager"] if args.eager else []),
+            *([f"--state={args.state}"] if args.state else [])]
+    labels = {
+        "boxes": f"{args.boxes} boxes on {args.box_side}²",
+        "automask": f"automask 1024², {args.points}² points, batches of 64",
+        "tiled": f"tiled automask 4096², {args.tile_points}² points per window, filters off",
+        "upstream": f"upstream SamAutomaticMaskGenerator 1024², {args.points}² points",
+        "microsam": f"micro-sam tiled automask 4096², {args.tile_points}² points per tile, filters off",
+    }
+    results = {}
+    for scenario in args.only.split(","):
+        result = results[scenario] = run_child(scenario, argv)
+        if "skipped" in result:
+            print(f"{labels[scenario]:62s} skipped: {result['skipped']}")
+            continue
+        print(f"{labels[scenario]:62s} idle {result['idle'] / MiB:6.0f} MiB  peak +{(result['peak'] - result['idle']) / MiB:5.0f} MiB"
+              f"  after +{(result['after'] - result['idle']) / MiB:5.0f} MiB  {result['seconds']:6.1f} s  "
+              f"{result['objects']} objects")
+    ours, theirs = results.get("automask"), results.get("upstream")
+    if ours and theirs and "skipped" not in ours and "skipped" not in theirs:
+        print(f"automask peak over idle, samwatch / upstream: "
+              f"{(ours['peak'] - ours['idle']) / max(1, theirs['peak'] - theirs['idle']):.2f}")
+    ours, theirs = results.get("tiled"), results.get("microsam")
+    if ours and theirs and "skipped" not in ours and "skipped" not in theirs:
+        print(f"tiled automask peak over idle, samwatch / micro-sam: "
+              f"{(ours['peak'] - ours['idle']) / max(1, theirs['peak'] - theirs['idle']):.2f}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ class LimitSettings(StrictModel):
     max_video_bytes: int = Field(
         4 * 1024**3, gt=0, description="RGB bytes of a whole sequence a video job may hold."
     )
+    max_job_memory: int | None = Field(
+        1024**3, gt=0,
+        description="Bytes a job plans to hold beyond the loaded model (prompt and point batches, "
+        "their masks): batches shrink to fit; a job that cannot fit one prompt at a time is refused "
+        "(job_memory_exceeded). null: no limit.",
+    )
 
 
 class InputSettings(StrictModel):

@@ -42,6 +42,7 @@ ERROR_CODES: dict[str, str] = {
     "region_out_of_bounds": "the sidecar's region does not lie on the image",
     "video_too_large": "the sequence does not fit the configured memory limit",
     "out_of_memory": "the device ran out of memory for this job",
+    "job_memory_exceeded": "the job would hold more than limits.max_job_memory even one prompt or point at a time",
     "cancelled": "the job was cancelled (its sidecar was deleted, or the daemon stopped)",
     "internal_error": "a bug in samwatch or a model library; the log has the traceback",
 }

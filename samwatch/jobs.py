@@ -273,7 +273,8 @@ class JobRunner:
                 raise JobError("sidecar_invalid", "region and tiling are for images, not for tracking through frames.",
                                file=ticket.sidecar, field="region" if sidecar.region is not None else "tiling")
             ctx = RunContext(sidecar=sidecar, image=None, image_key=base_key, frames=media, progress=progress,
-                             prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch)
+                             prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch,
+                             memory_budget=self.config.limits.max_job_memory)
             yield from adapter.run(ctx)
             return
         if is_tiled(sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels):
@@ -288,7 +289,7 @@ class JobRunner:
                 sidecar=sidecar, image=job.pixels if job.pixels is not None else media.frame(frame_index),
                 image_key=f"{base_key}:{frame_index}",
                 prompt_masks=masks, progress=frame_progress, prompt_batch_size=self.prompt_batch_size,
-                scratch_dir=scratch,
+                scratch_dir=scratch, memory_budget=self.config.limits.max_job_memory,
             )
             for detection in adapter.run(ctx):
                 if media.n_frames > 1:
@@ -311,7 +312,8 @@ class JobRunner:
                 plan = plan_for(sidecar, source)
                 report = report or TilingReport(plan)
                 job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
-                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store)
+                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store,
+                              memory_budget=self.config.limits.max_job_memory)
                 frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
                 for detection in segment(adapter, source, job, plan, frame_progress, report,
                                          max_object_pixels=self.config.limits.max_image_pixels):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from samwatch.jobs import WAITING_FOR_DEVICE, JobRunner, JobTicket, Outcome, Prepared, Progress, outcome_of_error
+from samwatch.memory import PeakMeter, give_back
 from samwatch.models.base import Detection
 
 Done = Callable[[JobTicket, Outcome], None]
@@ -55,6 +56,9 @@ class JobPipeline:
         self._for_device = 0  # jobs read and not yet through the device stage
         #: time the device stage has spent on jobs: over wall time, how busy the device was kept
         self.device_seconds = 0.0
+        #: the process's peak RSS while the last job was on the device (memory.PeakMeter)
+        self.last_job_peak: int | None = None
+        self._meter = PeakMeter()
         self._to_read: queue.Queue[_Job | None] = queue.Queue()
         self._to_device: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._to_write: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
@@ -104,6 +108,7 @@ class JobPipeline:
     def _device(self) -> None:
         while (job := self._to_device.get()) is not None:
             started = time.perf_counter()
+            self._meter.start()
             job.detections = queue.Queue(maxsize=HANDOFF)
             self._to_write.put(job)  # the writer traces while this stage decodes
             try:
@@ -117,6 +122,7 @@ class JobPipeline:
                 with self._lock:
                     self._for_device -= 1
                 self.device_seconds += time.perf_counter() - started
+                self.last_job_peak = self._meter.peak()
         self._to_write.put(None)
 
     def _write(self) -> None:
@@ -128,6 +134,9 @@ class JobPipeline:
                 stream.drain()  # let the device stage finish this job and go on
                 outcome = outcome_of_error(job.ticket, exc)
             self._end(job, outcome)
+            job.prepared = job.detections = None  # the other stages' threads still name this job
+            del outcome, stream
+            give_back()  # what the job used goes back to the system, not into an idle daemon's RSS
 
 
 class _Stream:

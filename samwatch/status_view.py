@@ -12,6 +12,11 @@ from typing import Any, TextIO
 from samwatch.outputs.dashboard import is_stale, running_jobs
 
 
+def _last_peak(worker: dict[str, Any]) -> str:
+    peak = worker.get("last_job_peak_mb")
+    return f" (last job's peak {peak} MB)" if peak is not None else ""
+
+
 def _models(status: dict[str, Any]) -> str:
     return ", ".join(f"{m.get('type')}/{m.get('weights')}" for m in status.get("loaded_models", [])) or "none"
 
@@ -28,7 +33,8 @@ def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[d
     lines.append(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
     for worker in status.get("workers", []):
         lines.append(f"  worker {worker.get('name')} on {worker.get('host')} {worker.get('device')}, "
-                     f"{worker.get('memory_mb')} MB, {_models(worker) if worker.get('loaded_models') else 'no models'}")
+                     f"{worker.get('memory_mb')} MB{_last_peak(worker)}, "
+                     f"{_models(worker) if worker.get('loaded_models') else 'no models'}")
     for job in running_jobs(status):
         lines.append(f"running: {job['job']} {job['stage']} {job['percent']}% ({job['seconds']} s)")
     lines.append(f"loaded models: {_models(status)}")
@@ -87,7 +93,7 @@ def render_tables(status: dict[str, Any], age: float, stale: bool, others: list[
             table.add_column(column)
         for worker in workers:
             table.add_row(*_cells(worker.get("name"), worker.get("host"), worker.get("device"),
-                                  f"{worker.get('memory_mb')} MB", _models(worker)))
+                                  f"{worker.get('memory_mb')} MB{_last_peak(worker)}", _models(worker)))
         out.append(table)
     out.append(Text(f"loaded models: {_models(status)}"))
     jobs = [(status["instance"], job) for job in running_jobs(status)]

@@ -58,7 +58,7 @@ class Family:
 
     def generate(self, ctx: RunContext, embedding: dict[str, Any] | None = None) -> list[Detection]:
         generate = automask.generate_sam1 if self.model_type == "vit_t" else automask.generate_sam2
-        return generate(self.engine(), ctx, embedding=embedding)
+        return list(generate(self.engine(), ctx, embedding=embedding))
 
 
 @pytest.fixture(scope="module", params=["vit_t", "sam2_t"])
@@ -221,8 +221,8 @@ def test_include_image_edge_keeps_whole_image_masks(
         vit_t_family.ctx(points_per_side=2, output_type="Multi-mask (all)", **{**KEEP_ALL, "include_image_edge": False}),
         vit_t_family.embedding(),
     )
-    assert any(spans_image(d.mask) for d in included), "random weights should give some whole-image blobs"
-    assert [d.mask.tobytes() for d in excluded] == [d.mask.tobytes() for d in included if not spans_image(d.mask)]
+    assert any(spans_image(frame(d)) for d in included), "random weights should give some whole-image blobs"
+    assert [frame(d).tobytes() for d in excluded] == [frame(d).tobytes() for d in included if not spans_image(frame(d))]
 
 
 # ------------------------------------------------------------------------- crops, encoding
@@ -248,9 +248,10 @@ def test_crop_layers(vit_t_family: Family, monkeypatch: pytest.MonkeyPatch) -> N
     for detection in in_crops:
         x0, y0, x1, y1 = detection.extra["crop_box"]
         assert detection.extra["point_coords"] == [(x0 + x1) / 2, (y0 + y1) / 2]  # the crop's 1×1 grid
-        outside = detection.mask.copy()
+        outside = frame(detection)
+        assert outside[y0:y1, x0:x1].any()
         outside[y0:y1, x0:x1] = False
-        assert detection.mask[y0:y1, x0:x1].any() and not outside.any()
+        assert not outside.any()
 
 
 def test_generate_without_embedding_encodes_the_image_once(
@@ -267,7 +268,7 @@ def test_adapters_run_automask(family: Family, monkeypatch: pytest.MonkeyPatch) 
     """Through Adapter.run: both families hand their cached embedding over, nothing is re-encoded."""
     encoded = fake_encodings(monkeypatch, family)
     progress: list[float] = []
-    found = family.adapter.run(family.ctx(progress, points_per_side=1, **NO_FILTERS))
+    found = list(family.adapter.run(family.ctx(progress, points_per_side=1, **NO_FILTERS)))
     assert encoded == []
     assert progress[-1] == 1.0 and len(found) == 1
     assert_detections(found)
@@ -287,9 +288,23 @@ def test_sam2_small_region_postprocessing(sam2_t_family: Family) -> None:
 # ------------------------------------------------------------------------- helpers
 
 
+def frame(detection: Detection) -> np.ndarray:
+    """The detection's mask (cropped to its box, placed by ``origin``) on the whole image."""
+    full = np.zeros(IMAGE.shape[:2], bool)
+    x, y = (int(v) for v in detection.origin)
+    height, width = detection.mask.shape
+    full[y:y + height, x:x + width] = detection.mask
+    return full
+
+
 def assert_detections(detections: list[Detection]) -> None:
     for detection in detections:
-        assert detection.mask.dtype == bool and detection.mask.shape == IMAGE.shape[:2]
+        x, y = detection.origin
+        height, width = detection.mask.shape
+        assert detection.mask.dtype == bool and detection.scale == 1.0
+        assert 0 <= x and x + width <= IMAGE.shape[1] and 0 <= y and y + height <= IMAGE.shape[0]
+        mask = detection.mask
+        assert not mask.any() or (mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any())
         assert isinstance(detection.score, float)
         assert isinstance(detection.extra["stability_score"], float)
         assert 0.0 <= detection.extra["stability_score"] <= 1.0

@@ -1,12 +1,25 @@
-"""What bounds a job's memory and time: masks cropped to their objects, batches sized to the
-image, big YAML parsed in a child process."""
+"""What bounds a job's memory and time: masks cropped to their objects, batches sized to
+limits.max_job_memory, big YAML parsed in a child process, and a daemon that gives back what a
+job used."""
 
 from __future__ import annotations
 
-import numpy as np
+import threading
+import time
+from pathlib import Path
 
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from samwatch.errors import JobError
 from samwatch.geometry import mask_to_geometry
-from samwatch.models.base import MASK_PIXEL_BUDGET, Detection, batch_size_for
+from samwatch.models import automask, sam1
+from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.budget import DECODER_BYTES_PER_PROMPT, MiB, automask_batch, prompt_batch
+from samwatch.sidecar import validate_sidecar
+from support import DaemonProcess, finished, read_json, save_image, wait_for, write_config, write_sidecar
 
 
 def test_a_cropped_mask_traces_to_the_same_polygon() -> None:
@@ -28,11 +41,39 @@ def test_an_empty_mask_crops_to_one_empty_pixel() -> None:
     assert mask_to_geometry(cropped.mask) is None
 
 
-def test_batches_shrink_on_huge_images() -> None:
-    assert batch_size_for(32, (1024, 1024), 3) == 32
-    assert batch_size_for(32, (8192, 8192), 1) == MASK_PIXEL_BUDGET // 8192**2
-    assert batch_size_for(32, (30000, 30000), 3) == 1
-    assert batch_size_for(1, (100, 100), 1) == 1
+def test_prompt_batches_shrink_to_the_job_memory() -> None:
+    budget = 1024 * MiB
+    assert prompt_batch(32, (1024, 1024), 3, budget) == budget // (DECODER_BYTES_PER_PROMPT + 36 * MiB) == 17
+    assert prompt_batch(4, (256, 256), 3, budget) == 4
+    assert prompt_batch(32, (4096, 4096), 1, budget) == 4  # 24 + 192 MiB a prompt
+    assert prompt_batch(32, (30000, 30000), 3, None) == 32  # no limit set
+
+
+def test_a_prompt_job_that_cannot_fit_one_prompt_is_refused_with_its_code() -> None:
+    with pytest.raises(JobError) as caught:
+        prompt_batch(1, (12000, 12000), 3, 1024 * MiB)
+    assert caught.value.code == "job_memory_exceeded" and caught.value.field == "limits.max_job_memory"
+    assert "limits.max_job_memory" in caught.value.message and caught.value.details["planned_bytes"] > 1024 * MiB
+
+
+def test_automask_point_batches_shrink_and_refuse_the_same_way() -> None:
+    assert automask_batch(64, 1024 * 1024, 3, 1024 * MiB) == 40  # 1008 MiB left at 24.75 MiB a point
+    assert automask_batch(64, 1024 * 1024, 3, None) == 64
+    with pytest.raises(JobError) as caught:
+        automask_batch(1, 1024 * 1024, 3, 32 * MiB)
+    assert caught.value.code == "job_memory_exceeded"
+
+
+def test_an_automask_refused_for_memory_decodes_nothing(vit_t_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = sam1.Adapter()
+    adapter.setup(LoadSpec("vit_t", vit_t_checkpoint, "t"), torch.device("cpu"))
+    image = np.zeros((64, 64, 3), np.uint8)
+    sidecar = validate_sidecar({"automask": {"points_per_side": 2}}, name="t")
+    monkeypatch.setattr(adapter.predictor, "set_image", lambda *args: pytest.fail("encoded"))
+    monkeypatch.setattr(automask._Sam1Hooks, "_predict_points", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(JobError) as caught:
+        list(adapter.run(RunContext(sidecar=sidecar, image=image, image_key="k", memory_budget=MiB)))
+    assert caught.value.code == "job_memory_exceeded"
 
 
 def test_a_big_yaml_text_parsed_in_a_child_is_what_yaml_gives() -> None:
@@ -45,3 +86,71 @@ def test_a_big_yaml_text_parsed_in_a_child_is_what_yaml_gives() -> None:
     assert load_yaml(text, yaml.SafeLoader) == yaml.safe_load(text)
     dated = "when: 2024-01-01\n#" + "x" * CHILD_MIN_BYTES  # JSON cannot carry a date: parsed here
     assert load_yaml(dated, yaml.SafeLoader) == yaml.safe_load(dated)
+
+
+def test_a_daemon_holds_what_an_automask_needs_and_gives_it_back(
+    tmp_path: Path, vit_t_checkpoint: Path, encoder_cache: Path
+) -> None:
+    """Through a running daemon (ONNX Runtime encoder and decoder, as by default): a 1024² automask
+    with 32 × 32 points in batches of 64 stays within 1 GiB over the idle level with the model
+    loaded, and the daemon is back within 256 MiB of that level soon after the job."""
+    state = tmp_path / "state"
+    state.mkdir()
+    encoder_cache.mkdir(parents=True, exist_ok=True)
+    (state / "encoders").symlink_to(encoder_cache)  # the session's exports: no second export here
+    config = write_config(tmp_path, [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)}],
+                          models={"accelerate": {"cpu": ["onnxruntime"]}})
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    rng = np.random.default_rng(0)
+    save_image(inbox / "warm.png", rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    write_sidecar(inbox / "warm.yaml", {"image": "warm.png", "prompts": [{"bbox": [10, 10, 120, 90]}]})
+    daemon = DaemonProcess(config)
+    process = psutil.Process(daemon.proc.pid)
+    wait_for(lambda: finished(outbox, "warm"), 600, what="the warm-up job (model loaded, exports made)")
+    idle = settled_rss(process)
+
+    peak = PeakSampler(process)
+    save_image(inbox / "big.png", rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
+    write_sidecar(inbox / "big.yaml", {"image": "big.png", "automask": {"points_per_side": 32, "points_per_batch": 64}})
+    wait_for(lambda: finished(outbox, "big"), 600, what="the automask job")
+    peak.stop()
+    assert (read_json(outbox / "big.progress.json") or {}).get("state") == "done", daemon.log()[-3000:]
+    over = (peak.peak - idle) / MiB
+    assert over <= 1024, f"peak {over:.0f} MiB over the idle level"
+    wait_for(lambda: process.memory_info().rss - idle <= 256 * MiB, 20,
+             what=f"RSS back within 256 MiB of idle ({idle / MiB:.0f} MiB)")
+    workers = wait_for(lambda: (read_json(outbox / "_samwatch" / "status.json") or {}).get("workers"), 10)
+    assert workers[0]["last_job_peak_mb"] >= workers[0]["rss_mb"] * 0.5
+    assert daemon.stop() == 0
+
+
+def settled_rss(process: psutil.Process, tolerance: int = 8 * MiB) -> int:
+    """The RSS once it stops moving (the daemon trims after each job)."""
+    last = process.memory_info().rss
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = process.memory_info().rss
+        if abs(now - last) <= tolerance:
+            return now
+        last = now
+    return last
+
+
+class PeakSampler:
+    """Another process's highest RSS, sampled every 20 ms until ``stop``."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.process = process
+        self.peak = process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

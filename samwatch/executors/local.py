@@ -10,7 +10,6 @@ on the caller's thread.
 
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import threading
@@ -19,13 +18,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import torch
 
 from samwatch.atomic import encoded_now
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
 from samwatch.config import Config
 from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress
+from samwatch.memory import MiB, rss_bytes
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool
 from samwatch.pipeline import JobPipeline
@@ -102,11 +101,13 @@ class LocalExecutor:
 
     def workers(self) -> list[dict[str, Any]]:
         host = socket.gethostname()
-        rss_mb = round(psutil.Process(os.getpid()).memory_info().rss / 2**20)
+        rss_mb = round(rss_bytes() / MiB)
         return [
             {
                 "name": slot.name, "host": host, "device": describe(slot.pool.device),
                 "memory_mb": _device_memory_mb(slot.pool.device, rss_mb),
+                "rss_mb": rss_mb,  # the process's: slots share it
+                "last_job_peak_mb": _mib(slot.pipeline.last_job_peak) if slot.pipeline else None,
                 "loaded_models": slot.pool.loaded(),
                 "job": next((d.ticket.job_id for d in list(slot.in_flight.values())), None),  # the oldest: on the device or done with it
                 "jobs": [d.ticket.job_id for d in list(slot.in_flight.values())],
@@ -129,6 +130,10 @@ class LocalExecutor:
         for slot in self._slots:
             if slot.pipeline is not None:
                 slot.pipeline.stop()
+
+
+def _mib(size: int | None) -> int | None:
+    return None if size is None else round(size / MiB)
 
 
 def _device_memory_mb(device: torch.device, process_rss_mb: int) -> int:

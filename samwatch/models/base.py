@@ -18,7 +18,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 import torch
 
+from samwatch.config import LimitSettings
 from samwatch.errors import JobError
+from samwatch.models.budget import prompt_batch
 from samwatch.models.accel import EAGER, Accelerator, DecoderExport, module_path, weights_identity
 from samwatch.sidecar import Prompt, Sidecar
 
@@ -74,6 +76,8 @@ class RunContext:
     scratch_dir: Path | None = None  # a private temporary folder for this job
     # Embeddings outliving the process (samwatch.tiling.cache): consulted after the memo.
     embedding_store: Any = None
+    # limits.max_job_memory: prompt and point batches shrink to fit it (models/budget.py)
+    memory_budget: int | None = LimitSettings().max_job_memory
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,10 @@ class PromptAdapter:
             return self._track(ctx)
         if mode == "prompts":  # before encoding: a bad prompt should not cost an embedding
             check_prompt_bounds(ctx.sidecar, ctx.image.shape[1], ctx.image.shape[0])
+        if mode == "automask":  # nor a job that cannot fit limits.max_job_memory
+            from samwatch.models.automask import check_budget
+
+            check_budget(ctx)
         self.set_image(ctx)
         if mode == "automask":
             return self._automask(ctx, self._memo.capture(self.predictor))
@@ -289,7 +297,7 @@ class PromptAdapter:
     def _decode_batch(self, batch: PromptBatch, multimask: bool, prompt_masks: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
+    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> Iterable[Detection]:
         raise NotImplementedError
 
 
@@ -337,12 +345,6 @@ def mask_at(prompt_masks: list[np.ndarray | None], index: int) -> np.ndarray | N
     return None if mask is None else mask[None].astype(np.float32)
 
 
-#: Full-resolution mask pixels one prompt batch may decode at once. The decoders upsample
-#: to float32 at the image's size, so on a huge image a GPU-sized batch would need gigabytes
-#: (32 prompts x 3 masks x 8192² x 4 bytes = 24 GiB); batches shrink to fit instead.
-MASK_PIXEL_BUDGET = 1 << 27
-
-
 def prompt_batches(
     prompts: list[Prompt], prompt_masks: list[np.ndarray | None], size: int
 ) -> Iterator[PromptBatch]:
@@ -361,12 +363,6 @@ def prompt_batches(
         yield batch
 
 
-def batch_size_for(requested: int, image_hw: tuple[int, int], masks_per_prompt: int) -> int:
-    """``requested``, or fewer so that one batch's masks fit ``MASK_PIXEL_BUDGET``."""
-    per_prompt = image_hw[0] * image_hw[1] * masks_per_prompt
-    return max(1, min(requested, MASK_PIXEL_BUDGET // max(1, per_prompt)))
-
-
 def decode_prompts(ctx: RunContext, decode_batch: DecodeBatch) -> Iterator[Detection]:
     """Every prompt against the image already set, in runs of equal shape of up to
     ``ctx.prompt_batch_size``, with the sidecar's mask choice applied; family-independent.
@@ -376,7 +372,9 @@ def decode_prompts(ctx: RunContext, decode_batch: DecodeBatch) -> Iterator[Detec
     """
     prompts = ctx.sidecar.prompts
     choice = ctx.sidecar.mask_choice
-    size = batch_size_for(ctx.prompt_batch_size, ctx.image.shape[:2], 1 if choice == "single" else 3)
+    # The decoders upsample to float32 at the image's size: on a huge image a GPU-sized batch
+    # would need gigabytes (32 prompts x 3 masks x 8192² x 4 bytes = 24 GiB); batches shrink instead.
+    size = prompt_batch(ctx.prompt_batch_size, ctx.image.shape[:2], 1 if choice == "single" else 3, ctx.memory_budget)
     done = 0
     for batch in prompt_batches(prompts, ctx.prompt_masks, size):
         yield from _cropped_detections(batch, decode_batch(batch, choice != "single", ctx.prompt_masks), choice)

@@ -39,7 +39,7 @@ def pick_devices(setting: str | list[str]) -> list[torch.device]:
 #: Prompts per decoder batch on GPUs. Measured on an H100 with vit_t: 64 boxes took 477 ms
 #: decoded one by one and 85 ms as one batch (5.6x); the decoder is the same for every SAM1
 #: and SAM2 size, so the figure holds for them. Apple GPUs: unmeasured, kept smaller. Large
-#: images get smaller batches (models/base.py ``batch_size_for``).
+#: images get smaller batches (models/budget.py ``prompt_batch``).
 GPU_PROMPT_BATCH = {"cuda": 64, "mps": 16}
 
 

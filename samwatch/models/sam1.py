@@ -9,6 +9,7 @@ decoded in batches of ``prompt_batch_size``.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,7 @@ class Adapter(PromptAdapter):
         prompt_encoder = self.predictor.model.prompt_encoder
         return "mask_decoder", decoders.sam1, (1, prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
 
-    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
+    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> Iterable[Detection]:
         from samwatch.models.automask import generate_sam1
 
         return generate_sam1(self.predictor, ctx, embedding=embedding)

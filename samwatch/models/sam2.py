@@ -15,6 +15,7 @@ state does not fit that config the other version's is tried, so a renamed file s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -115,7 +116,7 @@ class Adapter(PromptAdapter):
 
         return track(self, ctx)
 
-    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> list[Detection]:
+    def _automask(self, ctx: RunContext, embedding: dict[str, Any]) -> Iterable[Detection]:
         from samwatch.models.automask import generate_sam2
 
         return generate_sam2(self.model, ctx, embedding=embedding)

@@ -148,6 +148,7 @@ def render(instances: list[dict[str, Any]]) -> str:
         f'<p class="muted">{_text(own.get("inbox"))} &rarr; this outbox. Written {_text(own.get("updated"))}; '
         f"reloads every {refresh} s.</p>",
         _daemons(instances),
+        _workers(instances),
         _running(running),
         _results(results),
         _failures(failures),
@@ -180,6 +181,22 @@ def _daemons(instances: list[dict[str, Any]]) -> str:
         )
     return _table("Daemons", ["daemon", "state", "device", "queued", "waiting for weights", "heartbeat", "version",
                               "config error"], rows, "no daemon")
+
+
+def _workers(instances: list[dict[str, Any]]) -> str:
+    """Each slot's memory: resident now, and the peak while its last job was on the device."""
+    rows = []
+    for status in instances:
+        for worker in status.get("workers") or []:
+            if not isinstance(worker, dict):
+                continue
+            peak = worker.get("last_job_peak_mb")
+            rows.append(
+                f"<tr><td>{_text(worker.get('name'))}</td><td>{_text(status.get('instance'))}</td>"
+                f"<td>{_text(worker.get('device'))}</td><td>{_text(worker.get('rss_mb', worker.get('memory_mb')))} MB</td>"
+                f"<td>{_text(peak) + ' MB' if peak is not None else ''}</td><td>{_text(worker.get('job') or '')}</td></tr>"
+            )
+    return _table("Workers", ["worker", "daemon", "device", "memory now", "last job's peak", "job"], rows, "no workers")
 
 
 def _running(jobs: list[dict[str, Any]]) -> str:

@@ -29,6 +29,7 @@ class TileJob:
     prompt_batch_size: int = 1
     scratch_dir: Path | None = None
     embedding_store: Any = None  # a TileEmbeddingStore, or None
+    memory_budget: int | None = None  # limits.max_job_memory
 
 
 def read_tile(source: RegionSource, tile: TileSpec) -> np.ndarray:
@@ -49,7 +50,7 @@ def run_tile(adapter: Any, tile: TileSpec, source: RegionSource, job: TileJob, p
     ctx = RunContext(
         sidecar=sidecar, image=read_tile(source, tile), image_key=f"{job.image_key}:{tile.geometry_key}",
         progress=progress, prompt_batch_size=job.prompt_batch_size, scratch_dir=job.scratch_dir,
-        embedding_store=job.embedding_store,
+        embedding_store=job.embedding_store, memory_budget=job.memory_budget,
     )
     placed = []
     for detection in adapter.run(ctx):
@@ -99,16 +100,17 @@ def _moved_prompt(prompt: Prompt, to_window: Callable) -> Prompt:
 
 
 def place(detection: Detection, tile: TileSpec) -> Detection | None:
-    """``detection`` (a mask of the tile's window) cropped to its box and placed in level-0
-    pixels; its prompt index back in the sidecar's numbering. None for an empty mask."""
+    """``detection`` (a mask in the tile's window, at its ``origin`` there) cropped to its box and
+    placed in level-0 pixels; its prompt index back in the sidecar's numbering. None for an empty mask."""
     rows = np.flatnonzero(detection.mask.any(axis=1))
     if rows.size == 0:
         return None
     cols = np.flatnonzero(detection.mask.any(axis=0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     d = tile.downsample
+    wx, wy = tile.window.x + detection.origin[0], tile.window.y + detection.origin[1]
     detection.mask = np.ascontiguousarray(detection.mask[y0:y1, x0:x1])
-    detection.origin = ((tile.window.x + x0) * d, (tile.window.y + y0) * d)
+    detection.origin = ((wx + x0) * d, (wy + y0) * d)
     detection.scale = d
     if detection.prompt_idx is not None and tile.prompt_indices:
         detection.prompt_idx = tile.prompt_indices[detection.prompt_idx]

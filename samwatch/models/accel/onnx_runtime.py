@@ -112,6 +112,10 @@ class OrtModule:
         # the PyTorch work in between (prompt encoding, mask upscaling) and from the other
         # part's session: vit_t per box predict 32 -> 25 ms on 2 cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The CPU arena keeps the largest call's buffers for the session's life (automask's point
+        # batches: gigabytes, held by an idle daemon); without it each call's memory is freed when
+        # the call returns, and memory.give_back hands it to the system after the job.
+        options.enable_cpu_mem_arena = False
         self.session = onnxruntime.InferenceSession(
             str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"]
         )
