@@ -91,8 +91,6 @@ def settled_rss() -> int:
 
 
 def samwatch_job(root: Path, args: argparse.Namespace, scenario: str) -> dict:
-    import threading as _threading
-
     import torch
     import yaml
     from PIL import Image
@@ -120,7 +118,7 @@ def samwatch_job(root: Path, args: argparse.Namespace, scenario: str) -> dict:
     def job(name: str, image: str, body: dict) -> int:
         (config.inbox / f"{name}.yaml").write_text(yaml.safe_dump({"model": "vit_t", "image": image, **body}))
         outcome = runner.run(JobTicket(name, f"{name}.yaml", image, content_hash(config.inbox / image), name),
-                             Progress(JobOutputs(config.outbox, name), _threading.Event()))
+                             Progress(JobOutputs(config.outbox, name), threading.Event()))
         if outcome.state != "done":
             raise SystemExit(f"job {name} {outcome.state}: {outcome.error and outcome.error.message}")
         return outcome.features

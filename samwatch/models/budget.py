@@ -15,9 +15,10 @@ from samwatch.errors import JobError
 
 MiB = 1 << 20
 #: Mask decoder working memory per prompt at SAM's 64×64 embedding (its 4× upscaling to 256×256
-#: with 32 channels, twice, and the transformer's per-prompt copy of the embedding), measured
-#: for vit_t and sam2_t in eager PyTorch and ONNX Runtime, rounded up.
+#: with 32 channels, and the transformer's per-prompt copy of the embedding), and per call;
+#: measured for vit_t in ONNX Runtime on 1024² (1 prompt: 54 MiB, 16: 396 MiB, 64: 1297 MiB), rounded up.
 DECODER_BYTES_PER_PROMPT = 24 * MiB
+DECODER_BYTES_PER_CALL = 32 * MiB
 #: Low-res logits of one mask (256 × 256 float32).
 LOW_RES_MASK_BYTES = 256 * 256 * 4
 #: Full-size float32 copies of each mask SAM's postprocessing holds at once (the upsampled
@@ -47,7 +48,7 @@ def prompt_batch(requested: int, image_hw: tuple[int, int], masks_per_prompt: in
     pixels = image_hw[0] * image_hw[1]
     return fit_batch(
         requested, per_item=DECODER_BYTES_PER_PROMPT + masks_per_prompt * pixels * 4 * POSTPROCESS_COPIES,
-        fixed=0, budget=budget, what="prompt",
+        fixed=DECODER_BYTES_PER_CALL, budget=budget, what="prompt",
         hint="use a smaller tiling.tile_size (prompts are decoded in windows of that size) or Single Mask",
     )
 
@@ -56,6 +57,6 @@ def automask_batch(requested: int, crop_pixels: int, masks_per_point: int, budge
     """Automask points decoded at once, for crops of up to ``crop_pixels``."""
     return fit_batch(
         requested, per_item=DECODER_BYTES_PER_PROMPT + masks_per_point * LOW_RES_MASK_BYTES,
-        fixed=WINDOW_COPIES * 4 * crop_pixels, budget=budget, what="point",
+        fixed=DECODER_BYTES_PER_CALL + WINDOW_COPIES * 4 * crop_pixels, budget=budget, what="point",
         hint="use a smaller tiling.tile_size (automask runs tile by tile)",
     )
