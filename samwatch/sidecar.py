@@ -247,6 +247,33 @@ class OutputSpec(StrictModel):
     preview_size: int | None = Field(None, ge=64, le=8192, description="none: the config's output.preview_size")
 
 
+QuPathObjectType = Literal["annotation", "detection", "cell", "tile", "tma_core"]
+
+
+class AnnotationsSpec(StrictModel):
+    """A QuPath GeoJSON export whose objects are the prompts (see samwatch.annotations)."""
+
+    file: str = Field(min_length=1, description="the export (.geojson), relative to the sidecar")
+    object_types: list[QuPathObjectType] = Field(
+        default_factory=lambda: ["annotation"],
+        description="which QuPath objects become prompts; detections, cells, tiles and TMA cores are skipped "
+        "unless listed",
+    )
+    points_inside: bool = Field(
+        False, description="point annotations inside an area annotation's bounds become its foreground "
+        "points instead of objects of their own",
+    )
+    strict: bool = Field(
+        False, description="a feature that cannot be a prompt fails the job (default: it is skipped and "
+        "listed in the result's samwatch.annotations.warnings)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"file": data} if isinstance(data, str) else data
+
+
 class Sidecar(StrictModel):
     """A job: which model, which image, which prompts, what to write."""
 
@@ -260,6 +287,10 @@ class Sidecar(StrictModel):
     # The ledger stores it as SQLite's 64-bit integer; far smaller bounds are plenty.
     priority: int | None = Field(None, ge=-(10**9), le=10**9, description="higher runs first")
     prompts: list[Prompt] = Field(default_factory=list)
+    annotations: AnnotationsSpec | None = Field(
+        None, description="a QuPath GeoJSON export (path, or {file, object_types, points_inside, strict}): "
+        "each object a prompt, its class kept",
+    )
     multimask_output: bool = Field(False, description="three masks per prompt (all kept)")
     output_type: OutputType | None = Field(None, description="samapi's mask choice; overrides multimask_output")
     automask: AutomaskParams | None = None
@@ -302,7 +333,7 @@ class Sidecar(StrictModel):
             return "video"
         if self.text is not None or self.positive_bboxes:
             return "text"
-        if self.prompts:
+        if self.prompts or self.annotations is not None:
             return "prompts"
         return "automask"
 
