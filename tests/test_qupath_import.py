@@ -326,3 +326,42 @@ def test_refined_objects_equal_upstreams_box_and_point_prompts(tmp_path, conditi
         assert [found[i][0]["properties"]["classification"]["name"] for i in sorted(found)] == classes
     new = by_source(outcome(config, "new")[0])
     assert [new[i][0]["properties"]["source_id"] for i in sorted(new)] == ["r0", "r1", "p2", "m3", "l5"]
+
+
+# ---- whole slides: level-0 windows around the annotations ---------------------------------------
+
+
+def test_annotations_on_a_100000_px_slide_are_refined_in_level0_windows(tmp_path, fake_model) -> None:
+    from slides import SparseSlide, skimage_content, write_ome_pyramid
+
+    config = config_for(tmp_path, fake_weights(tmp_path))
+    slide = SparseSlide(100_000, 12_000, patches=[(70_016, 9_024, skimage_content(1024, 1024))])
+    write_ome_pyramid(config.inbox / "scan.ome.tif", slide, levels=4)
+    write_collection(config.inbox / "scan.ome.geojson", [
+        feature_04(rectangle(70_100, 9_100, 70_400, 9_400), "Gland", id="small"),
+        # A rough tumour outline 3000 px across: a window of its own, read from a coarser level.
+        feature_04(polygon([[69_000, 8_500], [72_000, 8_000], [71_500, 11_000], [69_200, 10_800]]), "Tumour", id="rough"),
+    ])
+    run_once(config)
+    result, error = outcome(config, "scan.ome")
+    assert error is None, error
+    found = by_source(result)
+    small = np.array([c for ring in found[0][0]["geometry"]["coordinates"] for c in ring])
+    assert small.min(axis=0).tolist() == [70_100, 9_100] and small.max(axis=0).tolist() == [70_400, 9_400]
+    rough = np.array([c for ring in found[1][0]["geometry"]["coordinates"] for c in ring])
+    assert np.abs(rough.min(axis=0) - [69_000, 8_000]).max() <= 8 and np.abs(rough.max(axis=0) - [72_000, 11_000]).max() <= 8
+    tiling = result["samwatch"]["tiling"]
+    assert tiling["tiles"] == 2 and tiling["region"] == [0, 0, 100_000, 12_000]
+    assert [found[i][0]["properties"]["classification"]["name"] for i in (0, 1)] == ["Gland", "Tumour"]
+
+
+def test_samwatch_check_reports_an_exports_bad_features(tmp_path) -> None:
+    from samwatch.checking import check_paths
+
+    config = config_for(tmp_path, fake_weights(tmp_path))
+    save_image(config.inbox / "k.png", SMALL)
+    write_collection(config.inbox / "k.geojson", [feature_04(rectangle(5, 5, 50, 50)), feature_04(None, id="nothing")])
+    write_collection(config.inbox / "stray.geojson", [feature_04(rectangle(5, 5, 50, 50))])  # no image: no job
+    lines = check_paths(config, [])
+    assert lines == ["k.geojson: features.1: annotation_invalid: feature 1 (id nothing): the feature has no geometry; "
+                     "the run skips it"]
