@@ -171,6 +171,9 @@ class OutputSettings(StrictModel):
         default_factory=lambda: ["geojson"],
         description="geojson is always written; labels adds NAME.labels.tif (OME-TIFF instance labels) and NAME.labels.csv.",
     )
+    object_type: Literal["annotation", "detection"] = Field(
+        "annotation", description="QuPath object type of the results (a sidecar's output.object_type overrides it)."
+    )
     preview: bool = Field(True, description="Write NAME.preview.png: the image with every feature drawn.")
     preview_size: int = Field(1024, ge=64, le=8192, description="Longest side of the preview, in pixels.")
 

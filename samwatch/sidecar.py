@@ -240,7 +240,9 @@ def _check_region(region: Region | None) -> Region | None:
 
 
 class OutputSpec(StrictModel):
-    object_type: Literal["annotation", "detection"] = "annotation"
+    object_type: Literal["annotation", "detection"] | None = Field(
+        None, description="QuPath object type of the results; none: the config's output.object_type"
+    )
     simplify_tolerance: float = Field(0.0, ge=0, description="pixels; 0 keeps every contour vertex")
     formats: list[OutputFormat] | None = Field(None, description="as the config's output.formats; none: the config's")
     preview: bool | None = Field(None, description="as the config's output.preview; none: the config's")
@@ -448,7 +450,8 @@ def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise JobError(
             "sidecar_parse_error",
-            f"The sidecar must be a mapping of keys (model:, prompts:, ...), not a {type(data).__name__}.",
+            f"The sidecar must be a mapping of keys (model:, prompts:, ...), not a {type(data).__name__}"
+            + ("; a list of GeoJSON features is a QuPath export: name it NAME.geojson." if isinstance(data, list) else "."),
             file=name,
         )
     return data
@@ -469,6 +472,13 @@ def read_sidecar_data(path: Path, *, max_bytes: int, name: str) -> dict[str, Any
 
 def validate_sidecar(data: dict[str, Any], *, name: str) -> Sidecar:
     """The schema check; ``checkpoint_url`` is the job loader's (it needs the registry)."""
+    if data.get("type") in ("FeatureCollection", "Feature"):  # else read as an unknown model "type"
+        raise JobError(
+            "sidecar_invalid",
+            "This is GeoJSON (a QuPath export?), not a sidecar: name it NAME.geojson beside its image, or "
+            "name it in a sidecar with 'annotations: FILE'.",
+            file=name, field="type",
+        )
     try:
         return Sidecar.model_validate(data)
     except ValidationError as exc:

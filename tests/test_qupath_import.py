@@ -102,7 +102,7 @@ def test_a_04_export_beside_its_image_is_a_job_and_keeps_classes_names_and_ids(t
 
 
 def test_a_02_bare_array_with_signed_colours_and_no_ids(tmp_path, fake_model) -> None:
-    config = config_for(tmp_path, fake_weights(tmp_path))
+    config = config_for(tmp_path, fake_weights(tmp_path), output={"preview": False, "object_type": "detection"})
     save_image(config.inbox / "old.png", SMALL)
     write_array(config.inbox / "old.geojson", [
         feature_02(rectangle(5, 5, 50, 50), "Tumor", signed_rgb(200, 10, 20)),
@@ -118,6 +118,7 @@ def test_a_02_bare_array_with_signed_colours_and_no_ids(tmp_path, fake_model) ->
     assert found[1][0]["properties"]["classification"]["name"] == "object"
     assert all("source_id" not in f["properties"] for f in result["features"])  # 0.2 ids are class names
     assert result["samwatch"]["annotations"]["skipped"] == {"cell": 1}
+    assert {f["properties"]["objectType"] for f in result["features"]} == {"detection"}  # the config's output
 
 
 def test_detections_and_cells_are_prompts_when_asked_and_a_sidecar_adds_settings(tmp_path, fake_model) -> None:
@@ -365,3 +366,13 @@ def test_samwatch_check_reports_an_exports_bad_features(tmp_path) -> None:
     lines = check_paths(config, [])
     assert lines == ["k.geojson: features.1: annotation_invalid: feature 1 (id nothing): the feature has no geometry; "
                      "the run skips it"]
+
+
+def test_an_export_saved_as_json_is_told_to_be_named_geojson(tmp_path, fake_model) -> None:
+    config = config_for(tmp_path, fake_weights(tmp_path))
+    for stem, body in (("f", {"type": "FeatureCollection", "features": []}), ("g", [feature_02(rectangle(1, 1, 5, 5))])):
+        save_image(config.inbox / f"{stem}.png", SMALL)
+        (config.inbox / f"{stem}.json").write_text(json.dumps(body))
+    run_once(config)
+    assert "NAME.geojson" in read_json(config.outbox / "f.error.json")["message"]
+    assert "NAME.geojson" in read_json(config.outbox / "g.error.json")["message"]
