@@ -255,6 +255,7 @@ def test_images_under_image_roots_are_read_in_place_and_others_stay_outside(tmp_
     assert result is not None and len(result["features"]) == 1
     assert result["samwatch"]["image"]["path"] == str((store / "slide1.png").resolve())
     assert sorted(p.name for p in store.iterdir()) == before  # nothing written, moved or deleted there
+    assert (config.inbox / "_done" / "slide1.yaml").exists()  # inputs.after: move moved the inbox's files only
     assert read_json(config.outbox / "x.error.json")["error"] == "path_outside_inbox"
 
 
