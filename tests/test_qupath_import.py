@@ -377,3 +377,21 @@ def test_an_export_saved_as_json_is_told_to_be_named_geojson(tmp_path, fake_mode
     run_once(config)
     assert "NAME.geojson" in read_json(config.outbox / "f.error.json")["message"]
     assert "NAME.geojson" in read_json(config.outbox / "g.error.json")["message"]
+
+
+def test_which_geojson_files_are_jobs(tmp_path) -> None:
+    from samwatch.discovery import find_jobs
+
+    files = ["a.png", "a.geojson", "b.png", "b.yaml", "b.geojson", "c.tif", "c.glands.geojson", "c.yaml",
+             "c.export.geojson", "lonely.geojson", "sub/d.ome.tif", "sub/d.ome.geojson"]
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    named = {"c.yaml": "c.export.geojson"}
+    jobs = {job.job_id: job for job in find_jobs(tmp_path, files, lambda rel: None, named.get)}
+    assert sorted(jobs) == ["a", "b", "c", "c.glands", "sub/d.ome"]
+    assert (jobs["a"].sidecar, jobs["a"].image) == ("a.geojson", "a.png")
+    assert jobs["b"].sidecar == "b.yaml"  # a sidecar of the stem owns it; b.geojson is no job of its own
+    assert (jobs["c.glands"].sidecar, jobs["c.glands"].image) == ("c.glands.geojson", "c.tif")  # tagged
+    assert jobs["c"].annotations == "c.export.geojson" and "c.export.geojson" in jobs["c"].inputs
+    assert jobs["sub/d.ome"].image == "sub/d.ome.tif"
