@@ -29,7 +29,8 @@ DOCS = Path(__file__).resolve().parent
 BOXES = [[10, 10, 95, 90], [95, 10, 165, 80], [175, 10, 250, 80], [20, 95, 90, 165], [235, 90, 310, 160],
          [310, 150, 384, 230]]
 LABELS = ["silver", "silver", "bronze", "bronze", "worn", "worn"]
-QUPATH_COLOURS = {"silver": [190, 190, 210], "bronze": [205, 120, 40], "worn": [120, 200, 90], "Ignore*": [180, 180, 180]}
+QUPATH_COLOURS = {"silver": [190, 190, 210], "bronze": [205, 120, 40], "worn": [120, 200, 90],
+                  "Ignore*": [180, 180, 180]}
 
 
 def _run_once(root: Path, output: dict) -> None:
@@ -71,7 +72,8 @@ def coins_qupath_export(root: Path) -> Path:
     features.append(_feature({"type": "MultiPoint", "coordinates": [[372, 225]]}, "Ignore*", 6))
     (root / "inbox" / "coins.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     # Folder defaults are the settings of an export job: the smallest of SAM's three masks.
-    (root / "inbox" / "samwatch.yaml").write_text(yaml.safe_dump({"model": "vit_t", "output_type": "Multi-mask (smallest)"}))
+    defaults = {"model": "vit_t", "output_type": "Multi-mask (smallest)"}
+    (root / "inbox" / "samwatch.yaml").write_text(yaml.safe_dump(defaults))
     _run_once(root, {"preview": True})
     return root / "outbox" / "coins.preview.png"
 

@@ -136,7 +136,8 @@ def check_paths(config: Config, paths: list[Path]) -> list[str]:
             return []
         files = sorted(scan_tree(config.inbox))
         # Exports that are jobs of their own (an image of their stem, no sidecar of it).
-        exports = {job.sidecar for job in find_jobs(config.inbox, files, lambda rel: None) if is_export(job.sidecar or "")}
+        exports = {job.sidecar for job in find_jobs(config.inbox, files, lambda rel: None)
+                   if is_export(job.sidecar or "")}
         paths = [config.inbox / rel for rel in files if is_sidecar(rel) or is_folder_defaults(rel) or rel in exports]
     registry = WeightsRegistry(config.weights, config.state_dir)
     try:

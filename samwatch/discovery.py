@@ -4,8 +4,9 @@ A job is one image plus one sidecar (``img001.yaml``, or a tagged ``img001.cells
 an image with no sidecar of its own under a folder holding ``samwatch.yaml`` (folder
 defaults, nearest folder up the tree wins), or an image plus a QuPath GeoJSON export of the
 same stem (``case17.geojson``) when no sidecar of that stem exists and no sidecar names the
-export with ``annotations:``. A ``.geojson`` with no image of its stem is no job. Files named ``*.mask.*`` are mask prompts, never
-images of their own. A job is ready only when every file it involves has settled.
+export with ``annotations:``. A ``.geojson`` with no image of its stem is no job. Files named
+``*.mask.*`` are mask prompts, never images of their own. A job is ready only when every file it
+involves has settled.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def in_image_roots(reference: str, roots: Collection[Path], *, sidecar: str) -> 
         root = root.resolve()
         if real == root or root in real.parents:
             if not real.is_file():
-                raise JobError("image_not_found", f"The image {reference!r} does not exist under the image root {root}.",
-                               file=sidecar, field="image")
+                raise JobError("image_not_found", f"The image {reference!r} does not exist under the image "
+                               f"root {root}.", file=sidecar, field="image")
             return str(real)
     return None
 

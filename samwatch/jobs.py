@@ -385,7 +385,8 @@ class JobRunner:
             if source is not None:
                 properties.update(source.properties(sidecar.annotations.file if sidecar.annotations else ""))
             features.append(make_feature(
-                geometry, label=label, object_type=sidecar.output.object_type or self.config.output.object_type, color=list(color),
+                geometry, label=label, color=list(color),
+                object_type=sidecar.output.object_type or self.config.output.object_type,
                 plane=plane, properties=properties,
             ))
         return features
