@@ -38,6 +38,9 @@ MAX_LINE_POINTS = 16
 #: Background points join a prompt when within its bounds grown by its own size on every side,
 #: at least this many pixels (the extension reads the rectangle padded so, 128 px at least).
 MIN_BACKGROUND_MARGIN = 128.0
+#: Warnings listed in the result; the rest are counted (an export of 10⁵ broken features must not
+#: double the result's size).
+MAX_LISTED_WARNINGS = 1000
 
 Point = tuple[float, float]
 
@@ -214,7 +217,8 @@ def import_annotations(sidecar: Sidecar, features: list[Any], rel: str, width: i
     prompts, sources = reader.prompts()
     report = {
         "file": rel, "features": len(features), "prompts": len(prompts), "background_points": len(reader.background),
-        "skipped": dict(sorted(reader.skipped.items())), "warnings": reader.warnings,
+        "skipped": dict(sorted(reader.skipped.items())), "warnings": reader.warnings[:MAX_LISTED_WARNINGS],
+        "warnings_total": len(reader.warnings),
     }
     if not prompts and not sidecar.prompts:
         what = ", ".join(f"{count} {kind}" for kind, count in sorted(reader.skipped.items())) or "none usable"
