@@ -220,6 +220,9 @@ class JobRunner:
         media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
         imported = self._imported(loaded, media)
         sidecar = imported.sidecar if imported else sidecar
+        if imported and imported.report["warnings_total"]:
+            logger.warning(f"job {ticket.job_id}: {imported.report['warnings_total']} features of "
+                           f"{loaded.annotations_rel} cannot be prompts and are skipped (samwatch.annotations.warnings)")
         whole_image = media.n_frames == 1 and sidecar.mode != "video" and not is_tiled(
             sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels)
         pixels = media.frame(0) if whole_image else None
