@@ -101,11 +101,26 @@ def read_export(path: Path, rel: str, limits: LimitSettings) -> list[Any]:
         raise JobError("annotations_invalid", "The export is JSON but not GeoJSON: a FeatureCollection, a Feature or "
                        "an array of features (what QuPath's File > Export objects as GeoJSON writes).",
                        file=rel, field="annotations")
+    features = _with_children(features)
     if len(features) > limits.max_annotations:
         raise JobError("annotations_too_large", f"The export holds {len(features)} objects, more than "
                        f"limits.max_annotations ({limits.max_annotations}); export only the annotations to refine "
                        "or raise the limit.", file=rel, field="annotations")
     return features
+
+
+def _with_children(features: list[Any]) -> list[Any]:
+    """Features with the ``childObjects`` QuPath may nest in them, each after its parent."""
+    flat: list[Any] = []
+    pending = list(reversed(features))
+    while pending:
+        feature = pending.pop()
+        flat.append(feature)
+        properties = feature.get("properties") if isinstance(feature, dict) else None
+        children = properties.get("childObjects") if isinstance(properties, dict) else None
+        if isinstance(children, list):
+            pending.extend(reversed(children))
+    return flat
 
 
 @dataclass
@@ -234,6 +249,11 @@ def import_annotations(sidecar: Sidecar, features: list[Any], rel: str, width: i
 
 
 def _classification(value: Any) -> tuple[str | None, tuple[int, int, int] | None]:
+    """(name, colour); a derived class (0.4+: ``names: [Tumor, Positive]``) is named as QuPath
+    shows it, "Tumor: Positive"."""
+    if isinstance(value, dict) and isinstance(value.get("names"), list) and value["names"] \
+            and all(isinstance(part, str) for part in value["names"]):
+        value = {**value, "name": ": ".join(value["names"])}
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None, None
     color = value.get("color", value.get("colorRGB"))

@@ -395,3 +395,18 @@ def test_which_geojson_files_are_jobs(tmp_path) -> None:
     assert (jobs["c.glands"].sidecar, jobs["c.glands"].image) == ("c.glands.geojson", "c.tif")  # tagged
     assert jobs["c"].annotations == "c.export.geojson" and "c.export.geojson" in jobs["c"].inputs
     assert jobs["sub/d.ome"].image == "sub/d.ome.tif"
+
+
+def test_derived_classes_and_nested_child_objects(tmp_path, fake_model) -> None:
+    config = config_for(tmp_path, fake_weights(tmp_path))
+    save_image(config.inbox / "n.png", SMALL)
+    parent = feature_04(rectangle(5, 5, 80, 80), id="parent")
+    parent["properties"]["classification"] = {"names": ["Tumor", "Positive"], "color": [200, 0, 0]}
+    parent["properties"]["childObjects"] = [feature_04(rectangle(10, 10, 30, 30), "Gland", id="child")]
+    write_collection(config.inbox / "n.geojson", [parent, feature_04(rectangle(100, 20, 150, 60), "Other", id="next")])
+    run_once(config)
+    result, error = outcome(config, "n")
+    assert error is None, error
+    found = by_source(result)
+    assert [found[i][0]["properties"]["source_id"] for i in (0, 1, 2)] == ["parent", "child", "next"]
+    assert found[0][0]["properties"]["classification"] == {"name": "Tumor: Positive", "color": [200, 0, 0]}
