@@ -136,8 +136,9 @@ class _Object:
 class _Reader:
     """One pass over an export's features, noting what each became."""
 
-    def __init__(self, spec: AnnotationsSpec, rel: str, width: int, height: int) -> None:
-        self.spec, self.rel, self.width, self.height = spec, rel, width, height
+    def __init__(self, spec: AnnotationsSpec, rel: str, bounds: tuple[int, int, int, int], surface: str) -> None:
+        self.spec, self.rel = spec, rel
+        self.bounds, self.surface = bounds, surface  # where prompts may lie (level-0 pixels)
         self.objects: list[_Object] = []
         self.point_objects: list[_Object] = []
         self.background: list[Point] = []
@@ -186,10 +187,11 @@ class _Reader:
             return
         if kind == "line":
             coordinates = _spread(coordinates, MAX_LINE_POINTS)
-        inside = [(x, y) for x, y in coordinates if 0 <= x <= self.width and 0 <= y <= self.height]
-        if kind != "area" and not inside or kind == "area" and not _overlaps(coordinates, self.width, self.height):
+        x0, y0, x1, y1 = self.bounds
+        inside = [(x, y) for x, y in coordinates if x0 <= x <= x1 and y0 <= y <= y1]
+        if kind != "area" and not inside or kind == "area" and not _overlaps(coordinates, self.bounds):
             self.warn(index, source_id, "prompt_out_of_bounds",
-                      f"it lies outside the {self.width}×{self.height} image (coordinates are level-0 pixels)")
+                      f"it lies outside the {self.surface} (coordinates are level-0 pixels)")
             return
         if ignored:
             self.background.extend(inside)
@@ -197,8 +199,8 @@ class _Reader:
         obj = _Object(index, Source(index, source_id, name), label, color)
         if kind == "area":
             xs, ys = [x for x, _ in coordinates], [y for _, y in coordinates]
-            obj.bbox = (max(0.0, min(xs)), max(0.0, min(ys)), min(float(self.width), max(xs)),
-                        min(float(self.height), max(ys)))
+            obj.bbox = (max(float(x0), min(xs)), max(float(y0), min(ys)), min(float(x1), max(xs)),
+                        min(float(y1), max(ys)))
         else:
             obj.points = inside  # points off the image are dropped, as the extension drops them
         (self.objects if kind == "area" else self.point_objects).append(obj)
@@ -226,7 +228,11 @@ def import_annotations(sidecar: Sidecar, features: list[Any], rel: str, width: i
     """The sidecar with the export's objects appended to its prompts (image ``width`` × ``height``)."""
     spec = sidecar.annotations
     assert spec is not None
-    reader = _Reader(spec, rel, width, height)
+    if sidecar.region is not None:  # only the region is segmented: objects elsewhere are outside
+        x, y, w, h = sidecar.region
+        reader = _Reader(spec, rel, (x, y, x + w, y + h), f"region [{x}, {y}, {w}, {h}]")
+    else:
+        reader = _Reader(spec, rel, (0, 0, width, height), f"{width}×{height} image")
     for index, feature in enumerate(features):
         reader.read(index, feature)
     prompts, sources = reader.prompts()
@@ -298,9 +304,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _overlaps(points: list[Point], width: int, height: int) -> bool:
+def _overlaps(points: list[Point], bounds: tuple[int, int, int, int]) -> bool:
     xs, ys = [x for x, _ in points], [y for _, y in points]
-    return min(xs) < width and max(xs) > 0 and min(ys) < height and max(ys) > 0
+    return min(xs) < bounds[2] and max(xs) > bounds[0] and min(ys) < bounds[3] and max(ys) > bounds[1]
 
 
 def _spread(points: list[Point], most: int) -> list[Point]:

@@ -410,3 +410,19 @@ def test_derived_classes_and_nested_child_objects(tmp_path, fake_model) -> None:
     found = by_source(result)
     assert [found[i][0]["properties"]["source_id"] for i in (0, 1, 2)] == ["parent", "child", "next"]
     assert found[0][0]["properties"]["classification"] == {"name": "Tumor: Positive", "color": [200, 0, 0]}
+
+
+def test_with_a_region_objects_outside_it_are_skipped_and_those_across_it_cut(tmp_path, fake_model) -> None:
+    config = config_for(tmp_path, fake_weights(tmp_path))
+    save_image(config.inbox / "r.png", SMALL)
+    write_collection(config.inbox / "r.export.geojson", [
+        feature_04(rectangle(5, 5, 30, 30), id="outside"), feature_04(rectangle(50, 40, 120, 100), id="across"),
+    ])
+    write_sidecar(config.inbox / "r.yaml", {"annotations": "r.export.geojson", "region": [40, 30, 60, 50]})
+    run_once(config)
+    result, error = outcome(config, "r")
+    assert error is None, error
+    assert sorted(by_source(result)) == [1]
+    ring = np.array(result["features"][0]["geometry"]["coordinates"][0])
+    assert ring.min(axis=0).tolist() == [50, 40] and ring.max(axis=0).tolist() == [100, 80]
+    assert result["samwatch"]["annotations"]["warnings"][0]["id"] == "outside"
