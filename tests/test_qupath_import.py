@@ -245,11 +245,13 @@ def test_images_under_image_roots_are_read_in_place_and_others_stay_outside(tmp_
     store = tmp_path / "store"
     save_image(store / "slide1.png", SMALL)
     save_image(tmp_path / "elsewhere" / "x.png", SMALL)
-    before = sorted(p.name for p in store.iterdir())
     config = config_for(tmp_path, fake_weights(tmp_path), inputs={"image_roots": [store], "after": "move"})
     write_collection(config.inbox / "slide1.export.geojson", [feature_04(rectangle(5, 5, 50, 50), "T")])
     write_sidecar(config.inbox / "slide1.yaml", {"image": str(store / "slide1.png"), "annotations": "slide1.export.geojson"})
     write_sidecar(config.inbox / "x.yaml", {"image": str(tmp_path / "elsewhere" / "x.png"), "prompts": [{"bbox": [1, 1, 5, 5]}]})
+    (store / "escape.png").symlink_to(tmp_path / "elsewhere" / "x.png")  # a link in the store leading out of it
+    write_sidecar(config.inbox / "y.yaml", {"image": str(store / "escape.png"), "prompts": [{"bbox": [1, 1, 5, 5]}]})
+    before = sorted(p.name for p in store.iterdir())
     run_once(config)
     result = read_json(config.outbox / "slide1.geojson")
     assert result is not None and len(result["features"]) == 1
@@ -257,6 +259,7 @@ def test_images_under_image_roots_are_read_in_place_and_others_stay_outside(tmp_
     assert sorted(p.name for p in store.iterdir()) == before  # nothing written, moved or deleted there
     assert (config.inbox / "_done" / "slide1.yaml").exists()  # inputs.after: move moved the inbox's files only
     assert read_json(config.outbox / "x.error.json")["error"] == "path_outside_inbox"
+    assert read_json(config.outbox / "y.error.json")["error"] == "path_outside_inbox"
 
 
 # ---- real MobileSAM, random weights: the prompts are upstream's ---------------------------------
