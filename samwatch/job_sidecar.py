@@ -13,9 +13,8 @@ call it, so they cannot disagree about what a sidecar means. Its steps, in order
    absent). Checks of raw values before the schema (numbers, strings) belong in the schema.
 4. ``_resolve_weights``: the weights name, with samapi's ``checkpoint_url``.
 5. ``_check_mode``: the model's family can do what the sidecar asks (families table).
-
 6. ``annotations``: the export's path, checked to stay inside the inbox (its objects become
-   prompts when the job has opened its image: samwatch.qupath_import).
+   prompts once the job has opened its image: samwatch.qupath_import).
 
 Steps 4 and 5 are problems of a valid sidecar: ``samwatch check`` collects them (``problems``)
 instead of stopping at the first, and goes on to the image and prompt checks.
