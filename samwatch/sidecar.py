@@ -315,6 +315,14 @@ class Sidecar(StrictModel):
     _color = field_validator("color")(_check_color)
     _region = field_validator("region")(_check_region)
 
+    @model_validator(mode="after")
+    def _annotations_are_prompts(self) -> Sidecar:
+        clash = [key for key in ("video", "text", "automask") if getattr(self, key) is not None]
+        if self.annotations is not None and (clash or self.positive_bboxes):
+            raise ValueError(f"annotations are box and point prompts of an image; they cannot go with "
+                             f"{', '.join(clash or ['positive_bboxes'])}")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _fold_samapi_form(cls, data: Any) -> Any:

@@ -429,3 +429,13 @@ def test_with_a_region_objects_outside_it_are_skipped_and_those_across_it_cut(tm
     ring = np.array(result["features"][0]["geometry"]["coordinates"][0])
     assert ring.min(axis=0).tolist() == [50, 40] and ring.max(axis=0).tolist() == [100, 80]
     assert result["samwatch"]["annotations"]["warnings"][0]["id"] == "outside"
+
+
+def test_annotations_cannot_go_with_tracking_or_automask() -> None:
+    from samwatch.errors import JobError
+    from samwatch.sidecar import validate_sidecar
+
+    for extra in ({"video": {}}, {"automask": {}}, {"text": "cell"}):
+        with pytest.raises(JobError) as caught:
+            validate_sidecar({"annotations": "a.geojson", **extra}, name="a.yaml")
+        assert caught.value.code == "sidecar_invalid" and "annotations" in caught.value.message
