@@ -8,14 +8,13 @@ the log) and never escapes to the daemon.
 from __future__ import annotations
 
 import platform
-import shutil
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,104 +26,19 @@ from samwatch.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
-from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
-from samwatch.job_sidecar import load_job_sidecar
+from samwatch.job_sidecar import JobSidecar, load_job_sidecar
+from samwatch.qupath_import import Imported, Source, import_annotations, read_export
 from samwatch.sidecar import Sidecar
 from samwatch.slides import ArraySource
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob
-
-#: The stage of a job read ahead while the one before it holds the device (pipeline.py).
-WAITING_FOR_DEVICE = "waiting for the device"
-
-#: stage -> the span of the overall percent it covers
-STAGE_SPANS: dict[str, tuple[float, float]] = {
-    "reading": (0, 5),
-    "waiting for weights": (5, 10),
-    WAITING_FOR_DEVICE: (5, 10),
-    "loading model": (10, 20),
-    "encoding image": (20, 40),
-    "decoding prompts": (40, 95),
-    "automask": (20, 95),
-    "tracking": (20, 95),
-    "frames": (20, 95),
-    "tiles": (20, 95),
-    "writing": (95, 100),
-}
-
-
-@dataclass(frozen=True)
-class JobTicket:
-    """What the daemon hands the worker: one job version."""
-
-    job_id: str
-    sidecar: str | None  # own sidecar, or the folder defaults file for defaults-only jobs
-    image: str | None
-    image_sha: str | None
-    version: str
-
-
-@dataclass
-class Outcome:
-    state: str  # done | failed | cancelled | waiting
-    error: JobError | None = None
-    features: int = 0
-    waiting_for: tuple[str, str] | None = None
-    seconds: float = 0.0
-    summary: str = ""
-    #: the GeoJSON FeatureCollection of a done job: the daemon writes it, after checking
-    #: that this run is still the one the ledger expects (a late duplicate is dropped); the
-    #: local executor hands it over encoded (an ``orjson.Fragment``, atomic.py ``encoded_now``)
-    result: Any = None
-    #: files written with the result (outbox suffix -> bytes): preview, label image, table
-    extras: dict[str, bytes] = field(default_factory=dict)
-
-
-class ProgressSink(Protocol):
-    def running(self, stage: str, percent: float, message: str = "") -> None: ...
-
-
-class CancelFlag(Protocol):
-    def is_set(self) -> bool: ...
-
-
-@dataclass
-class Progress:
-    """The running job's progress, reported to ``sink`` (throttled); checks the cancel flag.
-
-    The sink is a message channel back to the daemon (an executor's queue) or, in tests, a
-    job's ``JobOutputs``; the flag is a ``threading.Event`` or a cluster-wide one.
-    """
-
-    sink: ProgressSink
-    cancel: CancelFlag
-    clock: Callable[[], float] = time.monotonic
-    min_interval: float = 0.5
-    stage: str = "reading"
-    percent: float = 0.0
-    last_change: float = field(default=0.0)
-    _last_write: float = field(default=float("-inf"))
-
-    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
-        if self.cancel.is_set():
-            raise JobCancelled("The job was cancelled: its sidecar was removed or the daemon is stopping.")
-        percent = stage_percent(stage if stage in STAGE_SPANS else "automask", fraction)
-        now = self.clock()
-        self.last_change = now
-        if stage != self.stage or now - self._last_write >= self.min_interval or fraction >= 1.0:
-            self.sink.running(stage, percent, message)
-            self._last_write = now
-        self.stage, self.percent = stage, percent
-
-
-def stage_percent(stage: str, fraction: float) -> float:
-    low, high = STAGE_SPANS[stage]
-    return low + (high - low) * max(0.0, min(1.0, fraction))
+from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress
 
 
 @dataclass
@@ -146,6 +60,7 @@ class Prepared:
     encoder: str = "eager"  # what encoded the image, for provenance
     decoder: str = "eager"  # what decoded its prompts
     provenance: dict[str, Any] = field(default_factory=dict)  # e.g. the tiling report
+    sources: list[Source | None] | None = None  # the QuPath object of each prompt, when imported
 
 
 def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
@@ -202,7 +117,7 @@ class JobRunner:
             if ticket.image is None:
                 raise JobError("image_not_found", "The image of this job vanished.")
             return ticket.image
-        return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image)
+        return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image, self.config.inputs.image_roots)
 
     def prepare(self, ticket: JobTicket, progress: Progress) -> Prepared | Outcome:
         """Phase 1, CPU: sidecar, image opened (a single image read and converted), weights
@@ -216,6 +131,11 @@ class JobRunner:
         adapter_class(model_type)  # a missing model package fails before the image is read
         image_rel = self.image_path(ticket, sidecar)
         media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
+        imported = self._imported(loaded, media)
+        sidecar = imported.sidecar if imported else sidecar
+        if imported and imported.report["warnings_total"]:
+            logger.warning(f"job {ticket.job_id}: {imported.report['warnings_total']} features of "
+                           f"{loaded.annotations_rel} cannot be prompts and are skipped (samwatch.annotations.warnings)")
         whole_image = media.n_frames == 1 and sidecar.mode != "video" and not is_tiled(
             sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels)
         pixels = media.frame(0) if whole_image else None
@@ -227,7 +147,16 @@ class JobRunner:
                 raise spec.error
             return Outcome("waiting", waiting_for=(model_type, weights_name))
         return Prepared(ticket, progress, sidecar, model_type, weights_name, image_rel, media, spec, pixels,
-                        timings, started)
+                        timings, started, provenance={"annotations": imported.report} if imported else {},
+                        sources=imported.sources if imported else None)
+
+    def _imported(self, loaded: JobSidecar, media: Media) -> Imported | None:
+        """The sidecar's QuPath export read into prompts, now that the image's size is known."""
+        rel = loaded.annotations_rel
+        if rel is None:
+            return None
+        features = read_export(self.config.inbox / rel, rel, self.config.limits)
+        return import_annotations(loaded.sidecar, features, rel, media.width, media.height)
 
     def infer(self, job: Prepared) -> Iterator[Detection]:
         """Phase 2, the device: the model loaded and run; detections as they come (each mask
@@ -244,7 +173,7 @@ class JobRunner:
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
         """Phase 3, CPU: features traced as detections arrive, the result assembled."""
         traced_started = time.perf_counter()
-        features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings)
+        features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings, job.sources)
         timings = job.timings
         timings["inference"] = time.perf_counter() - traced_started - timings["geometry"] - timings.get("load", 0.0)
         job.progress("writing", 0.0)
@@ -332,10 +261,10 @@ class JobRunner:
 
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
-        timings: dict[str, float],
+        timings: dict[str, float], sources: list[Source | None] | None = None,
     ) -> list[dict]:
         """One feature per non-empty detection, traced as it arrives; ``timings["geometry"]``
-        gets the time spent tracing."""
+        gets the time spent tracing. A prompt made from a QuPath object links back to it."""
         default_label = sidecar.label or self.config.defaults.label
         axes = _frame_axes(sidecar, media)
         plane_position = sidecar.video.plane_position if sidecar.video else 0
@@ -370,8 +299,12 @@ class JobRunner:
             if detection.frame is not None:
                 properties["frame"] = detection.frame
             properties.update(detection.extra)
+            source = sources[detection.prompt_idx] if sources and detection.prompt_idx is not None else None
+            if source is not None:
+                properties.update(source.properties(sidecar.annotations.file if sidecar.annotations else ""))
             features.append(make_feature(
-                geometry, label=label, object_type=sidecar.output.object_type, color=list(color),
+                geometry, label=label, color=list(color),
+                object_type=sidecar.output.object_type or self.config.output.object_type,
                 plane=plane, properties=properties,
             ))
         return features
@@ -397,7 +330,9 @@ class JobRunner:
             },
             "sidecar": ticket.sidecar,
             "input_version": ticket.version,
-            "parameters": sidecar.model_dump(mode="json", exclude_none=True),
+            # Prompts made from a QuPath export are that export, not repeated here.
+            "parameters": sidecar.model_dump(mode="json", exclude_none=True,
+                                             exclude={"prompts"} if job.sources is not None else None),
             "features": n_features,
             "timings": {key: round(value, 4) for key, value in timings.items()},
             "python": platform.python_version(),
@@ -459,15 +394,3 @@ def _frame_progress(progress: Progress, index: int, total: int) -> Callable[[str
         progress("frames", (index + fraction) / total, f"plane {index + 1} of {total}: {stage}")
 
     return report
-
-
-def move_inputs(inbox: Path, paths: list[str], success: bool) -> None:
-    """inputs.after: move — to inbox/_done/ or inbox/_failed/, keeping the relative path."""
-    target_root = inbox / ("_done" if success else "_failed")
-    for rel in paths:
-        source = inbox / rel
-        if not source.exists():
-            continue
-        target = target_root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(source), str(target))

@@ -23,6 +23,7 @@ from samwatch.errors import JobError
 from samwatch.models.budget import prompt_batch
 from samwatch.models.accel import EAGER, Accelerator, DecoderExport, module_path, weights_identity
 from samwatch.sidecar import Prompt, Sidecar
+from samwatch.vocab import LoadSpec
 
 ProgressFn = Callable[[str, float], None]
 """``progress(stage, fraction)``: fraction in [0, 1] of that stage; raises JobCancelled."""
@@ -78,18 +79,6 @@ class RunContext:
     embedding_store: Any = None
     # limits.max_job_memory: prompt and point batches shrink to fit it (models/budget.py)
     memory_budget: int | None = LimitSettings().max_job_memory
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """What ``setup`` loads: a verified local checkpoint for one model type."""
-
-    model_type: str
-    checkpoint: Path
-    weights_name: str
-    sha256: str | None = None
-    config: str | None = None  # family-specific (SAM2 Hydra config)
-    source: str = ""  # URL or path, for messages
 
 
 class ModelAdapter(Protocol):
