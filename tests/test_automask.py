@@ -25,8 +25,9 @@ from skimage import data
 from samwatch.errors import JobError
 from samwatch.models import automask, sam1, sam2
 from samwatch.models.base import Detection, RunContext
-from samwatch.vocab import LoadSpec
+from samwatch.models.mask_windows import MaskUpsampler
 from samwatch.sidecar import AutomaskParams, validate_sidecar
+from samwatch.vocab import LoadSpec
 
 IMAGE = np.ascontiguousarray(data.astronaut()[::2, ::2])  # 256×256 RGB
 KEY = "astronaut"
@@ -284,6 +285,59 @@ def test_sam2_small_region_postprocessing(sam2_t_family: Family) -> None:
     assert ndimage.label(cleaned.mask)[1] == 1
     assert np.array_equal(ndimage.binary_fill_holes(cleaned.mask), cleaned.mask)
     assert not np.array_equal(raw.mask, cleaned.mask)
+
+
+# ------------------------------------------------------------------------- memory-bounded path
+
+
+@pytest.mark.parametrize(("image_hw", "input_hw"), [((1024, 1024), (1024, 1024)), ((1000, 700), (1024, 717)),
+                                                    ((150, 230), (668, 1024))])
+def test_windows_give_the_pixels_of_the_full_upsampling(image_hw: tuple[int, int], input_hw: tuple[int, int]) -> None:
+    """SAM1's postprocessing (to 1024², padding cut, to the image) computed only in a mask's window."""
+    torch.manual_seed(0)
+    low = torch.randn(1, 1, 256, 256) * 3
+    low[..., :60, :] = -10  # something outside the window
+    low[..., :, 190:] = -10
+    full = torch.nn.functional.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
+    full = torch.nn.functional.interpolate(full[..., :input_hw[0], :input_hw[1]], image_hw, mode="bilinear",
+                                           align_corners=False)[0, 0]
+    upsampler = MaskUpsampler([(1024, input_hw[0]), (image_hw[0], image_hw[0])],
+                              [(1024, input_hw[1]), (image_hw[1], image_hw[1])], (256, 256))
+    window = upsampler.mask(low[0, 0].numpy(), 0.0, 1.0)
+    expected = (full > 0).numpy()
+    ours = np.zeros_like(expected)
+    x0, y0, x1, y1 = window.box
+    ours[y0:y1 + 1, x0:x1 + 1] = window.pixels()
+    # the same taps and weights; SAM1's two resizes are composed once, so a logit may differ in its
+    # last bit from the two-step result and flip a pixel lying exactly on the threshold
+    assert np.count_nonzero(ours != expected) <= expected.size * 1e-5 and window.area == ours.sum()
+    assert (x0, y0) == (np.flatnonzero(expected.any(0))[0], np.flatnonzero(expected.any(1))[0])
+    assert window.stability == pytest.approx(float((full > 1).sum() / (full > -1).sum()), abs=1e-5)
+
+
+def test_masks_equal_upstream_generators(conditioned_vit_t: Path) -> None:
+    """The windowed path against mobile_sam's own generator (multimask, every mask kept, the
+    crop-edge rule only: what "Multi-mask (all)" with include_image_edge means), conditioned weights."""
+    from mobile_sam import SamAutomaticMaskGenerator
+
+    adapter = sam1.Adapter()
+    adapter.setup(LoadSpec(model_type="vit_t", checkpoint=conditioned_vit_t, weights_name="c"), torch.device("cpu"))
+    params = {"points_per_side": 4, "pred_iou_thresh": 0.05, "stability_score_thresh": 0.5, "include_image_edge": True}
+    sidecar = validate_sidecar({"model": "vit_t", "automask": {**params, "output_type": "Multi-mask (all)"}}, name="t")
+    ours = list(adapter.run(RunContext(sidecar=sidecar, image=IMAGE, image_key=KEY)))
+    upstream = SamAutomaticMaskGenerator(adapter.predictor.model, points_per_side=4, pred_iou_thresh=0.05,
+                                         stability_score_thresh=0.5, box_nms_thresh=1.0).generate(IMAGE)
+
+    def key(point: list[float], score: float) -> tuple:
+        return (round(point[0], 3), round(point[1], 3), round(score, 4))
+
+    theirs = {key(r["point_coords"][0], r["predicted_iou"]): r for r in upstream}
+    assert len(ours) == len(theirs) > 3
+    for detection in ours:
+        record = theirs[key(detection.extra["point_coords"], detection.score)]
+        mask, expected = frame(detection), record["segmentation"]
+        assert (mask & expected).sum() / (mask | expected).sum() >= 0.99
+        assert detection.extra["stability_score"] == pytest.approx(record["stability_score"], abs=1e-3)
 
 
 # ------------------------------------------------------------------------- helpers
