@@ -70,10 +70,11 @@ class LimitSettings(StrictModel):
         4 * 1024**3, gt=0, description="RGB bytes of a whole sequence a video job may hold."
     )
     max_job_memory: int | None = Field(
-        1024**3, gt=0,
+        768 * 1024**2, gt=0,
         description="Bytes a job plans to hold beyond the loaded model (prompt and point batches, "
         "their masks): batches shrink to fit; a job that cannot fit one prompt at a time is refused "
-        "(job_memory_exceeded). null: no limit.",
+        "(job_memory_exceeded). The process's peak adds the image and the encoder's outputs "
+        "(~250 MiB at 1024²), so the default keeps a job within 1 GiB. null: no limit.",
     )
     max_annotation_bytes: int = Field(
         256 * 1024**2, gt=0, description="A QuPath GeoJSON export larger than this is refused unread."
