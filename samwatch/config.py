@@ -7,6 +7,7 @@ to the working directory, which gives the contract's ./inbox, ./outbox and ./.sa
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import socket
 from pathlib import Path
@@ -378,6 +379,8 @@ def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool
         config = Config.model_validate(data).resolved(path.resolve().parent)
     except ValidationError as exc:
         raise ConfigError(str(path), describe_validation_error(exc)) from None
+    if check_files and (absent := missing_extras(config)):
+        raise ConfigError(str(path), absent)
     if check_files:
         missing = [
             f"weights.{index}.path: no such file {entry.path}"
@@ -387,6 +390,28 @@ def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool
         if missing:
             raise ConfigError(str(path), missing)
     return config
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a blocked import, or a module without a spec
+        return False
+
+
+def missing_extras(config: Config) -> list[str]:
+    """The config's keys that need an optional extra which is not installed (found, not imported)."""
+    needs = []
+    if config.executor.kind == "dask":
+        needs.append("distributed")
+        if config.executor.cluster is not None:
+            needs.append("dask_jobqueue")
+    absent = [module for module in needs if not _installed(module)]
+    if not absent:
+        return []
+    key = "executor.cluster" if "dask_jobqueue" in absent else "executor.kind"
+    return [f"{key}: needs {' and '.join(absent)}, not installed: pip install 'samwatch[dask]' "
+            "(in the daemon's environment, e.g. .venv/bin/pip)"]
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
