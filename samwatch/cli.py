@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     watched = (args.config or DEFAULT_CONFIG_PATH).absolute()
     try:
-        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional, threaded=not args.once)
+        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
         return 2

@@ -136,7 +136,8 @@ class Daemon:
             for row in interrupted:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
         # A failed download may be tried again as soon as a job's retry backoff allows.
-        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds)
+        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds,
+                                   config_file=config_path)
         executor = _make_executor(config, registry, threaded=threaded, clock=clock)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
         watcher = Watcher(

@@ -4,7 +4,7 @@ Each slot has its own model pool (models stay loaded between its jobs), so ``dev
 [cuda:0, cuda:1]`` runs jobs on both GPUs at once. A slot holds up to
 ``executor.pipeline_depth`` jobs (pipeline.py): while one is on the device, the next one's
 image is read and the last one's masks are traced, so the device does not wait for the CPU
-in a burst. With ``threaded=False`` (``run --once``) a dispatch runs whole inside ``submit``,
+in a burst. With ``threaded=False`` (tests driving ``Daemon.step``) a dispatch runs whole inside ``submit``,
 on the caller's thread.
 """
 

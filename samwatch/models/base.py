@@ -141,7 +141,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, Any], spec: 
         raise JobError(
             "weights_wrong_architecture",
             f"The weights {spec.weights_name!r} ({spec.source}) do not fit model type "
-            f"{spec.model_type}: {first[0].strip()}. Register them under the type they were trained for.",
+            f"{spec.model_type}: {first[0].strip().rstrip('.')}. Register them under the type they were trained for.",
             field="weights",
         ) from None
     if missing or unexpected:

@@ -30,7 +30,7 @@ from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES
 from samwatch.models.base import LoadSpec
 from samwatch.weights.entries import Key, as_url, download_path, entries_with_defaults, entry_identity, entry_key
-from samwatch.weights.failures import checksum_mismatch, download_failed
+from samwatch.weights.failures import checksum_mismatch, download_failed, naming_config
 from samwatch.weights.files import file_size, part_progress, sha256_file, sibling, verified_sha
 from samwatch.weights.hf import fetch_hf, parse_hf_url, probe_hf
 from samwatch.weights.http import Transfer, probe_http
@@ -100,12 +100,15 @@ class WeightsRegistry:
         clock: Callable[[], float] = time.monotonic,
         retry_after_seconds: float = 60.0,
         opener: urllib.request.OpenerDirector | None = None,
+        config_file: Path | None = None,
     ) -> None:
+        """``config_file``: the config in use, named in the advice of a failed download."""
         self._state_dir = Path(state_dir)
         self._weights_dir = self._state_dir / "weights"
         self._clock = clock
         self._retry_after = retry_after_seconds
         self._opener = opener or urllib.request.build_opener()
+        self._config_file = config_file
         self._lock = threading.Lock()
         self._entries = entries_with_defaults(entries)
         self._downloads: dict[Path, _Download] = {}
@@ -369,11 +372,11 @@ class WeightsRegistry:
         # line, or the CLI's fetch; here only the event.
         except JobError as error:
             logger.info("weights {}/{}: download stopped ({})", entry.type, entry.name, error.code)
-            self._finish(download, error)
+            self._finish(download, naming_config(error, entry, self._config_file))
         except OSError as exc:  # network errors are JobErrors by now: this is the local disk
             reason = f"cannot write into {download.target.parent} ({exc.strerror or exc})"
             logger.info("weights {}/{}: download stopped (local disk)", entry.type, entry.name)
-            self._finish(download, download_failed(entry, reason))
+            self._finish(download, download_failed(entry, reason, self._config_file))
         except Exception as exc:  # a bug must fail the waiting jobs, not leave them waiting forever
             logger.exception("weights {}/{}: the download crashed", entry.type, entry.name)
             self._finish(download, download_failed(entry, f"{type(exc).__name__}: {exc}"))

@@ -1,0 +1,154 @@
+"""The README's first hour through the real daemon: offline weights under their official URL,
+OME-TIFF names, progress under ``--once``, status and history, previews, ``samwatch check``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from samwatch.cli import main as cli
+from samwatch.families import DEFAULT_WEIGHT_URLS
+from samwatch.weights.registry import WeightsRegistry
+from support import coins, fake_weights, read_json, save_image, write_config, write_sidecar
+
+MOBILE_SAM_URL = DEFAULT_WEIGHT_URLS["vit_t"]
+
+
+def run_once(config: Path) -> int:
+    """``samwatch run --once`` in this process: the real command, daemon, threads and outbox."""
+    return cli(["run", "--once", "--config", str(config)])
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    import fakes
+    import samwatch.models.pool
+
+    monkeypatch.setattr(samwatch.models.pool, "adapter_class", lambda model_type: fakes.FakeAdapter)
+
+
+# -- 4. offline weights that keep their official URL --------------------------------------
+
+
+def test_a_copied_file_registered_under_the_official_url_serves_model_vit_t_and_checkpoint_url(tmp_path, vit_t_checkpoint, capsys):
+    config = write_config(tmp_path, [])
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    assert cli(["weights", "add", "mobile_sam", "vit_t", str(vit_t_checkpoint), "--url", MOBILE_SAM_URL,
+                "--config", str(config)]) == 0
+    sha = hashlib.sha256(vit_t_checkpoint.read_bytes()).hexdigest()
+    entry = yaml.safe_load(config.read_text())["weights"][0]
+    assert entry == {"name": "mobile_sam", "type": "vit_t", "url": MOBILE_SAM_URL, "sha256": sha}
+    save_image(inbox / "my_cells.png", coins())
+    # the README's first job: no weights named, so the type's default, i.e. the official URL
+    write_sidecar(inbox / "my_cells.yaml", {"model": "vit_t", "label": "nucleus", "prompts": [{"bbox": [120, 80, 210, 170]}]})
+    # a QuPath (samapi) body carrying the official URL
+    write_sidecar(inbox / "my_cells.qupath.json", {"type": "vit_t", "bbox": [120, 80, 210, 170], "checkpoint_url": MOBILE_SAM_URL})
+
+    assert run_once(config) == 0
+
+    for stem in ("my_cells", "my_cells.qupath"):
+        weights = read_json(outbox / f"{stem}.geojson")["samwatch"]["weights"]
+        assert weights["sha256"] == sha, stem
+    listed = capsys.readouterr()
+    assert cli(["weights", "list", "--type", "vit_t", "--config", str(config), "--json"]) == 0
+    items = {item["name"]: item for item in json.loads(capsys.readouterr().out)}
+    assert items["default"]["state"] == items["mobile_sam"]["state"] == "ready"
+    assert items["default"]["sha256"] == sha and listed is not None
+
+
+def test_offline_weights_refused_when_they_are_not_what_the_url_or_type_says(tmp_path, vit_t_checkpoint, capsys):
+    config = write_config(tmp_path, [])
+    # a sha256 pinned for that URL (given, or in the config) that the file does not have
+    assert cli(["weights", "add", "a", "vit_t", str(vit_t_checkpoint), "--url", MOBILE_SAM_URL,
+                "--sha256", "0" * 64, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "weights_checksum_mismatch" in err and "without --url" in err
+    assert not list((tmp_path / "state").rglob("*.pt"))
+    # the official URL of another type
+    assert cli(["weights", "add", "b", "vit_t", str(vit_t_checkpoint), "--url", DEFAULT_WEIGHT_URLS["vit_b"],
+                "--config", str(config)]) == 2
+    assert f"samwatch weights add b vit_b {vit_t_checkpoint}" in capsys.readouterr().err
+    # a file of the wrong architecture for its type
+    assert cli(["weights", "add", "c", "vit_b", str(vit_t_checkpoint), "--url", "https://example.org/c.pth",
+                "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "weights_wrong_architecture" in err and "do not fit model type vit_b" in err
+    assert "weights" not in yaml.safe_load(config.read_text()) or yaml.safe_load(config.read_text())["weights"] == []
+
+
+def test_a_failed_download_names_the_config_in_use(tmp_path):
+    from samwatch.config import WeightsEntry
+
+    config_file = tmp_path / "etc" / "samwatch.yaml"
+    entry = WeightsEntry(name="default", type="vit_t", url="http://127.0.0.1:9/mobile_sam.pt")
+    registry = WeightsRegistry([entry], tmp_path / "state", config_file=config_file)
+    try:
+        with pytest.raises(Exception) as failed:
+            registry.fetch("vit_t", "default")
+    finally:
+        registry.close()
+    assert failed.value.code == "weights_download_failed"
+    assert (f"samwatch weights add default vit_t /path/to/mobile_sam.pt --url http://127.0.0.1:9/mobile_sam.pt "
+            f"--config {config_file}") in failed.value.message
+
+
+# -- 3. OME-TIFF names ---------------------------------------------------------------------
+
+
+def test_ome_tiff_pairs_with_its_plain_stem_and_an_unknown_double_suffix_says_why(tmp_path, fake_model):
+    import tifffile
+
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    pixels = np.full((64, 80), 90, np.uint8)
+    for name in ("a.ome.tif", "b.ome.tiff", "c.ome.tif", "d.v2.tif"):
+        tifffile.imwrite(inbox / name, pixels, ome=name.endswith((".ome.tif", ".ome.tiff")))
+    box = {"prompts": [{"bbox": [5, 5, 30, 30]}]}
+    for sidecar in ("a.yaml", "b.yaml", "c.ome.yaml", "d.yaml"):
+        write_sidecar(inbox / sidecar, box)
+
+    assert run_once(config) == 1
+
+    for stem in ("a", "b", "c.ome"):
+        assert (outbox / f"{stem}.geojson").is_file(), stem
+    error = read_json(outbox / "d.error.json")
+    assert error["error"] == "image_not_found"
+    assert "there is d.v2.tif" in error["message"] and "d.v2.yaml" in error["message"]
+
+
+# -- 5. progress under --once --------------------------------------------------------------
+
+
+def test_progress_moves_under_once_as_under_run(tmp_path, fake_model, monkeypatch):
+    from samwatch.outbox import Outbox
+
+    seen: list[tuple[str, str, str, float]] = []
+    original = Outbox.running
+
+    def recording(self, job_id, stage, percent, message=""):  # noqa: ANN001
+        seen.append((job_id, stage, message, time.monotonic()))
+        original(self, job_id, stage, percent, message)
+
+    monkeypatch.setattr(Outbox, "running", recording)
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    inbox = tmp_path / "inbox"
+    save_image(inbox / "small.png", np.full((64, 64), 80, np.uint8))
+    write_sidecar(inbox / "small.yaml", {"label": "slow:1.2", "prompts": [{"bbox": [2, 2, 30, 30]}]})
+    save_image(inbox / "large.png", np.full((1100, 1500), 80, np.uint8))
+    write_sidecar(inbox / "large.yaml", {"label": "slow:0.6", "prompts": [{"bbox": [10, 10, 50, 50]},
+                                                                         {"bbox": [1400, 1000, 1450, 1050]}]})
+
+    assert run_once(config) == 0
+
+    small = [stage for job, stage, _, _ in seen if job == "small"]
+    assert "reading" in small and "decoding prompts" in small
+    # written while the job ran, not all at once after it
+    decoding = [at for job, stage, _, at in seen if job == "small" and stage == "decoding prompts"]
+    assert decoding[-1] - decoding[0] >= 0.4
+    assert [message for job, stage, message, _ in seen if job == "large" and stage == "tiles" and message.startswith("tile 1/2")]
