@@ -220,6 +220,12 @@ class Ledger:
         ).fetchall()
         return [JobRow(*row) for row in rows]
 
+    def latest(self, state: str, limit: int) -> list[tuple[str, str | None, float]]:
+        """The ``limit`` jobs most recently put in ``state``, newest first: (job_id, error, updated)."""
+        return [tuple(row) for row in self._db.execute(
+            "SELECT job_id, error, updated FROM jobs WHERE state = ? ORDER BY updated DESC LIMIT ?", (state, limit),
+        ).fetchall()]
+
     def all_job_ids(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT job_id FROM jobs")}
 

@@ -7,8 +7,9 @@ marker. Jobs waiting for weights are settled here too, when their download ends.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,7 @@ from samwatch.errors import JobError
 from samwatch.jobs import Outcome, move_inputs, stage_percent
 from samwatch.ledger import JobRow, Ledger
 from samwatch.atomic import now_iso
+from samwatch.weights.files import read_json
 from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox
 from samwatch.outputs.dashboard import RecentResults
 from samwatch.queueing import JobQueue
@@ -34,18 +36,32 @@ class RunStats:
     done: int = 0
     failed: int = 0
     cancelled: int = 0
-    recent_failures: deque = field(default_factory=lambda: deque(maxlen=20))
+    keep_failures: int = 20
+    #: job -> its latest failure, oldest first: a job that fails on every retry is listed once,
+    #: and leaves the list when it succeeds
+    failures: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     recent_results: RecentResults = field(default_factory=RecentResults)
+
+    @property
+    def recent_failures(self) -> list[dict[str, Any]]:
+        return list(self.failures.values())
 
     def success(self, job_id: str, outcome: Outcome) -> None:
         self.done += 1
+        self.failures.pop(job_id, None)
         self.recent_results.add(job_id, features=outcome.features, seconds=outcome.seconds,
                                 preview=PREVIEW_SUFFIX in outcome.extras, labels=LABELS_SUFFIX in outcome.extras)
 
     def failure(self, job_id: str, error: JobError) -> None:
         self.failed += 1
-        self.recent_failures.append({"job": job_id, "error": error.code, "message": error.message, "at": now_iso()})
+        self.note_failure(job_id, error.code, error.message, now_iso())
         self.recent_results.discard(job_id)  # its result file is gone
+
+    def note_failure(self, job_id: str, code: str, message: str, at: str) -> None:
+        self.failures.pop(job_id, None)
+        self.failures[job_id] = {"job": job_id, "error": code, "message": message, "at": at}
+        while len(self.failures) > self.keep_failures:
+            self.failures.popitem(last=False)
 
 
 class OutcomeRecorder:
@@ -58,8 +74,24 @@ class OutcomeRecorder:
         self.outbox = outbox
         self.registry = registry
         self.queue = queue
-        self.stats = RunStats(recent_failures=deque(maxlen=config.service.recent_failures or 1))
+        self.stats = RunStats(keep_failures=config.service.recent_failures)
         self.waiting_on: dict[str, tuple[str, str] | None] = {}
+        self._restore_history()
+
+    def _restore_history(self) -> None:
+        """Failures and results of earlier runs, from the ledger and the outbox: a restart must
+        not blank ``samwatch status`` and the dashboard."""
+        def at(updated: float) -> str:
+            return datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="milliseconds")
+
+        for job_id, code, updated in reversed(self.ledger.latest("failed", self.stats.keep_failures)):
+            body = read_json(self.outbox.root / f"{job_id}.error.json")
+            message = body.get("message") if isinstance(body.get("message"), str) else ""
+            self.stats.note_failure(job_id, code or str(body.get("error", "")), message, at(updated))
+        for job_id, _, updated in reversed(self.ledger.latest("done", self.stats.recent_results.keep)):
+            has = {suffix: (self.outbox.root / f"{job_id}{suffix}").is_file() for suffix in (PREVIEW_SUFFIX, LABELS_SUFFIX)}
+            self.stats.recent_results.add(job_id, features=None, seconds=None, at=at(updated),
+                                          preview=has[PREVIEW_SUFFIX], labels=has[LABELS_SUFFIX])
 
     def record(self, run: Running, outcome: Outcome, *, stopping: bool) -> None:
         ticket, row = run.ticket, run.row

@@ -16,6 +16,15 @@ def _models(status: dict[str, Any]) -> str:
     return ", ".join(f"{m.get('type')}/{m.get('weights')}" for m in status.get("loaded_models", [])) or "none"
 
 
+def _totals(status: dict[str, Any]) -> str:
+    totals = status.get("totals") or {}
+    line = (f"jobs: {totals.get('done', 0)} done, {totals.get('failed', 0)} failed, "
+            f"{totals.get('queued', 0)} queued")
+    if "done_this_run" in totals:
+        line += f" (since start: {totals['done_this_run']} done, {totals.get('failed_this_run', 0)} failed)"
+    return line
+
+
 def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[dict[str, Any]]) -> str:
     lines = [
         f"samwatch {status['version']} on {status['instance']} (pid {status['pid']}), device {status['device']}",
@@ -24,6 +33,7 @@ def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[d
     ]
     queue = status["queue"]
     lines.append(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
+    lines.append(_totals(status))
     executor = status.get("executor", {})
     lines.append(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
     for worker in status.get("workers", []):
@@ -41,7 +51,7 @@ def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[d
         lines.append(f"other daemon on this outbox: {other.get('instance')}: {state}, heartbeat {other.get('updated')}")
     failures = status.get("recent_failures", [])
     if failures:
-        lines.append("recent failures:")
+        lines.append("recent failures (when, job: error: message):")
         lines.extend(f"  {f['at']} {f['job']}: {f['error']}: {f['message']}" for f in failures[-10:])
     return "\n".join(lines)
 
@@ -79,7 +89,7 @@ def render_tables(status: dict[str, Any], age: float, stale: bool, others: list[
             *_cells(other.get("instance")), other_state,
             *_cells(other.get("device", ""), queue.get("queued", ""), queue.get("waiting", ""), other.get("updated", "")),
         )
-    out: list[Any] = [daemons]
+    out: list[Any] = [daemons, Text(_totals(status))]
     workers = status.get("workers", [])
     if workers:
         table = Table(title=f"workers ({status.get('executor', {}).get('kind', 'local')} executor)", title_justify="left")

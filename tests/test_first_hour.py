@@ -152,3 +152,39 @@ def test_progress_moves_under_once_as_under_run(tmp_path, fake_model, monkeypatc
     decoding = [at for job, stage, _, at in seen if job == "small" and stage == "decoding prompts"]
     assert decoding[-1] - decoding[0] >= 0.4
     assert [message for job, stage, message, _ in seen if job == "large" and stage == "tiles" and message.startswith("tile 1/2")]
+
+
+# -- 6. status and history -----------------------------------------------------------------
+
+
+def test_status_history_survives_restarts_once_per_job_and_a_fixed_failure_leaves(tmp_path, fake_model, capsys):
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    status_file = outbox / "_samwatch" / "status.json"
+    save_image(inbox / "a.png", np.full((32, 32), 80, np.uint8))
+    write_sidecar(inbox / "a.yaml", {"prompts": [{"bbox": [2, 2, 20, 20]}]})
+    write_sidecar(inbox / "b.yaml", {"prompts": [{"bbox": [2, 2, 20, 20]}]})  # no image yet
+    assert run_once(config) == 1
+    write_sidecar(inbox / "b.yaml", {"label": "again", "prompts": [{"bbox": [2, 2, 20, 20]}]})  # fails again
+    assert run_once(config) == 1
+    assert run_once(config) == 0  # a restart with nothing to do
+
+    status = read_json(status_file)
+    assert status["state"] == "stopped" and status["loaded_models"] == []
+    assert all(worker["loaded_models"] == [] for worker in status["workers"])
+    assert [f["job"] for f in status["recent_failures"]] == ["b"]
+    assert status["recent_failures"][0]["error"] == "image_not_found" and status["recent_failures"][0]["message"]
+    assert [r["job"] for r in status["recent_results"]] == ["a"]
+    page = (outbox / "_samwatch" / "index.html").read_text()
+    assert "<th>file</th>" in page and "<th></th>" not in page
+
+    capsys.readouterr()
+    assert cli(["status", "--outbox", str(outbox)]) in (0, 1)
+    shown = capsys.readouterr().out
+    assert "jobs: 1 done, 1 failed, 0 queued" in shown
+
+    save_image(inbox / "b.png", np.full((32, 32), 80, np.uint8))  # fixed
+    assert run_once(config) == 0
+    status = read_json(status_file)
+    assert status["recent_failures"] == []
+    assert [r["job"] for r in status["recent_results"]] == ["b", "a"]
