@@ -188,3 +188,41 @@ def test_status_history_survives_restarts_once_per_job_and_a_fixed_failure_leave
     status = read_json(status_file)
     assert status["recent_failures"] == []
     assert [r["job"] for r in status["recent_results"]] == ["b", "a"]
+
+
+# -- 7. previews people can read -----------------------------------------------------------
+
+
+def test_previews_show_a_region_or_the_features_extent_with_the_prompts_drawn(tmp_path, fake_model):
+    from PIL import Image
+
+    from samwatch.outputs.preview import BOX_COLOR, POINT_COLORS
+    from slides import dense_slide, write_ome_pyramid
+
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    write_ome_pyramid(inbox / "s.ome.tif", dense_slide(2048, 3072), levels=3, tile=256)
+    write_sidecar(inbox / "s.yaml", {"region": [1000, 500, 800, 400], "prompts": [
+        {"bbox": [1100, 600, 1200, 700], "points": [[1150, 650]], "point_labels": [1]}]})
+    write_sidecar(inbox / "s.spot.yaml", {"prompts": [{"bbox": [2000, 1500, 2060, 1560]}]})
+    save_image(inbox / "plain.png", np.full((300, 400), 60, np.uint8))
+    write_sidecar(inbox / "plain.yaml", {"prompts": [{"bbox": [50, 50, 150, 120], "points": [[100, 90], [60, 60]],
+                                                      "point_labels": [1, 0]}]})
+
+    assert run_once(config) == 0
+
+    def preview(stem: str) -> np.ndarray:
+        return np.asarray(Image.open(outbox / f"{stem}.preview.png").convert("RGB"))
+
+    def has(image: np.ndarray, color: tuple[int, int, int]) -> bool:
+        return bool((image == np.array(color, np.uint8)).all(axis=-1).any())
+
+    region = preview("s")
+    assert region.shape[:2] == (400, 800)  # the region, at full resolution (never enlarged)
+    spot = preview("s.spot")
+    assert spot.shape[:2] == (188, 188)  # the feature (60 px) with its margin, not the 3072-px slide
+    plain = preview("plain")
+    assert plain.shape[:2] == (300, 400)  # an ordinary image: all of it
+    for image in (region, spot, plain):
+        assert has(image, BOX_COLOR)
+    assert has(region, POINT_COLORS[1]) and has(plain, POINT_COLORS[1]) and has(plain, POINT_COLORS[0])
