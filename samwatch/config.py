@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from samwatch.errors import ConfigError
 from samwatch.families import ModelType
+from samwatch.schema_errors import describe_validation_error
 
 MAX_CONFIG_BYTES = 1024 * 1024
 #: Read by every command given no --config, when it exists; ``weights add`` creates it.
@@ -316,18 +317,6 @@ class Config(StrictModel):
         )
 
 
-def describe_validation_error(error: ValidationError) -> list[str]:
-    """One line per problem, ``key.path: reason`` — what a person needs to fix it."""
-    lines = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        reason = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            reason = "unknown key"
-        lines.append(f"{where}: {reason}")
-    return lines
-
-
 def read_yaml_mapping(path: Path, max_bytes: int) -> dict[str, Any]:
     """Safe-load a YAML (or JSON) mapping, refusing oversized files before parsing."""
     size = path.stat().st_size
@@ -378,7 +367,7 @@ def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool
     try:
         config = Config.model_validate(data).resolved(path.resolve().parent)
     except ValidationError as exc:
-        raise ConfigError(str(path), describe_validation_error(exc)) from None
+        raise ConfigError(str(path), describe_validation_error(exc, Config)) from None
     if check_files and (absent := missing_extras(config)):
         raise ConfigError(str(path), absent)
     if check_files:

@@ -441,7 +441,7 @@ def validate_sidecar(data: dict[str, Any], *, name: str) -> Sidecar:
     try:
         return Sidecar.model_validate(data)
     except ValidationError as exc:
-        problems = describe_validation_error(exc)
+        problems = describe_validation_error(exc, Sidecar)
         first_field = problems[0].split(":", 1)[0] if problems else None
         if any(problem["loc"][:1] in (("model",), ("type",)) for problem in exc.errors()):
             model = data.get("model", data.get("type"))

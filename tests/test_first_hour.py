@@ -226,3 +226,28 @@ def test_previews_show_a_region_or_the_features_extent_with_the_prompts_drawn(tm
     for image in (region, spot, plain):
         assert has(image, BOX_COLOR)
     assert has(region, POINT_COLORS[1]) and has(plain, POINT_COLORS[1]) and has(plain, POINT_COLORS[0])
+
+
+# -- 8. samwatch check reports every problem -----------------------------------------------
+
+
+def test_check_reports_every_problem_beside_schema_errors_with_fixes(tmp_path, capsys):
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    inbox = tmp_path / "inbox"
+    save_image(inbox / "a.png", np.zeros((100, 120), np.uint8))
+    (inbox / "a.yaml").write_text("lable: x\nprompts:\n  - bbox: [1, 2, 500, 60]\n  - bbox: [1, 2, 50]\n"
+                                  "  - points: [[400, 10]]\n    lable: y\n")
+    config.write_text(config.read_text() + "heartbeat_secnds: 3\n")
+    assert cli(["check", "--config", str(config)]) == 2
+    assert "heartbeat_secnds: unknown key" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("heartbeat_secnds: 3\n", ""))
+
+    assert cli(["check", "--config", str(config)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "a.yaml: lable: sidecar_invalid: lable: unknown key; did you mean label?" in lines
+    assert "a.yaml: prompts.2.lable: sidecar_invalid: prompts.2.lable: unknown key; did you mean label?" in lines
+    assert "a.yaml: prompts.1.bbox: sidecar_invalid: prompts.1.bbox: bbox needs 4 numbers [x0, y0, x1, y1]" in lines
+    # beside the schema errors, the boxes and points against the image
+    assert any(line.startswith("a.yaml: prompts.0.bbox: prompt_out_of_bounds:") for line in lines), lines
+    assert any(line.startswith("a.yaml: prompts.2.points.0: prompt_out_of_bounds:") for line in lines), lines
+    assert len(lines) == 5, lines
