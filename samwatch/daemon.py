@@ -173,7 +173,8 @@ class Daemon:
     def _announce(self) -> None:
         # Logged when the loop starts, after the CLI set the signal handlers: "started" means
         # a SIGTERM from now on stops the daemon cleanly.
-        devices = ", ".join(worker["device"] for worker in self.workers)
+        # one name per kind of device ("cpu" for two CPU slots); a cluster may have no worker yet
+        devices = ", ".join(dict.fromkeys(worker["device"] for worker in self.workers)) or "none yet (no worker)"
         logger.info(
             f"samwatch {__version__} started inbox={self.config.inbox} outbox={self.config.outbox} "
             f"executor={self.executor.kind} device={devices} watch={self.watcher.mode}"

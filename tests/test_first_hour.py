@@ -251,3 +251,54 @@ def test_check_reports_every_problem_beside_schema_errors_with_fixes(tmp_path, c
     assert any(line.startswith("a.yaml: prompts.0.bbox: prompt_out_of_bounds:") for line in lines), lines
     assert any(line.startswith("a.yaml: prompts.2.points.0: prompt_out_of_bounds:") for line in lines), lines
     assert len(lines) == 5, lines
+
+
+# -- 9. admin details ----------------------------------------------------------------------
+
+
+def test_tile_provenance_counts_add_up_when_an_embedding_is_reused_from_memory(tmp_path, vit_t_checkpoint):
+    config = write_config(tmp_path, [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)}],
+                          models={"accelerate": {"cpu": []}, "tile_embedding_cache_mb": 0})
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    big = np.full((1100, 1500), 40, np.uint8)
+    big[700:1003, 1000:1384] = coins()
+    save_image(inbox / "mosaic.png", big)
+    # two sidecars, one window each, the same window: the second reuses the first's embedding
+    write_sidecar(inbox / "mosaic.yaml", {"prompts": [{"bbox": [1040, 740, 1120, 810]}]})
+    write_sidecar(inbox / "mosaic.b.yaml", {"prompts": [{"bbox": [1050, 750, 1130, 820]}]})
+
+    assert run_once(config) == 0
+
+    tilings = [read_json(outbox / f"{stem}.geojson")["samwatch"]["tiling"] for stem in ("mosaic", "mosaic.b")]
+    assert sorted((t["windows_encoded"], t["cache_hits"]) for t in tilings) == [(0, 1), (1, 0)]
+    assert all(t["tiles"] == t["windows_encoded"] + t["cache_hits"] == 1 for t in tilings)
+
+
+def test_the_start_line_names_each_kind_of_device_once_and_idle_dask_workers_their_device(tmp_path, fake_model, capsys):
+    config = write_config(tmp_path, fake_weights(tmp_path), device=["cpu", "cpu"])
+    assert run_once(config) == 0
+    started = [line for line in capsys.readouterr().err.splitlines() if " started inbox=" in line]
+    assert started and " device=cpu watch=" in started[0], started
+
+    distributed = pytest.importorskip("distributed")
+    from samwatch.config import load_config
+    from samwatch.executors.dask import DaskExecutor
+
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as local, \
+            distributed.Client(local) as client:
+        executor = DaskExecutor(load_config(config), registry=None, client=client)
+        assert [worker["device"] for worker in executor.workers()] == ["cpu"]  # before its first job
+
+
+def test_weights_list_shows_the_sha256_the_daemon_computed(tmp_path, fake_model, capsys):
+    config = write_config(tmp_path, fake_weights(tmp_path))
+    save_image(tmp_path / "inbox" / "a.png", np.full((32, 32), 80, np.uint8))
+    write_sidecar(tmp_path / "inbox" / "a.yaml", {"prompts": [{"bbox": [2, 2, 20, 20]}]})
+    assert run_once(config) == 0
+    capsys.readouterr()
+    assert cli(["weights", "list", "--type", "vit_t", "--json", "--config", str(config)]) == 0
+    listed = {item["name"]: item for item in json.loads(capsys.readouterr().out)}
+    assert listed["default"]["sha256"] == hashlib.sha256((tmp_path / "fake.pt").read_bytes()).hexdigest()
+    (tmp_path / "fake.pt").write_bytes(b"other bytes")  # changed since: not shown as that sha256
+    assert cli(["weights", "list", "--type", "vit_t", "--json", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["sha256"] is None

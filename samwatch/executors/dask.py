@@ -126,7 +126,7 @@ class DaskExecutor:
         if time.monotonic() - fetched < WORKER_INFO_SECONDS:
             return info
         try:
-            loaded = self.client.run(worker_state)
+            loaded = self.client.run(worker_state, self._config.executor.device)
             processing = self.client.processing()
             scheduler = self.client.scheduler_info().get("workers", {})
         except Exception as exc:  # noqa: BLE001 - a cluster hiccup must not stop the status
@@ -265,14 +265,18 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     }
 
 
-def worker_state(dask_worker: Any) -> dict[str, Any]:
-    """Called through ``Client.run``, which passes the worker as ``dask_worker``."""
-    from samwatch.models.device import describe
+def worker_state(device: str = "auto", *, dask_worker: Any) -> dict[str, Any]:
+    """Called through ``Client.run``, which passes the worker as ``dask_worker``; before its
+    first job a worker reports the device ``device`` (``executor.device``) picks there."""
+    from samwatch.models.device import DeviceUnavailable, describe, pick_devices
 
     pool = getattr(dask_worker, "_samwatch_pool", None)
-    if pool is None:
-        return {"device": "not used yet", "loaded_models": []}
-    return {"device": describe(pool.device), "loaded_models": pool.loaded()}
+    if pool is not None:
+        return {"device": describe(pool.device), "loaded_models": pool.loaded()}
+    try:
+        return {"device": describe(pick_devices(device)[0]), "loaded_models": []}
+    except DeviceUnavailable as exc:
+        return {"device": f"unavailable ({exc})", "loaded_models": []}
 
 
 def evict_on_worker(changed: list[tuple[str, str]], dask_worker: Any) -> None:

@@ -31,12 +31,14 @@ from samwatch.families import MODEL_TYPES
 from samwatch.models.base import LoadSpec
 from samwatch.weights.entries import Key, as_url, download_path, entries_with_defaults, entry_identity, entry_key
 from samwatch.weights.failures import checksum_mismatch, download_failed, naming_config
-from samwatch.weights.files import file_size, part_progress, sha256_file, sibling, verified_sha
+from samwatch.weights.files import file_size, part_progress, read_json, sha256_file, sibling, verified_sha, write_json
 from samwatch.weights.hf import fetch_hf, parse_hf_url, probe_hf
 from samwatch.weights.http import Transfer, probe_http
 from samwatch.weights.locks import CancelCheck, cancel_file_path, exclusive, held_elsewhere
 
 POLL_SECONDS = 0.25
+#: sha256 of path entries' files, by path with the (size, mtime_ns, inode) it was computed for
+PATH_HASHES = "path-hashes.json"
 
 Progress = Callable[[int, int | None], None]
 
@@ -114,6 +116,7 @@ class WeightsRegistry:
         self._downloads: dict[Path, _Download] = {}
         self._retired: list[_Download] = []  # cancelled by update(), still winding down
         self._hashes: dict[Path, tuple[int, int, int, str]] = {}  # path -> size, mtime_ns, inode, sha256
+        self._load_path_hashes()
 
     # -- entries -------------------------------------------------------------------------
 
@@ -276,8 +279,8 @@ class WeightsRegistry:
                 item.update(on_disk=True, size_bytes=size, state="ready")
             with self._lock:
                 cached = self._hashes.get(path)
-            if entry.sha256 is None and cached is not None:
-                item["sha256"] = cached[3]  # listing never hashes: only what a request already did
+            if entry.sha256 is None and cached is not None and size is not None and cached[:3] == _identity(path):
+                item["sha256"] = cached[3]  # listing never hashes: only what a request (here or a daemon) did
             return item
         sha = verified_sha(entry, path)
         if sha is not None:
@@ -307,8 +310,7 @@ class WeightsRegistry:
     def _path_sha(self, entry: WeightsEntry, path: Path) -> str:
         """The file's sha256, hashed once per (size, mtime, inode): a 2.5 GB file is not re-read per job."""
         try:
-            stat = path.stat()
-            identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            identity = _identity(path)
             with self._lock:
                 cached = self._hashes.get(path)
             if cached is not None and cached[:3] == identity:
@@ -323,8 +325,20 @@ class WeightsRegistry:
             ) from None
         with self._lock:
             self._hashes[path] = (*identity, sha)
+            records = {str(p): list(v) for p, v in self._hashes.items()}
         logger.info("weights {}/{}: hashed {} (sha256 {})", entry.type, entry.name, path, sha)
+        try:  # for `samwatch weights list` and the next start: a 2.5 GB file is hashed once
+            self._weights_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self._weights_dir / PATH_HASHES, {"hashes": records})
+        except OSError:
+            pass  # a read-only state folder (the CLI as another user): hashed again next time
         return sha
+
+    def _load_path_hashes(self) -> None:
+        records = read_json(self._weights_dir / PATH_HASHES).get("hashes")
+        for path, value in (records or {}).items() if isinstance(records, dict) else ():
+            if isinstance(value, list) and len(value) == 4 and isinstance(value[3], str):
+                self._hashes[Path(path)] = (int(value[0]), int(value[1]), int(value[2]), value[3])
 
     def _verified_spec(self, entry: WeightsEntry) -> LoadSpec | None:
         target = self.file_path(entry)
@@ -424,3 +438,8 @@ class WeightsRegistry:
             elif self._downloads.get(download.target) is download:
                 del self._downloads[download.target]
         download.finished.set()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
