@@ -232,7 +232,10 @@ class JobRunner:
     def infer(self, job: Prepared) -> Iterator[Detection]:
         """Phase 2, the device: the model loaded and run; detections as they come (each mask
         becomes its feature and is dropped, so a job holds one prompt batch of masks at a time)."""
-        job.progress("loading model", 0.0)
+        # A first load can take a while (a CPU's ONNX export): say so, or the job looks stuck.
+        job.progress("loading model", 0.0, "" if self.pool.holds(job.spec) else
+                     f"loading {job.spec.model_type} (its first job here; on a CPU the encoder is exported to ONNX "
+                     "once per weights, up to a minute)")
         load_started = time.perf_counter()
         job.adapter = self.pool.get(job.spec)
         job.timings["load"] = time.perf_counter() - load_started

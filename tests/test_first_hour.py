@@ -148,6 +148,8 @@ def test_progress_moves_under_once_as_under_run(tmp_path, fake_model, monkeypatc
 
     small = [stage for job, stage, _, _ in seen if job == "small"]
     assert "reading" in small and "decoding prompts" in small
+    loads = [message for job, stage, message, _ in seen if stage == "loading model"]
+    assert "its first job here" in loads[0] and loads[-1] == ""  # the model stays loaded for the next job
     # written while the job ran, not all at once after it
     decoding = [at for job, stage, _, at in seen if job == "small" and stage == "decoding prompts"]
     assert decoding[-1] - decoding[0] >= 0.4

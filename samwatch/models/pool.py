@@ -89,5 +89,8 @@ class ModelPool:
         for key in [k for k in self._loaded if (k[0], k[1]) in changed]:
             self._drop(key)
 
+    def holds(self, spec: LoadSpec) -> bool:
+        return self.key(spec) in self._loaded
+
     def loaded(self) -> list[dict[str, str]]:
         return [{"type": k[0], "weights": k[1]} for k in self._loaded]
