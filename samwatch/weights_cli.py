@@ -192,8 +192,9 @@ def _edit_path(args: argparse.Namespace) -> Path:
 
 def _open_registry(args: argparse.Namespace) -> WeightsRegistry:
     # a path entry whose file is gone is shown as missing, not a reason to refuse the whole config
-    config = load_config(_config_path(args), check_files=False)
-    return WeightsRegistry(config.weights, config.state_dir)
+    path = _config_path(args)
+    config = load_config(path, check_files=False)
+    return WeightsRegistry(config.weights, config.state_dir, config_file=path.absolute() if path else None)
 
 
 def _new_entry(args: argparse.Namespace) -> WeightsEntry:
