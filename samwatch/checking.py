@@ -111,12 +111,14 @@ def _lines(problem: JobError, rel: str) -> list[str]:
     return [f"{where}{problem.field or '-'}: {problem.code}: {problem.message}"]
 
 
-def check_paths(config: Config, paths: list[Path]) -> list[str]:
+def check_paths(config: Config, paths: list[Path], *, config_file: Path | None = None) -> list[str]:
+    """Every problem of the sidecars at ``paths`` (default: the inbox's); ``config_file`` is
+    named in the advice of weights that cannot be fetched."""
     if not paths:
         if not config.inbox.is_dir():
             return []
         paths = [config.inbox / rel for rel in sorted(scan_tree(config.inbox)) if is_sidecar(rel) or is_folder_defaults(rel)]
-    registry = WeightsRegistry(config.weights, config.state_dir)
+    registry = WeightsRegistry(config.weights, config.state_dir, config_file=config_file)
     try:
         return [line for path in paths for line in check_sidecar(config, path, registry)]
     finally:

@@ -58,7 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from samwatch.checking import check_paths
 
     config = _load(args)
-    problems = check_paths(config, [Path(p) for p in args.paths])
+    problems = check_paths(config, [Path(p) for p in args.paths], config_file=args.config.absolute() if args.config else None)
     for line in problems:
         print(line)
     if not problems:

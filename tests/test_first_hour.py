@@ -90,12 +90,14 @@ def test_a_failed_download_names_the_config_in_use(tmp_path):
     registry = WeightsRegistry([entry], tmp_path / "state", config_file=config_file)
     try:
         with pytest.raises(Exception) as failed:
-            registry.fetch("vit_t", "default")
+            registry.fetch("vit_t", "default")  # the daemon's and `weights fetch`'s path
+        probed = registry.unobtainable("vit_t", "default")  # `samwatch check`'s
     finally:
         registry.close()
-    assert failed.value.code == "weights_download_failed"
-    assert (f"samwatch weights add default vit_t /path/to/mobile_sam.pt --url http://127.0.0.1:9/mobile_sam.pt "
-            f"--config {config_file}") in failed.value.message
+    advice = (f"samwatch weights add default vit_t /path/to/mobile_sam.pt --url http://127.0.0.1:9/mobile_sam.pt "
+              f"--config {config_file}")
+    assert failed.value.code == probed.code == "weights_download_failed"
+    assert advice in failed.value.message and advice in probed.message
 
 
 # -- 3. OME-TIFF names ---------------------------------------------------------------------

@@ -202,7 +202,8 @@ class WeightsRegistry:
             ref = parse_hf_url(entry.url or "")
         except ValueError as exc:
             return download_failed(entry, str(exc))
-        return probe_hf(entry, ref) if ref is not None else probe_http(entry, self._opener)
+        problem = probe_hf(entry, ref) if ref is not None else probe_http(entry, self._opener)
+        return None if problem is None else naming_config(problem, entry, self._config_file)
 
     def fetch(self, model_type: str, name: str, progress: Progress | None = None) -> LoadSpec:
         """Like :meth:`request`, but waits (for the CLI); raises the download's JobError."""
