@@ -25,6 +25,21 @@ def run_once(config: Path) -> int:
     return cli(["run", "--once", "--config", str(config)])
 
 
+@pytest.fixture(autouse=True)
+def logging_left_as_found():
+    """``cli.main`` points loguru at this test's captured stderr: later tests must not write there."""
+    import sys
+    import warnings
+
+    from loguru import logger
+
+    shown = warnings.showwarning
+    yield
+    warnings.showwarning = shown
+    logger.remove()
+    logger.add(lambda message: sys.stderr.write(message))
+
+
 @pytest.fixture
 def fake_model(monkeypatch):
     import fakes
