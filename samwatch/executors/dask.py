@@ -12,7 +12,10 @@ future, and the ledger's dispatch token drops anything older (see executors/base
 
 from __future__ import annotations
 
+import os
 import queue
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from loguru import logger
 
 from samwatch.config import ClusterSettings, Config
 from samwatch.errors import JobCancelled, JobError
-from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport
+from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
 from samwatch.jobs import JobTicket, Outcome, Progress
 from samwatch.job_sidecar import load_job_sidecar
 from samwatch.models.base import LoadSpec
@@ -46,7 +49,7 @@ class DaskExecutor:
         self._cluster = None
         if client is None:
             if settings.cluster is not None:
-                self._cluster = start_jobqueue_cluster(settings.cluster)
+                self._cluster = start_jobqueue_cluster(settings.cluster, config.state_dir / "worker-logs")
                 client = Client(self._cluster)
             else:
                 client = Client(settings.address, timeout="30s")
@@ -55,14 +58,26 @@ class DaskExecutor:
         self._futures: dict[str, tuple[Dispatch, Any]] = {}  # token -> (dispatch, future)
         self._immediate: list[Finished] = []
         self._worker_info: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self._running_on: dict[str, str] = {}  # token -> the worker its progress last came from
+        self._counts: dict[str, dict[str, int]] = {}  # worker name -> {"done": n, "failed": n}
+        self._known: dict[str, str] = {}  # worker address -> name, as last seen
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
         logger.info(f"dask executor on {self.client.scheduler.address}")
 
     # ---- the seam ----------------------------------------------------------------------------
 
     def free_slots(self) -> int:
+        return self.in_flight_limit() - len(self._futures)
+
+    def in_flight_limit(self) -> int:
+        """Jobs the cluster holds at once: its threads now; with an adaptive cluster, enough for
+        ``adapt_maximum`` workers, since adapt asks the batch system only for work the scheduler
+        holds (and no more: a backlog of thousands stays in the daemon's queue)."""
         threads = sum(self.client.nthreads().values())
-        return max(1, threads) - len(self._futures)  # with none yet (adaptive), one job makes it scale up
+        cluster = self._config.executor.cluster
+        if cluster is not None:
+            return max(threads, cluster.adapt_maximum * cluster.cores)
+        return max(1, threads)  # with none yet, one job makes the cluster's own autoscaler act
 
     def submit(self, dispatch: Dispatch) -> None:
         ticket = dispatch.ticket
@@ -95,7 +110,12 @@ class DaskExecutor:
         for token, (dispatch, future) in list(self._futures.items()):
             if future.done():
                 del self._futures[token]
-                events.append(Finished(dispatch.ticket.job_id, token, _outcome_of(future), _worker_of(future)))
+                outcome, worker = _outcome_of(future), _worker_of(future)
+                self._running_on.pop(token, None)
+                if outcome.state in ("done", "failed"):
+                    counts = self._counts.setdefault(worker, {"done": 0, "failed": 0})
+                    counts[outcome.state] += 1
+                events.append(Finished(dispatch.ticket.job_id, token, outcome, worker))
         try:
             if not events and timeout > 0:
                 events.append(self._events.get(timeout=timeout))
@@ -106,7 +126,13 @@ class DaskExecutor:
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         message = event[1]
-        self._events.put(ProgressReport(message["job"], message["token"], message["stage"], message["percent"], message["message"]))
+        token, worker = message["token"], message.get("worker")
+        if worker is not None and token in self._futures:
+            before = self._running_on.get(token)
+            if before is not None and before != worker:  # the scheduler moved it: its worker was lost
+                logger.warning(f"job {message['job']} runs again on dask worker {worker} (it was on {before})")
+            self._running_on[token] = worker
+        self._events.put(ProgressReport(message["job"], token, message["stage"], message["percent"], message["message"]))
 
     def cancel(self, token: str) -> None:
         from distributed import Event as ClusterEvent
@@ -132,20 +158,42 @@ class DaskExecutor:
         except Exception as exc:  # noqa: BLE001 - a cluster hiccup must not stop the status
             logger.warning(f"dask: cannot read the workers' state: {exc!r}")
             return info
-        jobs = {f"samwatch-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
-        info = [
-            {
-                "name": str(scheduler.get(address, {}).get("name", address)),
+        names = {address: str(scheduler.get(address, {}).get("name", address)) for address in loaded}
+        self._note_departures(names)
+        in_hand: dict[str, list[str]] = {}
+        for token, worker in list(self._running_on.items()):
+            if token in self._futures:
+                in_hand.setdefault(worker, []).append(self._futures[token][0].ticket.job_id)
+        keys = {f"samwatch-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
+        info = []
+        for address, state in sorted(loaded.items()):
+            name = names[address]
+            # Reported progress says what a worker runs; a job it has not reported on yet, the scheduler's view.
+            jobs = in_hand.get(name) or [keys[key] for key in processing.get(address, ()) if key in keys][:1]
+            info.append({
+                "name": name,
                 "host": scheduler.get(address, {}).get("host", address),
                 "device": state["device"],
                 "memory_mb": round(scheduler.get(address, {}).get("metrics", {}).get("memory", 0) / 2**20),
                 "loaded_models": state["loaded_models"],
-                "job": next((jobs[key] for key in processing.get(address, ()) if key in jobs), None),
-            }
-            for address, state in sorted(loaded.items())
-        ]
+                **({"slurm_job": state["slurm_job"]} if "slurm_job" in state else {}),
+                "job": jobs[0] if jobs else None,
+                "jobs": jobs,
+                **self._counts.get(name, {"done": 0, "failed": 0}),
+            })
         self._worker_info = (time.monotonic(), info)
         return info
+
+    def _note_departures(self, names: dict[str, str]) -> None:
+        """Log a worker that left while it ran a job (adapt retires only idle ones: this one was lost)."""
+        for address, name in self._known.items():
+            if address in names:
+                continue
+            held = [self._futures[token][0].ticket.job_id for token, worker in self._running_on.items()
+                    if worker == name and token in self._futures]
+            if held:
+                logger.warning(f"dask worker {name} lost while running job {', '.join(held)}; the scheduler runs it again")
+        self._known = names
 
     def reconfigure(self, config: Config, changed: set[tuple[str, str]]) -> None:
         self._config = config
@@ -165,11 +213,14 @@ class DaskExecutor:
             self._cluster.close()
 
 
-def start_jobqueue_cluster(settings: ClusterSettings) -> Any:
+def start_jobqueue_cluster(settings: ClusterSettings, log_directory: Path) -> Any:
     import dask_jobqueue
 
     kinds = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
-    cluster = getattr(dask_jobqueue, kinds[settings.kind])(**jobqueue_arguments(settings))
+    arguments = jobqueue_arguments(settings) | {"log_directory": str(log_directory)}  # not the daemon's cwd
+    cluster = getattr(dask_jobqueue, kinds[settings.kind])(**arguments)
+    logger.info(f"{settings.kind} cluster: adapt {settings.adapt_minimum}..{settings.adapt_maximum} worker jobs "
+                f"of {settings.cores} cores, python {arguments.get('python', sys.executable)}")
     cluster.adapt(minimum=settings.adapt_minimum, maximum=settings.adapt_maximum)
     return cluster
 
@@ -187,6 +238,13 @@ def jobqueue_arguments(settings: ClusterSettings) -> dict[str, Any]:
         arguments["queue"] = settings.queue
     if settings.walltime is not None:
         arguments["walltime"] = settings.walltime
+    if settings.worker_python is not None:  # the daemon's interpreter path need not exist on the nodes
+        arguments["python"] = settings.worker_python
+    prologue = [f"source {shlex.quote(settings.venv.rstrip('/') + '/bin/activate')}"] if settings.venv else []
+    prologue += [f"export {name}={shlex.quote(value)}" for name, value in settings.env.items()]
+    prologue += settings.prologue
+    if prologue:
+        arguments["job_script_prologue"] = prologue
     return arguments
 
 
@@ -218,6 +276,7 @@ class _EventChannel:
     def running(self, stage: str, percent: float, message: str = "") -> None:
         self.worker.log_event(PROGRESS_TOPIC, {
             "job": self.job.ticket.job_id, "token": self.job.token, "stage": stage, "percent": percent, "message": message,
+            "worker": str(self.worker.name),
         })
 
 
@@ -256,12 +315,13 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     worker = get_worker()
     pool = _worker_pool(worker, job.config)
     progress = Progress(_EventChannel(worker, job), _CancelFlag(job.token))
-    runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size)
+    identity = worker_identity("dask", str(worker.name))
+    runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size, identity)
     outcome = runner.run(job.ticket, progress)
     return {
         "state": outcome.state, "error": outcome.error.to_dict() if outcome.error else None,
         "features": outcome.features, "seconds": outcome.seconds, "summary": outcome.summary,
-        "result": outcome.result, "worker": worker.address,
+        "result": outcome.result, "worker": identity["name"],
     }
 
 
@@ -270,9 +330,10 @@ def worker_state(dask_worker: Any) -> dict[str, Any]:
     from samwatch.models.device import describe
 
     pool = getattr(dask_worker, "_samwatch_pool", None)
+    batch = {"slurm_job": os.environ["SLURM_JOB_ID"]} if os.environ.get("SLURM_JOB_ID") else {}
     if pool is None:
-        return {"device": "not used yet", "loaded_models": []}
-    return {"device": describe(pool.device), "loaded_models": pool.loaded()}
+        return {"device": "not used yet", "loaded_models": [], **batch}
+    return {"device": describe(pool.device), "loaded_models": pool.loaded(), **batch}
 
 
 def evict_on_worker(changed: list[tuple[str, str]], dask_worker: Any) -> None:
