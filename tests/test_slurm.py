@@ -58,8 +58,8 @@ def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: P
     cluster = {
         "kind": "slurm", "queue": "ci", "cores": 1, "memory": "2GB", "walltime": "00:20:00",
         "adapt_minimum": 0, "adapt_maximum": 2, "python": sys.executable,
-        "env": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                "DASK_DISTRIBUTED__WORKER__PRELOAD": f"['{TESTS / 'fake_worker.py'}']"},
+        "env": {"PYTHONPATH": f"{ROOT}:{TESTS}", "OMP_NUM_THREADS": "1",
+                "DASK_DISTRIBUTED__WORKER__PRELOAD": "['fake_worker']"},
     }
     config = write_config(tmp_path, fake_weights(tmp_path), executor={"kind": "dask", "cluster": cluster})
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -77,12 +77,14 @@ def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: P
     busy = wait_for(two_busy, 150, what="two Slurm workers busy at once", interval=0.25)
     victim = busy[0]
     subprocess.run(["scancel", victim["slurm_job"]], env=slurm, check=True)  # its job must run again elsewhere
-    wait_for(lambda: all(finished(outbox, s) for s in stems), 180, what="every job finished", interval=0.25)
+    wait_for(lambda: all(finished(outbox, s) for s in stems) and daemon.log().count(" done model=") >= len(stems), 180,
+             what="every job finished", interval=0.25)
     log = daemon.log()
     assert [progress_state(outbox, s) for s in stems] == ["done"] * len(stems), log[-3000:]
     assert [log.count(f"job {s} done ") for s in stems] == [1] * len(stems), log[-3000:]
+    assert f"dask worker {victim['name']} lost while running job {victim['job']}" in log, log[-3000:]
     assert f"job {victim['job']} runs again on dask worker" in log, log[-3000:]
-    ran_on = {read_json(outbox / f"{s}.geojson")["properties"]["worker"]["slurm_job"] for s in stems}
+    ran_on = {read_json(outbox / f"{s}.geojson")["samwatch"]["worker"]["slurm_job"] for s in stems}
     assert len(ran_on) >= 2 and victim["slurm_job"] in {w.get("slurm_job") for w in busy}
     assert victim["job"] in stems
 

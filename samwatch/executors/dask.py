@@ -32,6 +32,10 @@ from samwatch.job_sidecar import load_job_sidecar
 from samwatch.models.base import LoadSpec
 
 PROGRESS_TOPIC = "samwatch-progress"
+#: the scheduler's name for the group of samwatch's tasks (the key up to the token)
+TASK_PREFIX = "samwatch"
+#: what adapt assumes a job takes until one has run
+ASSUMED_JOB_DURATION = "10s"
 #: a worker asks the scheduler whether its job was cancelled at most this often
 CANCEL_CHECK_SECONDS = 0.5
 WORKER_INFO_SECONDS = 2.0
@@ -75,8 +79,8 @@ class DaskExecutor:
         holds (and no more: a backlog of thousands stays in the daemon's queue)."""
         threads = sum(self.client.nthreads().values())
         cluster = self._config.executor.cluster
-        if cluster is not None:
-            return max(threads, cluster.adapt_maximum * cluster.cores)
+        if cluster is not None:  # two per thread: adapt's estimate stays above a worker's work as jobs end
+            return max(threads, 2 * cluster.adapt_maximum * cluster.cores)
         return max(1, threads)  # with none yet, one job makes the cluster's own autoscaler act
 
     def submit(self, dispatch: Dispatch) -> None:
@@ -90,7 +94,7 @@ class DaskExecutor:
             self._immediate.append(Finished(ticket.job_id, dispatch.token, Outcome("waiting", waiting_for=spec), "daemon"))
             return
         job = WorkerJob(_mapped_config(self._config), ticket, dispatch.token, _mapped_spec(spec, self._config.executor.path_map))
-        future = self.client.submit(run_on_worker, job, key=f"samwatch-{dispatch.token}", pure=False)
+        future = self.client.submit(run_on_worker, job, key=f"{TASK_PREFIX}-{dispatch.token}", pure=False)
         self._futures[dispatch.token] = (dispatch, future)
 
     def _resolve(self, ticket: JobTicket) -> LoadSpec | tuple[str, str]:
@@ -126,7 +130,7 @@ class DaskExecutor:
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         message = event[1]
-        token, worker = message["token"], message.get("worker")
+        token, worker = message["token"], message.get("worker_name")
         if worker is not None and token in self._futures:
             before = self._running_on.get(token)
             if before is not None and before != worker:  # the scheduler moved it: its worker was lost
@@ -164,7 +168,7 @@ class DaskExecutor:
         for token, worker in list(self._running_on.items()):
             if token in self._futures:
                 in_hand.setdefault(worker, []).append(self._futures[token][0].ticket.job_id)
-        keys = {f"samwatch-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
+        keys = {f"{TASK_PREFIX}-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
         info = []
         for address, state in sorted(loaded.items()):
             name = names[address]
@@ -214,15 +218,39 @@ class DaskExecutor:
 
 
 def start_jobqueue_cluster(settings: ClusterSettings, log_directory: Path) -> Any:
+    import dask
     import dask_jobqueue
+
+    # Adapt sizes the cluster by the work it holds, timed by what such tasks took before; a cold
+    # cluster has no timing yet and would guess 0.5 s a job, asking for one worker whatever the queue.
+    dask.config.set({f"distributed.scheduler.default-task-durations.{TASK_PREFIX}": ASSUMED_JOB_DURATION})
 
     kinds = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
     arguments = jobqueue_arguments(settings) | {"log_directory": str(log_directory)}  # not the daemon's cwd
     cluster = getattr(dask_jobqueue, kinds[settings.kind])(**arguments)
+    cluster.adapt(Adaptive=_idle_first_adaptive(), minimum=settings.adapt_minimum, maximum=settings.adapt_maximum)
     logger.info(f"{settings.kind} cluster: adapt {settings.adapt_minimum}..{settings.adapt_maximum} worker jobs "
                 f"of {settings.cores} cores, python {arguments.get('python', sys.executable)}")
-    cluster.adapt(minimum=settings.adapt_minimum, maximum=settings.adapt_maximum)
     return cluster
+
+
+def _idle_first_adaptive() -> type:
+    """Dask's ``Adaptive``, giving back only idle workers: the stock one closes busy ones too when
+    its target dips between two jobs (a new worker was seen killed a second after it took a job),
+    and the job then runs again from the start elsewhere."""
+    from distributed.deploy import Adaptive
+
+    class IdleFirstAdaptive(Adaptive):
+        async def workers_to_close(self, target: int) -> list[str]:
+            names = await super().workers_to_close(target)
+            scheduler = getattr(self.cluster, "scheduler", None)  # in this process for a jobqueue cluster
+            workers = getattr(scheduler, "workers", None)
+            if not isinstance(workers, dict):
+                return names
+            busy = {str(state.name) for state in workers.values() if state.processing}
+            return [name for name in names if str(name) not in busy]
+
+    return IdleFirstAdaptive
 
 
 def jobqueue_arguments(settings: ClusterSettings) -> dict[str, Any]:
@@ -276,7 +304,7 @@ class _EventChannel:
     def running(self, stage: str, percent: float, message: str = "") -> None:
         self.worker.log_event(PROGRESS_TOPIC, {
             "job": self.job.ticket.job_id, "token": self.job.token, "stage": stage, "percent": percent, "message": message,
-            "worker": str(self.worker.name),
+            "worker_name": str(self.worker.name),  # the scheduler adds "worker": the address
         })
 
 
