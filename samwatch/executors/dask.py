@@ -8,14 +8,14 @@ Progress comes back as worker events (``log_event`` → ``subscribe_topic``); ca
 a cluster-wide ``Event`` the job's ``Progress`` checks and cancels the future. A worker that
 dies mid-job makes the scheduler run the task elsewhere; the daemon sees one result per
 future, and the ledger's dispatch token drops anything older (see executors/base.py).
+Progress events name the worker that sent them: status.json shows what each worker runs, and
+a worker that leaves holding a job, and that job's new start elsewhere, are logged.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import shlex
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,18 +24,15 @@ from typing import Any
 
 from loguru import logger
 
-from samwatch.config import ClusterSettings, Config
+from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
+from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
 from samwatch.jobs import JobTicket, Outcome, Progress
 from samwatch.job_sidecar import load_job_sidecar
 from samwatch.models.base import LoadSpec
 
 PROGRESS_TOPIC = "samwatch-progress"
-#: the scheduler's name for the group of samwatch's tasks (the key up to the token)
-TASK_PREFIX = "samwatch"
-#: what adapt assumes a job takes until one has run
-ASSUMED_JOB_DURATION = "10s"
 #: a worker asks the scheduler whether its job was cancelled at most this often
 CANCEL_CHECK_SECONDS = 0.5
 WORKER_INFO_SECONDS = 2.0
@@ -62,7 +59,7 @@ class DaskExecutor:
         self._futures: dict[str, tuple[Dispatch, Any]] = {}  # token -> (dispatch, future)
         self._immediate: list[Finished] = []
         self._worker_info: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
-        self._running_on: dict[str, str] = {}  # token -> the worker its progress last came from
+        self._running_on: dict[str, tuple[str, str]] = {}  # token -> (name, address) its progress last came from
         self._counts: dict[str, dict[str, int]] = {}  # worker name -> {"done": n, "failed": n}
         self._known: dict[str, str] = {}  # worker address -> name, as last seen
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
@@ -130,11 +127,11 @@ class DaskExecutor:
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         message = event[1]
-        token, worker = message["token"], message.get("worker_name")
-        if worker is not None and token in self._futures:
+        token, worker = message["token"], (message.get("worker_name"), message.get("worker"))
+        if worker[0] is not None and token in self._futures:
             before = self._running_on.get(token)
-            if before is not None and before != worker:  # the scheduler moved it: its worker was lost
-                logger.warning(f"job {message['job']} runs again on dask worker {worker} (it was on {before})")
+            if before is not None and before[1] != worker[1]:  # the scheduler moved it: its worker was lost
+                logger.warning(f"job {message['job']} runs again on dask worker {worker[0]} (it was on {before[0]})")
             self._running_on[token] = worker
         self._events.put(ProgressReport(message["job"], token, message["stage"], message["percent"], message["message"]))
 
@@ -165,7 +162,7 @@ class DaskExecutor:
         names = {address: str(scheduler.get(address, {}).get("name", address)) for address in loaded}
         self._note_departures(names)
         in_hand: dict[str, list[str]] = {}
-        for token, worker in list(self._running_on.items()):
+        for token, (worker, _) in list(self._running_on.items()):
             if token in self._futures:
                 in_hand.setdefault(worker, []).append(self._futures[token][0].ticket.job_id)
         keys = {f"{TASK_PREFIX}-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
@@ -193,8 +190,8 @@ class DaskExecutor:
         for address, name in self._known.items():
             if address in names:
                 continue
-            held = [self._futures[token][0].ticket.job_id for token, worker in self._running_on.items()
-                    if worker == name and token in self._futures]
+            held = [self._futures[token][0].ticket.job_id for token, (_, at) in self._running_on.items()
+                    if at == address and token in self._futures]
             if held:
                 logger.warning(f"dask worker {name} lost while running job {', '.join(held)}; the scheduler runs it again")
         self._known = names
@@ -215,65 +212,6 @@ class DaskExecutor:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
-
-
-def start_jobqueue_cluster(settings: ClusterSettings, log_directory: Path) -> Any:
-    import dask
-    import dask_jobqueue
-
-    # Adapt sizes the cluster by the work it holds, timed by what such tasks took before; a cold
-    # cluster has no timing yet and would guess 0.5 s a job, asking for one worker whatever the queue.
-    dask.config.set({f"distributed.scheduler.default-task-durations.{TASK_PREFIX}": ASSUMED_JOB_DURATION})
-
-    kinds = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
-    arguments = jobqueue_arguments(settings) | {"log_directory": str(log_directory)}  # not the daemon's cwd
-    cluster = getattr(dask_jobqueue, kinds[settings.kind])(**arguments)
-    cluster.adapt(Adaptive=_idle_first_adaptive(), minimum=settings.adapt_minimum, maximum=settings.adapt_maximum)
-    logger.info(f"{settings.kind} cluster: adapt {settings.adapt_minimum}..{settings.adapt_maximum} worker jobs "
-                f"of {settings.cores} cores, python {arguments.get('python', sys.executable)}")
-    return cluster
-
-
-def _idle_first_adaptive() -> type:
-    """Dask's ``Adaptive``, giving back only idle workers: the stock one closes busy ones too when
-    its target dips between two jobs (a new worker was seen killed a second after it took a job),
-    and the job then runs again from the start elsewhere."""
-    from distributed.deploy import Adaptive
-
-    class IdleFirstAdaptive(Adaptive):
-        async def workers_to_close(self, target: int) -> list[str]:
-            names = await super().workers_to_close(target)
-            scheduler = getattr(self.cluster, "scheduler", None)  # in this process for a jobqueue cluster
-            workers = getattr(scheduler, "workers", None)
-            if not isinstance(workers, dict):
-                return names
-            busy = {str(state.name) for state in workers.values() if state.processing}
-            return [name for name in names if str(name) not in busy]
-
-    return IdleFirstAdaptive
-
-
-def jobqueue_arguments(settings: ClusterSettings) -> dict[str, Any]:
-    """The dask-jobqueue constructor's keywords for ``settings`` (one worker process per job)."""
-    directives = list(settings.extra_directives)
-    if settings.gpus and settings.kind == "slurm":
-        directives.append(f"--gres=gpu:{settings.gpus}")
-    arguments: dict[str, Any] = {
-        "cores": settings.cores, "memory": settings.memory, "processes": 1,
-        "job_extra_directives": directives,
-    }
-    if settings.queue is not None:
-        arguments["queue"] = settings.queue
-    if settings.walltime is not None:
-        arguments["walltime"] = settings.walltime
-    if settings.worker_python is not None:  # the daemon's interpreter path need not exist on the nodes
-        arguments["python"] = settings.worker_python
-    prologue = [f"source {shlex.quote(settings.venv.rstrip('/') + '/bin/activate')}"] if settings.venv else []
-    prologue += [f"export {name}={shlex.quote(value)}" for name, value in settings.env.items()]
-    prologue += settings.prologue
-    if prologue:
-        arguments["job_script_prologue"] = prologue
-    return arguments
 
 
 # ---- what runs on a worker -----------------------------------------------------------------------
