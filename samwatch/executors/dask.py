@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class DaskExecutor:
         self._running_on: dict[str, tuple[str, str]] = {}  # token -> (name, address) its progress last came from
         self._counts: dict[str, dict[str, int]] = {}  # worker name -> {"done": n, "failed": n}
         self._known: dict[str, str] = {}  # worker address -> name, as last seen
+        self._lost: set[str] = set()  # addresses of workers whose loss was logged
+        self._lost_lock = threading.Lock()  # progress events arrive on the client's thread
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
         logger.info(f"dask executor on {self.client.scheduler.address}")
 
@@ -131,6 +134,7 @@ class DaskExecutor:
         if worker[0] is not None and token in self._futures:
             before = self._running_on.get(token)
             if before is not None and before[1] != worker[1]:  # the scheduler moved it: its worker was lost
+                self._log_lost(before[1], before[0], [message["job"]])
                 logger.warning(f"job {message['job']} runs again on dask worker {worker[0]} (it was on {before[0]})")
             self._running_on[token] = worker
         self._events.put(ProgressReport(message["job"], token, message["stage"], message["percent"], message["message"]))
@@ -193,8 +197,16 @@ class DaskExecutor:
             held = [self._futures[token][0].ticket.job_id for token, (_, at) in self._running_on.items()
                     if at == address and token in self._futures]
             if held:
-                logger.warning(f"dask worker {name} lost while running job {', '.join(held)}; the scheduler runs it again")
+                self._log_lost(address, name, held)
         self._known = names
+
+    def _log_lost(self, address: str, name: str, jobs: list[str]) -> None:
+        """Once per worker: seen gone from the scheduler, or its job's progress came from another."""
+        with self._lost_lock:
+            if address in self._lost:
+                return
+            self._lost.add(address)
+        logger.warning(f"dask worker {name} lost while running job {', '.join(jobs)}; the scheduler runs it again")
 
     def reconfigure(self, config: Config, changed: set[tuple[str, str]]) -> None:
         self._config = config
@@ -287,7 +299,7 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     return {
         "state": outcome.state, "error": outcome.error.to_dict() if outcome.error else None,
         "features": outcome.features, "seconds": outcome.seconds, "summary": outcome.summary,
-        "result": outcome.result, "worker": identity["name"],
+        "result": outcome.result, "extras": outcome.extras, "worker": identity["name"],
     }
 
 
@@ -327,7 +339,7 @@ def _outcome_of(future: Any) -> Outcome:
     error = body["error"]
     return Outcome(
         body["state"], features=body["features"], seconds=body["seconds"], summary=body["summary"],
-        result=body["result"],
+        result=body["result"], extras=body.get("extras") or {},
         error=JobError(error["error"], error["message"], field=error.get("field"), file=error.get("file")) if error else None,
     )
 
