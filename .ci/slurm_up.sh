@@ -36,6 +36,12 @@ if [ "${1:-}" = down ]; then
   exit 0
 fi
 
+# Already up (an earlier call): nothing to do.
+if [ -f "$CONF" ] && command -v sinfo >/dev/null && timeout 5 sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+  echo "SLURM_CONF=$CONF"
+  exit 0
+fi
+
 if [ "$(id -u)" != 0 ]; then say "needs root to start munged, slurmctld and slurmd"; exit 2; fi
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
@@ -43,12 +49,6 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
   say "installing slurm-wlm and munge (Debian's packages)"
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; } >"/tmp/samwatch-slurm-apt.log" 2>&1 \
     || { say "apt-get install slurm-wlm munge failed (see /tmp/samwatch-slurm-apt.log)"; exit 2; }
-fi
-
-# Already up (an earlier call): nothing to do.
-if [ -f "$CONF" ] && timeout 5 sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-  echo "SLURM_CONF=$CONF"
-  exit 0
 fi
 
 mkdir -p "$DIR/ctld" "$DIR/d" "$DIR/munge"
