@@ -64,7 +64,8 @@ def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_
     pids = client.run(os.getpid)
     address = next(a for a in pids if str(client.scheduler_info()["workers"][a]["name"]) == victim["name"])
     os.kill(pids[address], signal.SIGKILL)
-    wait_for(lambda: all(finished(outbox, s) for s in stems), 120, what="every job finished")
+    wait_for(lambda: all(finished(outbox, s) for s in stems) and daemon.log().count(" done model=") >= len(stems), 120,
+             what="every job finished and logged")
     log = daemon.log()
     assert all(progress_state(outbox, s) == "done" for s in stems), log[-3000:]
     assert [log.count(f"job {s} done ") for s in stems] == [1] * len(stems)
@@ -72,6 +73,7 @@ def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_
     assert f"job {victim['job']} runs again on dask worker" in log, log[-3000:]
     ran_on = {read_json(outbox / f"{s}.geojson")["samwatch"]["worker"]["name"] for s in stems}
     assert len(ran_on) == 2  # which worker ran each job, in its result
+    wait_for(lambda: sum(w.get("done", 0) for w in status(outbox)["workers"]) == len(stems), 10, what="per-worker counts")
     assert daemon.stop() == 0
     stopped = status(outbox)
     assert stopped["state"] == "stopped" and stopped["workers"] == []
