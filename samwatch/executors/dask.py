@@ -29,9 +29,9 @@ from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
 from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
-from samwatch.jobs import JobTicket, Outcome, Progress
 from samwatch.job_sidecar import load_job_sidecar
-from samwatch.models.base import LoadSpec
+from samwatch.vocab import LoadSpec
+from samwatch.vocab import JobTicket, Outcome, Progress
 
 PROGRESS_TOPIC = "samwatch-progress"
 #: a worker asks the scheduler whether its job was cancelled at most this often
@@ -114,7 +114,8 @@ class DaskExecutor:
         for token, (dispatch, future) in list(self._futures.items()):
             if future.done():
                 del self._futures[token]
-                outcome, worker = _outcome_of(future), _worker_of(future)
+                outcome = _outcome_of(future)
+                worker = outcome.worker["name"] if outcome.worker else "unknown"
                 self._running_on.pop(token, None)
                 if outcome.state in ("done", "failed"):
                     counts = self._counts.setdefault(worker, {"done": 0, "failed": 0})
@@ -296,11 +297,8 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     identity = worker_identity("dask", str(worker.name))
     runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size, identity)
     outcome = runner.run(job.ticket, progress)
-    return {
-        "state": outcome.state, "error": outcome.error.to_dict() if outcome.error else None,
-        "features": outcome.features, "seconds": outcome.seconds, "summary": outcome.summary,
-        "result": outcome.result, "extras": outcome.extras, "worker": identity["name"],
-    }
+    outcome.worker = identity
+    return outcome.to_wire()
 
 
 def worker_state(dask_worker: Any) -> dict[str, Any]:
@@ -336,19 +334,7 @@ def _outcome_of(future: Any) -> Outcome:
         return Outcome("failed", error=JobError(
             "internal_error", f"The cluster could not run the job ({type(exc).__name__}: {str(exc)[:200]}).",
         ))
-    error = body["error"]
-    return Outcome(
-        body["state"], features=body["features"], seconds=body["seconds"], summary=body["summary"],
-        result=body["result"], extras=body.get("extras") or {},
-        error=JobError(error["error"], error["message"], field=error.get("field"), file=error.get("file")) if error else None,
-    )
-
-
-def _worker_of(future: Any) -> str:
-    try:
-        return future.result()["worker"] if future.status == "finished" else "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
+    return Outcome.from_wire(body)
 
 
 def _map_path(path: Path, path_map: dict[str, str]) -> Path:

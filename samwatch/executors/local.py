@@ -25,10 +25,11 @@ import torch
 from samwatch.atomic import encoded_now
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel, worker_identity
 from samwatch.config import Config
-from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress
+from samwatch.jobs import JobRunner
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool
 from samwatch.pipeline import JobPipeline
+from samwatch.vocab import JobTicket, Outcome, Progress
 
 
 @dataclass
@@ -77,9 +78,11 @@ class LocalExecutor:
         channel = ProgressChannel(dispatch.ticket.job_id, dispatch.token, self._events.put)
         progress = Progress(channel, cancel, clock=self._clock)
         config = self._config  # the job runs under the config of its dispatch, start to end
-        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size, slot.identity)
+        identity = slot.identity
+        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size, identity)
 
         def done(ticket: JobTicket, outcome: Outcome) -> None:
+            outcome.worker = identity
             if outcome.result is not None:  # a large result would hold up the daemon's loop
                 outcome.result = encoded_now(outcome.result)
             self._cancels.pop(dispatch.token, None)
