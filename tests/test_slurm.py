@@ -84,9 +84,9 @@ def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: P
     assert [log.count(f"job {s} done ") for s in stems] == [1] * len(stems), log[-3000:]
     assert f"dask worker {victim['name']} lost while running job {victim['job']}" in log, log[-3000:]
     assert f"job {victim['job']} runs again on dask worker" in log, log[-3000:]
-    ran_on = {read_json(outbox / f"{s}.geojson")["samwatch"]["worker"]["slurm_job"] for s in stems}
-    assert len(ran_on) >= 2 and victim["slurm_job"] in {w.get("slurm_job") for w in busy}
-    assert victim["job"] in stems
+    ran_on = {s: read_json(outbox / f"{s}.geojson")["samwatch"]["worker"] for s in stems}
+    assert all(worker["slurm_job"] and worker["name"].startswith("SLURMCluster-") for worker in ran_on.values())
+    assert ran_on[victim["job"]]["slurm_job"] != victim["slurm_job"]  # its result came from the re-run elsewhere
 
     # Idle: adapt gives the worker jobs back (adapt_minimum 0).
     wait_for(lambda: not slurm_jobs(slurm), 90, what="the cluster scaled back to no worker", interval=0.5)
