@@ -104,6 +104,21 @@ def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: P
     assert stopped["state"] == "stopped" and stopped["workers"] == []
 
 
+@pytest.mark.slurm
+def test_worker_jobs_that_die_at_start_are_reported_and_the_stop_is_clean(tmp_path: Path, slurm: dict[str, str]) -> None:
+    cluster = {"kind": "slurm", "queue": "ci", "cores": 1, "memory": "1GB", "adapt_maximum": 1,
+               "python": "/nonexistent/venv/bin/python"}  # what a node without the daemon's venv sees
+    config = write_config(tmp_path, fake_weights(tmp_path), executor={"kind": "dask", "cluster": cluster})
+    drop(tmp_path / "inbox", "a", 1)
+    daemon = DaemonProcess(config, fake_model=True, env=slurm)
+    wait_for(lambda: "no cluster worker has joined for 60 s with 1 job(s) waiting" in daemon.log(), 150,
+             what="the starved-cluster warning", interval=0.5)
+    assert "worker-logs" in daemon.log()
+    assert daemon.stop() == 0
+    assert progress_state(tmp_path / "outbox", "a") == "queued"
+    wait_for(lambda: not slurm_jobs(slurm), 30, what="no worker job left")
+
+
 def test_samwatch_check_runs_the_workers_python(tmp_path: Path) -> None:
     """The cluster block's python is checked where this machine can see it (no Slurm needed)."""
     def check(cluster: dict) -> subprocess.CompletedProcess:

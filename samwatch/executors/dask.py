@@ -37,6 +37,8 @@ PROGRESS_TOPIC = "samwatch-progress"
 #: a worker asks the scheduler whether its job was cancelled at most this often
 CANCEL_CHECK_SECONDS = 0.5
 WORKER_INFO_SECONDS = 2.0
+#: a cluster samwatch started that has had no worker this long while jobs wait is logged
+NO_WORKER_WARNING_SECONDS = 60.0
 
 
 class DaskExecutor:
@@ -49,9 +51,11 @@ class DaskExecutor:
         self._registry = registry
         settings = config.executor
         self._cluster = None
+        self._worker_logs = config.state_dir / "worker-logs"
+        self._starved_since: float | None = None  # jobs wait and the started cluster has no worker
         if client is None:
             if settings.cluster is not None:
-                self._cluster = start_jobqueue_cluster(settings.cluster, config.state_dir / "worker-logs")
+                self._cluster = start_jobqueue_cluster(settings.cluster, self._worker_logs)
                 client = Client(self._cluster)
             else:
                 client = Client(settings.address, timeout="30s")
@@ -166,6 +170,7 @@ class DaskExecutor:
             return info
         names = {address: str(scheduler.get(address, {}).get("name", address)) for address in loaded}
         self._note_departures(names)
+        self._note_starved(bool(loaded))
         in_hand: dict[str, list[str]] = {}
         for token, (worker, _) in list(self._running_on.items()):
             if token in self._futures:
@@ -200,6 +205,22 @@ class DaskExecutor:
             if held:
                 self._log_lost(address, name, held)
         self._known = names
+
+    def _note_starved(self, any_worker: bool) -> None:
+        """Once per stretch: jobs wait on a cluster samwatch started and no worker has joined (the
+        worker jobs wait in the batch queue, or die at start: a wrong python, env or prologue)."""
+        if self._cluster is None or any_worker or not self._futures:
+            self._starved_since = None
+            return
+        now = time.monotonic()
+        if self._starved_since is None:
+            self._starved_since = now
+        elif now - self._starved_since >= NO_WORKER_WARNING_SECONDS:
+            logger.warning(
+                f"no cluster worker has joined for {NO_WORKER_WARNING_SECONDS:.0f} s with {len(self._futures)} job(s) waiting: "
+                f"the worker jobs are queued, or fail at start (see {self._worker_logs})"
+            )
+            self._starved_since = float("inf")  # said; again only after a worker came and went
 
     def _log_lost(self, address: str, name: str, jobs: list[str]) -> None:
         """Once per worker: seen gone from the scheduler, or its job's progress came from another."""
