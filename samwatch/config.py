@@ -71,11 +71,22 @@ class LimitSettings(StrictModel):
     max_video_bytes: int = Field(
         4 * 1024**3, gt=0, description="RGB bytes of a whole sequence a video job may hold."
     )
+    max_annotation_bytes: int = Field(
+        256 * 1024**2, gt=0, description="A QuPath GeoJSON export larger than this is refused unread."
+    )
+    max_annotations: int = Field(
+        100_000, gt=0, description="Features in one QuPath GeoJSON export, of any type; more are refused."
+    )
 
 
 class InputSettings(StrictModel):
     after: Literal["keep", "move"] = Field(
         "keep", description="move: inputs go to inbox/_done/ or inbox/_failed/ after their job."
+    )
+    image_roots: list[Path] = Field(
+        default_factory=list,
+        description="Read-only folders (a slide store) whose images a sidecar may name by absolute path; "
+        "samwatch never writes, moves or watches anything there.",
     )
 
 
@@ -162,6 +173,9 @@ class OutputSettings(StrictModel):
         default_factory=lambda: ["geojson"],
         description="geojson is always written; labels adds NAME.labels.tif (OME-TIFF instance labels) and NAME.labels.csv.",
     )
+    object_type: Literal["annotation", "detection"] = Field(
+        "annotation", description="QuPath object type of the results (a sidecar's output.object_type overrides it)."
+    )
     preview: bool = Field(True, description="Write NAME.preview.png: the image with every feature drawn.")
     preview_size: int = Field(1024, ge=64, le=8192, description="Longest side of the preview, in pixels.")
 
@@ -220,6 +234,31 @@ class ClusterSettings(StrictModel):
     extra_directives: list[str] = Field(default_factory=list, description="More #SBATCH/#PBS lines.")
     adapt_minimum: int = Field(0, ge=0, description="Worker jobs kept when idle.")
     adapt_maximum: int = Field(4, ge=1, description="Worker jobs at most.")
+    python: str | None = Field(
+        None, description="The workers' Python, as the compute nodes see it (e.g. /opt/samwatch/.venv/bin/python); "
+        "default: the daemon's own interpreter path.",
+    )
+    venv: str | None = Field(None, description="Instead of python: the workers' virtualenv (its bin/python, activated).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Variables each worker job exports before its worker starts (PYTHONPATH, HF_HOME...).",
+    )
+    prologue: list[str] = Field(
+        default_factory=list, description="Shell lines each worker job runs first (module load cuda, source ...).",
+    )
+
+    @model_validator(mode="after")
+    def _one_python(self) -> ClusterSettings:
+        if self.python is not None and self.venv is not None:
+            raise ValueError("give python or venv, not both")
+        bad = [name for name in self.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"env: not a variable name: {', '.join(bad)}")
+        return self
+
+    @property
+    def worker_python(self) -> str | None:
+        """The interpreter the worker jobs run (None: the daemon's own)."""
+        return f"{self.venv.rstrip('/')}/bin/python" if self.venv is not None else self.python
 
 
 class ExecutorSettings(StrictModel):
@@ -309,6 +348,7 @@ class Config(StrictModel):
         ]
         return self.model_copy(
             update={
+                "inputs": self.inputs.model_copy(update={"image_roots": [anchor(p) for p in self.inputs.image_roots]}),
                 "inbox": anchor(self.inbox),
                 "outbox": anchor(self.outbox),
                 "state_dir": anchor(self.state_dir),
