@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import torch
 
+from samwatch import faults
 from samwatch.atomic import encoded_now
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
 from samwatch.config import Config
@@ -77,6 +78,7 @@ class LocalExecutor:
         def done(ticket: JobTicket, outcome: Outcome) -> None:
             if outcome.result is not None:  # a large result would hold up the daemon's loop
                 outcome.result = encoded_now(outcome.result)
+                faults.hit("result encoded", ticket.job_id)
             self._cancels.pop(dispatch.token, None)
             del slot.in_flight[dispatch.token]  # free before the message: the daemon may dispatch as soon as it reads it
             self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))
