@@ -23,6 +23,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -89,23 +90,43 @@ def jobs_for(inbox: Path, stems: list[str]) -> dict[str, str]:
     return expected
 
 
-def config_for(root: Path, depth: int) -> Config:
+def config_for(root: Path, depth: int, dask: str | None = None) -> Config:
+    executor = {"pipeline_depth": depth} if dask is None else {"kind": "dask", "address": dask}
     return Config(
         inbox=root / "inbox", outbox=root / "outbox", state_dir=root / "state", device="cpu",
         watch={"mode": "polling", "settle_seconds": 0.0, "poll_interval_seconds": 0.1},
         service={"instance": "sweep", "heartbeat_seconds": 1000.0}, weights=fake_weights(root),
-        executor={"pipeline_depth": depth}, output={"formats": ["geojson", "labels"]},
+        executor=executor, output={"formats": ["geojson", "labels"]},
         models={"accelerate": {"cpu": []}},
     )
 
 
-class Rig:
-    """One daemon in-process over ``root``; ``threaded`` with pipelined slots (depth 3)."""
+@dataclass(frozen=True)
+class Setup:
+    """How the daemon runs its jobs: inline (one at a time, inside ``step``), in pipelined slots
+    (depth 3), or on a Dask cluster (``dask``: its scheduler's address)."""
 
-    def __init__(self, root: Path, *, threaded: bool) -> None:
-        self.root, self.threaded = root, threaded
+    name: str
+    threaded: bool
+    dask: str | None = None
+
+    @property
+    def done_files(self) -> tuple[str, ...]:
+        return DONE_FILES if self.dask is None else (".geojson", ".progress.json")  # no extras from a worker yet
+
+
+INLINE = Setup("inline", threaded=False)
+PIPELINED = Setup("pipelined", threaded=True)
+
+
+class Rig:
+    """One daemon in-process over ``root``, run as ``setup`` says."""
+
+    def __init__(self, root: Path, *, setup: Setup) -> None:
+        self.root, self.threaded = root, setup.threaded or setup.dask is not None
         self.clock = Clock()
-        self.daemon = Daemon.from_config(config_for(root, 3 if threaded else 1), threaded=threaded, clock=self.clock)
+        config = config_for(root, 3 if setup.threaded else 1, setup.dask)
+        self.daemon = Daemon.from_config(config, threaded=setup.threaded, clock=self.clock)
 
     def step(self) -> None:
         self.clock.now += 0.2
@@ -129,7 +150,7 @@ class Rig:
         self.daemon.close()
 
 
-def record_instants(root: Path, stems: list[str], *, threaded: bool) -> list[Instant]:
+def record_instants(root: Path, stems: list[str], *, setup: Setup) -> list[Instant]:
     """The dry run: every instant the jobs meet, in order (job files only: not status.json)."""
     jobs_for(root / "inbox", stems)
     seen: list[Instant] = []
@@ -140,7 +161,7 @@ def record_instants(root: Path, stems: list[str], *, threaded: bool) -> list[Ins
             counts[instant, subject] += 1
             seen.append((instant, subject, counts[instant, subject]))
 
-    rig = Rig(root, threaded=threaded)
+    rig = Rig(root, setup=setup)
     faults.arm(record)
     rig.run_until(lambda: rig.idle() and _all_final(root, stems))
     rig.close()
@@ -207,7 +228,8 @@ def ledger_states(root: Path) -> dict[str, str]:
     return rows
 
 
-def broken(root: Path, expected: dict[str, str], recorded: dict[str, str], started: Counter) -> list[str]:
+def broken(root: Path, expected: dict[str, str], recorded: dict[str, str], started: Counter,
+           done_files: tuple[str, ...] = DONE_FILES) -> list[str]:
     """What is wrong with the outbox after the restart settled (empty: exactly once)."""
     outbox, problems = root / "outbox", []
     leftovers = [str(p.relative_to(outbox)) for p in outbox.rglob(f"{TMP_PREFIX}*")]
@@ -218,7 +240,7 @@ def broken(root: Path, expected: dict[str, str], recorded: dict[str, str], start
         if progress.get("state") != state:
             problems.append(f"{stem}: progress {progress.get('state')}/{progress.get('stage')}/{progress.get('percent')}")
         present = {suffix for suffix in (*DONE_FILES, *FAILED_FILES) if (outbox / f"{stem}{suffix}").exists()}
-        wanted = set(DONE_FILES if state == "done" else FAILED_FILES)
+        wanted = set(done_files if state == "done" else FAILED_FILES)
         if present != wanted:
             problems.append(f"{stem}: files {sorted(present)}, expected {sorted(wanted)}")
         elif state == "done" and len((read_json(outbox / f"{stem}.geojson") or {}).get("features", [])) != 2:
@@ -230,11 +252,11 @@ def broken(root: Path, expected: dict[str, str], recorded: dict[str, str], start
     return problems
 
 
-def restart_and_check(root: Path, expected: dict[str, str], *, threaded: bool) -> list[str]:
+def restart_and_check(root: Path, expected: dict[str, str], *, setup: Setup) -> list[str]:
     """A fresh daemon over ``root`` runs until all is settled; what is wrong then."""
     recorded = ledger_states(root)
     started: Counter = Counter()
-    rig = Rig(root, threaded=threaded)
+    rig = Rig(root, setup=setup)
     faults.arm(lambda instant, subject: started.update([subject]) if instant == "queued" else None)
     try:
         rig.run_until(rig.idle)
@@ -245,10 +267,10 @@ def restart_and_check(root: Path, expected: dict[str, str], *, threaded: bool) -
         return [str(exc).splitlines()[0]]
     finally:
         rig.close()
-    return broken(root, expected, recorded, started)
+    return broken(root, expected, recorded, started, setup.done_files)
 
 
-def crash_at(base: Path, stems: list[str], target: Instant, *, threaded: bool) -> list[str]:
+def crash_at(base: Path, stems: list[str], target: Instant, *, setup: Setup) -> list[str]:
     """kill -9 at ``target``, restart from what the disk held then: what is wrong afterwards."""
     live, image = base / "live", base / "after"
     expected = jobs_for(live / "inbox", stems)
@@ -262,7 +284,7 @@ def crash_at(base: Path, stems: list[str], target: Instant, *, threaded: bool) -
             crash_image(live, image)
             taken.append(True)
 
-    rig = Rig(live, threaded=threaded)
+    rig = Rig(live, setup=setup)
     faults.arm(at)
     try:
         rig.run_until(lambda: bool(taken) or (rig.idle() and _all_final(live, stems)))
@@ -270,14 +292,14 @@ def crash_at(base: Path, stems: list[str], target: Instant, *, threaded: bool) -
         rig.close()  # abandoned: the copy is what the restart sees
     if not taken:
         return [NOT_REACHED]
-    return restart_and_check(image, expected, threaded=threaded)
+    return restart_and_check(image, expected, setup=setup)
 
 
-def sigterm_at(base: Path, stems: list[str], target: Instant, *, threaded: bool) -> list[str]:
+def sigterm_at(base: Path, stems: list[str], target: Instant, *, setup: Setup) -> list[str]:
     """SIGTERM at ``target`` with ``--grace 0`` (run_forever's stop), then a restart on the same folders."""
     expected = jobs_for(base / "inbox", stems)
     counts: Counter = Counter()
-    rig = Rig(base, threaded=threaded)
+    rig = Rig(base, setup=setup)
     flags = rig.daemon.flags
 
     def at(instant: str, subject: str) -> None:
@@ -292,10 +314,10 @@ def sigterm_at(base: Path, stems: list[str], target: Instant, *, threaded: bool)
         rig.daemon._stop(0.0)
     finally:
         rig.close()
-    return restart_and_check(base, expected, threaded=threaded)
+    return restart_and_check(base, expected, setup=setup)
 
 
-def enospc_at(base: Path, stems: list[str], target: Instant, *, threaded: bool, then: str = "freed") -> list[str]:
+def enospc_at(base: Path, stems: list[str], target: Instant, *, setup: Setup, then: str = "freed") -> list[str]:
     """The disk is full at ``target`` (a write): ``then`` freed at once; or ``crash`` (killed once the
     outcome is recorded, the write still refused) with the spool on another disk, or with the
     spool's disk full too (``crash, spool full``). A restart follows in every case."""
@@ -320,26 +342,26 @@ def enospc_at(base: Path, stems: list[str], target: Instant, *, threaded: bool, 
             crash_image(live, image)
             taken.append(True)
 
-    rig = Rig(live, threaded=threaded)
+    rig = Rig(live, setup=setup)
     faults.arm(at)
     try:
         rig.run_until(lambda: bool(taken) or (rig.idle() and _all_final(live, stems)))
     finally:
         rig.close()
     if then == "freed":
-        problems = broken(live, expected, {}, Counter())
-        return problems or restart_and_check(live, expected, threaded=threaded)
-    return restart_and_check(image, expected, threaded=threaded) if taken else ["never recorded"]
+        problems = broken(live, expected, {}, Counter(), setup.done_files)
+        return problems or restart_and_check(live, expected, setup=setup)
+    return restart_and_check(image, expected, setup=setup) if taken else ["never recorded"]
 
 
-def sweep(tmp_path: Path, stems: list[str], how: Callable[..., list[str]], *, threaded: bool,
+def sweep(tmp_path: Path, stems: list[str], how: Callable[..., list[str]], *, setup: Setup,
           keep: Callable[[Instant], bool] = lambda _: True, life: set[str] = WHOLE_LIFE) -> None:
-    instants = [i for i in record_instants(tmp_path / "dry", stems, threaded=threaded) if keep(i)]
+    instants = [i for i in record_instants(tmp_path / "dry", stems, setup=setup) if keep(i)]
     assert life <= {instant for instant, _, _ in instants}
     failures, missed = {}, []
     for index, target in enumerate(instants):
         case = tmp_path / f"case{index}"
-        problems = how(case, stems, target, threaded=threaded)
+        problems = how(case, stems, target, setup=setup)
         if problems == [NOT_REACHED]:
             missed.append(target)
         elif problems:
@@ -347,10 +369,12 @@ def sweep(tmp_path: Path, stems: list[str], how: Callable[..., list[str]], *, th
         if not problems:
             shutil.rmtree(case)
     report = "\n".join(f"{target}: {'; '.join(problems)}" for target, problems in failures.items())
-    print(f"\n{how.__name__} {stems} threaded={threaded}: {len(instants)} instants, {len(failures)} broken, "
-          f"{len(missed)} not reached")
+    print(f"\n{how.__name__} {stems} {setup.name}: {len(instants)} instants, {len(failures)} broken, "
+          f"{len(missed)} not reached {missed}")
     assert not failures, f"{len(failures)} of {len(instants)} instants broke exactly-once:\n{report}"
-    assert len(missed) <= len(instants) // 10, f"instants of the dry run not met again: {missed}"
+    # Threads interleave: how many progress reports a job's stages post varies a little from run to run.
+    assert all(subject.endswith(".progress.json") for _, subject, _ in missed) and len(missed) <= len(instants) // 4, \
+        f"instants of the dry run not met again: {missed}"
 
 
 def of_job(stem: str) -> Callable[[Instant], bool]:
@@ -358,17 +382,17 @@ def of_job(stem: str) -> Callable[[Instant], bool]:
 
 
 def test_kill_9_at_every_instant_of_one_job(tmp_path: Path) -> None:
-    sweep(tmp_path, ["a"], crash_at, threaded=False)
+    sweep(tmp_path, ["a"], crash_at, setup=INLINE)
 
 
 def test_kill_9_at_every_instant_of_a_failed_job(tmp_path: Path) -> None:
-    sweep(tmp_path, ["bad"], crash_at, threaded=False, life=REFUSED)
+    sweep(tmp_path, ["bad"], crash_at, setup=INLINE, life=REFUSED)
 
 
 def test_kill_9_at_every_instant_with_three_jobs_in_flight(tmp_path: Path) -> None:
     """Pipelined slots (depth 3): results encoded on the slot's writing thread, three jobs at once;
     the instants of the middle one, with the others ahead of it and behind it in the pipeline."""
-    sweep(tmp_path, ["a", "b", "bad"], crash_at, threaded=True, keep=of_job("b"))
+    sweep(tmp_path, ["a", "b", "bad"], crash_at, setup=PIPELINED, keep=of_job("b"))
 
 
 def writes(instant: Instant) -> bool:
@@ -385,12 +409,12 @@ def test_disk_full_at_every_write(tmp_path: Path, then: str) -> None:
     after a restart, or (the spool's disk full too) the job runs again after the restart."""
     how = partial(enospc_at, then=then)
     how.__name__ = f"enospc ({then})"
-    sweep(tmp_path, ["a", "bad"], how, threaded=False, keep=writes if then == "freed" else outcome_writes,
+    sweep(tmp_path, ["a", "bad"], how, setup=INLINE, keep=writes if then == "freed" else outcome_writes,
           life={"write 50%"})
 
 
 def test_sigterm_with_no_grace_at_every_instant(tmp_path: Path) -> None:
-    sweep(tmp_path, ["a", "b"], sigterm_at, threaded=True, keep=of_job("b"))
+    sweep(tmp_path, ["a", "b"], sigterm_at, setup=PIPELINED, keep=of_job("b"))
 
 
 # ---- real kill -9 and SIGTERM of the subprocess daemon (samwatch/faults.py's SAMWATCH_FAULT) ------
@@ -420,3 +444,21 @@ def test_the_subprocess_daemon_stopped_at_an_instant(tmp_path: Path, fault: str)
     started = Counter({"a": log.count("job a started")})
     assert broken(tmp_path, expected, recorded, started) == [], log[-3000:]
     assert (recorded.get("a") == "done") == ("job a started" not in log)
+
+
+# ---- outcomes that come back from a Dask worker ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dask_scheduler():
+    distributed = pytest.importorskip("distributed")
+    # Workers in this process: they see the fake model family, and a step's instants stay ours.
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_kill_9_at_every_instant_of_outcomes_from_a_dask_worker(tmp_path: Path, dask_scheduler: str) -> None:
+    """The worker runs the job; the daemon writes what comes back: every instant of that, and the
+    queued one before it (a worker's stages report through Dask's events, not through faults.py)."""
+    sweep(tmp_path, ["a", "bad"], crash_at, setup=Setup("dask", threaded=False, dask=dask_scheduler),
+          life={"queued", *WRITES, "renamed", "recorded"})
