@@ -318,14 +318,15 @@ def sigterm_at(base: Path, stems: list[str], target: Instant, *, setup: Setup) -
 
 
 def enospc_at(base: Path, stems: list[str], target: Instant, *, setup: Setup, then: str = "freed") -> list[str]:
-    """The disk is full at ``target`` (a write): ``then`` freed at once; or ``crash`` (killed once the
-    outcome is recorded, the write still refused) with the spool on another disk, or with the
-    spool's disk full too (``crash, spool full``). A restart follows in every case."""
+    """The disk is full at ``target`` (a write): ``then`` freed at once (``freed``; ``freed, spool
+    full``: the spool's write refused too, so the outcome waits in memory); or ``crash`` (killed
+    once the outcome is recorded, the write still refused) with the spool on another disk, or
+    with the spool's disk full too (``crash, spool full``). A restart follows in every case."""
     live, image = base / "live", base / "after"
     expected = jobs_for(live / "inbox", stems)
     job = target[1].split(".", 1)[0]
     counts: Counter = Counter()
-    full, taken = [], []
+    full, taken, spool_refused = [], [], []
 
     def at(instant: str, subject: str) -> None:
         relative = _relative(live, subject)
@@ -333,9 +334,12 @@ def enospc_at(base: Path, stems: list[str], target: Instant, *, setup: Setup, th
         if not full and (instant, relative, counts[instant, relative]) == target:
             full.append(True)
             raise OSError(errno.ENOSPC, "No space left on device", subject)
-        if not full or then == "freed":
-            return
         spool = Path(subject).is_relative_to(live / "state")
+        if full and then == "freed, spool full" and spool and not spool_refused:
+            spool_refused.append(True)
+            raise OSError(errno.ENOSPC, "No space left on device", subject)
+        if not full or then.startswith("freed"):
+            return
         if instant == "write 50%" and (_ours(live, subject, stems) or (spool and then == "crash, spool full")):
             raise OSError(errno.ENOSPC, "No space left on device", subject)
         if instant == "recorded" and subject == job and not taken:
@@ -348,8 +352,10 @@ def enospc_at(base: Path, stems: list[str], target: Instant, *, setup: Setup, th
         rig.run_until(lambda: bool(taken) or (rig.idle() and _all_final(live, stems)))
     finally:
         rig.close()
-    if then == "freed":
+    if then.startswith("freed"):
         problems = broken(live, expected, {}, Counter(), setup.done_files)
+        if set(ledger_states(live)) != set(stems):
+            problems.append(f"outcomes still marked unwritten in the ledger: {set(stems) - set(ledger_states(live))}")
         return problems or restart_and_check(live, expected, setup=setup)
     return restart_and_check(image, expected, setup=setup) if taken else ["never recorded"]
 
@@ -403,7 +409,7 @@ def outcome_writes(instant: Instant) -> bool:
     return writes(instant) and not instant[1].endswith(".progress.json")
 
 
-@pytest.mark.parametrize("then", ["freed", "crash", "crash, spool full"])
+@pytest.mark.parametrize("then", ["freed", "freed, spool full", "crash", "crash, spool full"])
 def test_disk_full_at_every_write(tmp_path: Path, then: str) -> None:
     """ENOSPC at each write of a done and a failed job: kept and written later, spooled and written
     after a restart, or (the spool's disk full too) the job runs again after the restart."""
