@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samwatch.errors import ConfigError
-from samwatch.yaml_child import DuplicateKey, unique_keys
 from samwatch.families import ModelType
+from samwatch.yaml_child import DuplicateKey, unique_keys
 
 MAX_CONFIG_BYTES = 1024 * 1024
 #: Read by every command given no --config, when it exists; ``weights add`` creates it.
