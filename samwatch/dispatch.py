@@ -18,9 +18,9 @@ from loguru import logger
 from samwatch import faults
 from samwatch.claims import ClaimStore
 from samwatch.executors.base import Dispatch, Executor, Finished, ProgressReport
-from samwatch.jobs import JobTicket
 from samwatch.ledger import JobRow, Ledger
 from samwatch.outbox import Outbox
+from samwatch.vocab import JobTicket
 
 
 class StopKind(Enum):

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from samwatch import faults
 from samwatch.config import Config
-from samwatch.jobs import JobTicket, Outcome
+from samwatch.vocab import JobTicket, Outcome
 
 
 @dataclass(frozen=True)
