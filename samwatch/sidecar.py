@@ -416,7 +416,7 @@ def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
             "sidecar_invalid",
             f"The key {exc.key!r} appears twice in one mapping (again at line {exc.line}); "
             "samwatch would have to guess which one you meant: keep one.",
-            file=name, field=str(exc.key),
+            file=name, field=str(exc.key), line=exc.line,
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

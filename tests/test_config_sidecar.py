@@ -109,7 +109,7 @@ BIG_PROMPTS = "".join(f"  - {{bbox: [1, 2, 30, {10 + i % 50}]}}\n" for i in rang
 def test_a_key_twice_is_refused_naming_it_and_its_line(text: str, key: str, line: int) -> None:
     with pytest.raises(JobError) as err:
         parse_sidecar_text(text, name="x.yaml")
-    assert err.value.code == "sidecar_invalid" and err.value.field == key
+    assert err.value.code == "sidecar_invalid" and err.value.field == key and err.value.to_dict()["line"] == line
     assert f"{key!r} appears twice" in err.value.message and f"line {line}" in err.value.message
 
 

@@ -139,7 +139,7 @@ class Rig:
         return (not daemon.dispatcher.running and not daemon.ledger.jobs_in(ACTIVE_STATES) and not daemon.watcher.pending
                 and not daemon.facts.busy and not daemon.outbox.pending_writes)
 
-    def run_until(self, condition: Callable[[], bool], timeout: float = 10) -> None:
+    def run_until(self, condition: Callable[[], bool], timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert time.monotonic() < deadline, f"the daemon over {self.root} did not settle"
