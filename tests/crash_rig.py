@@ -26,6 +26,7 @@ from samwatch.atomic import TMP_PREFIX
 from samwatch.config import Config
 from samwatch.daemon import Daemon
 from samwatch.ledger import ACTIVE_STATES
+from samwatch.vocab import WAITING_FOR_DEVICE
 from support import fake_weights, read_json, save_image, write_sidecar
 
 IMAGE = np.full((24, 32), 120, np.uint8)
@@ -350,9 +351,10 @@ def sweep(tmp_path: Path, stems: list[str], how: Callable[..., list[str]], *, se
     print(f"\n{how.__name__} {stems} {setup.name}: {len(instants)} instants, {len(failures)} broken, "
           f"{len(missed)} not reached {missed}")
     assert not failures, f"{len(failures)} of {len(instants)} instants broke exactly-once:\n{report}"
-    # Threads interleave: how many progress reports a job's stages post varies a little from run to run.
-    assert all(subject.endswith(".progress.json") for _, subject, _ in missed) and len(missed) <= len(instants) // 4, \
-        f"instants of the dry run not met again: {missed}"
+    # Threads interleave: how many progress reports a job's stages post varies a little from run to run,
+    # and whether a job read ahead waits for the device at all.
+    timing = [i for i in missed if i[1].endswith(".progress.json") or i[0] == WAITING_FOR_DEVICE]
+    assert timing == missed and len(missed) <= len(instants) // 4, f"instants of the dry run not met again: {missed}"
 
 
 def of_job(stem: str) -> Callable[[Instant], bool]:

@@ -111,7 +111,8 @@ def dask_scheduler():
 
 def test_kill_9_at_every_instant_of_outcomes_from_a_dask_worker(tmp_path: Path, dask_scheduler: str) -> None:
     """The worker runs the job; the daemon writes what comes back: every instant of that, and the
-    queued one before it (a worker's stages report through Dask's events, not through faults.py)."""
+    queued one before it (a worker's stages report through Dask's events, not through faults.py,
+    and how many progress writes they cause varies too much between runs to sweep them)."""
     sweep(tmp_path, ["a", "bad"], crash_at, setup=Setup("dask", threaded=False, dask=dask_scheduler),
-          life={"queued", *WRITES, "renamed", "recorded"})
+          keep=lambda instant: not instant[1].endswith(".progress.json"), life={"queued", *WRITES, "renamed", "recorded"})
 
