@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from samwatch.errors import ConfigError
 from samwatch.families import ModelType
 from samwatch.schema_errors import describe_validation_error
+from samwatch.yaml_child import DuplicateKey, unique_keys
 
 MAX_CONFIG_BYTES = 1024 * 1024
 #: Read by every command given no --config, when it exists; ``weights add`` creates it.
@@ -363,7 +364,7 @@ def read_yaml_mapping(path: Path, max_bytes: int) -> dict[str, Any]:
     if size > max_bytes:
         raise ValueError(f"file is {size} bytes, more than the limit of {max_bytes}")
     with path.open("rb") as handle:
-        data = yaml.safe_load(handle.read(max_bytes + 1))
+        data = yaml.load(handle.read(max_bytes + 1), Loader=unique_keys(yaml.SafeLoader))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -402,6 +403,8 @@ def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool
         data = read_yaml_mapping(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(str(path), ["the config file does not exist"]) from None
+    except DuplicateKey as exc:
+        raise ConfigError(str(path), [f"{exc.key}: given twice in one mapping (again at line {exc.line}); keep one"]) from None
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(str(path), [f"cannot read it as YAML: {exc}"]) from None
     try:

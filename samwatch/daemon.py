@@ -99,6 +99,7 @@ class Daemon:
         self.facts = facts or InputFacts(config, ledger, threaded=False)
         self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
+        self.recorder.recover_unwritten()
         self.reporter = StatusReporter(self)
         self.retrier = Retrier(config, ledger, claims, outbox, registry, clock)
         self.workers: list[dict[str, Any]] = executor.workers()
@@ -228,6 +229,7 @@ class Daemon:
             self.queue.discover(changed, vanished, arrived)
         self._collect(0.0)
         self.outbox.retry()
+        self.recorder.note_landed()
         self.recorder.check_waiting()
         self.retrier.step(now)
         if not self.flags.stop:

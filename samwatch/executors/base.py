@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from samwatch import faults
 from samwatch.config import Config
 from samwatch.vocab import JobTicket, Outcome
 
@@ -88,4 +89,5 @@ class ProgressChannel:
         self.job_id, self.token, self._post = job_id, token, post
 
     def running(self, stage: str, percent: float, message: str = "") -> None:
+        faults.hit(stage, self.job_id)
         self._post(ProgressReport(self.job_id, self.token, stage, percent, message))

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import torch
 
+from samwatch import faults
 from samwatch.atomic import encoded_now
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel, worker_identity
 from samwatch.config import Config
@@ -85,6 +86,7 @@ class LocalExecutor:
             outcome.worker = identity
             if outcome.result is not None:  # a large result would hold up the daemon's loop
                 outcome.result = encoded_now(outcome.result)
+                faults.hit("result encoded", ticket.job_id)
             self._cancels.pop(dispatch.token, None)
             del slot.in_flight[dispatch.token]  # free before the message: the daemon may dispatch as soon as it reads it
             if outcome.state in slot.counts:
