@@ -38,7 +38,7 @@ from loguru import logger
 from PIL import Image
 
 from samwatch.errors import JobError
-from samwatch.models.base import Detection, LruCache, RunContext, check_box, load_state_dict_strict
+from samwatch.models.base import Detection, LruCache, ModelAdapter, RunContext, check_box, load_state_dict_strict
 from samwatch.vocab import LoadSpec
 from samwatch.models.sam3_device import empty_safe_connected_components, on_device
 from samwatch.models.weights_io import load_checkpoint
@@ -147,7 +147,7 @@ class _AssigningModule:
         return self.module.load_state_dict(state, strict=strict, assign=True)
 
 
-class Adapter:
+class Adapter(ModelAdapter):
     """SAM3 behind the samwatch adapter protocol."""
 
     def __init__(self) -> None:
