@@ -24,7 +24,8 @@ from samwatch import __version__
 from samwatch.config import Config, LimitSettings
 from samwatch.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
-from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
+from samwatch.geometry.features import class_color, feature_collection, make_feature
+from samwatch.geometry.outline import mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe

@@ -20,7 +20,7 @@ from support import (
     write_sidecar,
 )
 
-from samwatch.geometry import rasterize
+from samwatch.geometry.raster import rasterize
 
 JOB_TIMEOUT = 120
 PAINTED = [  # (colour, slices or disc) on a black 3000 x 2400 slide, tiles of 512 with a 64 halo
