@@ -11,6 +11,8 @@ import pytest
 from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
 from test_service import SMALL
 
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
+
 PAYLOAD = bytes(range(256)) * 4096 * 3  # 3 MiB
 
 

@@ -28,6 +28,7 @@ def drop(inbox: Path, stem: str, body: dict | None = None) -> str:
     return stem
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["native", "polling"])
 def test_moved_inputs_never_run_again(tmp_path: Path, mode: str) -> None:
     watch = {"mode": mode, "poll_interval_seconds": 0.1, "settle_seconds": 0.3, "rescan_interval_seconds": 0.5}
@@ -51,6 +52,7 @@ def test_moved_inputs_never_run_again(tmp_path: Path, mode: str) -> None:
     assert log.count("job p/c done") == 1 and "_done/" not in log.replace("inbox/_done", ""), log
 
 
+@pytest.mark.subprocess
 def test_qupath_keeps_scores_as_measurements_and_a_name(tmp_path: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path))
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -77,6 +79,7 @@ def samwatch_cli(*argv: str, shell_tail: str = "") -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_status_with_a_broken_config_from_the_share_and_into_a_pipe(tmp_path: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path))
     outbox = tmp_path / "outbox"
@@ -101,6 +104,7 @@ def test_status_with_a_broken_config_from_the_share_and_into_a_pipe(tmp_path: Pa
         assert daemon.stop() == 0
 
 
+@pytest.mark.subprocess
 def test_check_reports_everything_run_refuses(tmp_path: Path, vit_t_checkpoint: Path) -> None:
     weights = [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)},
                {"name": "gone", "type": "vit_t", "url": (tmp_path / "nowhere" / "w.pt").as_uri()}]
@@ -132,6 +136,7 @@ def test_check_reports_everything_run_refuses(tmp_path: Path, vit_t_checkpoint: 
     assert [line.split(": ")[1] for line in many] == ["weights", "prompts.0.bbox", "prompts.1.points.0"], many
 
 
+@pytest.mark.subprocess
 def test_saved_qupath_and_samapi_bodies_run(tmp_path: Path) -> None:
     (tmp_path / "lab.pt").write_bytes(b"fake weights")
     lab_url = (tmp_path / "lab.pt").as_uri()
@@ -163,6 +168,7 @@ def test_saved_qupath_and_samapi_bodies_run(tmp_path: Path) -> None:
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 
 
+@pytest.mark.subprocess
 def test_logs_one_format_no_import_noise_each_failure_once(tmp_path: Path, vit_t_checkpoint: Path) -> None:
     nowhere = (tmp_path / "nowhere" / "mobile_sam.pt").as_uri()
     weights = [{"name": "real", "type": "vit_t", "path": str(vit_t_checkpoint)},
@@ -209,6 +215,7 @@ def fake_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 FAKE_SAMWATCH = Path(__file__).with_name("fake_samwatch.py")
 
 
+@pytest.mark.subprocess
 def test_a_daemon_on_defaults_follows_the_default_config_file(tmp_path: Path) -> None:
     (tmp_path / "fake.pt").write_bytes(b"fake weights")
     log = (tmp_path / "daemon.log").open("wb")
@@ -235,6 +242,7 @@ def test_a_daemon_on_defaults_follows_the_default_config_file(tmp_path: Path) ->
         log.close()
 
 
+@pytest.mark.subprocess
 def test_failed_jobs_run_again_when_what_they_need_appears(tmp_path: Path) -> None:
     late = tmp_path / "late.pt"
     fetched = tmp_path / "fetched.pt"
@@ -298,6 +306,7 @@ def server():
         yield url
 
 
+@pytest.mark.subprocess
 def test_weights_cancel_tells_waiting_jobs_how_to_resume(tmp_path: Path, server: str) -> None:
     weights = [*fake_weights(tmp_path), {"name": "remote", "type": "vit_t", "url": f"{server}/weights.pt"}]
     config = write_config(tmp_path, weights)

@@ -6,9 +6,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 from support import DaemonProcess, coins, fake_weights, finished, read_json, save_image, wait_for, write_config, write_sidecar
+
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 
 class PollingReader(threading.Thread):

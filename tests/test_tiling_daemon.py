@@ -22,6 +22,8 @@ from support import (
 
 from samwatch.geometry.raster import rasterize
 
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
+
 JOB_TIMEOUT = 120
 PAINTED = [  # (colour, slices or disc) on a black 3000 x 2400 slide, tiles of 512 with a 64 halo
     ((255, 0, 0), (700, 470, 35)),                           # across a vertical seam
