@@ -1,4 +1,4 @@
-"""Field-ready regressions (issue 12): each through a real ``samwatch run`` subprocess."""
+"""Field-ready regressions (issue 12): through a real ``samwatch run`` subprocess, or the daemon\nin-process where only its plumbing is under test."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
+from support import DaemonProcess, InProcessDaemon, fake_weights, finished, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
 
 SMALL = np.full((48, 64), 120, np.uint8)
 TIMEOUT = 60
@@ -28,40 +28,38 @@ def drop(inbox: Path, stem: str, body: dict | None = None) -> str:
     return stem
 
 
-@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["native", "polling"])
 def test_moved_inputs_never_run_again(tmp_path: Path, mode: str) -> None:
     watch = {"mode": mode, "poll_interval_seconds": 0.1, "settle_seconds": 0.3, "rescan_interval_seconds": 0.5}
     config = write_config(tmp_path, fake_weights(tmp_path), watch=watch, inputs={"after": "move"})
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    daemon = DaemonProcess(config, fake_model=True)
+    daemon = InProcessDaemon(config)
     try:
         # Finished jobs walk into inbox/_done/ (and _failed/) at every depth; the later jobs give
         # the daemon time to (wrongly) pick the moved files up again before the checks below.
         for stem in ("p/c", "p/q/deep", "p/bad", "p/d", "p/q/e", "p/f", "p/g"):
             body = {"prompts": [{}]} if stem == "p/bad" else None
             drop(inbox, stem, body)
-            wait_for(lambda stem=stem: finished(outbox, stem), TIMEOUT, what=f"{stem} finished")
+            daemon.run_until(lambda stem=stem: finished(outbox, stem), TIMEOUT, what=f"{stem} finished")
         assert (inbox / "_done" / "p" / "c.yaml").exists() and (inbox / "_failed" / "p" / "bad.yaml").exists()
         assert (inbox / "_done" / "p" / "q" / "deep.png").exists()
     finally:
-        assert daemon.stop() == 0
+        daemon.close()
     log = daemon.log()
     assert not (outbox / "_done").exists() and not (outbox / "_failed").exists(), log
     assert not (inbox / "_done" / "_done").exists(), log
     assert log.count("job p/c done") == 1 and "_done/" not in log.replace("inbox/_done", ""), log
 
 
-@pytest.mark.subprocess
 def test_qupath_keeps_scores_as_measurements_and_a_name(tmp_path: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path))
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    daemon = DaemonProcess(config, fake_model=True)
+    daemon = InProcessDaemon(config)
     try:
         drop(inbox, "q", {"prompts": [{"bbox": [1, 1, 20, 20]}, {"bbox": [30, 5, 50, 25]}]})
-        wait_for(lambda: finished(outbox, "q"), TIMEOUT, what="q finished")
+        daemon.run_until(lambda: finished(outbox, "q"), TIMEOUT, what="q finished")
     finally:
-        assert daemon.stop() == 0
+        daemon.close()
     features = read_json(outbox / "q.geojson")["features"]
     assert len(features) == 2, daemon.log()
     for index, feature in enumerate(features):
