@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from samwatch.config import Config
-from samwatch.discovery import image_on_disk, is_folder_defaults, is_sidecar
+from samwatch.discovery import find_jobs, image_on_disk, is_export, is_folder_defaults, is_sidecar
 from samwatch.errors import JobError
 from samwatch.job_sidecar import JobSidecar, load_job_sidecar
+from samwatch.qupath_import import import_annotations, read_export
 from samwatch.sidecar import Sidecar
 from samwatch.watcher import scan_tree
 from samwatch.weights.registry import WeightsRegistry
@@ -58,11 +59,29 @@ def _image_problems(config: Config, inbox: Path, loaded: JobSidecar) -> list[Job
     from samwatch.jobs import open_media  # torch: only once the sidecar itself is fine
 
     try:
-        image_rel = image_on_disk(inbox, loaded.rel, loaded.sidecar.image)
+        image_rel = image_on_disk(inbox, loaded.rel, loaded.sidecar.image, config.inputs.image_roots)
         media = open_media(config.limits, inbox / image_rel, image_rel, loaded.sidecar)
     except JobError as exc:
         return [exc]
-    return bounds_problems(loaded.sidecar, media.width, media.height, media.n_frames)
+    return [*bounds_problems(loaded.sidecar, media.width, media.height, media.n_frames),
+            *_export_problems(config, inbox, loaded, media.width, media.height)]
+
+
+def _export_problems(config: Config, inbox: Path, loaded: JobSidecar, width: int, height: int) -> list[JobError]:
+    """The QuPath export's: what would fail the job, or each feature its run would skip."""
+    rel = loaded.annotations_rel
+    if rel is None:
+        return []
+    try:
+        imported = import_annotations(loaded.sidecar, read_export(inbox / rel, rel, config.limits), rel, width, height)
+    except JobError as exc:
+        return [exc]
+    problems = []
+    for warning in imported.report["warnings"]:
+        which = f"feature {warning['index']}" + (f" (id {warning['id']})" if "id" in warning else "")
+        problems.append(JobError(warning["code"], f"{which}: {warning['message']}; the run skips it",
+                                 file=rel, field=f"features.{warning['index']}"))
+    return problems
 
 
 def bounds_problems(sidecar: Sidecar, width: int, height: int, n_frames: int) -> list[JobError]:
@@ -115,7 +134,11 @@ def check_paths(config: Config, paths: list[Path]) -> list[str]:
     if not paths:
         if not config.inbox.is_dir():
             return []
-        paths = [config.inbox / rel for rel in sorted(scan_tree(config.inbox)) if is_sidecar(rel) or is_folder_defaults(rel)]
+        files = sorted(scan_tree(config.inbox))
+        # Exports that are jobs of their own (an image of their stem, no sidecar of it).
+        exports = {job.sidecar for job in find_jobs(config.inbox, files, lambda rel: None)
+                   if is_export(job.sidecar or "")}
+        paths = [config.inbox / rel for rel in files if is_sidecar(rel) or is_folder_defaults(rel) or rel in exports]
     registry = WeightsRegistry(config.weights, config.state_dir)
     try:
         return [line for path in paths for line in check_sidecar(config, path, registry)]

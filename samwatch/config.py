@@ -69,11 +69,22 @@ class LimitSettings(StrictModel):
     max_video_bytes: int = Field(
         4 * 1024**3, gt=0, description="RGB bytes of a whole sequence a video job may hold."
     )
+    max_annotation_bytes: int = Field(
+        256 * 1024**2, gt=0, description="A QuPath GeoJSON export larger than this is refused unread."
+    )
+    max_annotations: int = Field(
+        100_000, gt=0, description="Features in one QuPath GeoJSON export, of any type; more are refused."
+    )
 
 
 class InputSettings(StrictModel):
     after: Literal["keep", "move"] = Field(
         "keep", description="move: inputs go to inbox/_done/ or inbox/_failed/ after their job."
+    )
+    image_roots: list[Path] = Field(
+        default_factory=list,
+        description="Read-only folders (a slide store) whose images a sidecar may name by absolute path; "
+        "samwatch never writes, moves or watches anything there.",
     )
 
 
@@ -159,6 +170,9 @@ class OutputSettings(StrictModel):
     formats: list[OutputFormat] = Field(
         default_factory=lambda: ["geojson"],
         description="geojson is always written; labels adds NAME.labels.tif (OME-TIFF instance labels) and NAME.labels.csv.",
+    )
+    object_type: Literal["annotation", "detection"] = Field(
+        "annotation", description="QuPath object type of the results (a sidecar's output.object_type overrides it)."
     )
     preview: bool = Field(True, description="Write NAME.preview.png: the image with every feature drawn.")
     preview_size: int = Field(1024, ge=64, le=8192, description="Longest side of the preview, in pixels.")
@@ -307,6 +321,7 @@ class Config(StrictModel):
         ]
         return self.model_copy(
             update={
+                "inputs": self.inputs.model_copy(update={"image_roots": [anchor(p) for p in self.inputs.image_roots]}),
                 "inbox": anchor(self.inbox),
                 "outbox": anchor(self.outbox),
                 "state_dir": anchor(self.state_dir),

@@ -2,8 +2,11 @@
 
 A job is one image plus one sidecar (``img001.yaml``, or a tagged ``img001.cells.yaml``), or
 an image with no sidecar of its own under a folder holding ``samwatch.yaml`` (folder
-defaults, nearest folder up the tree wins). Files named ``*.mask.*`` are mask prompts, never
-images of their own. A job is ready only when every file it involves has settled.
+defaults, nearest folder up the tree wins), or an image plus a QuPath GeoJSON export of the
+same stem (``case17.geojson``) when no sidecar of that stem exists and no sidecar names the
+export with ``annotations:``. A ``.geojson`` with no image of its stem is no job. Files named
+``*.mask.*`` are mask prompts, never images of their own. A job is ready only when every file it
+involves has settled.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
 from samwatch.watcher import is_ignored_path, unusable_name
 
 MASK_MARK = ".mask"
+EXPORT_SUFFIX = ".geojson"
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,15 @@ class JobSource:
     # Other sidecars of the same stem (a.yaml beside a.json): the job fails until one goes,
     # and their going is a change of its inputs, so it then runs again by itself.
     rivals: tuple[str, ...] = ()
+    annotations: str | None = None  # the QuPath export its sidecar names
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(p for p in (self.image, self.sidecar, self.defaults, *self.rivals) if p)
+        """The inbox files it depends on; an image under inputs.image_roots (absolute) is not one."""
+        return tuple(
+            p for p in (self.image, self.sidecar, self.defaults, *self.rivals, self.annotations)
+            if p and not posixpath.isabs(p)
+        )
 
 
 def split_name(rel: str) -> tuple[str, str, str]:
@@ -52,6 +61,10 @@ def is_sidecar(rel: str) -> bool:
     return suffix in SIDECAR_SUFFIXES and stem != FOLDER_DEFAULTS_STEM
 
 
+def is_export(rel: str) -> bool:
+    return split_name(rel)[2] == EXPORT_SUFFIX
+
+
 def is_folder_defaults(rel: str) -> bool:
     _, stem, suffix = split_name(rel)
     return suffix in SIDECAR_SUFFIXES and stem == FOLDER_DEFAULTS_STEM
@@ -62,7 +75,7 @@ def is_image(rel: str) -> bool:
     return (suffix in MEDIA_SUFFIXES or suffix == FRAMES_DIR_SUFFIX) and not stem.endswith(MASK_MARK)
 
 
-_LOOP_CODES = {"image": "image_unreadable", "sidecar": "sidecar_parse_error"}
+_LOOP_CODES = {"image": "image_unreadable", "sidecar": "sidecar_parse_error", "annotations": "annotations_invalid"}
 
 
 def resolve_inside(inbox: Path, base_folder: str, reference: str, *, field: str, sidecar: str) -> str:
@@ -129,9 +142,31 @@ def implicit_image(sidecar_rel: str, images: ImageIndex) -> str | None:
     return None
 
 
-def resolve_image(inbox: Path, sidecar_rel: str, image_ref: str | None, images: ImageIndex) -> str:
-    """The job's image, or a JobError saying why there is none."""
+def in_image_roots(reference: str, roots: Collection[Path], *, sidecar: str) -> str | None:
+    """An absolute ``image:`` under one of ``inputs.image_roots``: its real path; None otherwise."""
+    if not roots or not Path(reference).is_absolute():
+        return None
+    try:
+        real = Path(reference).resolve()
+    except (OSError, RuntimeError):
+        return None
+    for root in roots:
+        root = root.resolve()
+        if real == root or root in real.parents:
+            if not real.is_file():
+                raise JobError("image_not_found", f"The image {reference!r} does not exist under the image "
+                               f"root {root}.", file=sidecar, field="image")
+            return str(real)
+    return None
+
+
+def resolve_image(
+    inbox: Path, sidecar_rel: str, image_ref: str | None, images: ImageIndex, roots: Collection[Path] = (),
+) -> str:
+    """The job's image (inbox-relative, or absolute under ``roots``), or a JobError saying why there is none."""
     folder, stem, _ = split_name(sidecar_rel)
+    if image_ref is not None and (rooted := in_image_roots(image_ref, roots, sidecar=sidecar_rel)) is not None:
+        return rooted
     if image_ref is not None:
         rel = resolve_inside(inbox, folder, image_ref, field="image", sidecar=sidecar_rel)
         if not (inbox / rel).exists():
@@ -190,11 +225,20 @@ def _spelled_on_disk(inbox: Path, rel: str) -> str | None:
     return None
 
 
-def image_on_disk(inbox: Path, sidecar_rel: str, image_ref: str | None) -> str:
+def image_on_disk(inbox: Path, sidecar_rel: str, image_ref: str | None, roots: Collection[Path] = ()) -> str:
     """The image of the sidecar ``sidecar_rel`` among the files in its folder now."""
     folder = split_name(sidecar_rel)[0]
     listing = [f"{folder}/{p.name}" if folder else p.name for p in (inbox / folder).iterdir()]
-    return resolve_image(inbox, sidecar_rel, image_ref, index_images(listing))
+    return resolve_image(inbox, sidecar_rel, image_ref, index_images(listing), roots)
+
+
+def _named_export(inbox: Path, sidecar_rel: str, reference: str | None) -> str | None:
+    if reference is None:
+        return None
+    try:
+        return resolve_inside(inbox, split_name(sidecar_rel)[0], reference, field="annotations", sidecar=sidecar_rel)
+    except JobError:  # the job fails with it when it runs
+        return None
 
 
 def nearest_defaults(folder: str, defaults_by_folder: Mapping[str, str]) -> str | None:
@@ -210,6 +254,8 @@ def find_jobs(
     inbox: Path,
     files: Collection[str],
     image_ref_of: Callable[[str], str | None],
+    annotations_ref_of: Callable[[str], str | None] = lambda rel: None,
+    roots: Collection[Path] = (),
 ) -> list[JobSource]:
     """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none."""
     files = [rel for rel in files if not is_ignored_path(rel)]
@@ -225,14 +271,29 @@ def find_jobs(
     for job_id, (rel, *rivals) in sidecars_of.items():
         folder = split_name(rel)[0]
         try:
-            image = resolve_image(inbox, rel, image_ref_of(rel), images)
+            image = resolve_image(inbox, rel, image_ref_of(rel), images, roots)
         except JobError:
             image = None
         if image:
             claimed.add(image)
+        annotations = _named_export(inbox, rel, annotations_ref_of(rel))
         # Its folder defaults count as an input: settings it inherits may change.
         jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder),
-                              image=image, rivals=tuple(rivals)))
+                              image=image, rivals=tuple(rivals), annotations=annotations))
+    named = {job.annotations for job in jobs}
+    for rel in sorted(files):
+        folder, stem, _ = split_name(rel)
+        job_id = f"{folder}/{stem}" if folder else stem
+        if not is_export(rel) or rel in named or job_id in sidecars_of or implicit_image(rel, images) is None:
+            continue
+        try:
+            image = resolve_image(inbox, rel, None, images)
+        except JobError:  # e.g. a link out of the inbox: the job says so when it runs
+            image = None
+        if image:
+            claimed.add(image)
+        jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder),
+                              image=image))
     if defaults_by_folder:
         for rel in (path for paths in images.values() for path in paths):
             if rel in claimed:

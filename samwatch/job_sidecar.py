@@ -6,11 +6,15 @@ call it, so they cannot disagree about what a sidecar means. Its steps, in order
 1. ``_read``: open one file (size cap, YAML/JSON parse). Checks of the file itself and of its
    place in the inbox (where a link leads, its name, a sibling sidecar of the same stem)
    belong here: they then hold for the sidecar and its folder defaults alike.
+   A QuPath GeoJSON export that is a job of its own (``case17.geojson`` beside ``case17.svs``)
+   is not read at all: it stands for ``annotations: case17.geojson``.
 2. The nearest folder defaults fill the keys the sidecar leaves unset.
 3. ``validate_sidecar``: the pydantic schema, native and samapi forms (a samapi null means
    absent). Checks of raw values before the schema (numbers, strings) belong in the schema.
 4. ``_resolve_weights``: the weights name, with samapi's ``checkpoint_url``.
 5. ``_check_mode``: the model's family can do what the sidecar asks (families table).
+6. ``annotations``: the export's path, checked to stay inside the inbox (its objects become
+   prompts once the job has opened its image: samwatch.qupath_import).
 
 Steps 4 and 5 are problems of a valid sidecar: ``samwatch check`` collects them (``problems``)
 instead of stopping at the first, and goes on to the image and prompt checks.
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from samwatch.config import Config
-from samwatch.discovery import is_folder_defaults, resolve_inside, split_name
+from samwatch.discovery import is_export, is_folder_defaults, resolve_inside, split_name
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, mode_advice, modes_of
 from samwatch.sidecar import (
@@ -48,6 +52,7 @@ class JobSidecar:
     model_type: str
     weights_name: str
     priority: int
+    annotations_rel: str | None = None  # the QuPath export its prompts come from, inbox-relative
 
 
 def load_job_sidecar(
@@ -59,7 +64,13 @@ def load_job_sidecar(
     sidecar (weights, mode) are appended there instead, so all of them can be reported.
     """
     inbox = config.inbox if inbox is None else inbox
-    data = _read(inbox, rel, config)
+    if is_export(rel):
+        # An export dropped beside its image is a job of its own: the export is its prompts,
+        # folder defaults its settings. Its bytes are read by the job, never here.
+        resolve_inside(inbox, split_name(rel)[0], posixpath.basename(rel), field="annotations", sidecar=rel)
+        data: dict[str, Any] = {"annotations": posixpath.basename(rel)}
+    else:
+        data = _read(inbox, rel, config)
     defaults_rel = None
     if not is_folder_defaults(rel):
         defaults_rel = nearest_defaults_rel(inbox, split_name(rel)[0])
@@ -76,7 +87,11 @@ def load_job_sidecar(
     elif found:
         raise found[0]
     priority = sidecar.priority if sidecar.priority is not None else config.defaults.priority
-    return JobSidecar(rel, defaults_rel, sidecar, model_type, weights_name, priority)
+    annotations_rel = None
+    if sidecar.annotations is not None:
+        annotations_rel = resolve_inside(inbox, split_name(rel)[0], sidecar.annotations.file, field="annotations",
+                                         sidecar=rel)
+    return JobSidecar(rel, defaults_rel, sidecar, model_type, weights_name, priority, annotations_rel)
 
 
 def nearest_defaults_rel(inbox: Path, folder: str) -> str | None:

@@ -32,7 +32,8 @@ from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
-from samwatch.job_sidecar import load_job_sidecar
+from samwatch.job_sidecar import JobSidecar, load_job_sidecar
+from samwatch.qupath_import import Imported, Source, import_annotations, read_export
 from samwatch.sidecar import Sidecar
 from samwatch.slides import ArraySource
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
@@ -60,6 +61,7 @@ class Prepared:
     encoder: str = "eager"  # what encoded the image, for provenance
     decoder: str = "eager"  # what decoded its prompts
     provenance: dict[str, Any] = field(default_factory=dict)  # e.g. the tiling report
+    sources: list[Source | None] | None = None  # the QuPath object of each prompt, when imported
 
 
 def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
@@ -116,7 +118,7 @@ class JobRunner:
             if ticket.image is None:
                 raise JobError("image_not_found", "The image of this job vanished.")
             return ticket.image
-        return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image)
+        return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image, self.config.inputs.image_roots)
 
     def prepare(self, ticket: JobTicket, progress: Progress) -> Prepared | Outcome:
         """Phase 1, CPU: sidecar, image opened (a single image read and converted), weights
@@ -130,6 +132,11 @@ class JobRunner:
         self.pool.adapter_for(model_type)  # a missing model package fails before the image is read
         image_rel = self.image_path(ticket, sidecar)
         media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
+        imported = self._imported(loaded, media)
+        sidecar = imported.sidecar if imported else sidecar
+        if imported and imported.report["warnings_total"]:
+            logger.warning(f"job {ticket.job_id}: {imported.report['warnings_total']} features of "
+                           f"{loaded.annotations_rel} cannot be prompts and are skipped (samwatch.annotations.warnings)")
         whole_image = media.n_frames == 1 and sidecar.mode != "video" and not is_tiled(
             sidecar, media.width, media.height, max_image_pixels=self.config.limits.max_image_pixels)
         pixels = media.frame(0) if whole_image else None
@@ -141,7 +148,16 @@ class JobRunner:
                 raise spec.error
             return Outcome("waiting", waiting_for=(model_type, weights_name))
         return Prepared(ticket, progress, sidecar, model_type, weights_name, image_rel, media, spec, pixels,
-                        timings, started)
+                        timings, started, provenance={"annotations": imported.report} if imported else {},
+                        sources=imported.sources if imported else None)
+
+    def _imported(self, loaded: JobSidecar, media: Media) -> Imported | None:
+        """The sidecar's QuPath export read into prompts, now that the image's size is known."""
+        rel = loaded.annotations_rel
+        if rel is None:
+            return None
+        features = read_export(self.config.inbox / rel, rel, self.config.limits)
+        return import_annotations(loaded.sidecar, features, rel, media.width, media.height)
 
     def infer(self, job: Prepared) -> Iterator[Detection]:
         """Phase 2, the device: the model loaded and run; detections as they come (each mask
@@ -158,7 +174,7 @@ class JobRunner:
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
         """Phase 3, CPU: features traced as detections arrive, the result assembled."""
         traced_started = time.perf_counter()
-        features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings)
+        features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings, job.sources)
         timings = job.timings
         timings["inference"] = time.perf_counter() - traced_started - timings["geometry"] - timings.get("load", 0.0)
         job.progress("writing", 0.0)
@@ -244,10 +260,10 @@ class JobRunner:
 
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
-        timings: dict[str, float],
+        timings: dict[str, float], sources: list[Source | None] | None = None,
     ) -> list[dict]:
         """One feature per non-empty detection, traced as it arrives; ``timings["geometry"]``
-        gets the time spent tracing."""
+        gets the time spent tracing. A prompt made from a QuPath object links back to it."""
         default_label = sidecar.label or self.config.defaults.label
         axes = _frame_axes(sidecar, media)
         plane_position = sidecar.video.plane_position if sidecar.video else 0
@@ -282,8 +298,12 @@ class JobRunner:
             if detection.frame is not None:
                 properties["frame"] = detection.frame
             properties.update(detection.extra)
+            source = sources[detection.prompt_idx] if sources and detection.prompt_idx is not None else None
+            if source is not None:
+                properties.update(source.properties(sidecar.annotations.file if sidecar.annotations else ""))
             features.append(make_feature(
-                geometry, label=label, object_type=sidecar.output.object_type, color=list(color),
+                geometry, label=label, color=list(color),
+                object_type=sidecar.output.object_type or self.config.output.object_type,
                 plane=plane, properties=properties,
             ))
         return features
@@ -309,7 +329,9 @@ class JobRunner:
             },
             "sidecar": ticket.sidecar,
             "input_version": ticket.version,
-            "parameters": sidecar.model_dump(mode="json", exclude_none=True),
+            # Prompts made from a QuPath export are that export, not repeated here.
+            "parameters": sidecar.model_dump(mode="json", exclude_none=True,
+                                             exclude={"prompts"} if job.sources is not None else None),
             "features": n_features,
             "timings": {key: round(value, 4) for key, value in timings.items()},
             "python": platform.python_version(),

@@ -112,7 +112,8 @@ class OutcomeRecorder:
 
     def _move_inputs(self, row: JobRow, success: bool) -> None:
         paths = [p for p in (row.sidecar,) if p and not is_folder_defaults(p)]
-        if row.image and not self.queue.is_shared_image_busy(row.job_id, row.image):
+        # An image under inputs.image_roots (absolute) is never moved: those folders are read-only.
+        if row.image and not Path(row.image).is_absolute() and not self.queue.is_shared_image_busy(row.job_id, row.image):
             paths.append(row.image)
         move_inputs(self.config.inbox, paths, success)
 

@@ -8,12 +8,13 @@ respects claims, so several daemons on one share never run one version twice.
 from __future__ import annotations
 
 import hashlib
+import os
 
 from loguru import logger
 
 from samwatch.claims import ClaimStore
 from samwatch.config import Config
-from samwatch.discovery import JobSource, find_jobs, is_folder_defaults, split_name
+from samwatch.discovery import JobSource, find_jobs, is_export, is_folder_defaults, split_name
 from samwatch.dispatch import Dispatcher, StopKind, StopRequest
 from samwatch.errors import JobError
 from samwatch.input_facts import InputFacts, SidecarFact
@@ -39,6 +40,11 @@ class JobQueue:
         self.dispatcher = dispatcher
         self.facts = facts
         self.known_jobs: dict[str, JobSource] = {}
+        try:
+            inner = config.outbox.resolve().relative_to(config.inbox.resolve()).as_posix()
+        except ValueError:
+            inner = None
+        self._outbox_prefix = "" if inner == "." else inner
         self._busy_elsewhere: dict[str, float] = {}
 
     # ---- discovery --------------------------------------------------------------------
@@ -51,8 +57,9 @@ class JobQueue:
 
     def _discover(self, changed: set[str], vanished: set[str], arrived: set[str]) -> None:
         settled = self.watcher.settled
-        files = set(settled) | self.watcher.pending
-        jobs = {job.job_id: job for job in find_jobs(self.config.inbox, files, self._image_ref)}
+        files = {rel for rel in set(settled) | self.watcher.pending if not self._in_outbox(rel)}
+        found = find_jobs(self.config.inbox, files, self._image_ref, self._annotations_ref, self.config.inputs.image_roots)
+        jobs = {job.job_id: job for job in found}
         previous = self.known_jobs
         for job_id in set(previous) - set(jobs):
             self._forget(previous[job_id])
@@ -83,6 +90,19 @@ class JobQueue:
         fact = self._sidecar(rel)
         return fact.sidecar.image if isinstance(fact, JobSidecar) else None
 
+    def _annotations_ref(self, rel: str) -> str | None:
+        fact = self._sidecar(rel)
+        annotations = fact.sidecar.annotations if isinstance(fact, JobSidecar) else None
+        return annotations.file if annotations is not None else None
+
+    def _in_outbox(self, rel: str) -> bool:
+        """Files of an outbox inside the inbox are never inputs: each result (.geojson) beside
+        its image would otherwise be a QuPath export to refine again, for ever."""
+        prefix = self._outbox_prefix
+        if prefix is None:
+            return False
+        return is_export(rel) if prefix == "" else rel.startswith(prefix + "/")
+
     def _enqueue(self, job: JobSource) -> None:
         """Queue ``job``'s current version; a job whose facts are still being worked out is
         looked at again when they arrive (the daemon passes them on as changed paths)."""
@@ -90,10 +110,12 @@ class JobQueue:
         sidecar_fact = self._sidecar(job.sidecar or job.defaults or "")
         if None in hashes or sidecar_fact is None:
             return
+        if job.image and job.image not in job.inputs:  # under inputs.image_roots: never read whole to hash
+            hashes.insert(0, _stored_identity(job.image))
         version = hashlib.sha256("\n".join([*job.inputs, *hashes]).encode()).hexdigest()
         sidecar = job.sidecar or job.defaults
         group = job.job_id.split("/", 1)[0] if "/" in job.job_id else ""
-        image_sha = hashes[0] if job.image else None  # the image comes first in inputs
+        image_sha = hashes[0] if job.image else None  # the image comes first
         priority = sidecar_fact.priority if isinstance(sidecar_fact, JobSidecar) else self.config.defaults.priority
         if not self.ledger.upsert(
             job.job_id, sidecar=sidecar, image=job.image, image_sha=image_sha, version=version,
@@ -155,3 +177,10 @@ class JobQueue:
                 continue
             return row
         return None
+
+
+def _stored_identity(path: str) -> str:
+    """A slide store's image by path, size and mtime: slides there are not rewritten, and hashing
+    a 4 GiB scan per job would read it all again."""
+    stat = os.stat(path)
+    return hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()

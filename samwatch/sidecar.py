@@ -240,11 +240,40 @@ def _check_region(region: Region | None) -> Region | None:
 
 
 class OutputSpec(StrictModel):
-    object_type: Literal["annotation", "detection"] = "annotation"
+    object_type: Literal["annotation", "detection"] | None = Field(
+        None, description="QuPath object type of the results; none: the config's output.object_type"
+    )
     simplify_tolerance: float = Field(0.0, ge=0, description="pixels; 0 keeps every contour vertex")
     formats: list[OutputFormat] | None = Field(None, description="as the config's output.formats; none: the config's")
     preview: bool | None = Field(None, description="as the config's output.preview; none: the config's")
     preview_size: int | None = Field(None, ge=64, le=8192, description="none: the config's output.preview_size")
+
+
+QuPathObjectType = Literal["annotation", "detection", "cell", "tile", "tma_core"]
+
+
+class AnnotationsSpec(StrictModel):
+    """A QuPath GeoJSON export whose objects are the prompts (see samwatch.qupath_import)."""
+
+    file: str = Field(min_length=1, description="the export (.geojson), relative to the sidecar")
+    object_types: list[QuPathObjectType] = Field(
+        default_factory=lambda: ["annotation"],
+        description="which QuPath objects become prompts; detections, cells, tiles and TMA cores are skipped "
+        "unless listed",
+    )
+    points_inside: bool = Field(
+        False, description="point annotations inside an area annotation's bounds become its foreground "
+        "points instead of objects of their own",
+    )
+    strict: bool = Field(
+        False, description="a feature that cannot be a prompt fails the job (default: it is skipped and "
+        "listed in the result's samwatch.annotations.warnings)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"file": data} if isinstance(data, str) else data
 
 
 class Sidecar(StrictModel):
@@ -260,6 +289,10 @@ class Sidecar(StrictModel):
     # The ledger stores it as SQLite's 64-bit integer; far smaller bounds are plenty.
     priority: int | None = Field(None, ge=-(10**9), le=10**9, description="higher runs first")
     prompts: list[Prompt] = Field(default_factory=list)
+    annotations: AnnotationsSpec | None = Field(
+        None, description="a QuPath GeoJSON export (path, or {file, object_types, points_inside, strict}): "
+        "each object a prompt, its class kept",
+    )
     multimask_output: bool = Field(False, description="three masks per prompt (all kept)")
     output_type: OutputType | None = Field(None, description="samapi's mask choice; overrides multimask_output")
     automask: AutomaskParams | None = None
@@ -282,6 +315,14 @@ class Sidecar(StrictModel):
     _color = field_validator("color")(_check_color)
     _region = field_validator("region")(_check_region)
 
+    @model_validator(mode="after")
+    def _annotations_are_prompts(self) -> Sidecar:
+        clash = [key for key in ("video", "text", "automask") if getattr(self, key) is not None]
+        if self.annotations is not None and (clash or self.positive_bboxes):
+            raise ValueError(f"annotations are box and point prompts of an image; they cannot go with "
+                             f"{', '.join(clash or ['positive_bboxes'])}")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _fold_samapi_form(cls, data: Any) -> Any:
@@ -302,7 +343,7 @@ class Sidecar(StrictModel):
             return "video"
         if self.text is not None or self.positive_bboxes:
             return "text"
-        if self.prompts:
+        if self.prompts or self.annotations is not None:
             return "prompts"
         return "automask"
 
@@ -417,7 +458,8 @@ def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise JobError(
             "sidecar_parse_error",
-            f"The sidecar must be a mapping of keys (model:, prompts:, ...), not a {type(data).__name__}.",
+            f"The sidecar must be a mapping of keys (model:, prompts:, ...), not a {type(data).__name__}"
+            + ("; a list of GeoJSON features is a QuPath export: name it NAME.geojson." if isinstance(data, list) else "."),
             file=name,
         )
     return data
@@ -438,6 +480,13 @@ def read_sidecar_data(path: Path, *, max_bytes: int, name: str) -> dict[str, Any
 
 def validate_sidecar(data: dict[str, Any], *, name: str) -> Sidecar:
     """The schema check; ``checkpoint_url`` is the job loader's (it needs the registry)."""
+    if data.get("type") in ("FeatureCollection", "Feature"):  # else read as an unknown model "type"
+        raise JobError(
+            "sidecar_invalid",
+            "This is GeoJSON (a QuPath export?), not a sidecar: name it NAME.geojson beside its image, or "
+            "name it in a sidecar with 'annotations: FILE'.",
+            file=name, field="type",
+        )
     try:
         return Sidecar.model_validate(data)
     except ValidationError as exc:

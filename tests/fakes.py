@@ -49,7 +49,7 @@ class FakeAdapter(ModelAdapter):
             if prompt.bbox is not None:
                 x1, y1, x2, y2 = (int(round(v)) for v in prompt.bbox)
                 mask[y1:y2, x1:x2] = True
-            yield Detection(mask=mask, score=0.9, prompt_idx=index)
+            yield Detection(mask=mask, score=0.9, prompt_idx=index, label=prompt.label, color=prompt.color)
         ctx.progress("decoding prompts", 1.0)
 
 

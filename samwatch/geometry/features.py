@@ -34,6 +34,7 @@ QUPATH_MEASUREMENTS = {
     "mask_idx": "SAM mask index",
     "obj_id": "SAM object id",
     "frame": "SAM frame",
+    "source_index": "SAM source index",
 }
 
 
