@@ -65,6 +65,12 @@ class InProcessDaemon:
         self.daemon.close()
         logger.remove(self._sink)
 
+    def __enter__(self) -> InProcessDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def fake_weights(root: Path) -> list[dict[str, Any]]:
     """A registry entry for the fake model: any file will do, it is never loaded."""
