@@ -55,12 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from samwatch.checking import check_paths
+    from samwatch.checking import check_paths, workers_python
 
     config = _load(args)
-    problems = check_paths(config, [Path(p) for p in args.paths])
+    problems, notes = workers_python(config)
+    problems += check_paths(config, [Path(p) for p in args.paths])
     for line in problems:
         print(line)
+    for line in notes:
+        print(f"note: {line}")
     if not problems:
         print("ok: config and sidecars are valid")
     return 1 if problems else 0

@@ -232,6 +232,31 @@ class ClusterSettings(StrictModel):
     extra_directives: list[str] = Field(default_factory=list, description="More #SBATCH/#PBS lines.")
     adapt_minimum: int = Field(0, ge=0, description="Worker jobs kept when idle.")
     adapt_maximum: int = Field(4, ge=1, description="Worker jobs at most.")
+    python: str | None = Field(
+        None, description="The workers' Python, as the compute nodes see it (e.g. /opt/samwatch/.venv/bin/python); "
+        "default: the daemon's own interpreter path.",
+    )
+    venv: str | None = Field(None, description="Instead of python: the workers' virtualenv (its bin/python, activated).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Variables each worker job exports before its worker starts (PYTHONPATH, HF_HOME...).",
+    )
+    prologue: list[str] = Field(
+        default_factory=list, description="Shell lines each worker job runs first (module load cuda, source ...).",
+    )
+
+    @model_validator(mode="after")
+    def _one_python(self) -> ClusterSettings:
+        if self.python is not None and self.venv is not None:
+            raise ValueError("give python or venv, not both")
+        bad = [name for name in self.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"env: not a variable name: {', '.join(bad)}")
+        return self
+
+    @property
+    def worker_python(self) -> str | None:
+        """The interpreter the worker jobs run (None: the daemon's own)."""
+        return f"{self.venv.rstrip('/')}/bin/python" if self.venv is not None else self.python
 
 
 class ExecutorSettings(StrictModel):

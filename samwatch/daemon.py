@@ -329,7 +329,7 @@ class Daemon:
             self.notifier.watchdog()
 
     def _write_status(self, *, stopped: bool = False) -> None:
-        self.workers = self.executor.workers()
+        self.workers = [] if stopped else self.executor.workers()  # a stopped daemon holds no worker
         self._status_dirty = False
         self._status_written = self.clock()
         self.reporter.write(stopped=stopped)

@@ -93,8 +93,13 @@ def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
 class JobRunner:
     """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
 
-    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None) -> None:
-        """``prompt_batch_size`` None: chosen per device (models/device.py)."""
+    def __init__(
+        self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None,
+        worker: dict[str, str] | None = None,
+    ) -> None:
+        """``prompt_batch_size`` None: chosen per device (models/device.py); ``worker``: who runs
+        the jobs, for their provenance (executors/base.py ``worker_identity``)."""
+        self.worker = worker
         self.config = config
         self.registry = registry
         self.pool = pool
@@ -322,6 +327,7 @@ class JobRunner:
             "image_encoder": job.encoder,  # e.g. onnxruntime, sdpa+bf16, or eager
             "mask_decoder": job.decoder,  # onnxruntime or eager
             "host": self.config.service.instance,
+            **({"worker": self.worker} if self.worker else {}),
             "image": {
                 "path": job.image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
                 "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,

@@ -28,7 +28,8 @@ def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[d
     lines.append(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
     for worker in status.get("workers", []):
         lines.append(f"  worker {worker.get('name')} on {worker.get('host')} {worker.get('device')}, "
-                     f"{worker.get('memory_mb')} MB, {_models(worker) if worker.get('loaded_models') else 'no models'}")
+                     f"{worker.get('memory_mb')} MB, {_models(worker) if worker.get('loaded_models') else 'no models'}, "
+                     f"{_tally(worker)}")
     for job in running_jobs(status):
         lines.append(f"running: {job['job']} {job['stage']} {job['percent']}% ({job['seconds']} s)")
     lines.append(f"loaded models: {_models(status)}")
@@ -83,11 +84,11 @@ def render_tables(status: dict[str, Any], age: float, stale: bool, others: list[
     workers = status.get("workers", [])
     if workers:
         table = Table(title=f"workers ({status.get('executor', {}).get('kind', 'local')} executor)", title_justify="left")
-        for column in ("worker", "host", "device", "memory", "models"):
+        for column in ("worker", "host", "device", "memory", "models", "jobs"):
             table.add_column(column)
         for worker in workers:
             table.add_row(*_cells(worker.get("name"), worker.get("host"), worker.get("device"),
-                                  f"{worker.get('memory_mb')} MB", _models(worker)))
+                                  f"{worker.get('memory_mb')} MB", _models(worker), _tally(worker)))
         out.append(table)
     out.append(Text(f"loaded models: {_models(status)}"))
     jobs = [(status["instance"], job) for job in running_jobs(status)]
@@ -133,3 +134,9 @@ def print_status(
     console.print(Text(f"samwatch {status['version']} (pid {status['pid']})", style="bold"))
     for renderable in render_tables(status, age, stale, others):
         console.print(renderable)
+
+
+def _tally(worker: dict[str, Any]) -> str:
+    """What a slot or cluster worker finished since start (and its Slurm job, if it runs in one)."""
+    slurm = f", Slurm job {worker['slurm_job']}" if worker.get("slurm_job") else ""
+    return f"{worker.get('done', 0)} done, {worker.get('failed', 0)} failed{slurm}"

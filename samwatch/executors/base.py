@@ -10,6 +10,8 @@ run that was given up on) is dropped, which is what makes outcomes exactly-once.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,6 +70,15 @@ class Executor(Protocol):
         """Run ``fn`` on each unit (a tile, a frame) where this executor runs work; results in order."""
 
     def close(self) -> None: ...
+
+
+def worker_identity(executor: str, name: str) -> dict[str, str]:
+    """Who ran a job, for its result's provenance: this process's host, the slot or Dask worker
+    name, and the batch job it runs in (Slurm sets ``SLURM_JOB_ID`` in a worker's job)."""
+    identity = {"executor": executor, "name": name, "host": socket.gethostname()}
+    if os.environ.get("SLURM_JOB_ID"):
+        identity["slurm_job"] = os.environ["SLURM_JOB_ID"]
+    return identity
 
 
 class ProgressChannel:

@@ -23,7 +23,7 @@ import psutil
 import torch
 
 from samwatch.atomic import encoded_now
-from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
+from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel, worker_identity
 from samwatch.config import Config
 from samwatch.jobs import JobRunner
 from samwatch.models.device import describe
@@ -38,6 +38,11 @@ class _Slot:
     pool: ModelPool
     pipeline: JobPipeline | None
     in_flight: dict[str, Dispatch] = field(default_factory=dict)  # token -> dispatch, oldest first
+    counts: dict[str, int] = field(default_factory=lambda: {"done": 0, "failed": 0})
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return worker_identity("local", self.name)
 
 
 class LocalExecutor:
@@ -73,13 +78,17 @@ class LocalExecutor:
         channel = ProgressChannel(dispatch.ticket.job_id, dispatch.token, self._events.put)
         progress = Progress(channel, cancel, clock=self._clock)
         config = self._config  # the job runs under the config of its dispatch, start to end
-        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size)
+        identity = slot.identity
+        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size, identity)
 
         def done(ticket: JobTicket, outcome: Outcome) -> None:
+            outcome.worker = identity
             if outcome.result is not None:  # a large result would hold up the daemon's loop
                 outcome.result = encoded_now(outcome.result)
             self._cancels.pop(dispatch.token, None)
             del slot.in_flight[dispatch.token]  # free before the message: the daemon may dispatch as soon as it reads it
+            if outcome.state in slot.counts:
+                slot.counts[outcome.state] += 1
             self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))
 
         if slot.pipeline is None:
@@ -112,6 +121,7 @@ class LocalExecutor:
                 "job": next((d.ticket.job_id for d in list(slot.in_flight.values())), None),  # the oldest: on the device or done with it
                 "jobs": [d.ticket.job_id for d in list(slot.in_flight.values())],
                 "device_busy_seconds": round(slot.pipeline.device_seconds, 1) if slot.pipeline else None,
+                **slot.counts,
             }
             for slot in self._slots
         ]
