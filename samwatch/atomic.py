@@ -113,7 +113,7 @@ def atomic_write_bytes(
 
 def encode_json(payload: Any) -> bytes:
     # orjson: a result of 10⁶ vertices encodes ~10x faster than with json (bench/bench_speed.py);
-    # numpy rings (geometry.py ``arrays``) are written without a Python object per vertex.
+    # numpy rings (geometry.outline ``arrays``) are written without a Python object per vertex.
     return orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
 

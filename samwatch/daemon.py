@@ -42,7 +42,9 @@ from samwatch.watcher import Watcher
 STATUS_MIN_GAP_SECONDS = 0.2
 
 
-def _make_executor(config: Config, registry: Any, *, threaded: bool, clock: Callable[[], float]) -> Executor:
+def _make_executor(
+    config: Config, registry: Any, *, threaded: bool, clock: Callable[[], float], adapters: Any = None,
+) -> Executor:
     if config.executor.kind == "dask":
         from samwatch.executors.dask import DaskExecutor  # samwatch[dask]: imported only when used
 
@@ -52,7 +54,8 @@ def _make_executor(config: Config, registry: Any, *, threaded: bool, clock: Call
     from samwatch.models.device import pick_devices
     from samwatch.models.pool import ModelPool
 
-    pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in pick_devices(config.device)]
+    pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders", adapters=adapters)
+             for device in pick_devices(config.device)]
     return LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
 
 
@@ -119,8 +122,10 @@ class Daemon:
         threaded: bool = True,
         clock: Callable[[], float] = time.monotonic,
         notifier: SystemdNotifier | None = None,
+        adapters: Any = None,
     ) -> Daemon:
-        """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``."""
+        """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``;
+        ``adapters`` is the local pools' families table (``models.pool.AdapterTable``; tests fake it)."""
         for folder in (config.inbox, config.outbox, config.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
         outbox = Outbox(config.outbox, spool=config.state_dir / SPOOL_FOLDER, clock=clock)
@@ -141,7 +146,7 @@ class Daemon:
         # A failed download may be tried again as soon as a job's retry backoff allows.
         registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds,
                                    config_file=config_path)
-        executor = _make_executor(config, registry, threaded=threaded, clock=clock)
+        executor = _make_executor(config, registry, threaded=threaded, clock=clock, adapters=adapters)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
         watcher = Watcher(
             config.inbox,

@@ -49,6 +49,7 @@ def busy_workers(outbox: Path) -> set[str]:
     return {w["name"] for w in status(outbox).get("workers", []) if w.get("job")}
 
 
+@pytest.mark.subprocess
 def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_path: Path, cluster) -> None:
     _, client = cluster
     config = dask_config(tmp_path, cluster)
@@ -79,6 +80,7 @@ def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_
     assert stopped["state"] == "stopped" and stopped["workers"] == []
 
 
+@pytest.mark.subprocess
 def test_deleting_a_sidecar_cancels_its_job_on_a_worker(tmp_path: Path, cluster) -> None:
     config = dask_config(tmp_path, cluster)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -92,6 +94,7 @@ def test_deleting_a_sidecar_cancels_its_job_on_a_worker(tmp_path: Path, cluster)
     assert daemon.stop() == 0
 
 
+@pytest.mark.subprocess
 def test_daemon_killed_with_jobs_on_the_cluster_loses_and_doubles_none(tmp_path: Path, cluster) -> None:
     config = dask_config(tmp_path, cluster)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -112,6 +115,7 @@ def test_daemon_killed_with_jobs_on_the_cluster_loses_and_doubles_none(tmp_path:
         assert (stem in done_before) != (f"job {stem} done " in second.log())
 
 
+@pytest.mark.subprocess
 def test_a_job_on_a_worker_writes_what_it_writes_locally_and_names_its_worker(tmp_path: Path, cluster) -> None:
     outputs = {}
     for kind in ("local", "dask"):
@@ -140,6 +144,7 @@ def test_a_job_on_a_worker_writes_what_it_writes_locally_and_names_its_worker(tm
     assert dask["samwatch"]["worker"]["host"]
 
 
+@pytest.mark.subprocess
 def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path, cluster, vit_t_checkpoint: Path) -> None:
     import fakes
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
 from test_service import SMALL
+
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 
 def test_two_cpu_slots_run_two_jobs_at_once(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from samwatch.geometry import mask_to_geometry
+from samwatch.geometry.outline import mask_to_geometry
 from samwatch.models.base import MASK_PIXEL_BUDGET, Detection, batch_size_for
 
 
