@@ -67,6 +67,9 @@ class DaskExecutor:
         self._running_on: dict[str, tuple[str, str]] = {}  # token -> (name, address) its progress last came from
         self._counts: dict[str, dict[str, int]] = {}  # worker name -> {"done": n, "failed": n}
         self._known: dict[str, str] = {}  # worker address -> name, as last seen
+        # worker address -> tokens the scheduler said it was processing, as last seen: a worker
+        # killed before its first progress event reached us is still known to have held its job
+        self._processing_seen: dict[str, list[str]] = {}
         self._lost: set[str] = set()  # addresses of workers whose loss was logged
         self._lost_lock = threading.Lock()  # progress events arrive on the client's thread
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
@@ -169,7 +172,10 @@ class DaskExecutor:
             logger.warning(f"dask: cannot read the workers' state: {exc!r}")
             return info
         names = {address: str(scheduler.get(address, {}).get("name", address)) for address in loaded}
+        tokens_of_keys = {f"{TASK_PREFIX}-{token}": token for token in self._futures}
         self._note_departures(names)
+        self._processing_seen = {address: [tokens_of_keys[key] for key in keys if key in tokens_of_keys]
+                                 for address, keys in processing.items()}
         self._note_starved(bool(loaded))
         in_hand: dict[str, list[str]] = {}
         for token, (worker, _) in list(self._running_on.items()):
@@ -200,10 +206,13 @@ class DaskExecutor:
         for address, name in self._known.items():
             if address in names:
                 continue
-            held = [self._futures[token][0].ticket.job_id for token, (_, at) in self._running_on.items()
-                    if at == address and token in self._futures]
+            tokens = {token for token, (_, at) in self._running_on.items() if at == address}
+            tokens.update(token for token in self._processing_seen.get(address, ()) if token not in self._running_on)
+            held = sorted(token for token in tokens if token in self._futures)
+            for token in held:  # so the job's next progress, from another worker, logs its re-run
+                self._running_on[token] = (name, address)
             if held:
-                self._log_lost(address, name, held)
+                self._log_lost(address, name, [self._futures[token][0].ticket.job_id for token in held])
         self._known = names
 
     def _note_starved(self, any_worker: bool) -> None:
