@@ -1,4 +1,4 @@
-"""Benchmark samwatch.geometry.mask_to_geometry against the samapi baseline.
+"""Benchmark samwatch.geometry.outline.mask_to_geometry against the samapi baseline.
 
 samapi (the upstream server) outlined a mask with ``skimage.measure.find_contours`` at
 level 0.5 on the zero-padded mask and kept only the longest contour. Both run here on the
@@ -23,7 +23,8 @@ from skimage import data, filters, measure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samwatch.geometry import mask_to_geometry, rasterize  # noqa: E402
+from samwatch.geometry.outline import mask_to_geometry  # noqa: E402
+from samwatch.geometry.raster import rasterize  # noqa: E402
 
 TARGET = 5.0
 

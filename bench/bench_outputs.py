@@ -34,7 +34,7 @@ from samwatch.jobs import JobRunner  # noqa: E402
 from samwatch.media import probe  # noqa: E402
 from samwatch.media_files import content_hash  # noqa: E402
 from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
-from samwatch.models.pool import ModelPool  # noqa: E402
+from samwatch.models.pool import ModelPool, adapter_class  # noqa: E402
 from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
 from samwatch.outbox import JobOutputs  # noqa: E402
@@ -59,30 +59,21 @@ def boxes(count: int, size: int, seed: int = 0) -> list[list[float]]:
     return [[float(x), float(y), float(x + w), float(y + h)] for (x, y), (w, h) in zip(corner, extent)]
 
 
-def object_masks() -> None:
-    """Every adapter's masks become the ellipse in their prompt's box (see the docstring)."""
-    import samwatch.jobs
-    import samwatch.models.pool
+def object_masks(model_type: str) -> type:
+    """A families table whose adapters' masks become the ellipse in their prompt's box (see the docstring)."""
+    base = adapter_class(model_type)
 
-    real = samwatch.models.pool.adapter_class
+    class Objects(base):  # type: ignore[misc, valid-type]
+        def run(self, ctx):  # noqa: ANN001, ANN202 - a generator, as the adapters stream
+            for detection in super().run(ctx):
+                x1, y1, x2, y2 = (int(v) for v in ctx.sidecar.prompts[detection.prompt_idx].bbox)
+                yy, xx = np.ogrid[: y2 - y1, : x2 - x1]
+                ry, rx = (y2 - y1) / 2, (x2 - x1) / 2
+                detection.mask = ((yy + 0.5 - ry) / ry) ** 2 + ((xx + 0.5 - rx) / rx) ** 2 <= 1
+                detection.origin, detection.scale = (x1, y1), 1.0
+                yield detection
 
-    def adapter_class(model_type: str) -> type:
-        base = real(model_type)
-
-        class Objects(base):  # type: ignore[misc, valid-type]
-            def run(self, ctx):  # noqa: ANN001, ANN202 - a generator, as the adapters stream
-                for detection in super().run(ctx):
-                    x1, y1, x2, y2 = (int(v) for v in ctx.sidecar.prompts[detection.prompt_idx].bbox)
-                    yy, xx = np.ogrid[: y2 - y1, : x2 - x1]
-                    ry, rx = (y2 - y1) / 2, (x2 - x1) / 2
-                    detection.mask = ((yy + 0.5 - ry) / ry) ** 2 + ((xx + 0.5 - rx) / rx) ** 2 <= 1
-                    detection.origin, detection.scale = (x1, y1), 1.0
-                    yield detection
-
-        return Objects
-
-    samwatch.models.pool.adapter_class = adapter_class
-    samwatch.jobs.adapter_class = adapter_class
+    return Objects
 
 
 def main() -> None:
@@ -93,7 +84,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    object_masks()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         torch.manual_seed(0)
@@ -104,7 +94,8 @@ def main() -> None:
         config.inbox.mkdir(parents=True)
         device = pick_device(args.device)
         registry = WeightsRegistry(config.weights, config.state_dir)
-        runner = JobRunner(config, registry, ModelPool(device, config.models), default_prompt_batch_size(device))
+        runner = JobRunner(config, registry, ModelPool(device, config.models, adapters=object_masks),
+                           default_prompt_batch_size(device))
         Image.fromarray(image(args.size)).save(config.inbox / "img.png")
         sha = content_hash(config.inbox / "img.png")
         prompts = [{"bbox": b} for b in boxes(args.objects, args.size)]

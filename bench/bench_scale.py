@@ -1,7 +1,8 @@
 """Scaling out: throughput on 1, 2, 4, 8 Dask workers and on 1 vs 2 local slots; the daemon's own
-overhead per job.
+overhead per job; with --slurm, the daemon's own Slurm cluster (adapt max 1 vs 2).
 
     python bench/bench_scale.py [--jobs 200] [--seconds 0.1] [--workers 1 2 4 8]
+    python bench/bench_scale.py --slurm [--jobs 12] [--seconds 3]   # needs .ci/slurm_up.sh (root)
 
 The daemon runs in this process (``Daemon.from_config``, the real watcher, ledger, claims and
 outbox) and is stepped until every job is done. The model is the fake family (tests/fakes.py)
@@ -11,6 +12,12 @@ one LocalCluster process (processes=False) for the same reason. Ratios are again
 (goal: ≥ 0.8·N) and one local slot. Overhead: the daemon's time per job from the settled files to
 ``executor.submit`` (hashing, ledger, claim, progress write) and from the outcome to its files
 (ledger, result, progress, claim marker); goal < 20 ms each.
+
+--slurm: the daemon starts a dask-jobqueue SLURMCluster (1 core per worker job, adapt 0..N) on the
+local Slurm; its workers are Slurm jobs preloading the fake model (tests/fake_worker.py). Each run
+starts cold (no worker job); "first result" is the time from the first dispatch to the first
+result file, the cold start of a worker job included; jobs/s is over the whole run and, "steady",
+from the first result to the last.
 """
 
 from __future__ import annotations
@@ -71,21 +78,55 @@ def run(root: Path, inbox: Path, count: int, name: str, **overrides) -> dict[str
     picks = daemon.queue.next_ready = Timed(daemon.queue.next_ready)
     record = daemon.recorder.record = Timed(daemon.recorder.record)
     submit = daemon.executor.submit = Timed(daemon.executor.submit)
-    first = None
+    first = first_done = None
     try:
         while daemon.recorder.stats.done < count:
             daemon.step(time.monotonic())
             if first is None and daemon.dispatcher.running:
                 first = time.perf_counter()
             daemon._collect(0.01)
-        wall = time.perf_counter() - first
+            if first_done is None and daemon.recorder.stats.done:
+                first_done = time.perf_counter()
+        end = time.perf_counter()
+        wall = end - first
     finally:
         daemon.close()
     return {
-        "wall": wall, "jobs_per_s": count / wall,
+        "wall": wall, "jobs_per_s": count / wall, "first_result_s": first_done - first,
+        "steady_jobs_per_s": (count - 1) / (end - first_done) if count > 1 and end > first_done else float("nan"),
         "to_submit_ms": 1000 * (discover.seconds + picks.seconds + start.seconds - submit.seconds) / count,
         "to_file_ms": 1000 * record.seconds / count,
     }
+
+
+def slurm_cluster(maximum: int) -> dict:  # noqa: ANN201
+    return {"kind": "dask", "cluster": {
+        "kind": "slurm", "queue": "ci", "cores": 1, "memory": "2GB", "walltime": "00:30:00",
+        "adapt_minimum": 0, "adapt_maximum": maximum, "python": sys.executable,
+        "env": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
+                "DASK_DISTRIBUTED__WORKER__PRELOAD": "['fake_worker']"},
+    }}
+
+
+def bench_slurm(args: argparse.Namespace) -> None:
+    import os
+    import subprocess
+
+    up = subprocess.run([str(ROOT / ".ci" / "slurm_up.sh")], capture_output=True, text=True)
+    if up.returncode != 0:
+        raise SystemExit(f"no local Slurm: {up.stderr.strip()}")
+    os.environ["SLURM_CONF"] = up.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    with tempfile.TemporaryDirectory(prefix="bench-slurm-", dir=args.root) as tmp:
+        root = Path(tmp)
+        inbox = make_inbox(root, args.jobs, args.seconds)
+        print(f"{args.jobs} jobs of {args.seconds} s (sleeping fake model) on the local Slurm, 1 core per worker job")
+        runs = {maximum: run(root, inbox, args.jobs, f"slurm{maximum}", executor=slurm_cluster(maximum)) for maximum in (1, 2)}
+        for maximum, figures in runs.items():
+            print(f"adapt max {maximum}: {figures['jobs_per_s']:5.2f} jobs/s over {figures['wall']:.1f} s "
+                  f"(steady {figures['steady_jobs_per_s']:.2f} jobs/s), first result {figures['first_result_s']:.1f} s "
+                  f"after the first dispatch (cold cluster)")
+        print(f"adapt max 2 / max 1: {runs[2]['jobs_per_s'] / runs[1]['jobs_per_s']:.2f}x overall, "
+              f"{runs[2]['steady_jobs_per_s'] / runs[1]['steady_jobs_per_s']:.2f}x steady (ideal 2)")
 
 
 def main() -> None:
@@ -95,7 +136,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--root", type=Path, default=None,
                         help="folder for inbox/outbox/state (e.g. /dev/shm: the daemon's CPU cost without the disk's fsyncs)")
+    parser.add_argument("--slurm", action="store_true", help="adapt max 1 vs 2 on the local Slurm (.ci/slurm_up.sh)")
     args = parser.parse_args()
+    if args.slurm:
+        args.jobs = 12 if args.jobs == parser.get_default("jobs") else args.jobs
+        args.seconds = 3.0 if args.seconds == parser.get_default("seconds") else args.seconds
+        bench_slurm(args)
+        return
     from distributed import Client, LocalCluster
 
     from samwatch.executors.dask import DaskExecutor

@@ -44,7 +44,8 @@ from bench_core import boxes, real_image  # noqa: E402
 from bench_geometry import best_times  # noqa: E402
 
 from samwatch.config import Config  # noqa: E402
-from samwatch.geometry import iou, mask_to_geometry  # noqa: E402
+from samwatch.geometry.outline import mask_to_geometry  # noqa: E402
+from samwatch.geometry.raster import iou  # noqa: E402
 from samwatch.executors.base import Dispatch, Finished  # noqa: E402
 from samwatch.executors.local import LocalExecutor  # noqa: E402
 from samwatch.jobs import JobRunner  # noqa: E402

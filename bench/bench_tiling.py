@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from samwatch.config import Config  # noqa: E402
 from samwatch.media import MediaLimits  # noqa: E402
-from samwatch.models.base import Detection, RunContext  # noqa: E402
+from samwatch.models.base import Detection, ModelAdapter, RunContext  # noqa: E402
 from samwatch.vocab import LoadSpec  # noqa: E402
 from samwatch.models.sam1 import Adapter  # noqa: E402
 from samwatch.sidecar import validate_sidecar  # noqa: E402
@@ -133,7 +133,7 @@ def bench_automask(checkpoint: Path, points: int, use_microsam: bool, scratch: P
 # -- 2. peak RSS over slide sizes --------------------------------------------------------------
 
 
-class DarkBlobs:
+class DarkBlobs(ModelAdapter):
     """A stand-in model for memory runs: connected dark blobs of a tile, as automask would report them."""
 
     modes = frozenset({"automask"})
@@ -162,23 +162,20 @@ def write_slide(path: Path, size: int) -> Path:
 
 def rss_child(slide: Path, model: str, checkpoint: str) -> None:
     """One whole job in this process; prints its peak RSS (MiB), seconds and result."""
-    import samwatch.jobs
     from samwatch.jobs import JobRunner
     from samwatch.vocab import JobTicket, Progress
     from samwatch.models.pool import ModelPool
     from samwatch.outbox import JobOutputs
     from samwatch.weights.registry import WeightsRegistry
 
-    if model == "stand-in":
-        samwatch.jobs.adapter_class = lambda model_type: DarkBlobs  # type: ignore[assignment]
-        import samwatch.models.pool
-        samwatch.models.pool.adapter_class = samwatch.jobs.adapter_class
     root = slide.parent
     (root / "slide.ome.yaml").write_text(json.dumps({"model": "vit_t", "automask": automask_params(4)}))
     config = Config(inbox=root, outbox=root / "out", state_dir=root / "state",
                     weights=[{"name": "default", "type": "vit_t", "path": checkpoint}])
     runner = JobRunner(config, WeightsRegistry(config.weights, config.state_dir),
-                       ModelPool(torch.device("cpu"), config.models), prompt_batch_size=1)
+                       ModelPool(torch.device("cpu"), config.models,
+                                 adapters=(lambda model_type: DarkBlobs) if model == "stand-in" else None),
+                       prompt_batch_size=1)
     outputs = JobOutputs(config.outbox, "slide")
     started = time.perf_counter()
     outcome = runner.run(JobTicket("slide", "slide.ome.yaml", slide.name, "sha", "v1"), Progress(outputs, threading.Event()))

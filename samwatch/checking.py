@@ -3,11 +3,13 @@
 A sidecar is read exactly as its job would read it (``load_job_sidecar``), then checked the way
 the run would go on: its weights (registered, on disk or obtainable now), its image (found,
 readable from its header, within the limits) and its prompts against the image size. Every
-problem of a sidecar is reported, not only the first.
+problem of a sidecar is reported, not only the first. A cluster's workers' Python is run once.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,7 +132,9 @@ def _lines(problem: JobError, rel: str) -> list[str]:
     return [f"{where}{problem.field or '-'}: {problem.code}: {problem.message}"]
 
 
-def check_paths(config: Config, paths: list[Path]) -> list[str]:
+def check_paths(config: Config, paths: list[Path], *, config_file: Path | None = None) -> list[str]:
+    """Every problem of the sidecars at ``paths`` (default: the inbox's); ``config_file`` is
+    named in the advice of weights that cannot be fetched."""
     if not paths:
         if not config.inbox.is_dir():
             return []
@@ -139,8 +143,34 @@ def check_paths(config: Config, paths: list[Path]) -> list[str]:
         exports = {job.sidecar for job in find_jobs(config.inbox, files, lambda rel: None)
                    if is_export(job.sidecar or "")}
         paths = [config.inbox / rel for rel in files if is_sidecar(rel) or is_folder_defaults(rel) or rel in exports]
-    registry = WeightsRegistry(config.weights, config.state_dir)
+    registry = WeightsRegistry(config.weights, config.state_dir, config_file=config_file)
     try:
         return [line for path in paths for line in check_sidecar(config, path, registry)]
     finally:
         registry.close()
+
+
+def workers_python(config: Config) -> tuple[list[str], list[str]]:
+    """The cluster workers' Python: (problems, notes). Checked where this machine can see it:
+    it exists, runs, and imports samwatch and distributed with the block's env; a path this
+    machine does not have may exist only on the compute nodes, which is a note, not a problem."""
+    cluster = config.executor.cluster
+    if config.executor.kind != "dask" or cluster is None or cluster.worker_python is None:
+        return [], []
+    where = "config: executor.cluster." + ("venv" if cluster.venv is not None else "python")
+    python = Path(cluster.worker_python)
+    if not python.exists():
+        return [], [f"{where}: {python} is not on this machine; the worker jobs must find it on the compute nodes"]
+    if not python.is_file() or not os.access(python, os.X_OK):
+        return [f"{where}: config_invalid: {python} is not an executable file"], []
+    env = {**os.environ, **cluster.env}
+    try:
+        ran = subprocess.run([str(python), "-c", "import samwatch, distributed"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"{where}: config_invalid: {python} does not run ({exc})"], []
+    if ran.returncode != 0:
+        last = (ran.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"{where}: config_invalid: {python} cannot import samwatch and distributed with the block's env "
+                f"({last}); install samwatch[dask] there or set env: PYTHONPATH"], []
+    return [], []

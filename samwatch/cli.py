@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     watched = (args.config or DEFAULT_CONFIG_PATH).absolute()
     try:
-        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional, threaded=not args.once)
+        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
         return 2
@@ -55,12 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from samwatch.checking import check_paths
+    from samwatch.checking import check_paths, workers_python
 
     config = _load(args)
-    problems = check_paths(config, [Path(p) for p in args.paths])
+    problems, notes = workers_python(config)
+    problems += check_paths(config, [Path(p) for p in args.paths], config_file=args.config.absolute() if args.config else None)
     for line in problems:
         print(line)
+    for line in notes:
+        print(f"note: {line}")
     if not problems:
         print("ok: config and sidecars are valid")
     return 1 if problems else 0

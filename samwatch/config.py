@@ -7,6 +7,7 @@ to the working directory, which gives the contract's ./inbox, ./outbox and ./.sa
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import socket
 from pathlib import Path
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from samwatch.errors import ConfigError
 from samwatch.families import ModelType
+from samwatch.schema_errors import describe_validation_error
+from samwatch.yaml_child import DuplicateKey, unique_keys
 
 MAX_CONFIG_BYTES = 1024 * 1024
 #: Read by every command given no --config, when it exists; ``weights add`` creates it.
@@ -239,6 +242,31 @@ class ClusterSettings(StrictModel):
     extra_directives: list[str] = Field(default_factory=list, description="More #SBATCH/#PBS lines.")
     adapt_minimum: int = Field(0, ge=0, description="Worker jobs kept when idle.")
     adapt_maximum: int = Field(4, ge=1, description="Worker jobs at most.")
+    python: str | None = Field(
+        None, description="The workers' Python, as the compute nodes see it (e.g. /opt/samwatch/.venv/bin/python); "
+        "default: the daemon's own interpreter path.",
+    )
+    venv: str | None = Field(None, description="Instead of python: the workers' virtualenv (its bin/python, activated).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Variables each worker job exports before its worker starts (PYTHONPATH, HF_HOME...).",
+    )
+    prologue: list[str] = Field(
+        default_factory=list, description="Shell lines each worker job runs first (module load cuda, source ...).",
+    )
+
+    @model_validator(mode="after")
+    def _one_python(self) -> ClusterSettings:
+        if self.python is not None and self.venv is not None:
+            raise ValueError("give python or venv, not both")
+        bad = [name for name in self.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"env: not a variable name: {', '.join(bad)}")
+        return self
+
+    @property
+    def worker_python(self) -> str | None:
+        """The interpreter the worker jobs run (None: the daemon's own)."""
+        return f"{self.venv.rstrip('/')}/bin/python" if self.venv is not None else self.python
 
 
 class ExecutorSettings(StrictModel):
@@ -337,25 +365,13 @@ class Config(StrictModel):
         )
 
 
-def describe_validation_error(error: ValidationError) -> list[str]:
-    """One line per problem, ``key.path: reason`` — what a person needs to fix it."""
-    lines = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        reason = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            reason = "unknown key"
-        lines.append(f"{where}: {reason}")
-    return lines
-
-
 def read_yaml_mapping(path: Path, max_bytes: int) -> dict[str, Any]:
     """Safe-load a YAML (or JSON) mapping, refusing oversized files before parsing."""
     size = path.stat().st_size
     if size > max_bytes:
         raise ValueError(f"file is {size} bytes, more than the limit of {max_bytes}")
     with path.open("rb") as handle:
-        data = yaml.safe_load(handle.read(max_bytes + 1))
+        data = yaml.load(handle.read(max_bytes + 1), Loader=unique_keys(yaml.SafeLoader))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -394,12 +410,16 @@ def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool
         data = read_yaml_mapping(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(str(path), ["the config file does not exist"]) from None
+    except DuplicateKey as exc:
+        raise ConfigError(str(path), [f"{exc.key}: given twice in one mapping (again at line {exc.line}); keep one"]) from None
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(str(path), [f"cannot read it as YAML: {exc}"]) from None
     try:
         config = Config.model_validate(data).resolved(path.resolve().parent)
     except ValidationError as exc:
-        raise ConfigError(str(path), describe_validation_error(exc)) from None
+        raise ConfigError(str(path), describe_validation_error(exc, Config)) from None
+    if check_files and (absent := missing_extras(config)):
+        raise ConfigError(str(path), absent)
     if check_files:
         missing = [
             f"weights.{index}.path: no such file {entry.path}"
@@ -409,6 +429,28 @@ def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool
         if missing:
             raise ConfigError(str(path), missing)
     return config
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a blocked import, or a module without a spec
+        return False
+
+
+def missing_extras(config: Config) -> list[str]:
+    """The config's keys that need an optional extra which is not installed (found, not imported)."""
+    needs = []
+    if config.executor.kind == "dask":
+        needs.append("distributed")
+        if config.executor.cluster is not None:
+            needs.append("dask_jobqueue")
+    absent = [module for module in needs if not _installed(module)]
+    if not absent:
+        return []
+    key = "executor.cluster" if "dask_jobqueue" in absent else "executor.kind"
+    return [f"{key}: needs {' and '.join(absent)}, not installed: pip install 'samwatch[dask]' "
+            "(in the daemon's environment, e.g. .venv/bin/pip)"]
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:

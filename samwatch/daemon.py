@@ -42,7 +42,9 @@ from samwatch.watcher import Watcher
 STATUS_MIN_GAP_SECONDS = 0.2
 
 
-def _make_executor(config: Config, registry: Any, *, threaded: bool, clock: Callable[[], float]) -> Executor:
+def _make_executor(
+    config: Config, registry: Any, *, threaded: bool, clock: Callable[[], float], adapters: Any = None,
+) -> Executor:
     if config.executor.kind == "dask":
         from samwatch.executors.dask import DaskExecutor  # samwatch[dask]: imported only when used
 
@@ -52,7 +54,8 @@ def _make_executor(config: Config, registry: Any, *, threaded: bool, clock: Call
     from samwatch.models.device import pick_devices
     from samwatch.models.pool import ModelPool
 
-    pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in pick_devices(config.device)]
+    pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders", adapters=adapters)
+             for device in pick_devices(config.device)]
     return LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
 
 
@@ -99,6 +102,7 @@ class Daemon:
         self.facts = facts or InputFacts(config, ledger, threaded=False)
         self.queue = JobQueue(config, ledger, watcher, claims, outbox, self.dispatcher, self.facts)
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
+        self.recorder.recover_unwritten()
         self.reporter = StatusReporter(self)
         self.retrier = Retrier(config, ledger, claims, outbox, registry, clock)
         self.workers: list[dict[str, Any]] = executor.workers()
@@ -118,8 +122,10 @@ class Daemon:
         threaded: bool = True,
         clock: Callable[[], float] = time.monotonic,
         notifier: SystemdNotifier | None = None,
+        adapters: Any = None,
     ) -> Daemon:
-        """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``."""
+        """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``;
+        ``adapters`` is the local pools' families table (``models.pool.AdapterTable``; tests fake it)."""
         for folder in (config.inbox, config.outbox, config.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
         outbox = Outbox(config.outbox, spool=config.state_dir / SPOOL_FOLDER, clock=clock)
@@ -138,8 +144,9 @@ class Daemon:
             for row in interrupted:
                 outbox.queued(row.job_id, "interrupted when samwatch stopped; it runs again")
         # A failed download may be tried again as soon as a job's retry backoff allows.
-        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds)
-        executor = _make_executor(config, registry, threaded=threaded, clock=clock)
+        registry = WeightsRegistry(config.weights, config.state_dir, retry_after_seconds=config.service.retry_base_seconds,
+                                   config_file=config_path)
+        executor = _make_executor(config, registry, threaded=threaded, clock=clock, adapters=adapters)
         claims = ClaimStore(outbox.state_folder / "claims", config.service.instance, config.service.claim_ttl_seconds)
         watcher = Watcher(
             config.inbox,
@@ -174,7 +181,8 @@ class Daemon:
     def _announce(self) -> None:
         # Logged when the loop starts, after the CLI set the signal handlers: "started" means
         # a SIGTERM from now on stops the daemon cleanly.
-        devices = ", ".join(worker["device"] for worker in self.workers)
+        # one name per kind of device ("cpu" for two CPU slots); a cluster may have no worker yet
+        devices = ", ".join(dict.fromkeys(worker["device"] for worker in self.workers)) or "none yet (no worker)"
         logger.info(
             f"samwatch {__version__} started inbox={self.config.inbox} outbox={self.config.outbox} "
             f"executor={self.executor.kind} device={devices} watch={self.watcher.mode}"
@@ -226,6 +234,7 @@ class Daemon:
             self.queue.discover(changed, vanished, arrived)
         self._collect(0.0)
         self.outbox.retry()
+        self.recorder.note_landed()
         self.recorder.check_waiting()
         self.retrier.step(now)
         if not self.flags.stop:
@@ -324,7 +333,7 @@ class Daemon:
             self.notifier.watchdog()
 
     def _write_status(self, *, stopped: bool = False) -> None:
-        self.workers = self.executor.workers()
+        self.workers = [] if stopped else self.executor.workers()  # a stopped daemon holds no worker
         self._status_dirty = False
         self._status_written = self.clock()
         self.reporter.write(stopped=stopped)

@@ -24,6 +24,9 @@ from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
 from samwatch.watcher import is_ignored_path, unusable_name
 
 MASK_MARK = ".mask"
+#: Suffixes of two parts that name one format: ``slide.ome.tif`` is the image ``slide`` (it pairs
+#: with ``slide.yaml`` as ``slide.tif`` would, and with ``slide.ome.yaml`` as any name does).
+DOUBLE_SUFFIXES = (".ome.tif", ".ome.tiff")
 EXPORT_SUFFIX = ".geojson"
 
 
@@ -121,14 +124,39 @@ def _pairing_key(stem: str) -> str:
     return unicodedata.normalize("NFC", stem)
 
 
+def image_stem(rel: str) -> str:
+    """The name an image pairs and is reported under: ``slide.ome.tif`` -> ``slide``."""
+    _, stem, suffix = split_name(rel)
+    for double in DOUBLE_SUFFIXES:
+        if (stem + suffix).lower().endswith(double):
+            return stem[: len(stem) + len(suffix) - len(double)]
+    return stem
+
+
 def index_images(files: Collection[str]) -> dict[tuple[str, str], list[str]]:
-    """Images by (folder, stem), so pairing costs one lookup per sidecar, not a scan."""
+    """Images by (folder, stem), so pairing costs one lookup per sidecar, not a scan.
+
+    An image with a double suffix is listed under both its stems (``slide.ome`` and ``slide``),
+    after the images whose own stem it is (``slide.tif`` goes before ``slide.ome.tif``).
+    """
     index: dict[tuple[str, str], list[str]] = {}
+    by_short_stem: list[tuple[tuple[str, str], str]] = []
     for path in sorted(files):
         if is_image(path):
             folder, stem, _ = split_name(path)
             index.setdefault((folder, _pairing_key(stem)), []).append(path)
+            if (short := image_stem(path)) != stem:
+                by_short_stem.append(((folder, _pairing_key(short)), path))
+    for key, path in by_short_stem:
+        index.setdefault(key, []).append(path)
     return index
+
+
+def _similar_images(folder: str, stem: str, images: ImageIndex) -> list[str]:
+    """Images whose name starts with the sidecar's: ``slide.v2.tif`` for ``slide.yaml``."""
+    prefix = _pairing_key(stem) + "."
+    return sorted({posixpath.basename(path) for (where, key), paths in images.items()
+                   if where == folder and key.startswith(prefix) for path in paths})
 
 
 def implicit_image(sidecar_rel: str, images: ImageIndex) -> str | None:
@@ -200,6 +228,15 @@ def resolve_image(
             )
         return rel
     found = implicit_image(sidecar_rel, images)
+    if found is None and (similar := _similar_images(folder, stem, images)):
+        name = similar[0]
+        raise JobError(
+            "image_not_found",
+            f"No image named {stem}.<png|jpg|tif|...> next to the sidecar, but there is {name}: its stem "
+            f"is '{split_name(name)[1]}' (only {' and '.join(DOUBLE_SUFFIXES)} count as one suffix). Name the "
+            f"sidecar {split_name(name)[1]}{split_name(sidecar_rel)[2]}, or add 'image: {name}' to it.",
+            file=sidecar_rel, field="image",
+        )
     if found is None:
         raise JobError(
             "image_not_found",
@@ -295,10 +332,11 @@ def find_jobs(
         jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder),
                               image=image))
     if defaults_by_folder:
-        for rel in (path for paths in images.values() for path in paths):
+        for rel in sorted({path for paths in images.values() for path in paths}):
             if rel in claimed:
                 continue
-            folder, stem, _ = split_name(rel)
+            folder = split_name(rel)[0]
+            stem = image_stem(rel)
             defaults = nearest_defaults(folder, defaults_by_folder)
             if defaults is not None:
                 job_id = f"{folder}/{stem}" if folder else stem

@@ -15,6 +15,7 @@ from enum import Enum
 
 from loguru import logger
 
+from samwatch import faults
 from samwatch.claims import ClaimStore
 from samwatch.executors.base import Dispatch, Executor, Finished, ProgressReport
 from samwatch.ledger import JobRow, Ledger
@@ -67,6 +68,7 @@ class Dispatcher:
         token = secrets.token_hex(8)
         now = self.clock()
         run = Running(ticket, row, token, now, last_change=now)
+        faults.hit("queued", row.job_id)
         self.ledger.start(row, token)
         self.outbox.running(row.job_id, "reading", 0, "started")
         self.running[token] = run

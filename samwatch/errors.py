@@ -31,6 +31,7 @@ ERROR_CODES: dict[str, str] = {
     "unknown_model": "the model type is not one samwatch knows",
     "unknown_weights": "no registry entry of that name for that model type",
     "model_not_installed": "the Python package for that model family is not installed",
+    "extra_not_installed": "the job needs an optional part of samwatch that is not installed (the message names it)",
     "model_requires_cuda": "this model path cannot run on the chosen device",
     "weights_unavailable": "the weights cannot be obtained (gated, no access, no token)",
     "weights_download_failed": "downloading the weights failed",

@@ -77,7 +77,7 @@ def load_job_sidecar(
         if defaults_rel is not None:
             data = merge_folder_defaults(data, _read(inbox, defaults_rel, config))
     checkpoint_url = data.pop("checkpoint_url", None)
-    sidecar = validate_sidecar(data, name=rel)
+    sidecar = validate_sidecar(data, name=rel) if problems is None else _validate_reporting(data, rel, problems)
     model_type = sidecar.model or config.defaults.model
     found: list[JobError] = []
     weights_name = _resolve_weights(config, sidecar, model_type, checkpoint_url, rel, found)
@@ -125,6 +125,54 @@ def _read(inbox: Path, rel: str, config: Config) -> dict[str, Any]:
             file=rel,
         )
     return read_sidecar_data(inbox / rel, max_bytes=config.limits.max_sidecar_bytes, name=rel)
+
+
+#: a stand-in for a prompt with schema errors of its own: inside any image, so only its own
+#: problems are reported, and the other prompts keep their indices
+_STAND_IN_PROMPT = {"points": [[0, 0]]}
+
+
+def _validate_reporting(data: dict[str, Any], rel: str, problems: list[JobError]) -> Sidecar:
+    """For ``samwatch check``: a schema error is recorded, and the sidecar validated again with
+    the faulty keys (or prompts) set aside, so that its other checks (weights, image, every box
+    and point) still run. Raises the first error when nothing valid remains."""
+    try:
+        return validate_sidecar(data, name=rel)
+    except JobError as first:
+        if first.code != "sidecar_invalid" or not first.details.get("problems"):
+            raise
+        problems.append(first)
+        error, rest = first, dict(data)
+    for _ in range(4):  # each pass sets aside what the last one found
+        rest = _without(rest, [line.split(":", 1)[0] for line in error.details.get("problems", [])])
+        try:
+            return validate_sidecar(rest, name=rel)
+        except JobError as again:
+            if again.code != "sidecar_invalid":
+                break
+            error = again
+    raise first
+
+
+def _without(data: dict[str, Any], where: list[str]) -> dict[str, Any]:
+    """``data`` with the keys at ``where`` removed; a prompt's own faulty key first, and the
+    prompt replaced by a stand-in when it is still faulty without it."""
+    rest = dict(data)
+    prompts = list(rest["prompts"]) if isinstance(rest.get("prompts"), list) else None
+    for path in where:
+        key, index, inner = (path.split(".", 2) + ["", ""])[:3]
+        if key != "prompts" or prompts is None or not index.isdigit() or int(index) >= len(prompts):
+            rest.pop(key, None)
+            continue
+        prompt = prompts[int(index)]
+        inner_key = inner.split(".", 1)[0]
+        if isinstance(prompt, dict) and inner_key in prompt and prompt is not _STAND_IN_PROMPT:
+            prompts[int(index)] = {k: v for k, v in prompt.items() if k != inner_key}
+        else:
+            prompts[int(index)] = _STAND_IN_PROMPT
+    if prompts is not None:
+        rest["prompts"] = prompts
+    return rest
 
 
 def _resolve_weights(

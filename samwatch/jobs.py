@@ -24,11 +24,12 @@ from samwatch import __version__
 from samwatch.config import Config, LimitSettings
 from samwatch.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
-from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
+from samwatch.geometry.features import class_color, feature_collection, make_feature
+from samwatch.geometry.outline import mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
-from samwatch.models.pool import ModelPool, adapter_class
+from samwatch.models.pool import ModelPool
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.prompts import prompt_masks
 from samwatch.job_sidecar import JobSidecar, load_job_sidecar
@@ -92,8 +93,13 @@ def outcome_of_error(ticket: JobTicket, exc: Exception) -> Outcome:
 class JobRunner:
     """Runs jobs for one daemon; owns the model pool (used from the worker thread only)."""
 
-    def __init__(self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None) -> None:
-        """``prompt_batch_size`` None: chosen per device (models/device.py)."""
+    def __init__(
+        self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None,
+        worker: dict[str, str] | None = None,
+    ) -> None:
+        """``prompt_batch_size`` None: chosen per device (models/device.py); ``worker``: who runs
+        the jobs, for their provenance (executors/base.py ``worker_identity``)."""
+        self.worker = worker
         self.config = config
         self.registry = registry
         self.pool = pool
@@ -128,7 +134,7 @@ class JobRunner:
             raise JobError("image_not_found", "The job has no sidecar.")
         loaded = load_job_sidecar(self.config, ticket.sidecar)
         sidecar, model_type, weights_name = loaded.sidecar, loaded.model_type, loaded.weights_name
-        adapter_class(model_type)  # a missing model package fails before the image is read
+        self.pool.adapter_for(model_type)  # a missing model package fails before the image is read
         image_rel = self.image_path(ticket, sidecar)
         media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
         imported = self._imported(loaded, media)
@@ -161,14 +167,17 @@ class JobRunner:
     def infer(self, job: Prepared) -> Iterator[Detection]:
         """Phase 2, the device: the model loaded and run; detections as they come (each mask
         becomes its feature and is dropped, so a job holds one prompt batch of masks at a time)."""
-        job.progress("loading model", 0.0)
+        # A first load can take a while (a CPU's ONNX export): say so, or the job looks stuck.
+        job.progress("loading model", 0.0, "" if self.pool.holds(job.spec) else
+                     f"loading {job.spec.model_type} (its first job here; on a CPU the encoder is exported to ONNX "
+                     "once per weights, up to a minute)")
         load_started = time.perf_counter()
         job.adapter = self.pool.get(job.spec)
         job.timings["load"] = time.perf_counter() - load_started
         with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
             yield from self._infer(job, Path(scratch))
-        job.encoder = getattr(job.adapter, "encoder_path", "eager")  # before another job can use it
-        job.decoder = getattr(job.adapter, "decoder_path", "eager")
+        job.encoder = job.adapter.encoder_path  # before another job can use it
+        job.decoder = job.adapter.decoder_path
 
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
         """Phase 3, CPU: features traced as detections arrive, the result assembled."""
@@ -317,12 +326,13 @@ class JobRunner:
             "model": spec.model_type,
             "weights": {
                 "name": spec.weights_name, "sha256": spec.sha256, "source": spec.source,
-                "config": getattr(job.adapter, "config_used", spec.config),
+                "config": job.adapter.config_used or spec.config,
             },
             "device": describe(self.pool.device),
             "image_encoder": job.encoder,  # e.g. onnxruntime, sdpa+bf16, or eager
             "mask_decoder": job.decoder,  # onnxruntime or eager
             "host": self.config.service.instance,
+            **({"worker": self.worker} if self.worker else {}),
             "image": {
                 "path": job.image_rel, "sha256": ticket.image_sha, "width": media.width, "height": media.height,
                 "frames": media.n_frames, "axes": media.axes, "dtype": media.source_dtype,

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts    INTEGER NOT NULL DEFAULT 0,
     error       TEXT,
     updated     REAL NOT NULL,
-    token       TEXT                -- the run now allowed to report this job's outcome
+    token       TEXT,               -- the run now allowed to report this job's outcome
+    unwritten   INTEGER NOT NULL DEFAULT 0  -- 1: its outcome files are held in memory only
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS groups (grp TEXT PRIMARY KEY, served REAL NOT NULL);
@@ -91,6 +92,8 @@ class Ledger:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "token" not in columns:  # a ledger from before dispatch tokens
             self._db.execute("ALTER TABLE jobs ADD COLUMN token TEXT")
+        if "unwritten" not in columns:  # a ledger from before outcomes were recorded after their files
+            self._db.execute("ALTER TABLE jobs ADD COLUMN unwritten INTEGER NOT NULL DEFAULT 0")
         hash_columns = {row[1] for row in self._db.execute("PRAGMA table_info(file_hashes)")}
         for column in ("ctime_ns", "inode"):
             if column not in hash_columns:  # a ledger from before; its rows then never match: re-hashed once
@@ -153,10 +156,12 @@ class Ledger:
         )
         return True
 
-    def set_state(self, job_id: str, state: str, *, version: str | None = None, error: str | None = None) -> bool:
+    def set_state(
+        self, job_id: str, state: str, *, version: str | None = None, error: str | None = None, unwritten: bool = False,
+    ) -> bool:
         """Move a job to ``state``; with ``version``, only if that is still its version."""
-        query = "UPDATE jobs SET state = ?, error = ?, token = NULL, updated = ? WHERE job_id = ?"
-        params: tuple = (state, error, self._wallclock(), job_id)
+        query = "UPDATE jobs SET state = ?, error = ?, token = NULL, unwritten = ?, updated = ? WHERE job_id = ?"
+        params: tuple = (state, error, int(unwritten), self._wallclock(), job_id)
         if version is not None:
             query += " AND version = ?"
             params += (version,)
@@ -185,10 +190,26 @@ class Ledger:
         ).fetchone()
         return row is not None
 
-    def finish(self, job: JobRow, state: str, error: str | None = None) -> None:
-        """Record the outcome of ``job``'s version; a newer version stays queued."""
-        if not self.set_state(job.job_id, state, version=job.version, error=error):
+    def finish(self, job: JobRow, state: str, error: str | None = None, *, unwritten: bool = False) -> None:
+        """Record the outcome of ``job``'s version; a newer version stays queued.
+
+        Called once the outcome's files are in place and synced (or spooled), so a recorded
+        outcome is never lost to a crash; ``unwritten``: the outbox kept them in memory only,
+        and a restart that finds them missing runs the job again (``unwritten_jobs``).
+        """
+        if not self.set_state(job.job_id, state, version=job.version, error=error, unwritten=unwritten):
             self.set_state(job.job_id, "queued")
+
+    def written(self, job_id: str) -> None:
+        """The files of the job's recorded outcome landed after all."""
+        self._db.execute("UPDATE jobs SET unwritten = 0 WHERE job_id = ? AND unwritten = 1", (job_id,))
+
+    def unwritten_jobs(self) -> list[JobRow]:
+        rows = self._db.execute(
+            "SELECT job_id, sidecar, image, image_sha, version, state, priority, grp, attempts, error "
+            "FROM jobs WHERE unwritten = 1"
+        ).fetchall()
+        return [JobRow(*row) for row in rows]
 
     def next_job(self, *, exclude: frozenset[str] = frozenset()) -> JobRow | None:
         """Highest priority first; among equals, the folder served longest ago, then oldest."""
@@ -219,6 +240,12 @@ class Ledger:
             (sidecar,),
         ).fetchall()
         return [JobRow(*row) for row in rows]
+
+    def latest(self, state: str, limit: int) -> list[tuple[str, str | None, float]]:
+        """The ``limit`` jobs most recently put in ``state``, newest first: (job_id, error, updated)."""
+        return [tuple(row) for row in self._db.execute(
+            "SELECT job_id, error, updated FROM jobs WHERE state = ? ORDER BY updated DESC LIMIT ?", (state, limit),
+        ).fetchall()]
 
     def all_job_ids(self) -> set[str]:
         return {row[0] for row in self._db.execute("SELECT job_id FROM jobs")}

@@ -136,6 +136,15 @@ class JobOutputs:
     def cancelled(self, percent: float, message: str) -> None:
         self._write_progress(ProgressState.CANCELLED, ProgressState.CANCELLED.value, percent, message)
 
+    def shows(self, state: str) -> bool:
+        """Whether the files of a ``done``/``failed`` outcome are all in place (its result or error
+        goes before the final progress file, so a final progress file vouches for them)."""
+        try:
+            progress = orjson.loads(self.progress.read_bytes())
+        except (OSError, ValueError):
+            return False
+        return progress.get("state") == state and (self.result if state == "done" else self.error).is_file()
+
     def restore_final(self, state: str, message: str) -> None:
         """Another daemon's outcome (``done``/``failed``/``cancelled``): its files stand, progress says so."""
         final = ProgressState(state)
@@ -178,6 +187,7 @@ class Outbox:
         self._clock = clock
         self._lock = threading.Lock()  # progress arrives from executor threads too
         self._pending: dict[str, Callable[[], None]] = {}  # key -> the latest write refused
+        self._landed: list[str] = []  # jobs whose kept writes landed since ``take_landed``
         self._next_retry = float("-inf")
         self._backoff = RETRY_FIRST_SECONDS
         self.problem: dict[str, Any] | None = None
@@ -200,11 +210,14 @@ class Outbox:
     def done(
         self, job_id: str, collection: dict[str, Any] | orjson.Fragment | None, message: str,
         extras: Mapping[str, bytes] | None = None,
-    ) -> None:
-        self._write(job_id, "done", collection=collection, message=message, extras=extras)
+    ) -> bool:
+        """True once the files are in place and synced, or spooled to be written at the next
+        chance (even after a restart); False: kept in memory only (see ``take_landed``)."""
+        return self._write(job_id, "done", collection=collection, message=message, extras=extras)
 
-    def failed(self, job_id: str, error: dict[str, Any] | None, percent: float, message: str) -> None:
-        self._write(job_id, "failed", error=error, percent=percent, message=message)
+    def failed(self, job_id: str, error: dict[str, Any] | None, percent: float, message: str) -> bool:
+        """As ``done``, for the error file."""
+        return self._write(job_id, "failed", error=error, percent=percent, message=message)
 
     def cancelled(self, job_id: str, percent: float, message: str) -> None:
         self._write(job_id, "cancelled", percent=percent, message=message)
@@ -212,11 +225,11 @@ class Outbox:
     def restore_final(self, job_id: str, state: str, message: str) -> None:
         self._write(job_id, "restore_final", state=state, message=message)
 
-    def _write(self, job_id: str, method: str, **arguments: Any) -> None:
+    def _write(self, job_id: str, method: str, **arguments: Any) -> bool:
         if self.attempt(f"job:{job_id}", partial(_replay, self.root, job_id, method, arguments)):
             self._unspool(job_id)
-        elif method in _FINAL_METHODS:
-            self._spool_write(job_id, method, arguments)
+            return True
+        return method in _FINAL_METHODS and self._spool_write(job_id, method, arguments)
 
     # ---- the daemon's own files -----------------------------------------------------------
 
@@ -258,6 +271,12 @@ class Outbox:
                 return
             if key.startswith("job:"):
                 self._unspool(key[4:])
+                self._landed.append(key[4:])
+
+    def take_landed(self) -> list[str]:
+        """The jobs whose kept writes are in place since the last call: their outcomes are whole now."""
+        landed, self._landed = self._landed, []
+        return landed
 
     @property
     def pending_writes(self) -> int:
@@ -297,16 +316,18 @@ class Outbox:
             return None
         return self._spool / f"{hashlib.sha1(job_id.encode()).hexdigest()}.json"
 
-    def _spool_write(self, job_id: str, method: str, arguments: dict[str, Any]) -> None:
+    def _spool_write(self, job_id: str, method: str, arguments: dict[str, Any]) -> bool:
         path = self._spool_path(job_id)
         if path is None:
-            return
+            return False
         if arguments.get("extras"):  # preview and label bytes, as JSON text
             arguments = {**arguments, "extras": {k: base64.b64encode(v).decode() for k, v in arguments["extras"].items()}}
         try:
             atomic_write_json(path, {"job": job_id, "method": method, "arguments": arguments})
         except OSError as exc:  # the state disk too: the write stays in memory only
             logger.warning(f"cannot spool the kept outbox write of {job_id}: {exc}")
+            return False
+        return True
 
     def _unspool(self, job_id: str) -> None:
         path = self._spool_path(job_id)

@@ -1,21 +1,25 @@
 """Recording what became of each run: ledger, outbox files, claims, counters, moved inputs.
 
 One place turns an ``Outcome`` into everything a person and the other daemons see, in one
-order: the ledger first (the truth), then the outbox files, then the claim's ``.done``
-marker. Jobs waiting for weights are settled here too, when their download ends.
+order: the outbox files first (renamed into place and synced, or spooled), then the ledger,
+then the claim's ``.done`` marker. A crash before the ledger's commit leaves the job
+``running`` there, so the restart runs it again; after it, the files are in place. Jobs
+waiting for weights are settled here too, when their download ends.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
+from samwatch import faults
 from samwatch.claims import ClaimStore
 from samwatch.config import Config
 from samwatch.discovery import is_folder_defaults
@@ -23,6 +27,7 @@ from samwatch.dispatch import Running, StopKind
 from samwatch.errors import JobError
 from samwatch.ledger import JobRow, Ledger
 from samwatch.atomic import now_iso
+from samwatch.weights.files import read_json
 from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox
 from samwatch.outputs.dashboard import RecentResults
 from samwatch.queueing import JobQueue
@@ -34,18 +39,32 @@ class RunStats:
     done: int = 0
     failed: int = 0
     cancelled: int = 0
-    recent_failures: deque = field(default_factory=lambda: deque(maxlen=20))
+    keep_failures: int = 20
+    #: job -> its latest failure, oldest first: a job that fails on every retry is listed once,
+    #: and leaves the list when it succeeds
+    failures: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     recent_results: RecentResults = field(default_factory=RecentResults)
+
+    @property
+    def recent_failures(self) -> list[dict[str, Any]]:
+        return list(self.failures.values())
 
     def success(self, job_id: str, outcome: Outcome) -> None:
         self.done += 1
+        self.failures.pop(job_id, None)
         self.recent_results.add(job_id, features=outcome.features, seconds=outcome.seconds,
                                 preview=PREVIEW_SUFFIX in outcome.extras, labels=LABELS_SUFFIX in outcome.extras)
 
     def failure(self, job_id: str, error: JobError) -> None:
         self.failed += 1
-        self.recent_failures.append({"job": job_id, "error": error.code, "message": error.message, "at": now_iso()})
+        self.note_failure(job_id, error.code, error.message, now_iso())
         self.recent_results.discard(job_id)  # its result file is gone
+
+    def note_failure(self, job_id: str, code: str, message: str, at: str) -> None:
+        self.failures.pop(job_id, None)
+        self.failures[job_id] = {"job": job_id, "error": code, "message": message, "at": at}
+        while len(self.failures) > self.keep_failures:
+            self.failures.popitem(last=False)
 
 
 class OutcomeRecorder:
@@ -58,8 +77,24 @@ class OutcomeRecorder:
         self.outbox = outbox
         self.registry = registry
         self.queue = queue
-        self.stats = RunStats(recent_failures=deque(maxlen=config.service.recent_failures or 1))
+        self.stats = RunStats(keep_failures=config.service.recent_failures)
         self.waiting_on: dict[str, tuple[str, str] | None] = {}
+        self._restore_history()
+
+    def _restore_history(self) -> None:
+        """Failures and results of earlier runs, from the ledger and the outbox: a restart must
+        not blank ``samwatch status`` and the dashboard."""
+        def at(updated: float) -> str:
+            return datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="milliseconds")
+
+        for job_id, code, updated in reversed(self.ledger.latest("failed", self.stats.keep_failures)):
+            body = read_json(self.outbox.root / f"{job_id}.error.json")
+            message = body.get("message") if isinstance(body.get("message"), str) else ""
+            self.stats.note_failure(job_id, code or str(body.get("error", "")), message, at(updated))
+        for job_id, _, updated in reversed(self.ledger.latest("done", self.stats.recent_results.keep)):
+            has = {suffix: (self.outbox.root / f"{job_id}{suffix}").is_file() for suffix in (PREVIEW_SUFFIX, LABELS_SUFFIX)}
+            self.stats.recent_results.add(job_id, features=None, seconds=None, at=at(updated),
+                                          preview=has[PREVIEW_SUFFIX], labels=has[LABELS_SUFFIX])
 
     def record(self, run: Running, outcome: Outcome, *, stopping: bool) -> None:
         ticket, row = run.ticket, run.row
@@ -85,22 +120,47 @@ class OutcomeRecorder:
             logger.info(f"job {ticket.job_id} cancelled: {stop.reason}")
             return
         error = outcome.error
-        self.ledger.finish(row, outcome.state, error=error.code if error else None)
         if outcome.state == "done":
-            self.outbox.done(ticket.job_id, outcome.result, f"{outcome.features} features", outcome.extras)
+            durable = self.outbox.done(ticket.job_id, outcome.result, f"{outcome.features} features", outcome.extras)
+            self._commit(row, "done", None, durable)
             self.stats.success(ticket.job_id, outcome)
             logger.info(outcome.summary)
         else:
             assert error is not None
-            self.outbox.failed(ticket.job_id, self._error_body(error, row), run.percent, error.message)
+            durable = self.outbox.failed(ticket.job_id, self._error_body(error, row), run.percent, error.message)
+            self._commit(row, outcome.state, error, durable)
             self.stats.failure(ticket.job_id, error)
             logger.warning(f"job {ticket.job_id} failed error={error.code} seconds={outcome.seconds:.2f}: {error.message}")
-        self._release(row, outcome.state)
         if self.config.inputs.after == "move":
             try:
                 self._move_inputs(row, outcome.state == "done")
             except OSError as exc:  # the inbox is someone's share too: the outcome stands
                 logger.warning(f"job {ticket.job_id}: inputs not moved ({exc})")
+
+    def _commit(self, row: JobRow, state: str, error: JobError | None, durable: bool) -> None:
+        """The outcome, its files durable (or held in memory only: not ``durable``), into the ledger."""
+        faults.hit("renamed", row.job_id)
+        self.ledger.finish(row, state, error=error.code if error else None, unwritten=not durable)
+        faults.hit("recorded", row.job_id)
+        # Only a written outcome is announced to the other daemons: they would take it as theirs to show.
+        self._release(row, state if durable else None)
+
+    def note_landed(self) -> None:
+        """Outcomes the outbox held in memory are written now: nothing to redo after a restart."""
+        for job_id in self.outbox.take_landed():
+            self.ledger.written(job_id)
+
+    def recover_unwritten(self) -> None:
+        """At start: an outcome recorded while the outbox and the spool refused its files, and
+        not in place now, was lost with the process that held it: the job runs again."""
+        for row in self.ledger.unwritten_jobs():
+            if self.outbox.job(row.job_id).shows(row.state):
+                self.ledger.written(row.job_id)
+                continue
+            self.ledger.set_state(row.job_id, "queued", version=row.version)
+            self.claims.reopen(row.job_id, row.version)
+            self.outbox.queued(row.job_id, "its outcome could not be written before samwatch stopped; it runs again")
+            logger.warning(f"job {row.job_id}: its {row.state} outcome was never written (the outbox was full); it runs again")
 
     def _release(self, row: JobRow, state: str | None) -> None:
         """Drop the claim (with ``state``, leave the outcome marker), retried if the outbox refuses."""
@@ -130,8 +190,8 @@ class OutcomeRecorder:
             error = getattr(state, "error", None)
             if error is not None:
                 self.waiting_on.pop(job_id)
-                self.ledger.finish(row, "failed", error=error.code)
-                self.outbox.failed(job_id, self._error_body(error, row), self._download_percent(state), error.message)
+                durable = self.outbox.failed(job_id, self._error_body(error, row), self._download_percent(state), error.message)
+                self.ledger.finish(row, "failed", error=error.code, unwritten=not durable)
                 self.stats.failure(job_id, error)
                 logger.warning(f"job {job_id} failed error={error.code}: {error.message}")
             elif not hasattr(state, "state"):  # a LoadSpec: the weights are here

@@ -26,7 +26,7 @@ from pydantic import (
 from samwatch.config import OutputFormat, describe_validation_error
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, ModelType
-from samwatch.yaml_child import load_yaml
+from samwatch.yaml_child import DuplicateKey, load_yaml
 
 #: libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one,
 #: which would hold the daemon's loop for seconds on a legal 40 000-prompt sidecar, and it
@@ -426,10 +426,17 @@ def _as_json_object(text: str | bytes) -> dict[str, Any] | None:
     if not text.lstrip()[:1] in (b"{", "{"):
         return None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_pairs)
     except (ValueError, RecursionError):
-        return None  # YAML's flow style, or broken: YAML says where
+        return None  # YAML's flow style, broken, or a key twice: YAML says where
     return data if isinstance(data, dict) else None
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise ValueError("a key twice")
+    return data
 
 
 def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
@@ -444,6 +451,13 @@ def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
             "The sidecar is nested too deeply to read (lists or mappings thousands of levels deep); "
             "a sidecar needs a few levels only.",
             file=name,
+        ) from None
+    except DuplicateKey as exc:
+        raise JobError(
+            "sidecar_invalid",
+            f"The key {exc.key!r} appears twice in one mapping (again at line {exc.line}); "
+            "samwatch would have to guess which one you meant: keep one.",
+            file=name, field=str(exc.key), line=exc.line,
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -490,7 +504,7 @@ def validate_sidecar(data: dict[str, Any], *, name: str) -> Sidecar:
     try:
         return Sidecar.model_validate(data)
     except ValidationError as exc:
-        problems = describe_validation_error(exc)
+        problems = describe_validation_error(exc, Sidecar)
         first_field = problems[0].split(":", 1)[0] if problems else None
         if any(problem["loc"][:1] in (("model",), ("type",)) for problem in exc.errors()):
             model = data.get("model", data.get("type"))

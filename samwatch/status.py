@@ -53,6 +53,8 @@ class StatusReporter:
         stats = daemon.recorder.stats
         running = self.running_jobs()
         workers = daemon.workers
+        if stopped:  # its models went with the process
+            workers = [{**worker, "loaded_models": []} for worker in workers]
         return {
             "state": self.state(stopped=stopped),
             "version": __version__,

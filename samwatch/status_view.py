@@ -21,6 +21,15 @@ def _models(status: dict[str, Any]) -> str:
     return ", ".join(f"{m.get('type')}/{m.get('weights')}" for m in status.get("loaded_models", [])) or "none"
 
 
+def _totals(status: dict[str, Any]) -> str:
+    totals = status.get("totals") or {}
+    line = (f"jobs: {totals.get('done', 0)} done, {totals.get('failed', 0)} failed, "
+            f"{totals.get('queued', 0)} queued")
+    if "done_this_run" in totals:
+        line += f" (since start: {totals['done_this_run']} done, {totals.get('failed_this_run', 0)} failed)"
+    return line
+
+
 def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[dict[str, Any]]) -> str:
     lines = [
         f"samwatch {status['version']} on {status['instance']} (pid {status['pid']}), device {status['device']}",
@@ -29,12 +38,13 @@ def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[d
     ]
     queue = status["queue"]
     lines.append(f"queue: {queue['queued']} queued, {queue['waiting']} waiting for weights")
+    lines.append(_totals(status))
     executor = status.get("executor", {})
     lines.append(f"executor: {executor.get('kind', 'local')}, {executor.get('slots', 1)} slot(s)")
     for worker in status.get("workers", []):
         lines.append(f"  worker {worker.get('name')} on {worker.get('host')} {worker.get('device')}, "
-                     f"{worker.get('memory_mb')} MB{_last_peak(worker)}, "
-                     f"{_models(worker) if worker.get('loaded_models') else 'no models'}")
+                     f"{worker.get('memory_mb')} MB{_last_peak(worker)}, {_models(worker) if worker.get('loaded_models') else 'no models'}, "
+                     f"{_tally(worker)}")
     for job in running_jobs(status):
         lines.append(f"running: {job['job']} {job['stage']} {job['percent']}% ({job['seconds']} s)")
     lines.append(f"loaded models: {_models(status)}")
@@ -47,7 +57,7 @@ def render_plain(status: dict[str, Any], age: float, stale: bool, others: list[d
         lines.append(f"other daemon on this outbox: {other.get('instance')}: {state}, heartbeat {other.get('updated')}")
     failures = status.get("recent_failures", [])
     if failures:
-        lines.append("recent failures:")
+        lines.append("recent failures (when, job: error: message):")
         lines.extend(f"  {f['at']} {f['job']}: {f['error']}: {f['message']}" for f in failures[-10:])
     return "\n".join(lines)
 
@@ -85,15 +95,15 @@ def render_tables(status: dict[str, Any], age: float, stale: bool, others: list[
             *_cells(other.get("instance")), other_state,
             *_cells(other.get("device", ""), queue.get("queued", ""), queue.get("waiting", ""), other.get("updated", "")),
         )
-    out: list[Any] = [daemons]
+    out: list[Any] = [daemons, Text(_totals(status))]
     workers = status.get("workers", [])
     if workers:
         table = Table(title=f"workers ({status.get('executor', {}).get('kind', 'local')} executor)", title_justify="left")
-        for column in ("worker", "host", "device", "memory", "models"):
+        for column in ("worker", "host", "device", "memory", "models", "jobs"):
             table.add_column(column)
         for worker in workers:
             table.add_row(*_cells(worker.get("name"), worker.get("host"), worker.get("device"),
-                                  f"{worker.get('memory_mb')} MB{_last_peak(worker)}", _models(worker)))
+                                  f"{worker.get('memory_mb')} MB{_last_peak(worker)}", _models(worker), _tally(worker)))
         out.append(table)
     out.append(Text(f"loaded models: {_models(status)}"))
     jobs = [(status["instance"], job) for job in running_jobs(status)]
@@ -139,3 +149,9 @@ def print_status(
     console.print(Text(f"samwatch {status['version']} (pid {status['pid']})", style="bold"))
     for renderable in render_tables(status, age, stale, others):
         console.print(renderable)
+
+
+def _tally(worker: dict[str, Any]) -> str:
+    """What a slot or cluster worker finished since start (and its Slurm job, if it runs in one)."""
+    slurm = f", Slurm job {worker['slurm_job']}" if worker.get("slurm_job") else ""
+    return f"{worker.get('done', 0)} done, {worker.get('failed', 0)} failed{slurm}"

@@ -80,6 +80,9 @@ class Outcome:
     result: Any = None
     #: files written with the result (outbox suffix -> bytes): preview, label image, table
     extras: dict[str, bytes] = field(default_factory=dict)
+    #: who ran it (executors/base.py ``worker_identity``: executor, name, host, slurm_job), as in
+    #: the result's provenance; None for an outcome the daemon decided without running the job
+    worker: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """This outcome as plain values (the result stays as it is: a dict or encoded bytes)."""
@@ -87,6 +90,7 @@ class Outcome:
             "state": self.state, "error": self.error.to_dict() if self.error else None,
             "features": self.features, "waiting_for": list(self.waiting_for) if self.waiting_for else None,
             "seconds": self.seconds, "summary": self.summary, "result": self.result, "extras": dict(self.extras),
+            "worker": dict(self.worker) if self.worker else None,
         }
 
     @classmethod
@@ -96,7 +100,7 @@ class Outcome:
             body["state"], error=error_from_wire(body.get("error")), features=body.get("features", 0),
             waiting_for=(waiting_for[0], waiting_for[1]) if waiting_for else None,
             seconds=body.get("seconds", 0.0), summary=body.get("summary", ""), result=body.get("result"),
-            extras=dict(body.get("extras") or {}),
+            extras=dict(body.get("extras") or {}), worker=body.get("worker"),
         )
 
 

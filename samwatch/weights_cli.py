@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from samwatch.config import DEFAULT_CONFIG_PATH, WeightsEntry, config_path_from, describe_validation_error, load_config
 from samwatch.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError, JobError
-from samwatch.weights.entries import download_path
+from samwatch.weights.entries import download_path, entries_with_defaults
 from samwatch.weights.locks import request_cancel
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.families import MODEL_TYPES
@@ -60,6 +60,10 @@ def add_arguments(subparsers: argparse._SubParsersAction, parents: list[argparse
         "source", metavar="URL_OR_PATH", help="http(s)://, hf://owner/repo/file[@rev], file:// or a local file"
     )
     add.add_argument("--sha256", help="the file's expected sha256; a mismatch is an error, never a silent load")
+    add.add_argument(
+        "--url", help="offline: FILE is a copy of the weights at this URL (e.g. the type's official URL); it is "
+        "kept in state_dir as that URL's download, so the type's default weights and a checkpoint_url of that URL use it",
+    )
     add.add_argument("--sam2-config", help="SAM2 only: the Hydra config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml")
     add.set_defaults(func=run_add)
 
@@ -116,10 +120,10 @@ def run_list(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     if args.sam2_config and not args.type.startswith("sam2"):
         raise _UsageError("--sam2-config applies to the sam2_* types only")
-    entry = _new_entry(args)
+    entry = _new_entry(args) if args.url is None else _imported_entry(args)
     path = add_weights_entry(_edit_path(args), entry)
     print(f"Registered {entry.type} {entry.name!r} ({entry.source}) in {path}; a running daemon picks it up.")
-    if entry.url is not None:
+    if entry.url is not None and args.url is None:
         print(f"Download it now with: samwatch weights fetch {entry.name} --type {entry.type}")
     return 0
 
@@ -188,8 +192,9 @@ def _edit_path(args: argparse.Namespace) -> Path:
 
 def _open_registry(args: argparse.Namespace) -> WeightsRegistry:
     # a path entry whose file is gone is shown as missing, not a reason to refuse the whole config
-    config = load_config(_config_path(args), check_files=False)
-    return WeightsRegistry(config.weights, config.state_dir)
+    path = _config_path(args)
+    config = load_config(path, check_files=False)
+    return WeightsRegistry(config.weights, config.state_dir, config_file=path.absolute() if path else None)
 
 
 def _new_entry(args: argparse.Namespace) -> WeightsEntry:
@@ -207,6 +212,34 @@ def _new_entry(args: argparse.Namespace) -> WeightsEntry:
         return WeightsEntry(name=args.name, type=args.type, sha256=args.sha256, config=args.sam2_config, **source)
     except ValidationError as exc:
         raise _UsageError("; ".join(describe_validation_error(exc))) from None
+
+
+def _imported_entry(args: argparse.Namespace) -> WeightsEntry:
+    """``add NAME TYPE FILE --url URL``: FILE checked and copied in as URL's download."""
+    from samwatch.weights.offline import check_architecture, import_as_download, official_type_mismatch
+
+    if args.source.startswith(_URL_PREFIXES):
+        raise _UsageError("with --url, give the copied FILE (the URL names where it came from)")
+    if (owner := official_type_mismatch(args.type, args.url)) is not None:
+        raise _UsageError(f"{args.url} is the official {owner} weights, not {args.type}: "
+                          f"samwatch weights add {args.name} {owner} {args.source} --url {args.url}")
+    source = Path(args.source).expanduser().resolve()
+    if not source.is_file():
+        raise _UsageError(f"{args.source}: no such file")
+    config = load_config(_config_path(args), check_files=False)
+    pinned = args.sha256 or next((e.sha256 for e in entries_with_defaults(config.weights).values()
+                                  if e.type == args.type and e.url == args.url and e.sha256), None)
+    try:
+        entry = WeightsEntry(name=args.name, type=args.type, url=args.url, sha256=pinned, config=args.sam2_config)
+    except ValidationError as exc:
+        raise _UsageError("; ".join(describe_validation_error(exc))) from None
+    try:
+        check_architecture(entry.type, source, entry.name)
+        target, sha = import_as_download(entry, source, config.state_dir / "weights")
+    except JobError as exc:
+        raise _UsageError(f"{exc.code}: {exc.message}") from None
+    print(f"Copied {source} to {target} (sha256 {sha}) as the download of {args.url}.")
+    return entry.model_copy(update={"sha256": sha})
 
 
 def _one_named(entries: Iterable[WeightsEntry], name: str, model_type: str | None) -> WeightsEntry:

@@ -1,7 +1,9 @@
 """A fake model family: the seam tests use where only the plumbing is under test.
 
-It replaces ``adapter_class`` (the one place samwatch picks a model family), so the daemon,
-watcher, ledger, claims and outbox all run for real while a "model" costs microseconds.
+``fake_adapters`` is a families table (``models.pool.AdapterTable``): hand it to a
+``ModelPool`` or ``Daemon.from_config(adapters=...)``, and the daemon, watcher, ledger, claims
+and outbox all run for real while a "model" costs microseconds. ``install`` makes it the
+process's default table, for daemons in subprocesses (fake_samwatch.py) and Dask workers.
 A prompt's box becomes its mask. A sidecar label ``slow:N`` makes the job take N seconds,
 reporting progress ten times a second (so cancellation and heartbeats can be observed).
 With the label ``painted``, automask and text jobs find the image's painted objects: one
@@ -16,11 +18,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from samwatch.models.base import Detection, RunContext
+from samwatch.models.base import Detection, ModelAdapter, RunContext
 from samwatch.vocab import LoadSpec
 
 
-class FakeAdapter:
+class FakeAdapter(ModelAdapter):
     def setup(self, spec: LoadSpec, device, *, embedding_cache: int = 4) -> None:  # noqa: ANN001
         self.spec = spec
 
@@ -73,23 +75,27 @@ def worker_plugin():  # noqa: ANN201
     return InstallFakes()
 
 
+def fake_adapters(model_type: str) -> type[ModelAdapter]:
+    """The fake families table: every model type is served by ``FakeAdapter``."""
+    return FakeAdapter
+
+
 def uninstall() -> None:
     """Back to the real model families (after ``install``)."""
-    import samwatch.jobs
     import samwatch.models.pool
 
     # Kept on the module, not here: pickled by value (Dask workers), this file has its own globals.
     real = getattr(samwatch.models.pool, "_real_adapter_class", None)
     if real is not None:
-        samwatch.models.pool.adapter_class = samwatch.jobs.adapter_class = real
+        samwatch.models.pool.adapter_class = real
 
 
 def install() -> None:
-    """Fake the model family; ``SAMWATCH_FAKE_DEFAULT_URL`` replaces vit_t's built-in default URL
-    (a daemon on defaults must not download 40 MB in a test)."""
+    """Make the fake family the process's default table (pools built afterwards use it);
+    ``SAMWATCH_FAKE_DEFAULT_URL`` replaces vit_t's built-in default URL (a daemon on defaults
+    must not download 40 MB in a test)."""
     import os
 
-    import samwatch.jobs
     import samwatch.models.pool
     import samwatch.weights.entries
 
@@ -97,13 +103,9 @@ def install() -> None:
         urls = samwatch.weights.entries.DEFAULT_WEIGHT_URLS
         samwatch.weights.entries.DEFAULT_WEIGHT_URLS = {**urls, "vit_t": os.environ["SAMWATCH_FAKE_DEFAULT_URL"]}
 
-    def fake_adapter_class(model_type: str) -> type:
-        return FakeAdapter
-
     if not hasattr(samwatch.models.pool, "_real_adapter_class"):
         samwatch.models.pool._real_adapter_class = samwatch.models.pool.adapter_class
-    samwatch.models.pool.adapter_class = fake_adapter_class
-    samwatch.jobs.adapter_class = fake_adapter_class
+    samwatch.models.pool.adapter_class = fake_adapters
 
 
 class FakeExecutor:

@@ -34,6 +34,44 @@ def wait_for(condition: Callable[[], Any], timeout: float, *, what: str = "condi
         time.sleep(interval)
 
 
+class InProcessDaemon:
+    """The daemon of a config file in this process, unthreaded, on the fake model family: each
+    ``step`` runs the jobs that are ready inside it. For tests of plumbing; signals, kill -9,
+    systemd and shares need ``DaemonProcess``. Its log lines are collected in ``lines``."""
+
+    def __init__(self, config_path: Path) -> None:
+        from loguru import logger
+
+        from fakes import fake_adapters
+        from samwatch.config import load_config
+        from samwatch.daemon import Daemon
+
+        self.lines: list[str] = []
+        self._sink = logger.add(lambda message: self.lines.append(message.rstrip("\n")), level="DEBUG",
+                                format="{level} {message}")
+        self.daemon = Daemon.from_config(load_config(config_path), config_path=config_path, threaded=False,
+                                         adapters=fake_adapters)
+
+    def run_until(self, condition: Callable[[], Any], timeout: float, *, what: str = "condition") -> Any:
+        """Step on the real clock until ``condition`` holds (the watcher settles in real time)."""
+        return wait_for(lambda: self.daemon.step(time.monotonic()) or condition(), timeout, what=what)
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def close(self) -> None:
+        from loguru import logger
+
+        self.daemon.close()
+        logger.remove(self._sink)
+
+    def __enter__(self) -> InProcessDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def fake_weights(root: Path) -> list[dict[str, Any]]:
     """A registry entry for the fake model: any file will do, it is never loaded."""
     path = root / "fake.pt"

@@ -23,7 +23,7 @@ from loguru import logger
 from PIL import Image
 
 from samwatch.config import Config, ModelSettings
-from samwatch.geometry import iou
+from samwatch.geometry.raster import iou
 from samwatch.jobs import JobRunner
 from samwatch.models.accel import Accelerator, onnx_runtime, torch_paths
 from samwatch.models.base import RunContext

@@ -42,6 +42,7 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     ("weights: [{name: a, type: vit_b, url: 'http://x'}, {name: a, type: vit_b, url: 'http://y'}]\n", "two entries named 'a'"),
     ("weights: [{name: a, type: vit_b, path: /no/such.pt}]\n", "no such file"),
     ("inbox: [unclosed\n", "cannot read it as YAML"),
+    ("device: cpu\nwatch:\n  mode: polling\n  mode: inotify\n", "mode: given twice in one mapping (again at line 4)"),
 ])
 def test_bad_configs_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "c.yaml"
@@ -94,6 +95,28 @@ def test_parse_errors_say_where() -> None:
     assert err.value.code == "sidecar_parse_error" and "line" in err.value.message
     with pytest.raises(JobError):
         parse_sidecar_text("- a list", name="x.yaml")
+
+
+BIG_PROMPTS = "".join(f"  - {{bbox: [1, 2, 30, {10 + i % 50}]}}\n" for i in range(3000))  # parsed in the child (yaml_child.py)
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("prompts: [{bbox: [1, 2, 3, 4]}]\nlabel: x\nprompts: [{points: [[1, 1]]}]\n", "prompts", 3),
+    ("prompts:\n  - bbox: [1, 2, 3, 4]\n    label: a\n    label: b\n", "label", 4),
+    ('{"prompts": [], "label": "a", "label": "b"}', "label", 1),  # JSON too: YAML then says where
+    ("prompts:\n" + BIG_PROMPTS + "prompts: []\n", "prompts", 3002),
+], ids=["top", "nested", "json", "big"])
+def test_a_key_twice_is_refused_naming_it_and_its_line(text: str, key: str, line: int) -> None:
+    with pytest.raises(JobError) as err:
+        parse_sidecar_text(text, name="x.yaml")
+    assert err.value.code == "sidecar_invalid" and err.value.field == key and err.value.to_dict()["line"] == line
+    assert f"{key!r} appears twice" in err.value.message and f"line {line}" in err.value.message
+
+
+def test_merged_keys_may_be_overridden_and_big_sidecars_still_parse() -> None:
+    data = parse_sidecar_text("base: &b {label: a, color: [1, 2, 3]}\nlabel: x\nprompts:\n  - {<<: *b, label: c}\n", name="x.yaml")
+    assert data["prompts"][0] == {"label": "c", "color": [1, 2, 3]}
+    assert len(parse_sidecar_text("prompts:\n" + BIG_PROMPTS, name="x.yaml")["prompts"]) == 3000
 
 
 def test_folder_defaults_inherit_settings_not_prompts() -> None:

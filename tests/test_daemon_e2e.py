@@ -24,6 +24,8 @@ from support import (
     write_sidecar,
 )
 
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
+
 JOB_TIMEOUT = 120
 
 

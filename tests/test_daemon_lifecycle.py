@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from support import DaemonProcess, coins, finished, read_json, save_image, wait_for, write_config, write_sidecar
+
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 
 def _jobs(inbox: Path, count: int) -> list[str]:

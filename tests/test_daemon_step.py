@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fakes import FakeExecutor
+from fakes import FakeExecutor, fake_adapters
 from samwatch.claims import ClaimStore
 from samwatch.config import Config
 from samwatch.daemon import Daemon
@@ -160,3 +160,23 @@ def test_a_job_waiting_for_the_device_is_not_a_stall(rig) -> None:
     assert not daemon.reporter.job_stalled()
     advance(daemon, clock, limit * 2)  # a goes silent: that is a stall
     assert daemon.reporter.job_stalled()
+
+
+def test_the_real_local_executor_runs_a_job_inside_a_step_with_a_fake_family(tmp_path: Path) -> None:
+    """The families table is injected: the whole job side runs, unthreaded, on the fake model."""
+    config = Config(
+        inbox=tmp_path / "inbox", outbox=tmp_path / "outbox", state_dir=tmp_path / "state", device="cpu",
+        watch={"mode": "polling", "settle_seconds": 0.0, "poll_interval_seconds": 0.1},
+        service={"instance": "step"}, weights=fake_weights(tmp_path),
+    )
+    clock = Clock()
+    daemon = Daemon.from_config(config, threaded=False, clock=clock, adapters=fake_adapters)
+    try:
+        add_job(config.inbox, "a", [2, 3, 10, 12])
+        for _ in range(5):
+            advance(daemon, clock)
+        assert progress(daemon, "a")["state"] == "done"
+        result = read_json(config.outbox / "a.geojson")
+        assert len(result["features"]) == 1 and result["features"][0]["properties"]["prompt_idx"] == 0
+    finally:
+        daemon.close()

@@ -1,4 +1,5 @@
-"""Weights fetched by a running daemon from a loopback server: waiting jobs, progress, failures."""
+"""Weights fetched by a running daemon (in-process, fake model) from a loopback server: waiting
+jobs, progress, failures."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
+from support import InProcessDaemon, fake_weights, progress_state, read_json, save_image, serve_http, write_config, write_sidecar
 from test_service import SMALL
 
 PAYLOAD = bytes(range(256)) * 4096 * 3  # 3 MiB
@@ -44,28 +45,26 @@ def test_jobs_wait_for_a_download_while_others_run(tmp_path: Path, server: str) 
     ]
     config = write_config(tmp_path, weights)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    daemon = DaemonProcess(config, fake_model=True)
-    save_image(inbox / "d" / "img.png", SMALL)
-    write_sidecar(inbox / "d" / "img.remote.yaml", {"weights": "remote", "prompts": [{"bbox": [1, 1, 9, 9]}]})
-    wait_for(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("stage") == "waiting for weights", 60, what="waiting")
-    # Its percent moves with the download (within the waiting stage's span, 5-10).
-    wait_for(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("percent", 0) >= 6, 30, what="download percent moving")
-    # While the download runs, a job for weights on disk goes ahead.
-    write_sidecar(inbox / "d" / "img.local.yaml", {"prompts": [{"bbox": [1, 1, 9, 9]}]})
-    wait_for(lambda: progress_state(outbox, "d/img.local") == "done", 30, what="other job done during the download")
-    assert progress_state(outbox, "d/img.remote") == "queued"
-    status = read_json(outbox / "_samwatch" / "status.json")
-    assert status["queue"]["waiting"] == 1
-    wait_for(lambda: progress_state(outbox, "d/img.remote") == "done", 60, what="job after the download")
-    meta = read_json(outbox / "d" / "img.remote.geojson")["samwatch"]["weights"]
-    import hashlib
+    with InProcessDaemon(config) as daemon:
+        save_image(inbox / "d" / "img.png", SMALL)
+        write_sidecar(inbox / "d" / "img.remote.yaml", {"weights": "remote", "prompts": [{"bbox": [1, 1, 9, 9]}]})
+        daemon.run_until(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("stage") == "waiting for weights", 60, what="waiting")
+        # Its percent moves with the download (within the waiting stage's span, 5-10).
+        daemon.run_until(lambda: (read_json(outbox / "d" / "img.remote.progress.json") or {}).get("percent", 0) >= 6, 30, what="download percent moving")
+        # While the download runs, a job for weights on disk goes ahead.
+        write_sidecar(inbox / "d" / "img.local.yaml", {"prompts": [{"bbox": [1, 1, 9, 9]}]})
+        daemon.run_until(lambda: progress_state(outbox, "d/img.local") == "done", 30, what="other job done during the download")
+        assert progress_state(outbox, "d/img.remote") == "queued"
+        status = read_json(outbox / "_samwatch" / "status.json")
+        assert status["queue"]["waiting"] == 1
+        daemon.run_until(lambda: progress_state(outbox, "d/img.remote") == "done", 60, what="job after the download")
+        meta = read_json(outbox / "d" / "img.remote.geojson")["samwatch"]["weights"]
+        import hashlib
 
-    assert meta["sha256"] == hashlib.sha256(PAYLOAD).hexdigest()
-    assert list((tmp_path / "state" / "weights").rglob("*.part")) == []
-    # A download that fails fails its waiting job with a clear error; the daemon goes on.
-    write_sidecar(inbox / "d" / "img.missing.yaml", {"weights": "missing", "prompts": [{"bbox": [1, 1, 9, 9]}]})
-    wait_for(lambda: progress_state(outbox, "d/img.missing") == "failed", 60, what="failed download")
-    error = read_json(outbox / "d" / "img.missing.error.json")
-    assert error["error"] == "weights_download_failed" and "404" in error["message"]
-    assert daemon.alive()
-    assert daemon.stop() == 0
+        assert meta["sha256"] == hashlib.sha256(PAYLOAD).hexdigest()
+        assert list((tmp_path / "state" / "weights").rglob("*.part")) == []
+        # A download that fails fails its waiting job with a clear error; the daemon goes on.
+        write_sidecar(inbox / "d" / "img.missing.yaml", {"weights": "missing", "prompts": [{"bbox": [1, 1, 9, 9]}]})
+        daemon.run_until(lambda: progress_state(outbox, "d/img.missing") == "failed", 60, what="failed download")
+        error = read_json(outbox / "d" / "img.missing.error.json")
+        assert error["error"] == "weights_download_failed" and "404" in error["message"]

@@ -49,6 +49,7 @@ def busy_workers(outbox: Path) -> set[str]:
     return {w["name"] for w in status(outbox).get("workers", []) if w.get("job")}
 
 
+@pytest.mark.subprocess
 def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_path: Path, cluster) -> None:
     _, client = cluster
     config = dask_config(tmp_path, cluster)
@@ -64,13 +65,22 @@ def test_jobs_spread_over_both_workers_and_a_killed_worker_costs_no_outcome(tmp_
     pids = client.run(os.getpid)
     address = next(a for a in pids if str(client.scheduler_info()["workers"][a]["name"]) == victim["name"])
     os.kill(pids[address], signal.SIGKILL)
-    wait_for(lambda: all(finished(outbox, s) for s in stems), 120, what="every job finished")
+    wait_for(lambda: all(finished(outbox, s) for s in stems) and daemon.log().count(" done model=") >= len(stems), 120,
+             what="every job finished and logged")
     log = daemon.log()
     assert all(progress_state(outbox, s) == "done" for s in stems), log[-3000:]
     assert [log.count(f"job {s} done ") for s in stems] == [1] * len(stems)
+    assert f"dask worker {victim['name']} lost while running job {victim['job']}" in log, log[-3000:]
+    assert f"job {victim['job']} runs again on dask worker" in log, log[-3000:]
+    ran_on = {read_json(outbox / f"{s}.geojson")["samwatch"]["worker"]["name"] for s in stems}
+    assert len(ran_on) == 2  # which worker ran each job, in its result
+    wait_for(lambda: sum(w.get("done", 0) for w in status(outbox)["workers"]) == len(stems), 10, what="per-worker counts")
     assert daemon.stop() == 0
+    stopped = status(outbox)
+    assert stopped["state"] == "stopped" and stopped["workers"] == []
 
 
+@pytest.mark.subprocess
 def test_deleting_a_sidecar_cancels_its_job_on_a_worker(tmp_path: Path, cluster) -> None:
     config = dask_config(tmp_path, cluster)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -84,6 +94,7 @@ def test_deleting_a_sidecar_cancels_its_job_on_a_worker(tmp_path: Path, cluster)
     assert daemon.stop() == 0
 
 
+@pytest.mark.subprocess
 def test_daemon_killed_with_jobs_on_the_cluster_loses_and_doubles_none(tmp_path: Path, cluster) -> None:
     config = dask_config(tmp_path, cluster)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -104,6 +115,36 @@ def test_daemon_killed_with_jobs_on_the_cluster_loses_and_doubles_none(tmp_path:
         assert (stem in done_before) != (f"job {stem} done " in second.log())
 
 
+@pytest.mark.subprocess
+def test_a_job_on_a_worker_writes_what_it_writes_locally_and_names_its_worker(tmp_path: Path, cluster) -> None:
+    outputs = {}
+    for kind in ("local", "dask"):
+        root = tmp_path / kind
+        root.mkdir()
+        executor = {"kind": "dask", "address": cluster[0].scheduler_address} if kind == "dask" else "local"
+        config = write_config(root, fake_weights(root), executor=executor, output={"formats": ["geojson", "labels"]})
+        drop(root / "inbox", "c", "cell")
+        daemon = DaemonProcess(config, fake_model=True)
+        wait_for(lambda: finished(root / "outbox", "c"), 120, what=f"{kind} job")
+        assert daemon.stop() == 0
+        assert progress_state(root / "outbox", "c") == "done", daemon.log()[-2000:]
+        outbox = root / "outbox"
+        files = {path.name: path.read_bytes() for path in outbox.iterdir() if path.name.startswith("c.") and path.is_file()}
+        result = read_json(outbox / "c.geojson")
+        outputs[kind] = (files, result)
+    (local_files, local), (dask_files, dask) = outputs["local"], outputs["dask"]
+    assert sorted(dask_files) == sorted(local_files)
+    assert {"c.preview.png", "c.labels.tif", "c.labels.csv"} <= set(dask_files)
+    for name in ("c.preview.png", "c.labels.csv"):
+        assert dask_files[name] == local_files[name], name
+    assert dask["features"] == local["features"]
+    assert local["samwatch"]["worker"]["executor"] == "local" and local["samwatch"]["worker"]["name"] == "local-0"
+    names = {str(info["name"]) for info in cluster[1].scheduler_info()["workers"].values()}
+    assert dask["samwatch"]["worker"]["executor"] == "dask" and dask["samwatch"]["worker"]["name"] in names
+    assert dask["samwatch"]["worker"]["host"]
+
+
+@pytest.mark.subprocess
 def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path, cluster, vit_t_checkpoint: Path) -> None:
     import fakes
 
@@ -130,7 +171,7 @@ def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path,
 
 def test_jobqueue_clusters_are_configured_without_a_batch_system() -> None:
     from samwatch.config import Config
-    from samwatch.executors.dask import jobqueue_arguments
+    from samwatch.executors.jobqueue import jobqueue_arguments
 
     config = Config(executor={"kind": "dask", "cluster": {
         "kind": "slurm", "queue": "gpu", "cores": 8, "memory": "64GB", "gpus": 1, "walltime": "08:00:00",

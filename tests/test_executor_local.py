@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
 from test_service import SMALL
+
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 
 def test_two_cpu_slots_run_two_jobs_at_once(tmp_path: Path) -> None:
@@ -27,8 +31,14 @@ def test_two_cpu_slots_run_two_jobs_at_once(tmp_path: Path) -> None:
     assert sorted(worker["job"] for worker in status["workers"]) == ["one", "two"]
     assert {job["worker"] for job in status["running"]} == {"local-0", "local-1"}
     wait_for(lambda: all(progress_state(outbox, s) == "done" for s in ("one", "two")), 30, what="both done")
+    counted = wait_for(lambda: [w["done"] for w in read_json(outbox / "_samwatch" / "status.json")["workers"]
+                                if w.get("done")], 10, what="per-slot done counts")
+    assert counted == [1, 1]
+    ran_on = {read_json(outbox / f"{s}.geojson")["samwatch"]["worker"]["name"] for s in ("one", "two")}
+    assert ran_on == {"local-0", "local-1"}
     assert daemon.stop() == 0
-    assert read_json(outbox / "_samwatch" / "status.json")["state"] == "stopped"
+    stopped = read_json(outbox / "_samwatch" / "status.json")
+    assert stopped["state"] == "stopped" and stopped["workers"] == []
 
 
 def test_after_sigterm_the_interrupted_job_reads_queued_and_the_daemon_stopped(tmp_path: Path) -> None:

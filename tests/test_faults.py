@@ -29,6 +29,8 @@ from support import (
     write_sidecar,
 )
 
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
+
 GOOD_JOB_SECONDS = 30
 SMALL = np.full((48, 64), 120, np.uint8)
 

@@ -1,4 +1,4 @@
-"""Field-ready regressions (issue 12): each through a real ``samwatch run`` subprocess."""
+"""Field-ready regressions (issue 12): through a real ``samwatch run`` subprocess, or the daemon\nin-process where only its plumbing is under test."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
+from support import DaemonProcess, InProcessDaemon, fake_weights, finished, progress_state, read_json, save_image, serve_http, wait_for, write_config, write_sidecar
 
 SMALL = np.full((48, 64), 120, np.uint8)
 TIMEOUT = 60
@@ -33,18 +33,18 @@ def test_moved_inputs_never_run_again(tmp_path: Path, mode: str) -> None:
     watch = {"mode": mode, "poll_interval_seconds": 0.1, "settle_seconds": 0.3, "rescan_interval_seconds": 0.5}
     config = write_config(tmp_path, fake_weights(tmp_path), watch=watch, inputs={"after": "move"})
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    daemon = DaemonProcess(config, fake_model=True)
+    daemon = InProcessDaemon(config)
     try:
         # Finished jobs walk into inbox/_done/ (and _failed/) at every depth; the later jobs give
         # the daemon time to (wrongly) pick the moved files up again before the checks below.
         for stem in ("p/c", "p/q/deep", "p/bad", "p/d", "p/q/e", "p/f", "p/g"):
             body = {"prompts": [{}]} if stem == "p/bad" else None
             drop(inbox, stem, body)
-            wait_for(lambda stem=stem: finished(outbox, stem), TIMEOUT, what=f"{stem} finished")
+            daemon.run_until(lambda stem=stem: finished(outbox, stem), TIMEOUT, what=f"{stem} finished")
         assert (inbox / "_done" / "p" / "c.yaml").exists() and (inbox / "_failed" / "p" / "bad.yaml").exists()
         assert (inbox / "_done" / "p" / "q" / "deep.png").exists()
     finally:
-        assert daemon.stop() == 0
+        daemon.close()
     log = daemon.log()
     assert not (outbox / "_done").exists() and not (outbox / "_failed").exists(), log
     assert not (inbox / "_done" / "_done").exists(), log
@@ -54,12 +54,12 @@ def test_moved_inputs_never_run_again(tmp_path: Path, mode: str) -> None:
 def test_qupath_keeps_scores_as_measurements_and_a_name(tmp_path: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path))
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    daemon = DaemonProcess(config, fake_model=True)
+    daemon = InProcessDaemon(config)
     try:
         drop(inbox, "q", {"prompts": [{"bbox": [1, 1, 20, 20]}, {"bbox": [30, 5, 50, 25]}]})
-        wait_for(lambda: finished(outbox, "q"), TIMEOUT, what="q finished")
+        daemon.run_until(lambda: finished(outbox, "q"), TIMEOUT, what="q finished")
     finally:
-        assert daemon.stop() == 0
+        daemon.close()
     features = read_json(outbox / "q.geojson")["features"]
     assert len(features) == 2, daemon.log()
     for index, feature in enumerate(features):
@@ -77,6 +77,7 @@ def samwatch_cli(*argv: str, shell_tail: str = "") -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_status_with_a_broken_config_from_the_share_and_into_a_pipe(tmp_path: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path))
     outbox = tmp_path / "outbox"
@@ -101,6 +102,7 @@ def test_status_with_a_broken_config_from_the_share_and_into_a_pipe(tmp_path: Pa
         assert daemon.stop() == 0
 
 
+@pytest.mark.subprocess
 def test_check_reports_everything_run_refuses(tmp_path: Path, vit_t_checkpoint: Path) -> None:
     weights = [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)},
                {"name": "gone", "type": "vit_t", "url": (tmp_path / "nowhere" / "w.pt").as_uri()}]
@@ -132,6 +134,7 @@ def test_check_reports_everything_run_refuses(tmp_path: Path, vit_t_checkpoint: 
     assert [line.split(": ")[1] for line in many] == ["weights", "prompts.0.bbox", "prompts.1.points.0"], many
 
 
+@pytest.mark.subprocess
 def test_saved_qupath_and_samapi_bodies_run(tmp_path: Path) -> None:
     (tmp_path / "lab.pt").write_bytes(b"fake weights")
     lab_url = (tmp_path / "lab.pt").as_uri()
@@ -163,6 +166,7 @@ def test_saved_qupath_and_samapi_bodies_run(tmp_path: Path) -> None:
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 
 
+@pytest.mark.subprocess
 def test_logs_one_format_no_import_noise_each_failure_once(tmp_path: Path, vit_t_checkpoint: Path) -> None:
     nowhere = (tmp_path / "nowhere" / "mobile_sam.pt").as_uri()
     weights = [{"name": "real", "type": "vit_t", "path": str(vit_t_checkpoint)},
@@ -209,6 +213,7 @@ def fake_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 FAKE_SAMWATCH = Path(__file__).with_name("fake_samwatch.py")
 
 
+@pytest.mark.subprocess
 def test_a_daemon_on_defaults_follows_the_default_config_file(tmp_path: Path) -> None:
     (tmp_path / "fake.pt").write_bytes(b"fake weights")
     log = (tmp_path / "daemon.log").open("wb")
@@ -235,6 +240,7 @@ def test_a_daemon_on_defaults_follows_the_default_config_file(tmp_path: Path) ->
         log.close()
 
 
+@pytest.mark.subprocess
 def test_failed_jobs_run_again_when_what_they_need_appears(tmp_path: Path) -> None:
     late = tmp_path / "late.pt"
     fetched = tmp_path / "fetched.pt"
@@ -298,6 +304,7 @@ def server():
         yield url
 
 
+@pytest.mark.subprocess
 def test_weights_cancel_tells_waiting_jobs_how_to_resume(tmp_path: Path, server: str) -> None:
     weights = [*fake_weights(tmp_path), {"name": "remote", "type": "vit_t", "url": f"{server}/weights.pt"}]
     config = write_config(tmp_path, weights)

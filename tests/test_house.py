@@ -53,7 +53,8 @@ def test_status_of_an_outbox_loads_no_model_or_codec_library(tmp_path: Path) -> 
 
 def test_an_outcome_crosses_the_wire_as_plain_values() -> None:
     outcome = Outcome("done", features=3, seconds=1.5, summary="job a done",
-                      result={"type": "FeatureCollection", "features": []}, extras={".preview.png": b"\x89PNG"})
+                      result={"type": "FeatureCollection", "features": []}, extras={".preview.png": b"\x89PNG"},
+                      worker={"executor": "dask", "name": "SLURMCluster-0", "host": "node1", "slurm_job": "42"})
     wire = outcome.to_wire()
     assert Outcome.from_wire(pickle.loads(pickle.dumps(wire))) == outcome
     failed = Outcome("failed", error=JobError("sidecar_invalid", "bad", field="prompts", file="a.yaml", line=3))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from samwatch.errors import JobError
-from samwatch.geometry import mask_to_geometry
+from samwatch.geometry.outline import mask_to_geometry
 from samwatch.models import automask, sam1
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.budget import DECODER_BYTES_PER_PROMPT, MiB, automask_batch, prompt_batch
@@ -89,6 +89,7 @@ def test_a_big_yaml_text_parsed_in_a_child_is_what_yaml_gives() -> None:
     assert load_yaml(dated, yaml.SafeLoader) == yaml.safe_load(dated)
 
 
+@pytest.mark.subprocess  # the RSS of a real daemon process is what is measured
 def test_a_daemon_holds_what_an_automask_needs_and_gives_it_back(
     tmp_path: Path, vit_t_checkpoint: Path, encoder_cache: Path
 ) -> None:

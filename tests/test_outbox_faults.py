@@ -63,6 +63,7 @@ def outbox_problem(outbox: Path) -> dict | None:
     return (read_json(outbox / "_samwatch" / "status.json") or {}).get("outbox", {}).get("problem")
 
 
+@pytest.mark.subprocess
 def test_full_and_read_only_outbox_mid_job_then_back(tmp_path: Path, small_outbox: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path))
     inbox, outbox = tmp_path / "inbox", small_outbox
@@ -96,6 +97,7 @@ def test_full_and_read_only_outbox_mid_job_then_back(tmp_path: Path, small_outbo
     assert daemon.stop() == 0
 
 
+@pytest.mark.subprocess
 def test_removing_the_outbox_while_idle_does_not_wedge(tmp_path: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path))
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"

@@ -14,7 +14,9 @@ import tifffile
 from PIL import Image
 
 from samwatch.config import OutputSettings
-from samwatch.geometry import make_feature, mask_to_geometry, rasterize
+from samwatch.geometry.features import make_feature
+from samwatch.geometry.outline import mask_to_geometry
+from samwatch.geometry.raster import rasterize
 from samwatch.media import probe
 from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX, JobOutputs
 from samwatch.outputs.extras import OutputPlan, result_extras

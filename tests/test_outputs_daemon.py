@@ -1,4 +1,5 @@
-"""The real daemon writes previews, label images and the dashboard with its results."""
+"""The real daemon (in-process, on the fake model) writes previews, label images and the dashboard
+with its results, never a half-written file for a reader on another thread."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
-from support import DaemonProcess, coins, fake_weights, finished, read_json, save_image, wait_for, write_config, write_sidecar
+from support import InProcessDaemon, coins, fake_weights, finished, read_json, save_image, write_config, write_sidecar
 
 
 class PollingReader(threading.Thread):
@@ -64,34 +65,34 @@ def test_preview_labels_and_dashboard_appear_with_the_result(tmp_path: Path) -> 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     save_image(inbox / "exp1" / "a.png", coins())
     reader = PollingReader(outbox, "exp1/a")
-    daemon = DaemonProcess(config, fake_model=True)
+    daemon = InProcessDaemon(config)
     reader.start()
     try:
         boxes = [[20, 20, 110, 110], [120, 30, 200, 100], [210, 150, 300, 260]]
         for count in (3, 2, 3):
             write_sidecar(inbox / "exp1" / "a.yaml", {"label": "coin", "prompts": [{"bbox": b} for b in boxes[:count]]})
-            wait_for(lambda: (r := read_json(outbox / "exp1/a.geojson")) and len(r["features"]) == count
+            daemon.run_until(lambda: (r := read_json(outbox / "exp1/a.geojson")) and len(r["features"]) == count
                      and finished(outbox, "exp1/a"), 30, what=f"the result with {count} features")
             labels = tifffile.imread(outbox / "exp1/a.labels.tif")
             assert labels.max() == count and len((outbox / "exp1/a.labels.csv").read_text().splitlines()) == count + 1
         assert labels.shape == coins().shape and sorted(np.unique(labels)) == [0, 1, 2, 3]
         with Image.open(outbox / "exp1/a.preview.png") as preview:
             assert preview.size == (384, 303)
-        page = wait_for(lambda: "exp1/a.preview.png" in (p := (outbox / "_samwatch/index.html").read_text()) and p,
+        page = daemon.run_until(lambda: "exp1/a.preview.png" in (p := (outbox / "_samwatch/index.html").read_text()) and p,
                         10, what="the dashboard row")
         assert 'src="../exp1/a.preview.png"' in page and 'href="../exp1/a.labels.tif"' in page
 
         # An error replaces the result: its extras go with it, and the page drops the row.
         write_sidecar(inbox / "exp1" / "a.yaml", {"prompts": [{"bbox": [0, 0, 50, 10]}], "no_such_key": 1})
-        wait_for(lambda: (outbox / "exp1/a.error.json").exists() and finished(outbox, "exp1/a"), 30, what="the error")
+        daemon.run_until(lambda: (outbox / "exp1/a.error.json").exists() and finished(outbox, "exp1/a"), 30, what="the error")
         left = sorted(p.name for p in (outbox / "exp1").iterdir())
         assert left == ["a.error.json", "a.progress.json"]
-        wait_for(lambda: "a.preview.png" not in (outbox / "_samwatch/index.html").read_text(), 10,
+        daemon.run_until(lambda: "a.preview.png" not in (outbox / "_samwatch/index.html").read_text(), 10,
                  what="the dashboard without the failed result")
         assert "sidecar_invalid" in (outbox / "_samwatch/index.html").read_text()
     finally:
         reader.stop.set()
         reader.join(10)
-        daemon.stop()
+        daemon.close()
     assert not reader.problems, reader.problems[:5]
     assert reader.samples["page"] > 20 and reader.samples["result"] > 5, reader.samples

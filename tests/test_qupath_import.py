@@ -27,7 +27,7 @@ from support import coins, fake_weights, read_json, save_image, write_sidecar
 import fakes
 from samwatch.config import Config
 from samwatch.daemon import Daemon
-from samwatch.geometry import iou, rasterize
+from samwatch.geometry.raster import iou, rasterize
 
 SMALL = np.full((120, 160, 3), 90, np.uint8)
 

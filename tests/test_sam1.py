@@ -13,7 +13,7 @@ from PIL import Image
 
 from samwatch.config import Config
 from samwatch.errors import JobError
-from samwatch.geometry import iou, rasterize
+from samwatch.geometry.raster import iou, rasterize
 from samwatch.jobs import JobRunner
 from samwatch.models.base import RunContext
 from samwatch.vocab import LoadSpec

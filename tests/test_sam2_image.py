@@ -15,7 +15,7 @@ import torch
 from skimage import data
 
 from samwatch.errors import JobError
-from samwatch.geometry import iou
+from samwatch.geometry.raster import iou
 from samwatch.models.base import Detection, RunContext
 from samwatch.vocab import LoadSpec
 from samwatch.models.sam2 import Adapter, sam2_config_for

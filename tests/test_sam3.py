@@ -19,6 +19,7 @@ from PIL import Image
 
 from samwatch.errors import JobError
 from samwatch.models import sam3 as sam3_adapter
+from samwatch.models import sam3_video
 from samwatch.models.base import RunContext
 from samwatch.vocab import LoadSpec
 from samwatch.models.sam3_device import CudaRedirect, empty_safe_connected_components, on_device
@@ -325,8 +326,8 @@ def predictor(monkeypatch: pytest.MonkeyPatch) -> FakePredictor:
     stub = types.ModuleType("sam3.perflib.connected_components")
     stub.connected_components_cpu = lambda masks: (masks, masks)
     monkeypatch.setitem(sys.modules, stub.__name__, stub)
-    monkeypatch.setattr(sam3_adapter, "build_video_model", FakeVideoModel)
-    monkeypatch.setattr(sam3_adapter, "make_video_predictor", lambda model: fake)
+    monkeypatch.setattr(sam3_video, "build_video_model", FakeVideoModel)
+    monkeypatch.setattr(sam3_video, "make_video_predictor", lambda model: fake)
     return fake
 
 
@@ -448,7 +449,7 @@ def test_prompt_on_a_frame_past_the_end_is_refused(adapter: sam3_adapter.Adapter
 def test_propagation_length_matches_sam3s_processing_order(
     start: int, max_frames: int | None, reverse: bool, expected: int
 ) -> None:
-    assert sam3_adapter.propagation_length(start, max_frames, 10, reverse) == expected
+    assert sam3_video.propagation_length(start, max_frames, 10, reverse) == expected
 
 
 # -- the device mode --------------------------------------------------------------------

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 import yaml
 
 from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 SMALL = np.full((48, 64), 120, np.uint8)
 

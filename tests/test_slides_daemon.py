@@ -11,6 +11,8 @@ import tifffile
 from slides import corrupt_tile, dense_slide, truncate, write_ome_pyramid, write_svs
 from support import DaemonProcess, fake_weights, progress_state, read_json, wait_for, write_config, write_sidecar
 
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
+
 JOB_TIMEOUT = 60
 PROMPT = {"prompts": [{"bbox": [40, 40, 300, 200]}]}
 

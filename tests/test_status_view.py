@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from samwatch.atomic import now_iso
 from samwatch.status_view import print_status
 
@@ -30,6 +32,7 @@ def test_a_terminal_gets_tables_with_progress_bars() -> None:
     assert "image_unreadable" in text and "vit_t/default" in text
 
 
+@pytest.mark.subprocess
 def test_a_pipe_gets_plain_lines(tmp_path: Path) -> None:
     out = io.StringIO()
     print_status(STATUS, 1.0, False, [], stream=out)

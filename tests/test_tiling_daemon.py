@@ -20,7 +20,9 @@ from support import (
     write_sidecar,
 )
 
-from samwatch.geometry import rasterize
+from samwatch.geometry.raster import rasterize
+
+pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 JOB_TIMEOUT = 120
 PAINTED = [  # (colour, slices or disc) on a black 3000 x 2400 slide, tiles of 512 with a 64 halo

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from samwatch.config import Config
-from samwatch.geometry import iou, rasterize
+from samwatch.geometry.raster import iou, rasterize
 from samwatch.jobs import JobRunner
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry

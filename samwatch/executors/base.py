@@ -10,10 +10,13 @@ run that was given up on) is dropped, which is what makes outcomes exactly-once.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from samwatch import faults
 from samwatch.config import Config
 from samwatch.vocab import JobTicket, Outcome
 
@@ -70,6 +73,15 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def worker_identity(executor: str, name: str) -> dict[str, str]:
+    """Who ran a job, for its result's provenance: this process's host, the slot or Dask worker
+    name, and the batch job it runs in (Slurm sets ``SLURM_JOB_ID`` in a worker's job)."""
+    identity = {"executor": executor, "name": name, "host": socket.gethostname()}
+    if os.environ.get("SLURM_JOB_ID"):
+        identity["slurm_job"] = os.environ["SLURM_JOB_ID"]
+    return identity
+
+
 class ProgressChannel:
     """The ``ProgressSink`` a run reports into: each report becomes a message to the daemon."""
 
@@ -77,4 +89,5 @@ class ProgressChannel:
         self.job_id, self.token, self._post = job_id, token, post
 
     def running(self, stage: str, percent: float, message: str = "") -> None:
+        faults.hit(stage, self.job_id)
         self._post(ProgressReport(self.job_id, self.token, stage, percent, message))

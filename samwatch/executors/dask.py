@@ -8,11 +8,15 @@ Progress comes back as worker events (``log_event`` → ``subscribe_topic``); ca
 a cluster-wide ``Event`` the job's ``Progress`` checks and cancels the future. A worker that
 dies mid-job makes the scheduler run the task elsewhere; the daemon sees one result per
 future, and the ledger's dispatch token drops anything older (see executors/base.py).
+Progress events name the worker that sent them: status.json shows what each worker runs, and
+a worker that leaves holding a job, and that job's new start elsewhere, are logged.
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,9 +25,10 @@ from typing import Any
 
 from loguru import logger
 
-from samwatch.config import ClusterSettings, Config
+from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
-from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport
+from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
+from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
 from samwatch.job_sidecar import load_job_sidecar
 from samwatch.vocab import LoadSpec
 from samwatch.vocab import JobTicket, Outcome, Progress
@@ -32,6 +37,8 @@ PROGRESS_TOPIC = "samwatch-progress"
 #: a worker asks the scheduler whether its job was cancelled at most this often
 CANCEL_CHECK_SECONDS = 0.5
 WORKER_INFO_SECONDS = 2.0
+#: a cluster samwatch started that has had no worker this long while jobs wait is logged
+NO_WORKER_WARNING_SECONDS = 60.0
 
 
 class DaskExecutor:
@@ -44,9 +51,11 @@ class DaskExecutor:
         self._registry = registry
         settings = config.executor
         self._cluster = None
+        self._worker_logs = config.state_dir / "worker-logs"
+        self._starved_since: float | None = None  # jobs wait and the started cluster has no worker
         if client is None:
             if settings.cluster is not None:
-                self._cluster = start_jobqueue_cluster(settings.cluster)
+                self._cluster = start_jobqueue_cluster(settings.cluster, self._worker_logs)
                 client = Client(self._cluster)
             else:
                 client = Client(settings.address, timeout="30s")
@@ -55,14 +64,31 @@ class DaskExecutor:
         self._futures: dict[str, tuple[Dispatch, Any]] = {}  # token -> (dispatch, future)
         self._immediate: list[Finished] = []
         self._worker_info: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self._running_on: dict[str, tuple[str, str]] = {}  # token -> (name, address) its progress last came from
+        self._counts: dict[str, dict[str, int]] = {}  # worker name -> {"done": n, "failed": n}
+        self._known: dict[str, str] = {}  # worker address -> name, as last seen
+        # worker address -> tokens the scheduler said it was processing, as last seen: a worker
+        # killed before its first progress event reached us is still known to have held its job
+        self._processing_seen: dict[str, list[str]] = {}
+        self._lost: set[str] = set()  # addresses of workers whose loss was logged
+        self._lost_lock = threading.Lock()  # progress events arrive on the client's thread
         self.client.subscribe_topic(PROGRESS_TOPIC, self._on_event)
         logger.info(f"dask executor on {self.client.scheduler.address}")
 
     # ---- the seam ----------------------------------------------------------------------------
 
     def free_slots(self) -> int:
+        return self.in_flight_limit() - len(self._futures)
+
+    def in_flight_limit(self) -> int:
+        """Jobs the cluster holds at once: its threads now; with an adaptive cluster, enough for
+        ``adapt_maximum`` workers, since adapt asks the batch system only for work the scheduler
+        holds (and no more: a backlog of thousands stays in the daemon's queue)."""
         threads = sum(self.client.nthreads().values())
-        return max(1, threads) - len(self._futures)  # with none yet (adaptive), one job makes it scale up
+        cluster = self._config.executor.cluster
+        if cluster is not None:  # two per thread: adapt's estimate stays above a worker's work as jobs end
+            return max(threads, 2 * cluster.adapt_maximum * cluster.cores)
+        return max(1, threads)  # with none yet, one job makes the cluster's own autoscaler act
 
     def submit(self, dispatch: Dispatch) -> None:
         ticket = dispatch.ticket
@@ -75,7 +101,7 @@ class DaskExecutor:
             self._immediate.append(Finished(ticket.job_id, dispatch.token, Outcome("waiting", waiting_for=spec), "daemon"))
             return
         job = WorkerJob(_mapped_config(self._config), ticket, dispatch.token, _mapped_spec(spec, self._config.executor.path_map))
-        future = self.client.submit(run_on_worker, job, key=f"samwatch-{dispatch.token}", pure=False)
+        future = self.client.submit(run_on_worker, job, key=f"{TASK_PREFIX}-{dispatch.token}", pure=False)
         self._futures[dispatch.token] = (dispatch, future)
 
     def _resolve(self, ticket: JobTicket) -> LoadSpec | tuple[str, str]:
@@ -95,7 +121,13 @@ class DaskExecutor:
         for token, (dispatch, future) in list(self._futures.items()):
             if future.done():
                 del self._futures[token]
-                events.append(Finished(dispatch.ticket.job_id, token, _outcome_of(future), _worker_of(future)))
+                outcome = _outcome_of(future)
+                worker = outcome.worker["name"] if outcome.worker else "unknown"
+                self._running_on.pop(token, None)
+                if outcome.state in ("done", "failed"):
+                    counts = self._counts.setdefault(worker, {"done": 0, "failed": 0})
+                    counts[outcome.state] += 1
+                events.append(Finished(dispatch.ticket.job_id, token, outcome, worker))
         try:
             if not events and timeout > 0:
                 events.append(self._events.get(timeout=timeout))
@@ -106,7 +138,14 @@ class DaskExecutor:
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         message = event[1]
-        self._events.put(ProgressReport(message["job"], message["token"], message["stage"], message["percent"], message["message"]))
+        token, worker = message["token"], (message.get("worker_name"), message.get("worker"))
+        if worker[0] is not None and token in self._futures:
+            before = self._running_on.get(token)
+            if before is not None and before[1] != worker[1]:  # the scheduler moved it: its worker was lost
+                self._log_lost(before[1], before[0], [message["job"]])
+                logger.warning(f"job {message['job']} runs again on dask worker {worker[0]} (it was on {before[0]})")
+            self._running_on[token] = worker
+        self._events.put(ProgressReport(message["job"], token, message["stage"], message["percent"], message["message"]))
 
     def cancel(self, token: str) -> None:
         from distributed import Event as ClusterEvent
@@ -126,26 +165,79 @@ class DaskExecutor:
         if time.monotonic() - fetched < WORKER_INFO_SECONDS:
             return info
         try:
-            loaded = self.client.run(worker_state)
+            loaded = self.client.run(worker_state, self._config.executor.device)
             processing = self.client.processing()
             scheduler = self.client.scheduler_info().get("workers", {})
         except Exception as exc:  # noqa: BLE001 - a cluster hiccup must not stop the status
             logger.warning(f"dask: cannot read the workers' state: {exc!r}")
             return info
-        jobs = {f"samwatch-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
-        info = [
-            {
-                "name": str(scheduler.get(address, {}).get("name", address)),
+        names = {address: str(scheduler.get(address, {}).get("name", address)) for address in loaded}
+        tokens_of_keys = {f"{TASK_PREFIX}-{token}": token for token in self._futures}
+        self._note_departures(names)
+        self._processing_seen = {address: [tokens_of_keys[key] for key in keys if key in tokens_of_keys]
+                                 for address, keys in processing.items()}
+        self._note_starved(bool(loaded))
+        in_hand: dict[str, list[str]] = {}
+        for token, (worker, _) in list(self._running_on.items()):
+            if token in self._futures:
+                in_hand.setdefault(worker, []).append(self._futures[token][0].ticket.job_id)
+        keys = {f"{TASK_PREFIX}-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
+        info = []
+        for address, state in sorted(loaded.items()):
+            name = names[address]
+            # Reported progress says what a worker runs; a job it has not reported on yet, the scheduler's view.
+            jobs = in_hand.get(name) or [keys[key] for key in processing.get(address, ()) if key in keys][:1]
+            info.append({
+                "name": name,
                 "host": scheduler.get(address, {}).get("host", address),
                 "device": state["device"],
                 "memory_mb": round(scheduler.get(address, {}).get("metrics", {}).get("memory", 0) / 2**20),
                 "loaded_models": state["loaded_models"],
-                "job": next((jobs[key] for key in processing.get(address, ()) if key in jobs), None),
-            }
-            for address, state in sorted(loaded.items())
-        ]
+                **({"slurm_job": state["slurm_job"]} if "slurm_job" in state else {}),
+                "job": jobs[0] if jobs else None,
+                "jobs": jobs,
+                **self._counts.get(name, {"done": 0, "failed": 0}),
+            })
         self._worker_info = (time.monotonic(), info)
         return info
+
+    def _note_departures(self, names: dict[str, str]) -> None:
+        """Log a worker that left while it ran a job (adapt retires only idle ones: this one was lost)."""
+        for address, name in self._known.items():
+            if address in names:
+                continue
+            tokens = {token for token, (_, at) in self._running_on.items() if at == address}
+            tokens.update(token for token in self._processing_seen.get(address, ()) if token not in self._running_on)
+            held = sorted(token for token in tokens if token in self._futures)
+            for token in held:  # so the job's next progress, from another worker, logs its re-run
+                self._running_on[token] = (name, address)
+            if held:
+                self._log_lost(address, name, [self._futures[token][0].ticket.job_id for token in held])
+        self._known = names
+
+    def _note_starved(self, any_worker: bool) -> None:
+        """Once per stretch: jobs wait on a cluster samwatch started and no worker has joined (the
+        worker jobs wait in the batch queue, or die at start: a wrong python, env or prologue)."""
+        if self._cluster is None or any_worker or not self._futures:
+            self._starved_since = None
+            return
+        now = time.monotonic()
+        if self._starved_since is None:
+            self._starved_since = now
+        elif now - self._starved_since >= NO_WORKER_WARNING_SECONDS:
+            logger.warning(
+                f"no cluster worker has joined for {NO_WORKER_WARNING_SECONDS:.0f} s with {len(self._futures)} job(s) waiting: "
+                f"the worker jobs are queued, or fail at start (see {self._worker_logs})"
+            )
+            self._starved_since = float("inf")  # said; again only after a worker came and went
+
+    def _log_lost(self, address: str, name: str, jobs: list[str]) -> None:
+        """Once per worker: seen gone from the scheduler, or its job's progress came from another."""
+        with self._lost_lock:
+            if address in self._lost:
+                return
+            self._lost.add(address)
+        logger.warning(f"dask worker {name} lost while running job {', '.join(jobs)}; the scheduler runs it again")
 
     def reconfigure(self, config: Config, changed: set[tuple[str, str]]) -> None:
         self._config = config
@@ -163,31 +255,6 @@ class DaskExecutor:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
-
-
-def start_jobqueue_cluster(settings: ClusterSettings) -> Any:
-    import dask_jobqueue
-
-    kinds = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
-    cluster = getattr(dask_jobqueue, kinds[settings.kind])(**jobqueue_arguments(settings))
-    cluster.adapt(minimum=settings.adapt_minimum, maximum=settings.adapt_maximum)
-    return cluster
-
-
-def jobqueue_arguments(settings: ClusterSettings) -> dict[str, Any]:
-    """The dask-jobqueue constructor's keywords for ``settings`` (one worker process per job)."""
-    directives = list(settings.extra_directives)
-    if settings.gpus and settings.kind == "slurm":
-        directives.append(f"--gres=gpu:{settings.gpus}")
-    arguments: dict[str, Any] = {
-        "cores": settings.cores, "memory": settings.memory, "processes": 1,
-        "job_extra_directives": directives,
-    }
-    if settings.queue is not None:
-        arguments["queue"] = settings.queue
-    if settings.walltime is not None:
-        arguments["walltime"] = settings.walltime
-    return arguments
 
 
 # ---- what runs on a worker -----------------------------------------------------------------------
@@ -218,6 +285,7 @@ class _EventChannel:
     def running(self, stage: str, percent: float, message: str = "") -> None:
         self.worker.log_event(PROGRESS_TOPIC, {
             "job": self.job.ticket.job_id, "token": self.job.token, "stage": stage, "percent": percent, "message": message,
+            "worker_name": str(self.worker.name),  # the scheduler adds "worker": the address
         })
 
 
@@ -256,19 +324,26 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     worker = get_worker()
     pool = _worker_pool(worker, job.config)
     progress = Progress(_EventChannel(worker, job), _CancelFlag(job.token))
-    runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size)
+    identity = worker_identity("dask", str(worker.name))
+    runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size, identity)
     outcome = runner.run(job.ticket, progress)
-    return outcome.to_wire() | {"worker": worker.address}
+    outcome.worker = identity
+    return outcome.to_wire()
 
 
-def worker_state(dask_worker: Any) -> dict[str, Any]:
-    """Called through ``Client.run``, which passes the worker as ``dask_worker``."""
-    from samwatch.models.device import describe
+def worker_state(device: str = "auto", *, dask_worker: Any) -> dict[str, Any]:
+    """Called through ``Client.run``, which passes the worker as ``dask_worker``; before its
+    first job a worker reports the device ``device`` (``executor.device``) picks there."""
+    from samwatch.models.device import DeviceUnavailable, describe, pick_devices
 
     pool = getattr(dask_worker, "_samwatch_pool", None)
-    if pool is None:
-        return {"device": "not used yet", "loaded_models": []}
-    return {"device": describe(pool.device), "loaded_models": pool.loaded()}
+    batch = {"slurm_job": os.environ["SLURM_JOB_ID"]} if os.environ.get("SLURM_JOB_ID") else {}
+    if pool is not None:
+        return {"device": describe(pool.device), "loaded_models": pool.loaded(), **batch}
+    try:
+        return {"device": describe(pick_devices(device)[0]), "loaded_models": [], **batch}
+    except DeviceUnavailable as exc:
+        return {"device": f"unavailable ({exc})", "loaded_models": [], **batch}
 
 
 def evict_on_worker(changed: list[tuple[str, str]], dask_worker: Any) -> None:
@@ -294,13 +369,6 @@ def _outcome_of(future: Any) -> Outcome:
             "internal_error", f"The cluster could not run the job ({type(exc).__name__}: {str(exc)[:200]}).",
         ))
     return Outcome.from_wire(body)
-
-
-def _worker_of(future: Any) -> str:
-    try:
-        return future.result()["worker"] if future.status == "finished" else "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _map_path(path: Path, path_map: dict[str, str]) -> Path:

@@ -4,7 +4,7 @@ Each slot has its own model pool (models stay loaded between its jobs), so ``dev
 [cuda:0, cuda:1]`` runs jobs on both GPUs at once. A slot holds up to
 ``executor.pipeline_depth`` jobs (pipeline.py): while one is on the device, the next one's
 image is read and the last one's masks are traced, so the device does not wait for the CPU
-in a burst. With ``threaded=False`` (``run --once``) a dispatch runs whole inside ``submit``,
+in a burst. With ``threaded=False`` (tests driving ``Daemon.step``) a dispatch runs whole inside ``submit``,
 on the caller's thread.
 """
 
@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from samwatch import faults
 from samwatch.atomic import encoded_now
-from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
+from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel, worker_identity
 from samwatch.config import Config
 from samwatch.jobs import JobRunner
 from samwatch.memory import MiB, rss_bytes
@@ -37,6 +38,11 @@ class _Slot:
     pool: ModelPool
     pipeline: JobPipeline | None
     in_flight: dict[str, Dispatch] = field(default_factory=dict)  # token -> dispatch, oldest first
+    counts: dict[str, int] = field(default_factory=lambda: {"done": 0, "failed": 0})
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return worker_identity("local", self.name)
 
 
 class LocalExecutor:
@@ -72,13 +78,18 @@ class LocalExecutor:
         channel = ProgressChannel(dispatch.ticket.job_id, dispatch.token, self._events.put)
         progress = Progress(channel, cancel, clock=self._clock)
         config = self._config  # the job runs under the config of its dispatch, start to end
-        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size)
+        identity = slot.identity
+        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size, identity)
 
         def done(ticket: JobTicket, outcome: Outcome) -> None:
+            outcome.worker = identity
             if outcome.result is not None:  # a large result would hold up the daemon's loop
                 outcome.result = encoded_now(outcome.result)
+                faults.hit("result encoded", ticket.job_id)
             self._cancels.pop(dispatch.token, None)
             del slot.in_flight[dispatch.token]  # free before the message: the daemon may dispatch as soon as it reads it
+            if outcome.state in slot.counts:
+                slot.counts[outcome.state] += 1
             self._events.put(Finished(ticket.job_id, dispatch.token, outcome, slot.name))
 
         if slot.pipeline is None:
@@ -113,6 +124,7 @@ class LocalExecutor:
                 "job": next((d.ticket.job_id for d in list(slot.in_flight.values())), None),  # the oldest: on the device or done with it
                 "jobs": [d.ticket.job_id for d in list(slot.in_flight.values())],
                 "device_busy_seconds": round(slot.pipeline.device_seconds, 1) if slot.pipeline else None,
+                **slot.counts,
             }
             for slot in self._slots
         ]

@@ -82,7 +82,14 @@ class RunContext:
 
 
 class ModelAdapter(Protocol):
-    """One model family behind one small protocol (LitServe-style ``setup``/``run``)."""
+    """One model family behind one small protocol (LitServe-style ``setup``/``run``).
+
+    Adapters subclass it, so the optional members below have their defaults: the pool and the
+    job runner use them without asking whether a family has them.
+    """
+
+    #: the config a family's loader settled on (SAM2's Hydra config), for provenance; None: the spec's
+    config_used: str | None = None
 
     def setup(self, spec: LoadSpec, device: torch.device, *, embedding_cache: int = 4) -> None: ...
 
@@ -91,6 +98,20 @@ class ModelAdapter(Protocol):
         ...
 
     def parameter_bytes(self) -> int: ...
+
+    def accelerate(self, accelerator: Accelerator, spec: LoadSpec) -> None:
+        """Put ``accelerator``'s fast paths in front of the eager ones; families without a
+        swappable image encoder stay eager."""
+
+    @property
+    def encoder_path(self) -> str:
+        """What encoded the last image: ``eager``, or the accelerated path's name."""
+        return EAGER
+
+    @property
+    def decoder_path(self) -> str:
+        """What decoded the last prompt: ``eager`` or ``onnxruntime``."""
+        return EAGER
 
 
 T = TypeVar("T")
@@ -134,7 +155,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, Any], spec: 
         raise JobError(
             "weights_wrong_architecture",
             f"The weights {spec.weights_name!r} ({spec.source}) do not fit model type "
-            f"{spec.model_type}: {first[0].strip()}. Register them under the type they were trained for.",
+            f"{spec.model_type}: {first[0].strip().rstrip('.')}. Register them under the type they were trained for.",
             field="weights",
         ) from None
     if missing or unexpected:
@@ -208,7 +229,7 @@ DecodeBatch = Callable[[PromptBatch, bool, list[np.ndarray | None]], tuple[np.nd
 """``decode(batch, multimask, prompt_masks) -> (prompts × masks × H × W, prompts × masks)``."""
 
 
-class PromptAdapter:
+class PromptAdapter(ModelAdapter):
     """The flow SAM1 and SAM2 image adapters share: check prompts, encode once, decode them all.
 
     A family supplies ``predictor``, ``_memo``, ``_mark_image_set`` (how its predictor records

@@ -6,6 +6,7 @@ import gc
 import importlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,12 @@ from samwatch.vocab import LoadSpec
 from samwatch.families import FAMILY_OF
 
 
-def adapter_class(model_type: str) -> type:
+#: model type -> the adapter class serving it (raising ``model_not_installed``): the families
+#: table a pool loads from; tests hand a pool a fake one
+AdapterTable = Callable[[str], type[ModelAdapter]]
+
+
+def adapter_class(model_type: str) -> type[ModelAdapter]:
     """The adapter class serving ``model_type``: its family's module, imported on first use."""
     try:
         module = importlib.import_module(f"samwatch.models.{FAMILY_OF[model_type].module}")
@@ -34,31 +40,38 @@ def adapter_class(model_type: str) -> type:
 
 
 class ModelPool:
-    def __init__(self, device: torch.device, settings: ModelSettings, *, cache_dir: Path | None = None) -> None:
-        """``cache_dir`` keeps exported encoders; without one, encoders that need an export stay eager."""
+    def __init__(
+        self, device: torch.device, settings: ModelSettings, *, cache_dir: Path | None = None,
+        adapters: AdapterTable | None = None,
+    ) -> None:
+        """``cache_dir`` keeps exported encoders; without one, encoders that need an export stay eager.
+        ``adapters``: the families table (None: samwatch's own, ``adapter_class``)."""
         self.device = device
+        self._adapters = adapters
         self.settings = settings
         self.accelerator = Accelerator(settings.accelerate.steps_for(device.type), device, cache_dir)
         self._loaded: OrderedDict[tuple[str, str, str], ModelAdapter] = OrderedDict()
+
+    def adapter_for(self, model_type: str) -> type[ModelAdapter]:
+        """The class serving ``model_type``; raises ``model_not_installed`` when its package is missing."""
+        return (self._adapters or adapter_class)(model_type)  # the default looked up now: fakes.install
 
     @staticmethod
     def key(spec: LoadSpec) -> tuple[str, str, str]:
         return (spec.model_type, spec.weights_name, spec.sha256 or str(spec.checkpoint))
 
-    def get(self, spec: LoadSpec) -> Any:
+    def get(self, spec: LoadSpec) -> ModelAdapter:
         key = self.key(spec)
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
-        adapter = adapter_class(spec.model_type)()
+        adapter = self.adapter_for(spec.model_type)()
         started = time.perf_counter()
         adapter.setup(spec, self.device, embedding_cache=self.settings.embedding_cache)
-        accelerate = getattr(adapter, "accelerate", None)  # families with a swappable image encoder
-        if accelerate is not None:
-            accelerate(self.accelerator, spec)
+        adapter.accelerate(self.accelerator, spec)
         logger.info(
             f"model loaded type={spec.model_type} weights={spec.weights_name} device={self.device} "
-            f"encoder={getattr(adapter, 'encoder_path', 'eager')} decoder={getattr(adapter, 'decoder_path', 'eager')} "
+            f"encoder={adapter.encoder_path} decoder={adapter.decoder_path} "
             f"params_mb={adapter.parameter_bytes() / 1e6:.0f} seconds={time.perf_counter() - started:.1f}"
         )
         self._loaded[key] = adapter
@@ -89,6 +102,9 @@ class ModelPool:
         """Unload models whose registry entry changed or vanished (live reload)."""
         for key in [k for k in self._loaded if (k[0], k[1]) in changed]:
             self._drop(key)
+
+    def holds(self, spec: LoadSpec) -> bool:
+        return self.key(spec) in self._loaded
 
     def loaded(self) -> list[dict[str, str]]:
         return [{"type": k[0], "weights": k[1]} for k in self._loaded]

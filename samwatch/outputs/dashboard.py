@@ -102,11 +102,13 @@ class RecentResults:
         self.keep = keep
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
-    def add(self, job: str, *, features: int, seconds: float, preview: bool, labels: bool) -> None:
+    def add(self, job: str, *, features: int | None, seconds: float | None, preview: bool, labels: bool,
+            at: str | None = None) -> None:
+        """``features``/``seconds`` None: a result of an earlier run, known from the ledger only."""
         self._results.pop(job, None)
         self._results[job] = {
-            "job": job, "features": features, "seconds": round(seconds, 2), "at": now_iso(),
-            "preview": preview, "labels": labels,
+            "job": job, "features": features, "seconds": None if seconds is None else round(seconds, 2),
+            "at": at or now_iso(), "preview": preview, "labels": labels,
         }
         while len(self._results) > self.keep:
             self._results.popitem(last=False)
@@ -208,7 +210,7 @@ def _running(jobs: list[dict[str, Any]]) -> str:
             f'<td><div class="bar"><div class="fill" style="width:{percent:.0f}%"></div></div></td>'
             f"<td>{percent:.0f}%</td><td>{_text(job.get('seconds'))} s</td></tr>"
         )
-    return _table("Running", ["job", "daemon", "stage", "progress", "", "time"], rows, "nothing running")
+    return _table("Running", ["job", "daemon", "stage", "progress", "%", "time"], rows, "nothing running")
 
 
 def _results(results: list[dict[str, Any]]) -> str:
@@ -224,7 +226,7 @@ def _results(results: list[dict[str, Any]]) -> str:
             links += f' &middot; <a href="{_href(job, LABELS_SUFFIX)}">labels</a>'
         rows.append(
             f"<tr><td>{thumb}</td><td>{_text(job)}</td><td>{_text(item.get('features'))}</td>"
-            f"<td>{links}</td><td>{_text(item.get('seconds'))} s</td><td>{_text(item.get('at'))}</td></tr>"
+            f"<td>{links}</td><td>{_took(item.get('seconds'))}</td><td>{_text(item.get('at'))}</td></tr>"
         )
     return _table("Results", ["preview", "job", "features", "files", "took", "finished"], rows, "no results yet")
 
@@ -236,4 +238,8 @@ def _failures(failures: list[dict[str, Any]]) -> str:
         f"<td><a href=\"{_href(str(item.get('job', '')), '.error.json')}\">error file</a></td></tr>"
         for item in failures
     ]
-    return _table("Failures", ["job", "error", "message", "when", ""], rows, "no recent failures")
+    return _table("Failures", ["job", "error", "message", "when", "file"], rows, "no recent failures")
+
+
+def _took(seconds: Any) -> str:
+    return "" if seconds is None else f"{_text(seconds)} s"

@@ -21,8 +21,8 @@ import numpy as np
 from samwatch.media import Media, MediaLimits
 from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
 from samwatch.outputs.labels import labels_csv, write_labels
-from samwatch.outputs.preview import encode_png, render_preview
-from samwatch.outputs.shapes import read_shapes
+from samwatch.outputs.preview import PromptMark, View, encode_png, features_view, render_preview
+from samwatch.outputs.shapes import Shape, read_shapes
 from samwatch.pixels import ChannelRule
 from samwatch.slides import open_slide
 from samwatch.sidecar import OutputSpec, Sidecar
@@ -56,17 +56,40 @@ def describe_prompt(sidecar: Sidecar, prompt_idx: int | None) -> str:
     return sidecar.mode
 
 
-def preview_frames(media: Media, sidecar: Sidecar, size: int) -> Callable[[int], np.ndarray]:
-    """Plane reader for the preview: a slide's overview comes from its coarsest level that is
+def prompt_marks(sidecar: Sidecar) -> list[PromptMark]:
+    """The sidecar's box and point prompts, as the preview draws them."""
+    marks = []
+    for prompt in sidecar.prompts:
+        if prompt.bbox is not None:
+            marks.append(PromptMark(box=tuple(float(v) for v in prompt.bbox)))
+        labels = prompt.point_labels or [1] * len(prompt.points)
+        marks.extend(PromptMark(point=(float(x), float(y)), label=label) for (x, y), label in zip(prompt.points, labels))
+    return marks
+
+
+def preview_view(media: Media, sidecar: Sidecar, shapes: Sequence[Shape], marks: Sequence[PromptMark]) -> View | None:
+    """What the preview shows: the job's region; on a slide without one, the features' extent
+    (a 1024-px overview of a whole slide would show 50-px features as a dot); else the image."""
+    if sidecar.region is not None:
+        x, y, w, h = sidecar.region
+        return (x, y, min(media.width, x + w), min(media.height, y + h))
+    if media.kind == "slide":
+        return features_view(shapes, marks, media.width, media.height)
+    return None
+
+
+def preview_frames(media: Media, sidecar: Sidecar, size: int, view: View | None) -> Callable[[int], np.ndarray]:
+    """Plane reader for the preview's ``view``: a slide's comes from its coarsest level that is
     still at least ``size`` a side, never from decoding the slide whole."""
+    x0, y0, x1, y1 = view or (0, 0, media.width, media.height)
     if media.kind != "slide":
-        return media.frame
+        return lambda plane: media.frame(plane)[y0:y1, x0:x1]
     rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
 
     def overview(_plane: int) -> np.ndarray:
         with open_slide(media.path, limits=MediaLimits(), channels=rule) as reader:
-            level = reader.best_level(max(reader.width, reader.height) / size)
-            return reader.read_region(0, 0, reader.width, reader.height, level=level)
+            level = reader.best_level(max(x1 - x0, y1 - y0) / size)
+            return reader.read_region(x0, y0, x1 - x0, y1 - y0, level=level)
 
     return overview
 
@@ -85,9 +108,12 @@ def result_extras(
     extras: dict[str, bytes] = {}
     if plan.preview and shapes:
         try:
+            marks = prompt_marks(sidecar)
+            view = preview_view(media, sidecar, shapes, marks)
             sheet = render_preview(
-                shapes, preview_frames(media, sidecar, plan.preview_size), width=media.width, height=media.height, n_frames=media.n_frames,
-                size=plan.preview_size, filled=sidecar.mode == "automask", plane_letter=frame_axis.lower(),
+                shapes, preview_frames(media, sidecar, plan.preview_size, view), width=media.width, height=media.height,
+                n_frames=media.n_frames, size=plan.preview_size, filled=sidecar.mode == "automask",
+                plane_letter=frame_axis.lower(), view=view, prompts=marks,
             )
             extras[PREVIEW_SUFFIX] = encode_png(sheet)
         except Exception as exc:  # a picture for people must not cost them the result

@@ -1,7 +1,7 @@
 """``img001.labels.tif`` and ``img001.labels.csv``: the result as an instance label image.
 
 Each feature's pixels (its polygons filled by pixel centres, exactly as
-:func:`samwatch.geometry.rasterize` does) take the value ``object_idx + 1``; 0 is background.
+:func:`samwatch.geometry.raster.rasterize` does) take the value ``object_idx + 1``; 0 is background.
 Where features overlap, the one with the higher quality wins, and among equal quality the
 later one (see :func:`samwatch.outputs.shapes.painting_order`). The image has the input's
 width, height and planes (``YX``, or ``TYX``/``ZYX`` for stacks and videos), is uint16
@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 
-from samwatch.geometry import rasterize_edges
+from samwatch.geometry.raster import rasterize_edges
 from samwatch.outputs.shapes import Shape, painting_order
 
 TILE = 256

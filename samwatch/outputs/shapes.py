@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from samwatch.geometry import class_color, ring_edges
+from samwatch.geometry.features import class_color
+from samwatch.geometry.raster import ring_edges
 
 _POLYGONAL = ("Polygon", "MultiPolygon")
 

@@ -30,8 +30,9 @@ def _openslide():  # noqa: ANN202 - the module, imported only when a slide needs
     try:
         import openslide
     except ImportError as exc:
-        raise JobError("slide_format_unsupported", "Reading SVS, NDPI, MRXS and other vendor slides needs "
-                       "OpenSlide; install samwatch[slides] (openslide-python and openslide-bin).") from exc
+        raise JobError("extra_not_installed", "Reading SVS, NDPI, MRXS and other vendor slides needs OpenSlide, "
+                       "which is not installed: pip install 'samwatch[slides]' in the daemon's environment "
+                       "(e.g. .venv/bin/pip), restart it, then samwatch retry --failed.") from exc
     return openslide
 
 

@@ -19,7 +19,7 @@ from samwatch.sidecar import Sidecar, TilingSpec
 from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
 from samwatch.tiling.stitch import Stitcher
 from samwatch.slides import RegionSource
-from samwatch.tiling.tile import TileJob, run_tile
+from samwatch.tiling.tile import TileJob, run_tile, tile_sidecar
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class TilingReport:
     """What a tiled job did, for the result's provenance."""
 
     plan: TilingPlan
-    tiles: int = 0
+    tiles: int = 0  # windows run through the model
     windows_encoded: int = 0
-    cache_hits: int = 0
+    tiles_skipped: int = 0  # windows with nothing to do (a box-only SAM3 job's tiles without a box)
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan
@@ -49,7 +49,10 @@ class TilingReport:
         return {
             "tile_size": plan.tile_size, "overlap": plan.overlap, "level": plan.level,
             "downsample": plan.downsample, "region": [region.x, region.y, region.w, region.h],
-            "tiles": self.tiles, "windows_encoded": self.windows_encoded, "cache_hits": self.cache_hits,
+            # every window run was encoded, or reused an embedding (the disk cache, or one still
+            # in memory: prompt windows snapped to the same place), so the two add up to tiles
+            "tiles": self.tiles, "windows_encoded": self.windows_encoded,
+            "cache_hits": self.tiles - self.windows_encoded, "tiles_skipped": self.tiles_skipped,
         }
 
 
@@ -140,16 +143,17 @@ def segment(
     """Every window of the job in turn (cancellable between them), results as they become final;
     stitched objects larger than ``max_object_pixels`` (grid pixels) come in per-tile pieces."""
     tiles, stitched = plan_windows(job.sidecar, plan, source)
-    report.tiles += len(tiles)
     stitcher = Stitcher(tiles, max_pixels=max_object_pixels) if stitched else None
     for tile in tiles:
         progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+        if tile_sidecar(job.sidecar, tile) is None:
+            report.tiles_skipped += 1
+        else:
+            report.tiles += 1
         detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report))
         yield from stitcher.add(tile, detections) if stitcher is not None else detections
     if stitcher is not None:
         yield from stitcher.finish()
-    if job.embedding_store is not None:
-        report.cache_hits = job.embedding_store.hits
 
 
 def _tile_progress(progress: ProgressFn, tile: TileSpec, report: TilingReport) -> ProgressFn:

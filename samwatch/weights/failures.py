@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from samwatch.config import WeightsEntry
 from samwatch.errors import JobError
 
 
-def download_failed(entry: WeightsEntry, reason: str) -> JobError:
-    if entry.name == "default":  # built in: there may be no config file to look at
-        advice = (
-            "The job runs again by itself after a pause. Without internet here, download that file on another machine, copy it "
-            f"here and run `samwatch weights add default {entry.type} /path/to/{entry.url.rsplit('/', 1)[-1] if entry.url else 'file'}` "
-            "(it creates ./samwatch.config.yaml when there is none; a running daemon picks it up)."
-        )
-    else:
-        advice = "The job runs again by itself after a pause; if it persists, check the url in the config's weights list."
-    return JobError(
+def download_failed(entry: WeightsEntry, reason: str, config_file: Path | None = None) -> JobError:
+    """The failure, with what to do offline; ``config_file``: the config in use, for the command."""
+    where = f" --config {config_file}" if config_file is not None else ""
+    file = entry.url.rsplit("/", 1)[-1] if entry.url else "file"
+    offline = (
+        f"Without internet here, download {entry.url} on another machine, copy it here and run "
+        f"`samwatch weights add {entry.name} {entry.type} /path/to/{file} --url {entry.url}{where}`: "
+        "the copy then counts as that URL's file (a running daemon picks it up)."
+    )
+    if entry.name != "default":
+        offline = (f"If it persists, check the url of {entry.type} {entry.name!r} in "
+                   f"{config_file or 'the config'}'s weights list. " + offline)
+    error = JobError(
         "weights_download_failed",
-        f"Downloading the {entry.type} weights {entry.name!r} from {entry.url} failed: {reason}. {advice}",
+        f"Downloading the {entry.type} weights {entry.name!r} from {entry.url} failed: {reason}. "
+        f"The job runs again by itself after a pause. {offline}",
         field="weights",
     )
+    error.reason = reason  # type: ignore[attr-defined]  # for naming_config
+    return error
+
+
+def naming_config(error: JobError, entry: WeightsEntry, config_file: Path | None) -> JobError:
+    """A download failure reworded to name the config file in use (the registry knows it, the
+    transfers that raise it do not)."""
+    reason = getattr(error, "reason", None)
+    if reason is None or config_file is None:
+        return error
+    return download_failed(entry, reason, config_file)
 
 
 def http_error(entry: WeightsEntry, code: int, reason: str) -> JobError:

@@ -30,13 +30,15 @@ from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES
 from samwatch.vocab import LoadSpec
 from samwatch.weights.entries import Key, as_url, download_path, entries_with_defaults, entry_identity, entry_key
-from samwatch.weights.failures import checksum_mismatch, download_failed
-from samwatch.weights.files import file_size, part_progress, sha256_file, sibling, verified_sha
+from samwatch.weights.failures import checksum_mismatch, download_failed, naming_config
+from samwatch.weights.files import file_size, part_progress, read_json, sha256_file, sibling, verified_sha, write_json
 from samwatch.weights.hf import fetch_hf, parse_hf_url, probe_hf
 from samwatch.weights.http import Transfer, probe_http
 from samwatch.weights.locks import CancelCheck, cancel_file_path, exclusive, held_elsewhere
 
 POLL_SECONDS = 0.25
+#: sha256 of path entries' files, by path with the (size, mtime_ns, inode) it was computed for
+PATH_HASHES = "path-hashes.json"
 
 Progress = Callable[[int, int | None], None]
 
@@ -100,17 +102,21 @@ class WeightsRegistry:
         clock: Callable[[], float] = time.monotonic,
         retry_after_seconds: float = 60.0,
         opener: urllib.request.OpenerDirector | None = None,
+        config_file: Path | None = None,
     ) -> None:
+        """``config_file``: the config in use, named in the advice of a failed download."""
         self._state_dir = Path(state_dir)
         self._weights_dir = self._state_dir / "weights"
         self._clock = clock
         self._retry_after = retry_after_seconds
         self._opener = opener or urllib.request.build_opener()
+        self._config_file = config_file
         self._lock = threading.Lock()
         self._entries = entries_with_defaults(entries)
         self._downloads: dict[Path, _Download] = {}
         self._retired: list[_Download] = []  # cancelled by update(), still winding down
         self._hashes: dict[Path, tuple[int, int, int, str]] = {}  # path -> size, mtime_ns, inode, sha256
+        self._load_path_hashes()
 
     # -- entries -------------------------------------------------------------------------
 
@@ -196,7 +202,8 @@ class WeightsRegistry:
             ref = parse_hf_url(entry.url or "")
         except ValueError as exc:
             return download_failed(entry, str(exc))
-        return probe_hf(entry, ref) if ref is not None else probe_http(entry, self._opener)
+        problem = probe_hf(entry, ref) if ref is not None else probe_http(entry, self._opener)
+        return None if problem is None else naming_config(problem, entry, self._config_file)
 
     def fetch(self, model_type: str, name: str, progress: Progress | None = None) -> LoadSpec:
         """Like :meth:`request`, but waits (for the CLI); raises the download's JobError."""
@@ -273,8 +280,8 @@ class WeightsRegistry:
                 item.update(on_disk=True, size_bytes=size, state="ready")
             with self._lock:
                 cached = self._hashes.get(path)
-            if entry.sha256 is None and cached is not None:
-                item["sha256"] = cached[3]  # listing never hashes: only what a request already did
+            if entry.sha256 is None and cached is not None and size is not None and cached[:3] == _identity(path):
+                item["sha256"] = cached[3]  # listing never hashes: only what a request (here or a daemon) did
             return item
         sha = verified_sha(entry, path)
         if sha is not None:
@@ -304,8 +311,7 @@ class WeightsRegistry:
     def _path_sha(self, entry: WeightsEntry, path: Path) -> str:
         """The file's sha256, hashed once per (size, mtime, inode): a 2.5 GB file is not re-read per job."""
         try:
-            stat = path.stat()
-            identity = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            identity = _identity(path)
             with self._lock:
                 cached = self._hashes.get(path)
             if cached is not None and cached[:3] == identity:
@@ -320,8 +326,20 @@ class WeightsRegistry:
             ) from None
         with self._lock:
             self._hashes[path] = (*identity, sha)
+            records = {str(p): list(v) for p, v in self._hashes.items()}
         logger.info("weights {}/{}: hashed {} (sha256 {})", entry.type, entry.name, path, sha)
+        try:  # for `samwatch weights list` and the next start: a 2.5 GB file is hashed once
+            self._weights_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self._weights_dir / PATH_HASHES, {"hashes": records})
+        except OSError:
+            pass  # a read-only state folder (the CLI as another user): hashed again next time
         return sha
+
+    def _load_path_hashes(self) -> None:
+        records = read_json(self._weights_dir / PATH_HASHES).get("hashes")
+        for path, value in (records or {}).items() if isinstance(records, dict) else ():
+            if isinstance(value, list) and len(value) == 4 and isinstance(value[3], str):
+                self._hashes[Path(path)] = (int(value[0]), int(value[1]), int(value[2]), value[3])
 
     def _verified_spec(self, entry: WeightsEntry) -> LoadSpec | None:
         target = self.file_path(entry)
@@ -369,11 +387,11 @@ class WeightsRegistry:
         # line, or the CLI's fetch; here only the event.
         except JobError as error:
             logger.info("weights {}/{}: download stopped ({})", entry.type, entry.name, error.code)
-            self._finish(download, error)
+            self._finish(download, naming_config(error, entry, self._config_file))
         except OSError as exc:  # network errors are JobErrors by now: this is the local disk
             reason = f"cannot write into {download.target.parent} ({exc.strerror or exc})"
             logger.info("weights {}/{}: download stopped (local disk)", entry.type, entry.name)
-            self._finish(download, download_failed(entry, reason))
+            self._finish(download, download_failed(entry, reason, self._config_file))
         except Exception as exc:  # a bug must fail the waiting jobs, not leave them waiting forever
             logger.exception("weights {}/{}: the download crashed", entry.type, entry.name)
             self._finish(download, download_failed(entry, f"{type(exc).__name__}: {exc}"))
@@ -421,3 +439,8 @@ class WeightsRegistry:
             elif self._downloads.get(download.target) is download:
                 del self._downloads[download.target]
         download.finished.set()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
