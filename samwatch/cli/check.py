@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from samwatch.config import Config
-from samwatch.discovery import find_jobs, image_on_disk, is_export, is_folder_defaults, is_sidecar
+from samwatch.control.discovery import find_jobs, image_on_disk, is_export, is_folder_defaults, is_sidecar
 from samwatch.errors import JobError
-from samwatch.job_sidecar import JobSidecar, load_job_sidecar
-from samwatch.qupath_import import import_annotations, read_export
-from samwatch.sidecar import Sidecar
-from samwatch.watcher import scan_tree
+from samwatch.sidecars.load import JobSidecar, load_job_sidecar
+from samwatch.sidecars.qupath import import_annotations, read_export
+from samwatch.sidecars.schema import Sidecar
+from samwatch.control.watcher import scan_tree
 from samwatch.weights.registry import WeightsRegistry
 
 
@@ -58,7 +58,7 @@ def _weights_problems(registry: WeightsRegistry, loaded: JobSidecar) -> list[Job
 
 
 def _image_problems(config: Config, inbox: Path, loaded: JobSidecar) -> list[JobError]:
-    from samwatch.jobs import open_media  # torch: only once the sidecar itself is fine
+    from samwatch.job.runner import open_media  # torch: only once the sidecar itself is fine
 
     try:
         image_rel = image_on_disk(inbox, loaded.rel, loaded.sidecar.image, config.inputs.image_roots)

@@ -31,8 +31,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from samwatch.daemon import Daemon
-    from samwatch.ledger import LedgerUnreadable
+    from samwatch.control.daemon import Daemon
+    from samwatch.control.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
 
     optional = args.config is None  # on defaults: ./samwatch.config.yaml is watched, and may come later
@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from samwatch.checking import check_paths, workers_python
+    from samwatch.cli.check import check_paths, workers_python
 
     config = _load(args)
     problems, notes = workers_python(config)
@@ -98,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**status, "age_seconds": round(age, 1), "stale": stale}, indent=2))
         return 1 if stale or stopped else 0
-    from samwatch.status_view import print_status
+    from samwatch.cli.status_view import print_status
 
     print_status(status, age, stale, _other_instances(path.parent / "instances", status.get("instance")))
     return 1 if stale or stopped else 0
@@ -106,14 +106,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _other_instances(folder: Path, own: str | None) -> list[dict]:
     """Other daemons' heartbeats on this outbox (each writes ``_samwatch/instances/<name>.json``)."""
-    from samwatch.outputs.dashboard import read_instances
+    from samwatch.control.dashboard import read_instances
 
     return read_instances(folder, {"instance": own})[1:]
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from samwatch.outbox import STATE_FOLDER
-    from samwatch.retry_requests import RetryRequest, request_retry
+    from samwatch.control.outbox import STATE_FOLDER
+    from samwatch.control.retry_requests import RetryRequest, request_retry
 
     if not args.paths and not args.failed:
         print("samwatch retry: name the sidecars, images or folders to run again, or give --failed", file=sys.stderr)
@@ -148,7 +148,7 @@ def _inbox_relative(inbox: Path | None, path: Path) -> str:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from samwatch.sidecar import sidecar_json_schema
+    from samwatch.sidecars.schema import sidecar_json_schema
 
     schema = sidecar_json_schema() if args.which == "sidecar" else Config.model_json_schema()
     print(json.dumps(schema, indent=2))
@@ -156,7 +156,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from samwatch.weights_cli import add_arguments as add_weights_arguments
+    from samwatch.cli.weights import add_arguments as add_weights_arguments
 
     parser = argparse.ArgumentParser(prog="samwatch", description="Segment Anything for watched folders.")
     parser.add_argument("--version", action="version", version=__version__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from samwatch.outputs.dashboard import is_stale, running_jobs
+from samwatch.control.dashboard import is_stale, running_jobs
 
 
 def _models(status: dict[str, Any]) -> str:

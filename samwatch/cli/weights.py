@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from samwatch.config import DEFAULT_CONFIG_PATH, WeightsEntry, config_path_from, describe_validation_error, load_config
-from samwatch.config_edit import add_weights_entry, remove_weights_entry
+from samwatch.cli.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError, JobError
 from samwatch.weights.entries import download_path, entries_with_defaults
 from samwatch.weights.locks import request_cancel

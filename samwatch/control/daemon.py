@@ -20,22 +20,22 @@ from typing import Any
 from loguru import logger
 
 from samwatch import __version__
-from samwatch.claims import ClaimStore
+from samwatch.control.claims import ClaimStore
 from samwatch.config import Config, load_config, restart_only_changes
-from samwatch.dispatch import Dispatcher, StopKind, StopRequest
+from samwatch.control.dispatch import Dispatcher, StopKind, StopRequest
 from samwatch.errors import ConfigError
 from samwatch.executors.base import Executor, Finished
-from samwatch.ledger import ACTIVE_STATES, Ledger
+from samwatch.control.ledger import ACTIVE_STATES, Ledger
 from samwatch.weights.registry import WeightsRegistry
-from samwatch.notify import SystemdNotifier
+from samwatch.control.notify import SystemdNotifier
 from samwatch.atomic import sweep_temporaries
-from samwatch.outbox import SPOOL_FOLDER, Outbox
-from samwatch.outcomes import OutcomeRecorder
-from samwatch.queueing import JobQueue
-from samwatch.retries import Retrier
-from samwatch.status import StatusReporter
-from samwatch.input_facts import InputFacts
-from samwatch.watcher import Watcher
+from samwatch.control.outbox import SPOOL_FOLDER, Outbox
+from samwatch.control.outcomes import OutcomeRecorder
+from samwatch.control.queueing import JobQueue
+from samwatch.control.retries import Retrier
+from samwatch.control.status import StatusReporter
+from samwatch.control.input_facts import InputFacts
+from samwatch.control.watcher import Watcher
 
 #: status.json is rewritten at the end of a step in which a job changed state (and on every
 #: heartbeat), but not more often than this: a burst of tiny jobs must not write it per job

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from samwatch.atomic import now_iso
-from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX
+from samwatch.control.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX
 
 RECENT_RESULTS = 50
 RECENT_FAILURES = 20

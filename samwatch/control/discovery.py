@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from samwatch.errors import JobError
-from samwatch.media_files import FRAMES_DIR_SUFFIX, MEDIA_SUFFIXES
-from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
-from samwatch.watcher import is_ignored_path, unusable_name
+from samwatch.media.files import FRAMES_DIR_SUFFIX, MEDIA_SUFFIXES
+from samwatch.sidecars.schema import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
+from samwatch.control.watcher import is_ignored_path, unusable_name
 
 MASK_MARK = ".mask"
 #: Suffixes of two parts that name one format: ``slide.ome.tif`` is the image ``slide`` (it pairs

@@ -16,10 +16,10 @@ from enum import Enum
 from loguru import logger
 
 from samwatch import faults
-from samwatch.claims import ClaimStore
+from samwatch.control.claims import ClaimStore
 from samwatch.executors.base import Dispatch, Executor, Finished, ProgressReport
-from samwatch.ledger import JobRow, Ledger
-from samwatch.outbox import Outbox
+from samwatch.control.ledger import JobRow, Ledger
+from samwatch.control.outbox import Outbox
 from samwatch.vocab import JobTicket
 
 

@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 from samwatch.config import Config
 from samwatch.errors import JobError
-from samwatch.job_sidecar import JobSidecar, load_job_sidecar
-from samwatch.ledger import Ledger
-from samwatch.media_files import content_hash
-from samwatch.watcher import FileState
+from samwatch.sidecars.load import JobSidecar, load_job_sidecar
+from samwatch.control.ledger import Ledger
+from samwatch.media.files import content_hash
+from samwatch.control.watcher import FileState
 
 #: A sidecar as queueing sees it: loaded, or the error its job will fail with.
 SidecarFact = JobSidecar | JobError

@@ -20,17 +20,17 @@ from typing import Any
 from loguru import logger
 
 from samwatch import faults
-from samwatch.claims import ClaimStore
+from samwatch.control.claims import ClaimStore
 from samwatch.config import Config
-from samwatch.discovery import is_folder_defaults
-from samwatch.dispatch import Running, StopKind
+from samwatch.control.discovery import is_folder_defaults
+from samwatch.control.dispatch import Running, StopKind
 from samwatch.errors import JobError
-from samwatch.ledger import JobRow, Ledger
+from samwatch.control.ledger import JobRow, Ledger
 from samwatch.atomic import now_iso
 from samwatch.weights.files import read_json
-from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox
-from samwatch.outputs.dashboard import RecentResults
-from samwatch.queueing import JobQueue
+from samwatch.control.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox
+from samwatch.control.dashboard import RecentResults
+from samwatch.control.queueing import JobQueue
 from samwatch.vocab import WAITING_FOR_WEIGHTS, Outcome, stage_percent
 
 

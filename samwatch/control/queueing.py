@@ -12,16 +12,16 @@ import os
 
 from loguru import logger
 
-from samwatch.claims import ClaimStore
+from samwatch.control.claims import ClaimStore
 from samwatch.config import Config
-from samwatch.discovery import JobSource, find_jobs, is_export, is_folder_defaults, split_name
-from samwatch.dispatch import Dispatcher, StopKind, StopRequest
+from samwatch.control.discovery import JobSource, find_jobs, is_export, is_folder_defaults, split_name
+from samwatch.control.dispatch import Dispatcher, StopKind, StopRequest
 from samwatch.errors import JobError
-from samwatch.input_facts import InputFacts, SidecarFact
-from samwatch.job_sidecar import JobSidecar
-from samwatch.ledger import ACTIVE_STATES, JobRow, Ledger
-from samwatch.outbox import Outbox
-from samwatch.watcher import Watcher
+from samwatch.control.input_facts import InputFacts, SidecarFact
+from samwatch.sidecars.load import JobSidecar
+from samwatch.control.ledger import ACTIVE_STATES, JobRow, Ledger
+from samwatch.control.outbox import Outbox
+from samwatch.control.watcher import Watcher
 
 #: how long a job claimed by another daemon is skipped before its claim is looked at again
 BUSY_ELSEWHERE_SECONDS = 2.0

@@ -22,13 +22,13 @@ from typing import Any
 
 from loguru import logger
 
-from samwatch.claims import ClaimStore
+from samwatch.control.claims import ClaimStore
 from samwatch.config import Config
 from samwatch.errors import JobError
-from samwatch.job_sidecar import load_job_sidecar
-from samwatch.ledger import JobRow, Ledger
-from samwatch.outbox import Outbox
-from samwatch.retry_requests import take_retry_requests
+from samwatch.sidecars.load import load_job_sidecar
+from samwatch.control.ledger import JobRow, Ledger
+from samwatch.control.outbox import Outbox
+from samwatch.control.retry_requests import take_retry_requests
 
 #: failed jobs are looked over at most this often (a ledger query, a stat per weights file)
 _LOOK_SECONDS = 1.0

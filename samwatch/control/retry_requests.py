@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from samwatch.ledger import JobRow
+from samwatch.control.ledger import JobRow
 from samwatch.atomic import atomic_write_json, now_iso
 
 REQUESTS_FOLDER = "requests"

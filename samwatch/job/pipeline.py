@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from samwatch.jobs import JobRunner, Prepared, outcome_of_error
+from samwatch.job.runner import JobRunner, Prepared, outcome_of_error
 from samwatch.models.base import Detection
 from samwatch.vocab import WAITING_FOR_DEVICE, JobTicket, Outcome, Progress
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from samwatch.discovery import resolve_inside, split_name
+from samwatch.control.discovery import resolve_inside, split_name
 from samwatch.errors import JobError
-from samwatch.sidecar import Prompt
+from samwatch.sidecars.schema import Prompt
 
 LOW_RES = 256
 LOGIT = 10.0

@@ -22,20 +22,20 @@ from loguru import logger
 
 from samwatch import __version__
 from samwatch.config import Config, LimitSettings
-from samwatch.discovery import image_on_disk, is_folder_defaults
+from samwatch.control.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry.features import class_color, feature_collection, make_feature
 from samwatch.geometry.outline import mask_to_geometry
-from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
+from samwatch.media.read import ChannelRule, Media, MediaLimits, open_region_source, probe
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool
 from samwatch.outputs.extras import OutputPlan, result_extras
-from samwatch.prompts import prompt_masks
-from samwatch.job_sidecar import JobSidecar, load_job_sidecar
-from samwatch.qupath_import import Imported, Source, import_annotations, read_export
-from samwatch.sidecar import Sidecar
-from samwatch.slides import ArraySource
+from samwatch.job.prompts import prompt_masks
+from samwatch.sidecars.load import JobSidecar, load_job_sidecar
+from samwatch.sidecars.qupath import Imported, Source, import_annotations, read_export
+from samwatch.sidecars.schema import Sidecar
+from samwatch.media.slides import ArraySource
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob

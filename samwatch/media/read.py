@@ -18,7 +18,7 @@ Readers
   walk a video; ``Media.frame(i)`` decodes from the start). The count comes from the
   container, or from one decoding pass when the container does not say.
 * Slides (``kind="slide"``): tiled or pyramidal TIFF / OME-TIFF and OpenSlide formats (SVS,
-  NDPI, MRXS, SCN, BIF, ...), see :mod:`samwatch.slides`. They are checked against
+  NDPI, MRXS, SCN, BIF, ...), see :mod:`samwatch.media.slides`. They are checked against
   ``max_slide_pixels`` and read by region (:func:`open_region_source`); ``Media.frame(0)``
   decodes a slide whole only when it fits ``max_image_pixels``.
 * ``name.frames/``: every image file in the folder (hidden files skipped), sorted naturally
@@ -39,7 +39,7 @@ channels (both present: flattened, C major), everything else selects frames:
 
 A file with one frame is ``kind="image"``, more than one ``kind="stack"``. Note that a
 ``C x Y x X`` TIFF written without axes metadata reads as ``QYX``: a stack of pages.
-Frames are converted to RGB uint8 by :mod:`samwatch.pixels` (``ChannelRule``,
+Frames are converted to RGB uint8 by :mod:`samwatch.media.pixels` (``ChannelRule``,
 ``to_rgb8``). For a stack the stretch bounds are computed once, from up to five frames spread
 over it, and used for every frame, so brightness stays comparable over time (a frame the
 objects have left is not stretched into noise). A still, and :func:`read_image`, use the
@@ -65,7 +65,7 @@ import tifffile
 from PIL import Image
 
 from samwatch.errors import JobError
-from samwatch.media_files import (
+from samwatch.media.files import (
     FRAMES_DIR_SUFFIX,
     IMAGE_SUFFIXES,
     MEDIA_SUFFIXES,
@@ -73,8 +73,8 @@ from samwatch.media_files import (
     frame_files,
     not_found,
 )
-from samwatch.pixels import ChannelRule, check_channels, needs_stretch, select_channels, stretch_bounds, to_rgb8
-from samwatch.slides import ArraySource, RegionSource, SlideReader, is_slide, open_slide
+from samwatch.media.pixels import ChannelRule, check_channels, needs_stretch, select_channels, stretch_bounds, to_rgb8
+from samwatch.media.slides import ArraySource, RegionSource, SlideReader, is_slide, open_slide
 
 _AV_SUFFIXES = frozenset({".mp4", ".avi", ".mov"})
 _STRETCH_FRAMES = 5
@@ -189,7 +189,7 @@ def open_region_source(
 ) -> RegionSource:
     """A still behind the region API: a slide read lazily, any other image decoded once.
 
-    Slides (:func:`samwatch.slides.is_slide`) are checked against ``max_slide_pixels`` and
+    Slides (:func:`samwatch.media.slides.is_slide`) are checked against ``max_slide_pixels`` and
     decode only the tiles each region touches; an ordinary image is decoded whole under
     ``max_image_pixels`` (its frame 0 for a stack) and served from memory. Close it after use.
     """

@@ -44,7 +44,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn, RunContext
-from samwatch.sidecar import AutomaskParams, MaskChoice
+from samwatch.sidecars.schema import AutomaskParams, MaskChoice
 
 Embedding = Mapping[str, Any]
 """Predictor attributes that hold one image's embedding, as the adapters cache them."""

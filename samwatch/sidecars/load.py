@@ -14,7 +14,7 @@ call it, so they cannot disagree about what a sidecar means. Its steps, in order
 4. ``_resolve_weights``: the weights name, with samapi's ``checkpoint_url``.
 5. ``_check_mode``: the model's family can do what the sidecar asks (families table).
 6. ``annotations``: the export's path, checked to stay inside the inbox (its objects become
-   prompts once the job has opened its image: samwatch.qupath_import).
+   prompts once the job has opened its image: samwatch.sidecars.qupath).
 
 Steps 4 and 5 are problems of a valid sidecar: ``samwatch check`` collects them (``problems``)
 instead of stopping at the first, and goes on to the image and prompt checks.
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from samwatch.config import Config
-from samwatch.discovery import is_export, is_folder_defaults, resolve_inside, split_name
+from samwatch.control.discovery import is_export, is_folder_defaults, resolve_inside, split_name
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, mode_advice, modes_of
-from samwatch.sidecar import (
+from samwatch.sidecars.schema import (
     FOLDER_DEFAULTS_STEM,
     SIDECAR_SUFFIXES,
     Sidecar,

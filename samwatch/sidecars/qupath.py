@@ -26,7 +26,7 @@ import orjson
 
 from samwatch.config import LimitSettings
 from samwatch.errors import JobError
-from samwatch.sidecar import AnnotationsSpec, Prompt, Sidecar
+from samwatch.sidecars.schema import AnnotationsSpec, Prompt, Sidecar
 
 #: 0.2/0.3 exports name the object type by its Java class in the feature's ``id``.
 _LEGACY_TYPES = {

@@ -253,7 +253,7 @@ QuPathObjectType = Literal["annotation", "detection", "cell", "tile", "tma_core"
 
 
 class AnnotationsSpec(StrictModel):
-    """A QuPath GeoJSON export whose objects are the prompts (see samwatch.qupath_import)."""
+    """A QuPath GeoJSON export whose objects are the prompts (see samwatch.sidecars.qupath)."""
 
     file: str = Field(min_length=1, description="the export (.geojson), relative to the sidecar")
     object_types: list[QuPathObjectType] = Field(

@@ -9,7 +9,7 @@ The API the tiler codes against (details in ``base``):
   ``level_origin(x, y, level)``, ``check_level``, ``describe()`` (provenance), ``close()``;
   readers are context managers.
 * ``is_slide(path)``, ``open_slide(path, limits=, channels=)``: slides only.
-* ``samwatch.media.open_region_source(path, limits=, channels=)``: any still, a slide lazily or
+* ``samwatch.media.read.open_region_source(path, limits=, channels=)``: any still, a slide lazily or
   an ordinary image decoded once as an ``ArraySource``. It lives in ``media`` because ordinary
   images are decoded there (and ``media`` routes slides here, so this package never imports it).
 
@@ -17,8 +17,8 @@ Readers: ``tiff`` (tifffile + zarr: tiled/pyramidal TIFF, OME-TIFF), ``openslide
 MRXS, SCN, BIF, ...), ``array`` (a decoded image).
 """
 
-from samwatch.slides.array import ArraySource
-from samwatch.slides.base import Level, RegionSource, SlideReader
-from samwatch.slides.formats import is_slide, open_slide
+from samwatch.media.slides.array import ArraySource
+from samwatch.media.slides.base import Level, RegionSource, SlideReader
+from samwatch.media.slides.formats import is_slide, open_slide
 
 __all__ = ["ArraySource", "Level", "RegionSource", "SlideReader", "is_slide", "open_slide"]

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samwatch.pixels import ChannelRule
-from samwatch.slides.base import Level, SlideReader
+from samwatch.media.pixels import ChannelRule
+from samwatch.media.slides.base import Level, SlideReader
 
 if TYPE_CHECKING:
-    from samwatch.media import MediaLimits
+    from samwatch.media.read import MediaLimits
 
 
 class ArraySource(SlideReader):

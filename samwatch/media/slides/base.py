@@ -17,7 +17,7 @@ opened, from its header.
 
 Channels and bit depth
 ----------------------
-Regions go through :func:`samwatch.pixels.to_rgb8` with the job's ``ChannelRule``. A
+Regions go through :func:`samwatch.media.pixels.to_rgb8` with the job's ``ChannelRule``. A
 percentile stretch computed per window would make neighbouring tiles differ in brightness,
 so a slide that needs one (non-uint8 data, or ``normalize`` other than auto/none) gets its
 bounds once, from its coarsest level: that level whole when it has at most
@@ -36,10 +36,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from samwatch.errors import JobError
-from samwatch.pixels import Bounds, ChannelRule, check_channels, needs_stretch, select_channels, stretch_bounds, to_rgb8
+from samwatch.media.pixels import (
+    Bounds, ChannelRule, check_channels, needs_stretch, select_channels, stretch_bounds, to_rgb8,
+)
 
 if TYPE_CHECKING:
-    from samwatch.media import MediaLimits
+    from samwatch.media.read import MediaLimits
 
 _BOUNDS_LEVEL_PIXELS = 4096 * 4096
 _BOUNDS_GRID = 4

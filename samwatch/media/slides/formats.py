@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from samwatch.errors import JobError
-from samwatch.media_files import FOREIGN_SLIDE_SUFFIXES, OPENSLIDE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES
-from samwatch.pixels import ChannelRule
-from samwatch.slides.base import SlideReader
-from samwatch.slides.openslide import OpenSlideReader
-from samwatch.slides.tiff import TiffReader, is_tiff_slide
+from samwatch.media.files import FOREIGN_SLIDE_SUFFIXES, OPENSLIDE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES
+from samwatch.media.pixels import ChannelRule
+from samwatch.media.slides.base import SlideReader
+from samwatch.media.slides.openslide import OpenSlideReader
+from samwatch.media.slides.tiff import TiffReader, is_tiff_slide
 
 if TYPE_CHECKING:
-    from samwatch.media import MediaLimits
+    from samwatch.media.read import MediaLimits
 
 
 def is_slide(path: Path) -> bool:

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from samwatch.errors import JobError
-from samwatch.pixels import ChannelRule
-from samwatch.slides.base import Level, SlideReader
-from samwatch.slides.tiff import check_tiff_complete
+from samwatch.media.pixels import ChannelRule
+from samwatch.media.slides.base import Level, SlideReader
+from samwatch.media.slides.tiff import check_tiff_complete
 
 if TYPE_CHECKING:
-    from samwatch.media import MediaLimits
+    from samwatch.media.read import MediaLimits
 
 #: The OpenSlide suffixes (media_files) that are TIFF files, checked for truncation first: OpenSlide only says it cannot
 # recognise a cut-short file.

@@ -24,11 +24,11 @@ import tifffile
 import zarr
 
 from samwatch.errors import JobError
-from samwatch.pixels import ChannelRule
-from samwatch.slides.base import Level, SlideReader
+from samwatch.media.pixels import ChannelRule
+from samwatch.media.slides.base import Level, SlideReader
 
 if TYPE_CHECKING:
-    from samwatch.media import MediaLimits
+    from samwatch.media.read import MediaLimits
 
 _PLANE_AXES = frozenset("YXCS")
 #: Decoded tiles a reader keeps (about 85 RGB tiles of 512 x 512).
