@@ -24,7 +24,7 @@ CONTROL_SIDE = (
     "samwatch.control.claims", "samwatch.control.watcher", "samwatch.control.input_facts",
     "samwatch.control.notify", "samwatch.control.outbox", "samwatch.control.dashboard",
     "samwatch.executors.base", "samwatch.executors.dask", "samwatch.weights.registry", "samwatch.vocab",
-    "samwatch.media.files", "samwatch.cli.status_view", "samwatch.cli.main",
+    "samwatch.media.files", "samwatch.media.limits", "samwatch.cli.status_view", "samwatch.cli.main",
 )
 
 

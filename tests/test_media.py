@@ -21,7 +21,10 @@ import tifffile
 from PIL import Image, ImageSequence
 
 from samwatch.errors import JobError
-from samwatch.media.read import ChannelRule, MediaLimits, probe, read_image, read_mask, to_rgb8
+from samwatch.media.limits import MediaLimits
+from samwatch.media.pil import read_mask
+from samwatch.media.pixels import ChannelRule, to_rgb8
+from samwatch.media.read import probe, read_image
 from samwatch.media.files import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, is_media_path
 
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"

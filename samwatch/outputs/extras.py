@@ -18,7 +18,8 @@ from loguru import logger
 from samwatch.config import OutputSettings
 import numpy as np
 
-from samwatch.media.read import Media, MediaLimits
+from samwatch.media.limits import MediaLimits
+from samwatch.media.read import Media
 from samwatch.control.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
 from samwatch.outputs.labels import labels_csv, write_labels
 from samwatch.outputs.preview import PromptMark, View, encode_png, features_view, render_preview

@@ -11,7 +11,7 @@ from samwatch.media.pixels import ChannelRule
 from samwatch.media.slides.base import Level, SlideReader
 
 if TYPE_CHECKING:
-    from samwatch.media.read import MediaLimits
+    from samwatch.media.limits import MediaLimits
 
 
 class ArraySource(SlideReader):

@@ -41,7 +41,7 @@ from samwatch.media.pixels import (
 )
 
 if TYPE_CHECKING:
-    from samwatch.media.read import MediaLimits
+    from samwatch.media.limits import MediaLimits
 
 _BOUNDS_LEVEL_PIXELS = 4096 * 4096
 _BOUNDS_GRID = 4

@@ -18,7 +18,7 @@ from samwatch.media.slides.openslide import OpenSlideReader
 from samwatch.media.slides.tiff import TiffReader, is_tiff_slide
 
 if TYPE_CHECKING:
-    from samwatch.media.read import MediaLimits
+    from samwatch.media.limits import MediaLimits
 
 
 def is_slide(path: Path) -> bool:

@@ -19,7 +19,7 @@ from samwatch.media.slides.base import Level, SlideReader
 from samwatch.media.slides.tiff import check_tiff_complete
 
 if TYPE_CHECKING:
-    from samwatch.media.read import MediaLimits
+    from samwatch.media.limits import MediaLimits
 
 #: The OpenSlide suffixes (media_files) that are TIFF files, checked for truncation first: OpenSlide only says it cannot
 # recognise a cut-short file.

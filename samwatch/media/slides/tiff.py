@@ -28,7 +28,7 @@ from samwatch.media.pixels import ChannelRule
 from samwatch.media.slides.base import Level, SlideReader
 
 if TYPE_CHECKING:
-    from samwatch.media.read import MediaLimits
+    from samwatch.media.limits import MediaLimits
 
 _PLANE_AXES = frozenset("YXCS")
 #: Decoded tiles a reader keeps (about 85 RGB tiles of 512 x 512).
