@@ -148,7 +148,7 @@ def _inbox_relative(inbox: Path | None, path: Path) -> str:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from samwatch.sidecars.schema import sidecar_json_schema
+    from samwatch.sidecars.samapi import sidecar_json_schema
 
     schema = sidecar_json_schema() if args.which == "sidecar" else Config.model_json_schema()
     print(json.dumps(schema, indent=2))

@@ -31,12 +31,12 @@ from samwatch.config import Config
 from samwatch.control.discovery import is_export, is_folder_defaults, resolve_inside, split_name
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, mode_advice, modes_of
+from samwatch.sidecars.parse import read_sidecar_data
 from samwatch.sidecars.schema import (
     FOLDER_DEFAULTS_STEM,
     SIDECAR_SUFFIXES,
     Sidecar,
     merge_folder_defaults,
-    read_sidecar_data,
     validate_sidecar,
 )
 from samwatch.weights.entries import entries_with_defaults

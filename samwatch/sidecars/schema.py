@@ -1,17 +1,14 @@
 """The sidecar: a job's prompts and settings, one pydantic model, native and samapi forms.
 
 A samapi request body saved as JSON (minus ``b64img``) is a valid sidecar: its keys are folded
-into the native form before validation (``SAMAPI_KEYS`` says where each goes), so the rest of
-samwatch only ever sees the native :class:`Sidecar`.
+into the native form before validation (``sidecars.samapi``), so the rest of samwatch only ever
+sees the native :class:`Sidecar`. Parsing the text is ``sidecars.parse``'s.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -26,12 +23,6 @@ from pydantic import (
 from samwatch.config import OutputFormat, describe_validation_error
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, ModelType
-from samwatch.yaml_child import DuplicateKey, load_yaml
-
-#: libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one,
-#: which would hold the daemon's loop for seconds on a legal 40 000-prompt sidecar, and it
-#: limits nesting depth itself.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")
 FOLDER_DEFAULTS_STEM = "samwatch"
@@ -326,6 +317,9 @@ class Sidecar(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _fold_samapi_form(cls, data: Any) -> Any:
+        # Imported here: samapi's key map is derived from these models (AutomaskParams' fields).
+        from samwatch.sidecars.samapi import fold_samapi_form
+
         return fold_samapi_form(data) if isinstance(data, dict) else data
 
     @property
@@ -352,144 +346,6 @@ class Sidecar(StrictModel):
         if self.box_format == "xyxy":
             return list(boxes)
         return [(x, y, x + w, y + h) for x, y, w, h in boxes]
-
-
-_AUTOMASK_KEYS = frozenset(AutomaskParams.model_fields) - {"output_type"}
-_VIDEO_KEYS = {"axes", "plane_position", "start_frame_idx", "max_frame_num_to_track", "objs"}
-_PROMPT_KEYS = {"bbox", "point_coords", "point_labels", "b64mask", "mask"}
-
-#: samapi body key -> where it lands in the native form (documented by ``samwatch schema``).
-SAMAPI_KEYS: dict[str, str] = {
-    "type": "model",
-    "bbox": "prompts[0].bbox",
-    "point_coords": "prompts[0].points",
-    "point_labels": "prompts[0].point_labels",
-    "b64mask": "prompts[0].b64mask",
-    "text_prompt": "text (boxes then read as xywh: box_format xywh)",
-    "reset_prompts": "ignored: every job starts from a fresh state",
-    **{key: f"automask.{key}" for key in sorted(_AUTOMASK_KEYS)},
-    "output_type": "output_type (and automask.output_type for automask jobs)",
-    **{key: f"video.{key}" for key in sorted(_VIDEO_KEYS - {'objs'})},
-    "objs": "video.objects",
-}
-_REFUSED_KEYS = {
-    "b64img": "the image is the file next to the sidecar (or its 'image' key); remove b64img",
-    "b64imgs": "frames come from the stack, video or name.frames/ folder; remove b64imgs",
-    "dirname": "frames come from the stack, video or name.frames/ folder; remove dirname",
-}
-
-
-def _without_nulls(data: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in data.items() if value is not None}
-
-
-def fold_samapi_form(data: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite samapi body keys into the native form; native keys pass unchanged.
-
-    A null means absent, at the top and inside samapi's ``objs`` objects: samapi's pydantic
-    bodies serialise every unset optional key (``point_coords``, ``b64mask``, ...) as null.
-    """
-    data = _without_nulls(data)
-    if isinstance(data.get("objs"), dict):
-        data["objs"] = {
-            frame: [_without_nulls(obj) if isinstance(obj, dict) else obj for obj in objs] if isinstance(objs, list) else objs
-            for frame, objs in data["objs"].items()
-        }
-    for key, advice in _REFUSED_KEYS.items():
-        if key in data:
-            raise ValueError(f"{key}: {advice}")
-    prompt = {key: data.pop(key) for key in list(data) if key in _PROMPT_KEYS}
-    if prompt:
-        if "point_coords" in prompt:
-            prompt["points"] = prompt.pop("point_coords")
-        data["prompts"] = [prompt, *data.get("prompts", [])]
-    automask = {key: data.pop(key) for key in list(data) if key in _AUTOMASK_KEYS}
-    if automask:
-        if "output_type" in data:
-            automask["output_type"] = data["output_type"]
-        data["automask"] = {**automask, **(data.get("automask") or {})}
-    video = {key: data.pop(key) for key in list(data) if key in _VIDEO_KEYS}
-    if video:
-        if "objs" in video:
-            video["objects"] = video.pop("objs")
-        data["video"] = {**video, **(data.get("video") or {})}
-    if "text_prompt" in data:
-        data["text"] = data.pop("text_prompt")
-        data.setdefault("box_format", "xywh")
-    data.pop("reset_prompts", None)
-    return data
-
-
-def _as_json_object(text: str | bytes) -> dict[str, Any] | None:
-    """The text as a JSON object, or None to read it as YAML. JSON's parser is some forty
-    times faster than YAML's on a sidecar of 40 000 prompts, and gives the same mapping."""
-    if not text.lstrip()[:1] in (b"{", "{"):
-        return None
-    try:
-        data = json.loads(text, object_pairs_hook=_unique_pairs)
-    except (ValueError, RecursionError):
-        return None  # YAML's flow style, broken, or a key twice: YAML says where
-    return data if isinstance(data, dict) else None
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        raise ValueError("a key twice")
-    return data
-
-
-def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
-    """YAML or JSON text -> a mapping (JSON is YAML); ``name`` goes into the error."""
-    data = _as_json_object(text)
-    try:
-        if data is None:
-            data = load_yaml(text, _YAML_LOADER)
-    except RecursionError:
-        raise JobError(
-            "sidecar_parse_error",
-            "The sidecar is nested too deeply to read (lists or mappings thousands of levels deep); "
-            "a sidecar needs a few levels only.",
-            file=name,
-        ) from None
-    except DuplicateKey as exc:
-        raise JobError(
-            "sidecar_invalid",
-            f"The key {exc.key!r} appears twice in one mapping (again at line {exc.line}); "
-            "samwatch would have to guess which one you meant: keep one.",
-            file=name, field=str(exc.key), line=exc.line,
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise JobError(
-            "sidecar_parse_error",
-            f"The sidecar is not valid YAML/JSON{where}: {getattr(exc, 'problem', exc)}. Fix the syntax and save it again.",
-            file=name,
-        ) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise JobError(
-            "sidecar_parse_error",
-            f"The sidecar must be a mapping of keys (model:, prompts:, ...), not a {type(data).__name__}"
-            + ("; a list of GeoJSON features is a QuPath export: name it NAME.geojson." if isinstance(data, list) else "."),
-            file=name,
-        )
-    return data
-
-
-def read_sidecar_data(path: Path, *, max_bytes: int, name: str) -> dict[str, Any]:
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise JobError(
-            "sidecar_too_large",
-            f"The sidecar is {size} bytes, more than limits.max_sidecar_bytes ({max_bytes}); "
-            "split it into several tagged sidecars or raise the limit.",
-            file=name,
-        )
-    with path.open("rb") as handle:
-        return parse_sidecar_text(handle.read(max_bytes + 1), name=name)
 
 
 def validate_sidecar(data: dict[str, Any], *, name: str) -> Sidecar:
@@ -530,13 +386,3 @@ def merge_folder_defaults(own: dict[str, Any], defaults: dict[str, Any]) -> dict
         inherited.pop("model", None)
         inherited.pop("type", None)
     return {**inherited, **own}
-
-
-def sidecar_json_schema() -> dict[str, Any]:
-    schema = Sidecar.model_json_schema(by_alias=False)
-    schema["x-samapi-keys"] = SAMAPI_KEYS
-    schema["x-refused-keys"] = _REFUSED_KEYS
-    schema["x-samapi-keys"]["checkpoint_url"] = (
-        "selects the registered weights with that URL; any other URL is refused, never fetched"
-    )
-    return schema
