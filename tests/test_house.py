@@ -28,8 +28,8 @@ CONTROL_SIDE = (
 )
 
 
-def _heavy_after(code: str) -> list[str]:
-    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+def _heavy_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -51,7 +51,8 @@ def test_status_of_an_outbox_loads_no_model_or_codec_library(tmp_path: Path) -> 
     code = (f"from samwatch.cli.main import main\nimport contextlib, io\n"
             f"with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    assert main(['status', '--outbox', {str(tmp_path / 'outbox')!r}]) == 0")
-    assert _heavy_after(code) == []
+    # nor the config's pydantic models or the weights registry: `status --outbox` reads no config
+    assert _heavy_after(code, HEAVY + ("pydantic", "samwatch.config", "samwatch.weights.registry")) == []
 
 
 def test_an_outcome_crosses_the_wire_as_plain_values() -> None:

@@ -9,10 +9,17 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from samwatch import __version__
-from samwatch.config import DEFAULT_CONFIG_PATH, Config, config_path_from, load_config, outbox_named_by
 from samwatch.errors import ConfigError
 from samwatch.logs import setup_logging
+
+if TYPE_CHECKING:
+    from samwatch.config import Config
+
+# The config (pydantic) is imported by the commands that read one: `samwatch status --outbox`
+# needs none, and must answer in well under a second on a busy node.
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -26,11 +33,14 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    from samwatch.config import config_path_from, load_config
+
     args.config = config_path_from(args.config)
     return load_config(args.config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from samwatch.config import DEFAULT_CONFIG_PATH
     from samwatch.control.daemon import Daemon
     from samwatch.control.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
@@ -80,6 +90,8 @@ def _status_outbox(args: argparse.Namespace) -> Path:
     try:
         return _load(args).outbox
     except ConfigError as exc:
+        from samwatch.config import outbox_named_by
+
         print(f"samwatch: the config has an error (the daemon keeps its old one): {exc}", file=sys.stderr)
         return outbox_named_by(args.config)
 
@@ -148,6 +160,7 @@ def _inbox_relative(inbox: Path | None, path: Path) -> str:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from samwatch.config import Config
     from samwatch.sidecars.samapi import sidecar_json_schema
 
     schema = sidecar_json_schema() if args.which == "sidecar" else Config.model_json_schema()
@@ -156,7 +169,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from samwatch.cli.weights import add_arguments as add_weights_arguments
+    from samwatch.cli.weights_args import add_arguments as add_weights_arguments
 
     parser = argparse.ArgumentParser(prog="samwatch", description="Segment Anything for watched folders.")
     parser.add_argument("--version", action="version", version=__version__)

@@ -1,7 +1,7 @@
 """``samwatch weights list|add|fetch|remove|cancel``: the weights registry from a shell.
 
-The main CLI calls :func:`add_arguments` with its sub-parsers and the parent parser that gives
-every command ``--config`` (``args.config``: a Path or None). Each handler takes the parsed args and returns the
+The arguments are ``cli.weights_args``'s, which imports this module only when a weights command
+runs (``--config`` is ``args.config``: a Path or None). Each handler takes the parsed args and returns the
 exit code: 0 ok, 1 a failure (a download failed), 2 bad usage or a bad config. Without
 ``--config`` the config is ``./samwatch.config.yaml``: read if it exists (else the built-in defaults),
 created by ``add``.
@@ -25,7 +25,6 @@ from samwatch.errors import ConfigError, JobError
 from samwatch.weights.entries import download_path, entries_with_defaults
 from samwatch.weights.locks import request_cancel
 from samwatch.weights.registry import WeightsRegistry
-from samwatch.families import MODEL_TYPES
 
 _URL_PREFIXES = ("http://", "https://", "hf://", "file://")
 _MB = 1024 * 1024
@@ -35,53 +34,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 class _UsageError(Exception):
     """Arguments that cannot be acted on: printed, exit code 2."""
-
-
-def add_arguments(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    """Register ``weights`` and its sub-commands; each sets ``func`` to its handler.
-
-    ``parents`` carry the options every samwatch command takes (``--config``)."""
-    parser = subparsers.add_parser(
-        "weights",
-        help="list, add, fetch or remove registered weights",
-        description="The weights registry: every model type has a built-in 'default'; the config adds more.",
-    )
-    commands = parser.add_subparsers(dest="weights_command", metavar="COMMAND", required=True)
-
-    listing = commands.add_parser("list", parents=parents, help="every entry and whether its file is on disk")
-    listing.add_argument("--type", choices=MODEL_TYPES, help="only this model type")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(func=run_list)
-
-    add = commands.add_parser("add", parents=parents, help="register weights in the config (a running daemon picks them up)")
-    add.add_argument("name", help="the name sidecars use in 'weights:'")
-    add.add_argument("type", choices=MODEL_TYPES, help="the model type the weights were trained for")
-    add.add_argument(
-        "source", metavar="URL_OR_PATH", help="http(s)://, hf://owner/repo/file[@rev], file:// or a local file"
-    )
-    add.add_argument("--sha256", help="the file's expected sha256; a mismatch is an error, never a silent load")
-    add.add_argument(
-        "--url", help="offline: FILE is a copy of the weights at this URL (e.g. the type's official URL); it is "
-        "kept in state_dir as that URL's download, so the type's default weights and a checkpoint_url of that URL use it",
-    )
-    add.add_argument("--sam2-config", help="SAM2 only: the Hydra config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml")
-    add.set_defaults(func=run_add)
-
-    fetch = commands.add_parser("fetch", parents=parents, help="download (or verify) weights now")
-    fetch.add_argument("name", nargs="?")
-    fetch.add_argument("--type", choices=MODEL_TYPES, help="needed when the name exists for several types")
-    fetch.add_argument("--all", action="store_true", help="every entry (of --type, if given)")
-    fetch.set_defaults(func=run_fetch)
-
-    remove = commands.add_parser("remove", parents=parents, help="remove an entry from the config (its downloaded file is kept)")
-    remove.add_argument("name")
-    remove.add_argument("--type", choices=MODEL_TYPES, help="needed when the name exists for several types")
-    remove.set_defaults(func=run_remove)
-
-    cancel = commands.add_parser("cancel", parents=parents, help="stop the downloads under way (in a daemon or a fetch)")
-    cancel.add_argument("name", nargs="?", help="only downloads of this name")
-    cancel.add_argument("--type", choices=MODEL_TYPES, help="only downloads of this type")
-    cancel.set_defaults(func=run_cancel)
 
 
 def _handler(run: Handler) -> Handler:
