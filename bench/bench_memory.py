@@ -96,13 +96,13 @@ def samwatch_job(root: Path, args: argparse.Namespace, scenario: str) -> dict:
     from PIL import Image
 
     from samwatch.config import Config
-    from samwatch.jobs import JobRunner
-    from samwatch.media_files import content_hash
+    from samwatch.job.runner import JobRunner
+    from samwatch.media.files import content_hash
     from samwatch.memory import PeakMeter, give_back
     from samwatch.models.device import pick_device
     from samwatch.models.pool import ModelPool
     from samwatch.models.sam1 import build_predictor
-    from samwatch.outbox import JobOutputs
+    from samwatch.control.outbox import JobOutputs
     from samwatch.vocab import JobTicket, Progress
     from samwatch.weights.registry import WeightsRegistry
 

@@ -30,16 +30,16 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samwatch.config import Config  # noqa: E402
-from samwatch.jobs import JobRunner  # noqa: E402
-from samwatch.media import probe  # noqa: E402
-from samwatch.media_files import content_hash  # noqa: E402
+from samwatch.job.runner import JobRunner  # noqa: E402
+from samwatch.media.read import probe  # noqa: E402
+from samwatch.media.files import content_hash  # noqa: E402
 from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool, adapter_class  # noqa: E402
 from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
-from samwatch.outbox import JobOutputs  # noqa: E402
+from samwatch.control.outbox import JobOutputs  # noqa: E402
 from samwatch.outputs.extras import OutputPlan, result_extras  # noqa: E402
-from samwatch.sidecar import validate_sidecar  # noqa: E402
+from samwatch.sidecars.schema import validate_sidecar  # noqa: E402
 from samwatch.vocab import JobTicket, Progress  # noqa: E402
 
 PLAIN = {"preview": False, "formats": ["geojson"]}

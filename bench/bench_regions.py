@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from samwatch.media import MediaLimits, open_region_source  # noqa: E402
-from samwatch.pixels import ChannelRule  # noqa: E402
+from samwatch.media.read import MediaLimits, open_region_source  # noqa: E402
+from samwatch.media.pixels import ChannelRule  # noqa: E402
 from slides import skimage_content  # noqa: E402
 
 TILE = 512

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import fakes  # noqa: E402
 from samwatch.config import Config  # noqa: E402
-from samwatch.daemon import Daemon  # noqa: E402
+from samwatch.control.daemon import Daemon  # noqa: E402
 from support import fake_weights, save_image, write_sidecar  # noqa: E402
 
 fakes.install()

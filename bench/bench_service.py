@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from samwatch.watcher import Watcher  # noqa: E402
+from samwatch.control.watcher import Watcher  # noqa: E402
 from support import DaemonProcess, fake_weights, finished, wait_for, write_config  # noqa: E402
 from test_service import drop_jobs  # noqa: E402
 

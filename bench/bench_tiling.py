@@ -50,12 +50,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from samwatch.config import Config  # noqa: E402
-from samwatch.media import MediaLimits  # noqa: E402
+from samwatch.media.read import MediaLimits  # noqa: E402
 from samwatch.models.base import Detection, ModelAdapter, RunContext  # noqa: E402
 from samwatch.vocab import LoadSpec  # noqa: E402
 from samwatch.models.sam1 import Adapter  # noqa: E402
-from samwatch.sidecar import validate_sidecar  # noqa: E402
-from samwatch.slides import ArraySource  # noqa: E402
+from samwatch.sidecars.schema import validate_sidecar  # noqa: E402
+from samwatch.media.slides import ArraySource  # noqa: E402
 from samwatch.tiling.cache import TileEmbeddingStore  # noqa: E402
 from samwatch.tiling.segment import TilingReport, plan_for, segment  # noqa: E402
 from samwatch.tiling.tile import TileJob  # noqa: E402
@@ -162,10 +162,10 @@ def write_slide(path: Path, size: int) -> Path:
 
 def rss_child(slide: Path, model: str, checkpoint: str) -> None:
     """One whole job in this process; prints its peak RSS (MiB), seconds and result."""
-    from samwatch.jobs import JobRunner
+    from samwatch.job.runner import JobRunner
     from samwatch.vocab import JobTicket, Progress
     from samwatch.models.pool import ModelPool
-    from samwatch.outbox import JobOutputs
+    from samwatch.control.outbox import JobOutputs
     from samwatch.weights.registry import WeightsRegistry
 
     root = slide.parent
@@ -209,7 +209,7 @@ def bench_rss(sizes: list[int], checkpoint: Path, scratch: Path) -> None:
 
 def bench_boxes(n_boxes: int, size: int, checkpoint: Path, scratch: Path) -> None:
     print(f"3. {n_boxes} boxes spread over a {size}² slide (vit_t)")
-    from samwatch.media import open_region_source
+    from samwatch.media.read import open_region_source
 
     slide = write_slide(scratch / "boxes.ome.tif", size)
     rng = np.random.default_rng(0)

@@ -30,7 +30,7 @@ from skimage import data
 
 from samwatch.models.base import RunContext
 from samwatch.models.sam2_video import track, video_predictor
-from samwatch.sidecar import Sidecar
+from samwatch.sidecars.schema import Sidecar
 
 CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 CROP = (352, 512)  # frame height, width
@@ -44,7 +44,7 @@ OBJECTS = {
 
 
 class JpegMedia:
-    """The duck type of samwatch.media.Media over a folder of JPEG frames."""
+    """The duck type of samwatch.media.read.Media over a folder of JPEG frames."""
 
     def __init__(self, folder: Path) -> None:
         self.paths = sorted(folder.glob("*.jpg"), key=lambda path: int(path.stem))

@@ -1,3 +1,3 @@
-from samwatch.cli import main
+from samwatch.cli.main import main
 
 raise SystemExit(main())

@@ -24,8 +24,8 @@ import numpy as np
 from samwatch import faults
 from samwatch.atomic import TMP_PREFIX
 from samwatch.config import Config
-from samwatch.daemon import Daemon
-from samwatch.ledger import ACTIVE_STATES
+from samwatch.control.daemon import Daemon
+from samwatch.control.ledger import ACTIVE_STATES
 from samwatch.vocab import WAITING_FOR_DEVICE
 from support import fake_weights, read_json, save_image, write_sidecar
 

@@ -44,7 +44,7 @@ class InProcessDaemon:
 
         from fakes import fake_adapters
         from samwatch.config import load_config
-        from samwatch.daemon import Daemon
+        from samwatch.control.daemon import Daemon
 
         self.lines: list[str] = []
         self._sink = logger.add(lambda message: self.lines.append(message.rstrip("\n")), level="DEBUG",

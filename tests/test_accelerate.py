@@ -24,14 +24,14 @@ from PIL import Image
 
 from samwatch.config import Config, ModelSettings
 from samwatch.geometry.raster import iou
-from samwatch.jobs import JobRunner
+from samwatch.job.runner import JobRunner
 from samwatch.models.accel import Accelerator, onnx_runtime, torch_paths
 from samwatch.models.base import RunContext
 from samwatch.vocab import LoadSpec
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
-from samwatch.outbox import JobOutputs
-from samwatch.sidecar import validate_sidecar
+from samwatch.control.outbox import JobOutputs
+from samwatch.sidecars.schema import validate_sidecar
 from samwatch.vocab import JobTicket, Progress
 from support import coins
 

@@ -26,7 +26,7 @@ from samwatch.errors import JobError
 from samwatch.models import automask, sam1, sam2
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.mask_windows import MaskUpsampler
-from samwatch.sidecar import AutomaskParams, validate_sidecar
+from samwatch.sidecars.schema import AutomaskParams, validate_sidecar
 from samwatch.vocab import LoadSpec
 
 IMAGE = np.ascontiguousarray(data.astronaut()[::2, ::2])  # 256×256 RGB

@@ -11,7 +11,8 @@ import pytest
 
 from samwatch.config import Config, load_config
 from samwatch.errors import ConfigError, JobError
-from samwatch.sidecar import merge_folder_defaults, parse_sidecar_text, validate_sidecar
+from samwatch.sidecars.parse import parse_sidecar_text
+from samwatch.sidecars.schema import merge_folder_defaults, validate_sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from fakes import FakeExecutor, fake_adapters
-from samwatch.claims import ClaimStore
+from samwatch.control.claims import ClaimStore
 from samwatch.config import Config
-from samwatch.daemon import Daemon
+from samwatch.control.daemon import Daemon
 from samwatch.errors import JobCancelled, JobError
-from samwatch.ledger import Ledger
+from samwatch.control.ledger import Ledger
 from samwatch.weights.registry import WeightsRegistry
-from samwatch.outbox import Outbox
-from samwatch.watcher import Watcher
+from samwatch.control.outbox import Outbox
+from samwatch.control.watcher import Watcher
 from samwatch.vocab import Outcome
 from support import fake_weights, read_json, save_image, write_sidecar
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from samwatch.atomic import now_iso
-from samwatch.outputs.dashboard import PAGE, RecentResults, dashboard_page
+from samwatch.control.dashboard import PAGE, RecentResults, dashboard_page
 
 EVIL = 'x<script>alert("hi")<'  # a legal file name that must stay text
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from samwatch.discovery import find_jobs, index_images, resolve_image, resolve_inside
+from samwatch.control.discovery import find_jobs, index_images, resolve_image, resolve_inside
 from samwatch.errors import JobError
 
 

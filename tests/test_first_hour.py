@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from samwatch.cli import main as cli
+from samwatch.cli.main import main as cli
 from samwatch.families import DEFAULT_WEIGHT_URLS
 from samwatch.weights.registry import WeightsRegistry
 from support import coins, fake_weights, read_json, save_image, write_config, write_sidecar
@@ -143,7 +143,7 @@ def test_ome_tiff_pairs_with_its_plain_stem_and_an_unknown_double_suffix_says_wh
 
 
 def test_progress_moves_under_once_as_under_run(tmp_path, fake_model, monkeypatch):
-    from samwatch.outbox import Outbox
+    from samwatch.control.outbox import Outbox
 
     seen: list[tuple[str, str, str, float]] = []
     original = Outbox.running

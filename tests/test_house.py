@@ -18,15 +18,18 @@ HEAVY = ("torch", "torchvision", "sam2", "sam3", "segment_anything", "mobile_sam
          "onnxruntime", "PIL", "tifffile", "av", "cv2", "openslide", "zarr", "skimage")
 
 CONTROL_SIDE = (
-    "samwatch.daemon", "samwatch.dispatch", "samwatch.outcomes", "samwatch.status", "samwatch.queueing",
-    "samwatch.retries", "samwatch.discovery", "samwatch.executors.base", "samwatch.executors.dask",
-    "samwatch.ledger", "samwatch.claims", "samwatch.watcher", "samwatch.status_view", "samwatch.input_facts",
-    "samwatch.weights.registry", "samwatch.vocab", "samwatch.cli",
+    "samwatch.control.daemon", "samwatch.control.dispatch", "samwatch.control.outcomes",
+    "samwatch.control.status", "samwatch.control.queueing", "samwatch.control.retries",
+    "samwatch.control.retry_requests", "samwatch.control.discovery", "samwatch.control.ledger",
+    "samwatch.control.claims", "samwatch.control.watcher", "samwatch.control.input_facts",
+    "samwatch.control.notify", "samwatch.control.outbox", "samwatch.control.dashboard",
+    "samwatch.executors.base", "samwatch.executors.dask", "samwatch.weights.registry", "samwatch.vocab",
+    "samwatch.media.files", "samwatch.media.limits", "samwatch.cli.status_view", "samwatch.cli.main",
 )
 
 
-def _heavy_after(code: str) -> list[str]:
-    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+def _heavy_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    probe = f"{code}\nimport sys, json\nprint(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -45,10 +48,11 @@ def test_status_of_an_outbox_loads_no_model_or_codec_library(tmp_path: Path) -> 
         "current": {"job": "a", "stage": "automask", "percent": 50, "seconds": 1.0},
         "loaded_models": [], "downloads": [], "recent_failures": [], "config": {"error": None},
     }))
-    code = (f"from samwatch.cli import main\nimport contextlib, io\n"
+    code = (f"from samwatch.cli.main import main\nimport contextlib, io\n"
             f"with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    assert main(['status', '--outbox', {str(tmp_path / 'outbox')!r}]) == 0")
-    assert _heavy_after(code) == []
+    # nor the config's pydantic models or the weights registry: `status --outbox` reads no config
+    assert _heavy_after(code, HEAVY + ("pydantic", "samwatch.config", "samwatch.weights.registry")) == []
 
 
 def test_an_outcome_crosses_the_wire_as_plain_values() -> None:

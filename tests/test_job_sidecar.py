@@ -10,7 +10,7 @@ import pytest
 from samwatch.config import Config, WeightsEntry
 from samwatch.errors import JobError
 from samwatch.families import DEFAULT_WEIGHT_URLS, FAMILIES, MODEL_TYPES, mode_advice
-from samwatch.job_sidecar import load_job_sidecar
+from samwatch.sidecars.load import load_job_sidecar
 
 LAB_URL = "https://example.org/lab_vit_b.pth"
 

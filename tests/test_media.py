@@ -1,4 +1,4 @@
-"""samwatch.media: files on disk -> RGB uint8 frames, limits, hashes.
+"""samwatch.media.read: files on disk -> RGB uint8 frames, limits, hashes.
 
 Real pictures come from the files scikit-image ships (no download); everything else is
 written into tmp_path by the test that needs it.
@@ -21,8 +21,11 @@ import tifffile
 from PIL import Image, ImageSequence
 
 from samwatch.errors import JobError
-from samwatch.media import ChannelRule, MediaLimits, probe, read_image, read_mask, to_rgb8
-from samwatch.media_files import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, is_media_path
+from samwatch.media.limits import MediaLimits
+from samwatch.media.pil import read_mask
+from samwatch.media.pixels import ChannelRule, to_rgb8
+from samwatch.media.read import probe, read_image
+from samwatch.media.files import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, is_media_path
 
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 

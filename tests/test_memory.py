@@ -18,7 +18,7 @@ from samwatch.geometry.outline import mask_to_geometry
 from samwatch.models import automask, sam1
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.budget import DECODER_BYTES_PER_PROMPT, MiB, automask_batch, prompt_batch
-from samwatch.sidecar import validate_sidecar
+from samwatch.sidecars.schema import validate_sidecar
 from samwatch.vocab import LoadSpec
 from support import DaemonProcess, finished, read_json, save_image, wait_for, write_config, write_sidecar
 

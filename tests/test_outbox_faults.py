@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from samwatch.claims import ClaimStore
-from samwatch.outbox import Outbox
+from samwatch.control.claims import ClaimStore
+from samwatch.control.outbox import Outbox
 from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
 from test_service import SMALL
 

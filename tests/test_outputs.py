@@ -17,13 +17,13 @@ from samwatch.config import OutputSettings
 from samwatch.geometry.features import make_feature
 from samwatch.geometry.outline import mask_to_geometry
 from samwatch.geometry.raster import rasterize
-from samwatch.media import probe
-from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX, JobOutputs
+from samwatch.media.read import probe
+from samwatch.control.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX, JobOutputs
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.outputs.labels import labels_csv, pyramid_factors, write_labels
 from samwatch.outputs.preview import contact_planes, encode_png, render_preview
 from samwatch.outputs.shapes import read_shapes
-from samwatch.sidecar import OutputSpec, validate_sidecar
+from samwatch.sidecars.schema import OutputSpec, validate_sidecar
 
 RED, GREEN = (230, 30, 30), (30, 200, 40)
 
@@ -235,16 +235,16 @@ def test_extras_live_and_die_with_the_result(tmp_path: Path, monkeypatch: pytest
     outputs.failed({"error": "image_unreadable", "message": "m"}, 5, "m")
     assert sorted(p.name for p in (tmp_path / "exp1").iterdir()) == ["a.error.json", "a.progress.json"]
 
-    import samwatch.outbox
+    import samwatch.control.outbox
 
-    real = samwatch.outbox.stage_bytes
+    real = samwatch.control.outbox.stage_bytes
 
     def disk_full(path: Path, data: bytes, **kwargs) -> Path:  # noqa: ANN003
         if path.suffix == ".tif":
             raise OSError("disk full")
         return real(path, data, **kwargs)
 
-    monkeypatch.setattr(samwatch.outbox, "stage_bytes", disk_full)
+    monkeypatch.setattr(samwatch.control.outbox, "stage_bytes", disk_full)
     with pytest.raises(OSError):
         outputs.done(collection, "m", {PREVIEW_SUFFIX: b"png", LABELS_SUFFIX: b"t"})
     assert sorted(p.name for p in (tmp_path / "exp1").iterdir()) == ["a.error.json", "a.progress.json"], \

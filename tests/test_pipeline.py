@@ -11,10 +11,10 @@ import yaml
 from PIL import Image
 
 from samwatch.config import Config
-from samwatch.jobs import JobRunner
+from samwatch.job.runner import JobRunner
 from samwatch.models.pool import ModelPool
-from samwatch.outbox import JobOutputs
-from samwatch.pipeline import JobPipeline
+from samwatch.control.outbox import JobOutputs
+from samwatch.job.pipeline import JobPipeline
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.vocab import JobTicket, Outcome, Progress
 from support import as_json, coins

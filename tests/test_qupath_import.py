@@ -26,7 +26,7 @@ from support import coins, fake_weights, read_json, save_image, write_sidecar
 
 import fakes
 from samwatch.config import Config
-from samwatch.daemon import Daemon
+from samwatch.control.daemon import Daemon
 from samwatch.geometry.raster import iou, rasterize
 
 SMALL = np.full((120, 160, 3), 90, np.uint8)
@@ -361,7 +361,7 @@ def test_annotations_on_a_100000_px_slide_are_refined_in_level0_windows(tmp_path
 
 
 def test_samwatch_check_reports_an_exports_bad_features(tmp_path) -> None:
-    from samwatch.checking import check_paths
+    from samwatch.cli.check import check_paths
 
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "k.png", SMALL)
@@ -383,7 +383,7 @@ def test_an_export_saved_as_json_is_told_to_be_named_geojson(tmp_path, fake_mode
 
 
 def test_which_geojson_files_are_jobs(tmp_path) -> None:
-    from samwatch.discovery import find_jobs
+    from samwatch.control.discovery import find_jobs
 
     files = ["a.png", "a.geojson", "b.png", "b.yaml", "b.geojson", "c.tif", "c.glands.geojson", "c.yaml",
              "c.export.geojson", "lonely.geojson", "sub/d.ome.tif", "sub/d.ome.geojson"]
@@ -433,7 +433,7 @@ def test_with_a_region_objects_outside_it_are_skipped_and_those_across_it_cut(tm
 
 def test_annotations_cannot_go_with_tracking_or_automask() -> None:
     from samwatch.errors import JobError
-    from samwatch.sidecar import validate_sidecar
+    from samwatch.sidecars.schema import validate_sidecar
 
     for extra in ({"video": {}}, {"automask": {}}, {"text": "cell"}):
         with pytest.raises(JobError) as caught:

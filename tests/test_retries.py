@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from samwatch.cli import main
-from samwatch.ledger import JobRow
-from samwatch.retries import RetrySchedule, cured_by_change, cured_by_weights
-from samwatch.retry_requests import RetryRequest, take_retry_requests
+from samwatch.cli.main import main
+from samwatch.control.ledger import JobRow
+from samwatch.control.retries import RetrySchedule, cured_by_change, cured_by_weights
+from samwatch.control.retry_requests import RetryRequest, take_retry_requests
 
 
 def row(job_id: str, error: str | None, attempts: int = 1, state: str = "failed") -> JobRow:

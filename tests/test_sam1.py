@@ -14,14 +14,14 @@ from PIL import Image
 from samwatch.config import Config
 from samwatch.errors import JobError
 from samwatch.geometry.raster import iou, rasterize
-from samwatch.jobs import JobRunner
+from samwatch.job.runner import JobRunner
 from samwatch.models.base import RunContext
 from samwatch.vocab import LoadSpec
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.models.sam1 import Adapter, build_predictor
-from samwatch.outbox import JobOutputs
-from samwatch.sidecar import validate_sidecar
+from samwatch.control.outbox import JobOutputs
+from samwatch.sidecars.schema import validate_sidecar
 from samwatch.vocab import JobTicket, Progress
 from support import coins, placed
 
@@ -123,7 +123,7 @@ def test_mask_choices(adapter: Adapter, rgb: np.ndarray, choice: str, count: int
 
 
 def test_mask_prompt_changes_the_result(adapter: Adapter, rgb: np.ndarray) -> None:
-    from samwatch.prompts import to_low_res_logits
+    from samwatch.job.prompts import to_low_res_logits
 
     mask = np.zeros(rgb.shape[:2], np.uint8)
     mask[50:100, 50:100] = 1

@@ -19,7 +19,7 @@ from samwatch.geometry.raster import iou
 from samwatch.models.base import Detection, RunContext
 from samwatch.vocab import LoadSpec
 from samwatch.models.sam2 import Adapter, sam2_config_for
-from samwatch.sidecar import validate_sidecar
+from samwatch.sidecars.schema import validate_sidecar
 from support import placed
 from tests.conftest import SAM2_TINY_CONFIG
 

@@ -21,7 +21,7 @@ from skimage import data
 from samwatch.errors import JobCancelled, JobError
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.sam2_video import memory_reach, new_inference_state, track, video_predictor
-from samwatch.sidecar import Sidecar
+from samwatch.sidecars.schema import Sidecar
 from tests.conftest import SAM2_TINY_CONFIG
 
 IMAGE_SIZE = 256
@@ -40,7 +40,7 @@ LATE_OBJECT = {2: [{"obj_id": 3, "bbox": [60, 70, 110, 120], "points": [[85, 95]
 
 
 class JpegMedia:
-    """The duck type of samwatch.media.Media over a folder of JPEG frames; counts reads."""
+    """The duck type of samwatch.media.read.Media over a folder of JPEG frames; counts reads."""
 
     def __init__(self, folder: Path) -> None:
         self.paths = sorted(folder.glob("*.jpg"), key=lambda path: int(path.stem))

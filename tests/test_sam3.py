@@ -23,7 +23,7 @@ from samwatch.models import sam3_video
 from samwatch.models.base import RunContext
 from samwatch.vocab import LoadSpec
 from samwatch.models.sam3_device import CudaRedirect, empty_safe_connected_components, on_device
-from samwatch.sidecar import Sidecar
+from samwatch.sidecars.schema import Sidecar
 
 WIDTH, HEIGHT = 40, 30
 

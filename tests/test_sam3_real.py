@@ -29,7 +29,7 @@ from samwatch.vocab import LoadSpec
 from samwatch.models.sam3 import Adapter, build_image_model
 from samwatch.models.sam3_video import build_video_model
 from samwatch.models.sam3_device import on_device
-from samwatch.sidecar import Sidecar
+from samwatch.sidecars.schema import Sidecar
 
 pytest.importorskip("sam3")
 skimage_data = pytest.importorskip("skimage.data")
@@ -155,7 +155,7 @@ def test_random_weights_through_the_adapter_on_cpu(random_sam3_checkpoint: Path)
 
 
 class ShiftedFrames:
-    """A few frames of one image drifting right (a samwatch.media.Media's interface)."""
+    """A few frames of one image drifting right (a samwatch.media.read.Media's interface)."""
 
     def __init__(self, image: np.ndarray, n_frames: int) -> None:
         self.images = [np.roll(image, 8 * index, axis=1) for index in range(n_frames)]

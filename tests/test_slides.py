@@ -9,9 +9,9 @@ import pytest
 import tifffile
 
 from samwatch.errors import JobError
-from samwatch.media import MediaLimits, open_region_source, probe
-from samwatch.pixels import ChannelRule
-from samwatch.slides import is_slide, open_slide
+from samwatch.media.read import MediaLimits, open_region_source, probe
+from samwatch.media.pixels import ChannelRule
+from samwatch.media.slides import is_slide, open_slide
 from slides import SparseSlide, corrupt_tile, dense_slide, truncate, write_ome_pyramid, write_svs
 
 LIMITS = MediaLimits()

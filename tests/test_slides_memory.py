@@ -16,8 +16,8 @@ import resource, sys
 import numpy as np
 sys.path.insert(0, sys.argv[2])
 from slides import blank_slide
-from samwatch.media import MediaLimits, open_region_source
-from samwatch.pixels import ChannelRule
+from samwatch.media.read import MediaLimits, open_region_source
+from samwatch.media.pixels import ChannelRule
 size = int(sys.argv[3])
 slide = blank_slide(size)
 with open_region_source(sys.argv[1], limits=MediaLimits(), channels=ChannelRule()) as source:

@@ -6,9 +6,9 @@ import os
 import socket
 from pathlib import Path
 
-from samwatch.claims import ClaimStore
-from samwatch.ledger import Ledger
-from samwatch.notify import SystemdNotifier
+from samwatch.control.claims import ClaimStore
+from samwatch.control.ledger import Ledger
+from samwatch.control.notify import SystemdNotifier
 
 
 def upsert(ledger: Ledger, job: str, version: str, priority: int = 0, grp: str = "") -> bool:

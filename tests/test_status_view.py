@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from samwatch.atomic import now_iso
-from samwatch.status_view import print_status
+from samwatch.cli.status_view import print_status
 
 STATUS = {
     "state": "running", "version": "0.1.0", "instance": "gpu-1", "pid": 42, "updated": now_iso(),

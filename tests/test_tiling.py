@@ -7,9 +7,9 @@ import pytest
 from fakes import FakeAdapter
 
 from samwatch.errors import JobCancelled, JobError
-from samwatch.media import MediaLimits
-from samwatch.sidecar import validate_sidecar
-from samwatch.slides import ArraySource
+from samwatch.media.read import MediaLimits
+from samwatch.sidecars.schema import validate_sidecar
+from samwatch.media.slides import ArraySource
 from samwatch.tiling.plan import Rect, plan_tiles
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob, tile_sidecar

@@ -13,10 +13,10 @@ from PIL import Image
 
 from samwatch.config import Config
 from samwatch.geometry.raster import iou, rasterize
-from samwatch.jobs import JobRunner
+from samwatch.job.runner import JobRunner
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
-from samwatch.outbox import JobOutputs
+from samwatch.control.outbox import JobOutputs
 from samwatch.vocab import JobTicket, Progress
 from support import coins
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from samwatch.watcher import Watcher, choose_mode, mount_fs_type, needs_polling, scan_tree
+from samwatch.control.watcher import Watcher, choose_mode, mount_fs_type, needs_polling, scan_tree
 from support import wait_for
 
 

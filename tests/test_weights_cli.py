@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from samwatch.config import WeightsEntry, load_config
-from samwatch.config_edit import add_weights_entry, remove_weights_entry
+from samwatch.cli.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError
 from samwatch.weights.locks import cancel_file_path
-from samwatch.cli import build_parser
+from samwatch.cli.main import build_parser
 
 LAB_CONFIG = """\
 # samwatch config for the lab

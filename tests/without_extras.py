@@ -27,6 +27,6 @@ import fakes  # noqa: E402
 
 fakes.install()
 
-from samwatch.cli import main  # noqa: E402
+from samwatch.cli.main import main  # noqa: E402
 
 raise SystemExit(main())

@@ -29,7 +29,7 @@ from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
 from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
-from samwatch.job_sidecar import load_job_sidecar
+from samwatch.sidecars.load import load_job_sidecar
 from samwatch.vocab import LoadSpec
 from samwatch.vocab import JobTicket, Outcome, Progress
 
@@ -319,7 +319,7 @@ def _worker_pool(worker: Any, config: Config) -> Any:
 def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     from distributed import get_worker
 
-    from samwatch.jobs import JobRunner
+    from samwatch.job.runner import JobRunner
 
     worker = get_worker()
     pool = _worker_pool(worker, job.config)

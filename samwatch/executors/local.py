@@ -24,11 +24,11 @@ from samwatch import faults
 from samwatch.atomic import encoded_now
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel, worker_identity
 from samwatch.config import Config
-from samwatch.jobs import JobRunner
+from samwatch.job.runner import JobRunner
 from samwatch.memory import MiB, rss_bytes
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool
-from samwatch.pipeline import JobPipeline
+from samwatch.job.pipeline import JobPipeline
 from samwatch.vocab import JobTicket, Outcome, Progress
 
 

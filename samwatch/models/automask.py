@@ -53,7 +53,7 @@ from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn, RunContext
 from samwatch.models.budget import automask_batch
 from samwatch.models.mask_windows import MaskUpsampler, Resize, WindowMask
-from samwatch.sidecar import AutomaskParams, MaskChoice
+from samwatch.sidecars.schema import AutomaskParams, MaskChoice
 
 Embedding = Mapping[str, Any]
 """Predictor attributes that hold one image's embedding, as the adapters cache them."""

@@ -22,7 +22,7 @@ from samwatch.config import LimitSettings
 from samwatch.errors import JobError
 from samwatch.models.budget import prompt_batch
 from samwatch.models.accel import EAGER, Accelerator, DecoderExport, module_path, weights_identity
-from samwatch.sidecar import Prompt, Sidecar
+from samwatch.sidecars.schema import Prompt, Sidecar
 from samwatch.vocab import LoadSpec
 
 ProgressFn = Callable[[str, float], None]
@@ -70,7 +70,7 @@ class RunContext:
     sidecar: Sidecar
     image: np.ndarray | None  # RGB uint8 H×W×3 for image jobs
     image_key: str  # content identity of the pixels (for embedding reuse)
-    frames: Any = None  # a samwatch.media.Media for video jobs
+    frames: Any = None  # a samwatch.media.read.Media for video jobs
     prompt_masks: list[np.ndarray | None] = field(default_factory=list)  # low-res logits per prompt
     progress: ProgressFn = lambda stage, fraction: None
     prompt_batch_size: int = 1

@@ -60,7 +60,7 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, LruCache, ProgressFn, RunContext, check_inside
-from samwatch.sidecar import VideoObject, VideoSpec
+from samwatch.sidecars.schema import VideoObject, VideoSpec
 
 FRAME_CACHE = 2  # frames held as tensors: the prompted frame and the one being tracked
 _IMG_MEAN = torch.tensor((0.485, 0.456, 0.406), dtype=torch.float32)[:, None, None]
@@ -68,7 +68,7 @@ _IMG_STD = torch.tensor((0.229, 0.224, 0.225), dtype=torch.float32)[:, None, Non
 
 
 class Media(Protocol):
-    """What tracking needs of ``samwatch.media.Media``."""
+    """What tracking needs of ``samwatch.media.read.Media``."""
 
     n_frames: int
     width: int

@@ -31,7 +31,7 @@ from samwatch.errors import JobError
 from samwatch.models.base import Detection, LruCache, ModelAdapter, RunContext, check_box, load_state_dict_strict
 from samwatch.models.sam3_device import on_device
 from samwatch.models.weights_io import load_checkpoint
-from samwatch.sidecar import Box
+from samwatch.sidecars.schema import Box
 from samwatch.vocab import LoadSpec
 
 BPE_PATH = Path(__file__).resolve().parent.parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"

@@ -18,14 +18,15 @@ from loguru import logger
 from samwatch.config import OutputSettings
 import numpy as np
 
-from samwatch.media import Media, MediaLimits
-from samwatch.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
+from samwatch.media.limits import MediaLimits
+from samwatch.media.read import Media
+from samwatch.control.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
 from samwatch.outputs.labels import labels_csv, write_labels
 from samwatch.outputs.preview import PromptMark, View, encode_png, features_view, render_preview
 from samwatch.outputs.shapes import Shape, read_shapes
-from samwatch.pixels import ChannelRule
-from samwatch.slides import open_slide
-from samwatch.sidecar import OutputSpec, Sidecar
+from samwatch.media.pixels import ChannelRule
+from samwatch.media.slides import open_slide
+from samwatch.sidecars.schema import OutputSpec, Sidecar
 
 
 @dataclass(frozen=True)

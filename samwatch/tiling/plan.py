@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from samwatch.sidecar import Prompt
+from samwatch.sidecars.schema import Prompt
 
 #: Prompt windows snap to multiples of a quarter window, so a sidecar whose prompts moved a
 #: little asks for the same windows again and finds their embeddings cached.

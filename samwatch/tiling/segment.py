@@ -15,10 +15,10 @@ from typing import Any
 
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn
-from samwatch.sidecar import Sidecar, TilingSpec
+from samwatch.sidecars.schema import Sidecar, TilingSpec
 from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
 from samwatch.tiling.stitch import Stitcher
-from samwatch.slides import RegionSource
+from samwatch.media.slides import RegionSource
 from samwatch.tiling.tile import TileJob, run_tile, tile_sidecar
 
 

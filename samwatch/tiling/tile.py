@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from samwatch.models.base import Detection, ProgressFn, RunContext
-from samwatch.sidecar import Prompt, Sidecar
-from samwatch.slides import RegionSource
+from samwatch.sidecars.schema import Prompt, Sidecar
+from samwatch.media.slides import RegionSource
 from samwatch.tiling.plan import TileSpec
 
 

@@ -4,7 +4,7 @@ getting that file onto local disk, verified, without ever blocking the daemon's 
 Every model type has a built-in ``default`` entry (samapi's official URLs); config entries
 override it or add names. URL entries are downloaded once into
 ``state_dir/weights/<type>/<file>-<hash of url><suffix>`` by one background thread per file
-(``http``, ``hf``), verified against the entry's sha256 and recorded (``files``); a flock keeps
+(``downloads``, over ``http`` or ``hf``), verified against the entry's sha256 and recorded (``files``); a flock keeps
 two processes from downloading the same file at once (``locks``).
 
 Cancelling works in-process (:meth:`WeightsRegistry.cancel`) and across processes: the CLI
@@ -18,10 +18,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from loguru import logger
 
@@ -29,63 +28,18 @@ from samwatch.config import WeightsEntry
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES
 from samwatch.vocab import LoadSpec
+from samwatch.weights.downloads import POLL_SECONDS, Download, DownloadState, Fetcher
 from samwatch.weights.entries import Key, as_url, download_path, entries_with_defaults, entry_identity, entry_key
 from samwatch.weights.failures import checksum_mismatch, download_failed, naming_config
 from samwatch.weights.files import file_size, part_progress, read_json, sha256_file, sibling, verified_sha, write_json
-from samwatch.weights.hf import fetch_hf, parse_hf_url, probe_hf
-from samwatch.weights.http import Transfer, probe_http
-from samwatch.weights.locks import CancelCheck, cancel_file_path, exclusive, held_elsewhere
+from samwatch.weights.hf import parse_hf_url, probe_hf
+from samwatch.weights.http import probe_http
+from samwatch.weights.locks import held_elsewhere
 
-POLL_SECONDS = 0.25
 #: sha256 of path entries' files, by path with the (size, mtime_ns, inode) it was computed for
 PATH_HASHES = "path-hashes.json"
 
 Progress = Callable[[int, int | None], None]
-
-
-@dataclass(frozen=True)
-class DownloadState:
-    """A snapshot of one download, for the jobs waiting on it and for status files."""
-
-    model_type: str
-    name: str
-    source: str
-    state: Literal["downloading", "failed"] = "downloading"
-    bytes_done: int = 0
-    bytes_total: int | None = None
-    error: JobError | None = None
-    elsewhere: bool = False  # another process holds the file lock and is downloading it
-    started: float = 0.0  # the registry's clock
-    finished: float | None = None
-
-    @property
-    def percent(self) -> float:
-        """0-100; 0 while the size is unknown (bytes_total None), so progress files stay numeric."""
-        if not self.bytes_total:
-            return 0.0
-        # hf (xet) progress can count some bytes twice; a percentage above 100 helps nobody
-        return min(100.0, 100.0 * self.bytes_done / self.bytes_total)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-            "percent": self.percent,
-            "elsewhere": self.elsewhere,
-            "error": self.error.to_dict() if self.error is not None else None,
-        }
-
-
-
-@dataclass
-class _Download:
-    entry: WeightsEntry
-    target: Path
-    state: DownloadState  # replaced (never mutated) under the registry lock
-    cancel: threading.Event = field(default_factory=threading.Event)
-    finished: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
 
 
 class WeightsRegistry:
@@ -113,9 +67,10 @@ class WeightsRegistry:
         self._config_file = config_file
         self._lock = threading.Lock()
         self._entries = entries_with_defaults(entries)
-        self._downloads: dict[Path, _Download] = {}
-        self._retired: list[_Download] = []  # cancelled by update(), still winding down
+        self._downloads: dict[Path, Download] = {}
+        self._retired: list[Download] = []  # cancelled by update(), still winding down
         self._hashes: dict[Path, tuple[int, int, int, str]] = {}  # path -> size, mtime_ns, inode, sha256
+        self._fetcher = Fetcher(self._state_dir, self._opener, config_file, self._report, self._finish)
         self._load_path_hashes()
 
     # -- entries -------------------------------------------------------------------------
@@ -348,7 +303,7 @@ class WeightsRegistry:
             return None
         return LoadSpec(entry.type, target, entry.name, sha, entry.config, entry.source)
 
-    def _url_request(self, entry: WeightsEntry, *, force: bool) -> LoadSpec | _Download:
+    def _url_request(self, entry: WeightsEntry, *, force: bool) -> LoadSpec | Download:
         spec = self._verified_spec(entry)
         if spec is not None:
             return spec
@@ -359,80 +314,28 @@ class WeightsRegistry:
                 download = self._start(entry, target)
             return download
 
-    def _may_retry(self, download: _Download, force: bool) -> bool:
+    def _may_retry(self, download: Download, force: bool) -> bool:
         state = download.state
         if state.state != "failed" or state.finished is None:
             return False
         return force or self._clock() - state.finished >= self._retry_after
 
-    def _start(self, entry: WeightsEntry, target: Path) -> _Download:
+    def _start(self, entry: WeightsEntry, target: Path) -> Download:
         """Start a download thread; called with the lock held."""
-        download = _Download(entry, target, DownloadState(entry.type, entry.name, entry.source, started=self._clock()))
+        download = Download(entry, target, DownloadState(entry.type, entry.name, entry.source, started=self._clock()))
         download.thread = threading.Thread(
-            target=self._run, args=(download,), name=f"samwatch-weights-{entry.type}-{entry.name}", daemon=True
+            target=self._fetcher.run, args=(download,), name=f"samwatch-weights-{entry.type}-{entry.name}", daemon=True
         )
         self._downloads[target] = download
         download.thread.start()
         logger.info("weights {}/{}: fetching {} into {}", entry.type, entry.name, entry.url, target)
         return download
 
-    def _run(self, download: _Download) -> None:
-        entry = download.entry
-        check = CancelCheck(
-            download.cancel, cancel_file_path(self._state_dir), entry.type, entry.name, time.time_ns()
-        )
-        try:
-            sha = self._obtain(download, check)
-        # The reason is logged once, by whoever receives the error: each waiting job's summary
-        # line, or the CLI's fetch; here only the event.
-        except JobError as error:
-            logger.info("weights {}/{}: download stopped ({})", entry.type, entry.name, error.code)
-            self._finish(download, naming_config(error, entry, self._config_file))
-        except OSError as exc:  # network errors are JobErrors by now: this is the local disk
-            reason = f"cannot write into {download.target.parent} ({exc.strerror or exc})"
-            logger.info("weights {}/{}: download stopped (local disk)", entry.type, entry.name)
-            self._finish(download, download_failed(entry, reason, self._config_file))
-        except Exception as exc:  # a bug must fail the waiting jobs, not leave them waiting forever
-            logger.exception("weights {}/{}: the download crashed", entry.type, entry.name)
-            self._finish(download, download_failed(entry, f"{type(exc).__name__}: {exc}"))
-        else:
-            logger.info("weights {}/{}: ready, sha256 {}", entry.type, entry.name, sha)
-            self._finish(download, None)
-
-    def _obtain(self, download: _Download, check: CancelCheck) -> str:
-        entry, target = download.entry, download.target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        transfer = Transfer(entry, target, partial(self._report, download), check)
-        with exclusive(sibling(target, ".lock"), partial(self._wait_elsewhere, download, transfer)):
-            sha = verified_sha(entry, target)
-            if sha is not None:
-                return sha  # another process fetched it while this one waited for the lock
-            try:
-                ref = parse_hf_url(entry.url or "")
-            except ValueError as exc:
-                raise download_failed(entry, str(exc)) from None
-            if ref is not None:
-                return fetch_hf(transfer, ref, self._weights_dir / "hf" / target.name)
-            return transfer.http(self._opener)
-
-    def _wait_elsewhere(self, download: _Download, transfer: Transfer) -> None:
-        transfer.check()
-        if not download.state.elsewhere:
-            logger.info(
-                "weights {}/{}: another process is downloading {}; waiting for it",
-                download.entry.type,
-                download.entry.name,
-                download.target.name,
-            )
-        done, total = transfer.progress_elsewhere()
-        self._report(download, done, total, elsewhere=True)
-        download.cancel.wait(POLL_SECONDS)
-
-    def _report(self, download: _Download, done: int, total: int | None, elsewhere: bool = False) -> None:
+    def _report(self, download: Download, done: int, total: int | None, elsewhere: bool = False) -> None:
         with self._lock:
             download.state = replace(download.state, bytes_done=done, bytes_total=total, elsewhere=elsewhere)
 
-    def _finish(self, download: _Download, error: JobError | None) -> None:
+    def _finish(self, download: Download, error: JobError | None) -> None:
         with self._lock:
             if error is not None:
                 download.state = replace(download.state, state="failed", error=error, finished=self._clock())

@@ -1,0 +1,1 @@
+"""The ``samwatch`` command line."""

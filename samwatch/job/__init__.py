@@ -1,0 +1,1 @@
+"""The job side: one job's run, sidecar to features, and the pipeline that overlaps jobs."""

@@ -1,0 +1,1 @@
+"""Images, stacks, videos and slides; ``files`` (suffixes, hashes) imports no codec."""

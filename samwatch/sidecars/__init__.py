@@ -1,0 +1,1 @@
+"""Sidecars: the schema (native, samapi, QuPath exports) and the one loader both sides use."""
