@@ -4,11 +4,14 @@
 window, or a coarser level is asked for); ``plan_for`` checks the ``region:``/``tiling:`` values
 against the image. ``segment`` then runs each tile as its own unit (:func:`~samwatch.tiling.tile.run_tile`)
 and yields detections as soon as they are final: prompt windows' masks at once, automask and
-SAM3 text through the :class:`~samwatch.tiling.stitch.Stitcher`. No full-image mask is ever made.
+SAM3 text through the :class:`~samwatch.tiling.stitch.Stitcher`. What no tile saw whole then gets
+a second look (samwatch.tiling.refine), and :class:`~samwatch.tiling.once.Once` lets each object
+out once. No full-image mask is ever made.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +19,9 @@ from typing import Any
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn
 from samwatch.sidecar import Sidecar, TilingSpec
+from samwatch.tiling.once import Once
 from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
+from samwatch.tiling.refine import LookPlan, second_look, view
 from samwatch.tiling.stitch import Stitcher
 from samwatch.slides import RegionSource
 from samwatch.tiling.tile import TileJob, run_tile
@@ -42,6 +47,8 @@ class TilingReport:
     tiles: int = 0
     windows_encoded: int = 0
     cache_hits: int = 0
+    second_looks: int = 0  # objects no tile saw whole, segmented again
+    duplicates_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan
@@ -50,6 +57,7 @@ class TilingReport:
             "tile_size": plan.tile_size, "overlap": plan.overlap, "level": plan.level,
             "downsample": plan.downsample, "region": [region.x, region.y, region.w, region.h],
             "tiles": self.tiles, "windows_encoded": self.windows_encoded, "cache_hits": self.cache_hits,
+            "second_looks": self.second_looks, "duplicates_dropped": self.duplicates_dropped,
         }
 
 
@@ -133,35 +141,83 @@ def _check_prompts(sidecar: Sidecar, region: Rect) -> None:
             )
 
 
+#: Of a stitched job's progress, the share of the tiles (the rest is for second looks).
+_TILES_SHARE = 0.9
+
+
 def segment(
     adapter: Any, source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport,
     *, max_object_pixels: int = 1 << 26,
 ) -> Iterator[Detection]:
     """Every window of the job in turn (cancellable between them), results as they become final;
-    stitched objects larger than ``max_object_pixels`` (grid pixels) come in per-tile pieces."""
+    stitched objects larger than ``max_object_pixels`` (grid pixels) get a second look at a
+    coarser resolution."""
     tiles, stitched = plan_windows(job.sidecar, plan, source)
     report.tiles += len(tiles)
-    stitcher = Stitcher(tiles, max_pixels=max_object_pixels) if stitched else None
+    if not stitched:
+        for tile in tiles:
+            progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+            yield from run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, 1.0))
+        _count_hits(job, report)
+        return
+    stitcher = Stitcher(tiles, max_pixels=max_object_pixels)
+    once = Once(cell=round(plan.tile_size * plan.downsample))
+    window0 = plan.tile_size * plan.downsample
+
+    def done(box: Rect) -> bool:  # nothing to come, neither a tile nor a pending second look, can meet it
+        grown = Rect(math.floor(box.x - window0), math.floor(box.y - window0), math.ceil(box.w + 2 * window0),
+                     math.ceil(box.h + 2 * window0))
+        return stitcher.settled(grown) and not any(look.box.intersection(box) for look in stitcher.looks)
+
     for tile in tiles:
-        progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
-        detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report))
-        yield from stitcher.add(tile, detections) if stitcher is not None else detections
-    if stitcher is not None:
-        yield from stitcher.finish()
+        progress("tiles", _TILES_SHARE * tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+        detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, _TILES_SHARE))
+        yield from _admitted(once, stitcher.add(tile, detections))
+        once.forget(done)
+    yield from _admitted(once, stitcher.finish())
+    looks = stitcher.looks
+    report.second_looks += len(looks)
+    look_plan = LookPlan(plan.region, plan.downsample, plan.tile_size, plan.overlap)
+    for index, look in enumerate(looks):
+        message = f"refining {index + 1}/{len(looks)}"
+        progress("tiles", _TILES_SHARE + (1 - _TILES_SHARE) * index / len(looks), message)
+        found = second_look(adapter, look, source, job, look_plan, _look_progress(progress, index, len(looks), report))
+        if found is not None:
+            detection, window = found
+            yield from _admitted(once, [(view(detection, "refined", window.level), None)])
+    report.duplicates_dropped += once.dropped
+    _count_hits(job, report)
+
+
+def _admitted(once: Once, views: Any) -> Iterator[Detection]:
+    for detection, source_tile in views:
+        if once.admit(detection, source_tile):
+            yield detection
+
+
+def _count_hits(job: TileJob, report: TilingReport) -> None:
     if job.embedding_store is not None:
         report.cache_hits = job.embedding_store.hits
 
 
-def _tile_progress(progress: ProgressFn, tile: TileSpec, report: TilingReport) -> ProgressFn:
+def _tile_progress(progress: ProgressFn, tile: TileSpec, report: TilingReport, share: float) -> ProgressFn:
     """The adapter's progress as a share of its tile's; counts the windows the encoder ran on."""
 
-    encoded = False
+    def report_stage(stage: str, fraction: float, message: str = "") -> None:
+        if stage == "encoding image":  # reported once per encode (a cached embedding skips it)
+            report.windows_encoded += 1
+        progress("tiles", share * (tile.index + fraction) / tile.count, f"tile {tile.index + 1}/{tile.count}: {stage}")
+
+    return report_stage
+
+
+def _look_progress(progress: ProgressFn, index: int, count: int, report: TilingReport) -> ProgressFn:
+    """A second look's progress, its windows' encodes counted."""
 
     def report_stage(stage: str, fraction: float, message: str = "") -> None:
-        nonlocal encoded
-        if stage == "encoding image" and not encoded:
-            encoded = True
+        if stage == "encoding image":
             report.windows_encoded += 1
-        progress("tiles", (tile.index + fraction) / tile.count, f"tile {tile.index + 1}/{tile.count}: {stage}")
+        progress("tiles", _TILES_SHARE + (1 - _TILES_SHARE) * (index + fraction) / count,
+                 f"refining {index + 1}/{count}: {stage}")
 
     return report_stage
