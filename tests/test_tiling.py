@@ -52,7 +52,7 @@ class ContextSensitive(FakeAdapter):
     tiles of a seam disagree where both look."""
 
     def run(self, ctx):  # noqa: ANN001, ANN201
-        if ctx.sidecar.mode != "automask":
+        if ctx.sidecar.mode not in ("automask", "text"):
             yield from super().run(ctx)
             return
         ctx.progress("encoding image", 0.0)
@@ -293,11 +293,12 @@ SEEN_DIFFERENTLY = [
 ]
 
 
-def test_an_object_each_neighbour_sees_differently_is_segmented_again_whole_and_once() -> None:
+@pytest.mark.parametrize("mode", [{}, {"text": "painted things"}], ids=["automask", "sam3-text"])
+def test_an_object_each_neighbour_sees_differently_is_segmented_again_whole_and_once(mode: dict) -> None:
     height, width = 1100, 1400
     image, masks = _painted(height, width, SEEN_DIFFERENTLY)
     messages: list[str] = []
-    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}},
+    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}, **mode},
                               adapter=ContextSensitive(), messages=messages)
     crops = [crop_of_detection(d) for d in detections]
     assert len(detections) == len(masks)
@@ -341,7 +342,7 @@ def test_cancelling_stops_between_second_looks() -> None:
     plan = plan_for(sidecar, source)
 
     def progress(stage: str, fraction: float, message: str = "") -> None:
-        if message == "refining 2/4" or message.startswith("refining 2/"):
+        if message.startswith("refining 1/"):
             raise JobCancelled()
 
     adapter = ContextSensitive()
@@ -350,4 +351,16 @@ def test_cancelling_stops_between_second_looks() -> None:
     adapter.run = lambda ctx: (prompted.append(ctx.sidecar.mode), original(ctx))[1]
     with pytest.raises(JobCancelled):
         list(segment(adapter, source, TileJob(sidecar=sidecar, image_key="k"), plan, progress, TilingReport(plan)))
-    assert prompted.count("automask") == 9 and 1 <= prompted.count("prompts") <= 3
+    assert prompted.count("automask") == 9 and prompted.count("prompts") == 0
+
+
+def test_a_prompt_whose_mask_reaches_its_window_border_is_asked_again_in_a_larger_window() -> None:
+    image, (long_bar, small) = _painted(3000, 3000, [(slice(1000, 1300), slice(200, 1900)), (2500, 2500, 30)])
+    prompts = [{"bbox": [900, 1100, 1000, 1200]}, {"bbox": [2470, 2470, 2530, 2530]}]
+    messages: list[str] = []
+    detections, report = _run(image, {"label": "painted", "prompts": prompts}, messages=messages)
+    by_prompt = {d.prompt_idx: d for d in detections}
+    assert sorted(by_prompt) == [0, 1] and report.second_looks == 1 and "refining 1/1" in messages
+    assert by_prompt[0].extra["tiling"]["view"] == "refined" and by_prompt[0].scale > 1
+    assert best_iou(Crop(long_bar, 0, 0), [crop_of_detection(by_prompt[0])]) > 0.97
+    assert best_iou(Crop(small, 0, 0), [crop_of_detection(by_prompt[1])]) == 1.0

@@ -1,5 +1,6 @@
 """Tiled jobs through a running daemon: stitching on a slide, bad region/tiling values, the
-tile-embedding cache across a sidecar change, a tagged sidecar and a restart."""
+tile-embedding cache across a sidecar change, a tagged sidecar and a restart, and a real
+random-weight vit_t and sam2_t tiled automask: no edge along a seam, no object twice."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ from support import (
     write_sidecar,
 )
 
+from PIL import Image
+from seams import crops_of, duplicates, seam_edges, seam_lines
+
 from samwatch.geometry import rasterize
+from samwatch.tiling.plan import Rect, plan_tiles
 
 JOB_TIMEOUT = 120
 PAINTED = [  # (colour, slices or disc) on a black 3000 x 2400 slide, tiles of 512 with a 64 halo
@@ -129,3 +134,38 @@ def test_tile_embeddings_survive_a_sidecar_change_a_tagged_sidecar_and_a_restart
     tagged = job("mosaic.cells.yaml", "mosaic.cells", [1260, 960, 1340, 1030])
     assert (tagged["windows_encoded"], tagged["cache_hits"]) == (0, 1)
     assert daemon.stop() == 0, daemon.log()
+
+
+def _smooth_content(size: int) -> np.ndarray:
+    """Real image content with no straight edges of its own (a mosaic's would lie on the seams)."""
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC))
+
+
+@pytest.mark.parametrize("model", ["vit_t", "sam2_t"])
+def test_a_real_model_tiled_automask_has_no_seam_edges_and_no_duplicates(
+    tmp_path: Path, model: str, request: pytest.FixtureRequest
+) -> None:
+    weights = request.getfixturevalue("conditioned_vit_t" if model == "vit_t" else "conditioned_sam2_t")
+    config = write_config(tmp_path, [{"name": "default", "type": model, "path": str(weights)}])
+    size, tiling = 1024, {"tile_size": 512, "overlap": 64}
+    save_image(tmp_path / "inbox" / "astronaut.png", _smooth_content(size))
+    write_sidecar(tmp_path / "inbox" / "astronaut.yaml", {
+        "model": model, "tiling": tiling,
+        "automask": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+    })
+    daemon = DaemonProcess(config)
+    try:
+        result, error = _outcome(tmp_path / "outbox", "astronaut")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert error is None, error
+    crops = crops_of(result["features"])
+    provenance = result["samwatch"]["tiling"]
+    assert crops and provenance["tiles"] == 9
+    tiles = plan_tiles(Rect(0, 0, size, size), tiling["tile_size"], tiling["overlap"], 1.0, 0)
+    assert seam_edges(crops, seam_lines(tiles, (0, 0, size, size))) == []
+    assert duplicates(crops) == []
+    views = {f["properties"]["tiling"]["view"] for f in result["features"]}
+    assert views <= {"whole", "joined", "refined"}

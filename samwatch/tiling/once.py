@@ -44,14 +44,19 @@ class _Written:
         return out
 
 
-def _entry(detection: Detection, source: int | None) -> _Written:
+def level0_box(detection: Detection) -> Rect:
+    """The level-0 pixels a placed detection's mask spans (rounded outwards)."""
+    x, y = math.floor(detection.origin[0]), math.floor(detection.origin[1])
+    height, width = detection.mask.shape
+    return Rect(x, y, math.ceil(detection.origin[0] + width * detection.scale) - x,
+                math.ceil(detection.origin[1] + height * detection.scale) - y)
+
+
+def entry_of(detection: Detection, source: int | None = None) -> _Written:
+    """``detection`` as :class:`Once` holds it."""
     mask, scale = detection.mask, detection.scale
-    x, y = detection.origin
-    height, width = mask.shape
-    box = Rect(math.floor(x), math.floor(y), math.ceil(x + width * scale) - math.floor(x),
-               math.ceil(y + height * scale) - math.floor(y))
-    return _Written(np.packbits(mask, axis=None), (height, width), (x, y), scale,
-                    float(np.count_nonzero(mask)) * scale * scale, box, source)
+    return _Written(np.packbits(mask, axis=None), mask.shape, detection.origin, scale,
+                    float(np.count_nonzero(mask)) * scale * scale, level0_box(detection), source)
 
 
 def mask_iou(a: _Written, b: _Written) -> float:
@@ -84,7 +89,7 @@ class Once:
     def admit(self, detection: Detection, source: int | None = None) -> bool:
         """Whether ``detection`` is a new object (then it is remembered); ``source``: its tile, if
         it is that tile's own view."""
-        entry = _entry(detection, source)
+        entry = entry_of(detection, source)
         cells = self._cells_of(entry.box)
         near = {key for cell in cells for key in self._cells.get(cell, ())}
         for key in near:

@@ -6,14 +6,17 @@ or an object larger than ``max_object_pixels``. Each is prompted with a box, its
 by the overlap towards the sides where it was cut), in a square window around it with context,
 at the job's resolution while that fits the model input and coarser (read from the pyramid level
 that matches) when the object is larger. While the new mask still touches the window's border,
-the box grows to the mask and the window doubles, up to the whole region at a downsample that
+the box grows to the mask and by half its size, up to the whole region at a downsample that
 fits one window. SAM3 (text), which takes no box prompt, runs its text in that window instead and
-the object that overlaps the look's own mask best is kept.
+the object that overlaps the look's own mask best is kept. A user's prompt whose mask reached the
+border of its window is asked again, as it was, in the grown window. Looks that fit together in
+one window share it (and its one embedding), as prompts do.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,8 +25,8 @@ import numpy as np
 from samwatch.models.base import Detection, ProgressFn
 from samwatch.sidecar import Prompt, Sidecar
 from samwatch.slides import RegionSource
-from samwatch.tiling.once import _entry, mask_iou
-from samwatch.tiling.plan import Rect, TileSpec, to_grid
+from samwatch.tiling.once import entry_of, level0_box, mask_iou
+from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, to_grid
 from samwatch.tiling.tile import TileJob, run_tile
 
 
@@ -48,6 +51,13 @@ class LookPlan:
     overlap: int
 
 
+def metadata_of(detection: Detection) -> Detection:
+    """``detection`` without its mask: what a second look copies onto the object it finds."""
+    return Detection(mask=np.zeros((0, 0), bool), score=detection.score, prompt_idx=detection.prompt_idx,
+                     mask_idx=detection.mask_idx, frame=detection.frame, label=detection.label,
+                     color=detection.color, extra=dict(detection.extra))
+
+
 def view(detection: Detection, how: str, level: int) -> Detection:
     """``detection`` with its provenance: which view it is, at which level and downsample."""
     detection.extra = {**detection.extra, "tiling": {"view": how, "level": level, "downsample": detection.scale}}
@@ -59,35 +69,8 @@ def _grown(box: Rect, by: float, bounds: Rect) -> Rect:
     return grown.intersection(bounds) or box
 
 
-def _union(a: Rect, b: Rect) -> Rect:
-    x, y = min(a.x, b.x), min(a.y, b.y)
-    return Rect(x, y, max(a.x2, b.x2) - x, max(a.y2, b.y2) - y)
-
-
-def _axis(low: int, high: int, span: float, start: int, stop: int) -> tuple[int, int]:
-    """``span`` level-0 pixels centred on [low, high), shifted inside [start, stop), cut to it."""
-    if stop - start <= span:
-        return start, stop
-    first = min(max((low + high - span) / 2, start), stop - span)
-    return math.floor(first), min(stop, math.floor(first) + math.ceil(span))
-
-
-def window_for(box: Rect, side: float, plan: LookPlan, source: RegionSource) -> TileSpec:
-    """A one-prompt window of ``side`` level-0 pixels around ``box``, on the coarsest grid needed
-    to fit the model input (never finer than the job's)."""
-    region = plan.region
-    x, x2 = _axis(box.x, box.x2, side, region.x, region.x2)
-    y, y2 = _axis(box.y, box.y2, side, region.y, region.y2)
-    level0 = Rect(x, y, x2 - x, y2 - y)
-    downsample = plan.downsample
-    if max(level0.w, level0.h) > plan.tile_size * downsample:
-        downsample = max(level0.w, level0.h) / (plan.tile_size - 1)  # one grid pixel of rounding room
-    grid = to_grid(level0, downsample)
-    return TileSpec(index=0, count=1, window=grid, core=grid, downsample=downsample,
-                    level=source.best_level(downsample), prompt_indices=(0,))
-
-
-def _touches_inner_border(detection: Detection, tile: TileSpec, region: Rect) -> bool:
+def touches_inner_border(detection: Detection, tile: TileSpec, region: Rect) -> bool:
+    """Whether a placed ``detection`` reaches a border of ``tile``'s window inside the (level-0) ``region``."""
     d, window = tile.downsample, tile.window
     x, y = round(detection.origin[0] / d), round(detection.origin[1] / d)
     h, w = detection.mask.shape
@@ -96,10 +79,10 @@ def _touches_inner_border(detection: Detection, tile: TileSpec, region: Rect) ->
             or (x + w >= window.x2 and window.x2 < grid_region.x2) or (y + h >= window.y2 and window.y2 < grid_region.y2))
 
 
-def _box_prompt_sidecar(sidecar: Sidecar, box: Rect) -> Sidecar:
-    """The job's sidecar asking for one mask in ``box`` (level-0)."""
-    prompt = Prompt(bbox=(float(box.x), float(box.y), float(box.x2), float(box.y2)))
-    return sidecar.model_copy(update={"prompts": [prompt], "automask": None, "output_type": None,
+def _box_prompts_sidecar(sidecar: Sidecar, boxes: list[Rect]) -> Sidecar:
+    """The job's sidecar asking for one mask in each of ``boxes`` (level-0)."""
+    prompts = [Prompt(bbox=(float(b.x), float(b.y), float(b.x2), float(b.y2))) for b in boxes]
+    return sidecar.model_copy(update={"prompts": prompts, "automask": None, "output_type": None,
                                       "multimask_output": False})
 
 
@@ -110,40 +93,70 @@ def _best_match(detections: list[Detection], look: SecondLook) -> Detection | No
         hint = Detection(mask=np.ones((box.h, box.w), bool), score=0.0, origin=(box.x, box.y))
     else:
         hint = look.seen
-    reference = _entry(hint, None)
-    scored = [(mask_iou(reference, _entry(d, None)), i) for i, d in enumerate(detections)]
+    reference = entry_of(hint)
+    scored = [(mask_iou(reference, entry_of(d)), i) for i, d in enumerate(detections)]
     best, index = max(scored, default=(0.0, -1))
     return detections[index] if best > 0 else None
 
 
-def _look_once(adapter: Any, tile: TileSpec, box: Rect, look: SecondLook, source: RegionSource, job: TileJob,
-               progress: ProgressFn) -> Detection | None:
-    if job.sidecar.mode == "text":
-        return _best_match(run_tile(adapter, replace(tile, prompt_indices=()), source, job, progress), look)
-    prompted = replace(job, sidecar=_box_prompt_sidecar(job.sidecar, box))
-    return next(iter(run_tile(adapter, tile, source, prompted, progress)), None)
+def _in_window(adapter: Any, tile: TileSpec, members: list[tuple[SecondLook, Rect]], source: RegionSource,
+               job: TileJob, progress: ProgressFn) -> list[Detection | None]:
+    """What one window (one embedding) finds for each of its looks."""
+    mode = job.sidecar.mode
+    if mode == "text":
+        found = run_tile(adapter, replace(tile, prompt_indices=()), source, job, progress)
+        return [_best_match(found, look) for look, _ in members]
+    if mode == "prompts":  # the user's own prompts, again
+        asked = sorted({look.template.prompt_idx for look, _ in members})
+        found = run_tile(adapter, replace(tile, prompt_indices=tuple(asked)), source, job, progress)
+        by_prompt: dict[int, list[Detection]] = {}
+        for detection in found:
+            by_prompt.setdefault(detection.prompt_idx, []).append(detection)
+        answers = []
+        for look, _ in members:
+            candidates = by_prompt.get(look.template.prompt_idx, [])
+            same = [d for d in candidates if d.mask_idx == look.template.mask_idx]
+            answers.append((same or candidates or [None])[0])
+        return answers
+    prompted = replace(job, sidecar=_box_prompts_sidecar(job.sidecar, [box for _, box in members]))
+    found = run_tile(adapter, replace(tile, prompt_indices=tuple(range(len(members)))), source, prompted, progress)
+    by_prompt = {detection.prompt_idx: detection for detection in found}
+    return [by_prompt.get(index) for index in range(len(members))]
 
 
-def second_look(adapter: Any, look: SecondLook, source: RegionSource, job: TileJob, plan: LookPlan,
-                progress: ProgressFn) -> tuple[Detection, TileSpec] | None:
-    """The object segmented whole (and the window that saw it), or None when the model finds nothing there."""
+def _finished(found: Detection, look: SecondLook) -> Detection:
+    template = found_from = look.template
+    found.prompt_idx, found.mask_idx = found_from.prompt_idx, found_from.mask_idx
+    found.label = found.label or template.label
+    found.color = found.color or template.color
+    found.extra = {**template.extra, **found.extra}
+    return found
+
+
+def second_looks(adapter: Any, looks: list[SecondLook], source: RegionSource, job: TileJob, plan: LookPlan,
+                 progress: Any) -> Iterator[tuple[Detection, TileSpec]]:
+    """Each look's object segmented whole, with the window that saw it (a look the model finds
+    nothing for is dropped). Looks whose windows fit together share one window and one
+    embedding; ``progress(done, total, message)`` is told before each window and returns its
+    ProgressFn."""
     context = plan.overlap * plan.downsample
-    box = _grown(look.box, context, plan.region)
-    side = max(box.w, box.h) + 2 * context
-    while True:
-        tile = window_for(box, side, plan, source)
-        found = _look_once(adapter, tile, box, look, source, job, progress)
-        if found is None:
-            return None
-        whole_region = tile.level0().intersection(plan.region) == plan.region
-        if whole_region or not _touches_inner_border(found, tile, plan.region):
-            template = look.template
-            found.prompt_idx, found.mask_idx = template.prompt_idx, template.mask_idx
-            found.label = found.label or template.label
-            found.color = found.color or template.color
-            found.extra = {**template.extra, **found.extra}
-            return found, tile
-        found_box = Rect(math.floor(found.origin[0]), math.floor(found.origin[1]),
-                         math.ceil(found.mask.shape[1] * found.scale), math.ceil(found.mask.shape[0] * found.scale))
-        box = _grown(_union(box, found_box), context, plan.region)
-        side = max(2 * side, max(box.w, box.h) + 2 * context)
+    pending = [(look, _grown(look.box, context, plan.region)) for look in looks]
+    done = 0
+    while pending:
+        prompts = [Prompt(bbox=(float(b.x), float(b.y), float(b.x2), float(b.y2))) for _, b in pending]
+        windows = plan_prompt_windows(prompts, plan.region, plan.tile_size, plan.overlap, plan.downsample,
+                                      source.best_level)
+        again = []
+        for window in windows:
+            members = [pending[i] for i in window.prompt_indices]
+            answers = _in_window(adapter, window, members, source, job, progress(done, len(looks)))
+            whole_region = window.level0().intersection(plan.region) == plan.region
+            for (look, box), found in zip(members, answers):
+                if found is not None and not whole_region and touches_inner_border(found, window, plan.region):
+                    grown = box.union(level0_box(found))
+                    again.append((look, _grown(grown, max(context, max(grown.w, grown.h) / 2), plan.region)))
+                    continue
+                done += 1
+                if found is not None:
+                    yield _finished(found, look), window
+        pending = again

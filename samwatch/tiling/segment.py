@@ -19,9 +19,16 @@ from typing import Any
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn
 from samwatch.sidecar import Sidecar, TilingSpec
-from samwatch.tiling.once import Once
+from samwatch.tiling.once import Once, level0_box
 from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
-from samwatch.tiling.refine import LookPlan, second_look, view
+from samwatch.tiling.refine import (
+    LookPlan,
+    SecondLook,
+    metadata_of,
+    second_looks,
+    touches_inner_border,
+    view,
+)
 from samwatch.tiling.stitch import Stitcher
 from samwatch.slides import RegionSource
 from samwatch.tiling.tile import TileJob, run_tile
@@ -155,10 +162,7 @@ def segment(
     tiles, stitched = plan_windows(job.sidecar, plan, source)
     report.tiles += len(tiles)
     if not stitched:
-        for tile in tiles:
-            progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
-            yield from run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, 1.0))
-        _count_hits(job, report)
+        yield from _prompt_windows(adapter, tiles, source, job, plan, progress, report)
         return
     stitcher = Stitcher(tiles, max_pixels=max_object_pixels)
     once = Once(cell=round(plan.tile_size * plan.downsample))
@@ -175,18 +179,48 @@ def segment(
         yield from _admitted(once, stitcher.add(tile, detections))
         once.forget(done)
     yield from _admitted(once, stitcher.finish())
-    looks = stitcher.looks
-    report.second_looks += len(looks)
-    look_plan = LookPlan(plan.region, plan.downsample, plan.tile_size, plan.overlap)
-    for index, look in enumerate(looks):
-        message = f"refining {index + 1}/{len(looks)}"
-        progress("tiles", _TILES_SHARE + (1 - _TILES_SHARE) * index / len(looks), message)
-        found = second_look(adapter, look, source, job, look_plan, _look_progress(progress, index, len(looks), report))
-        if found is not None:
-            detection, window = found
-            yield from _admitted(once, [(view(detection, "refined", window.level), None)])
+    yield from _admitted(once, _second_looks(adapter, stitcher.looks, source, job, plan, progress, report))
     report.duplicates_dropped += once.dropped
     _count_hits(job, report)
+
+
+def _prompt_windows(
+    adapter: Any, tiles: list[TileSpec], source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn,
+    report: TilingReport,
+) -> Iterator[Detection]:
+    """Each prompt window's masks; a mask that reached its window's border is asked again in a larger one."""
+    looks = []
+    for tile in tiles:
+        progress("tiles", _TILES_SHARE * tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+        for detection in run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, _TILES_SHARE)):
+            if touches_inner_border(detection, tile, plan.region):
+                looks.append(SecondLook(level0_box(detection).union(_prompt_box(job.sidecar, detection)),
+                                        metadata_of(detection), None))
+            else:
+                yield view(detection, "whole", tile.level)
+    yield from (detection for detection, _ in _second_looks(adapter, looks, source, job, plan, progress, report))
+    _count_hits(job, report)
+
+
+def _prompt_box(sidecar: Sidecar, detection: Detection) -> Rect:
+    x1, y1, x2, y2 = prompt_extent(sidecar.prompts[detection.prompt_idx])
+    return Rect(math.floor(x1), math.floor(y1), max(1, math.ceil(x2) - math.floor(x1)), max(1, math.ceil(y2) - math.floor(y1)))
+
+
+def _second_looks(
+    adapter: Any, looks: list[SecondLook], source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn,
+    report: TilingReport,
+) -> Iterator[tuple[Detection, None]]:
+    """What the second looks found (``refining 5/12``), each a view of no one tile."""
+    report.second_looks += len(looks)
+    look_plan = LookPlan(plan.region, plan.downsample, plan.tile_size, plan.overlap)
+
+    def window_progress(done: int, total: int) -> ProgressFn:
+        progress("tiles", _TILES_SHARE + (1 - _TILES_SHARE) * done / total, f"refining {done + 1}/{total}")
+        return _look_progress(progress, done, total, report)
+
+    for detection, window in second_looks(adapter, looks, source, job, look_plan, window_progress):
+        yield view(detection, "refined", window.level), None
 
 
 def _admitted(once: Once, views: Any) -> Iterator[Detection]:

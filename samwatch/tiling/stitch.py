@@ -33,7 +33,7 @@ import numpy as np
 
 from samwatch.models.base import Detection
 from samwatch.tiling.plan import Rect, TileSpec
-from samwatch.tiling.refine import SecondLook, view
+from samwatch.tiling.refine import SecondLook, metadata_of, view
 
 #: A union of fragments that ends at a window border for this many pixels in a row is still cut.
 _OPEN_RUN = 8
@@ -54,11 +54,6 @@ class _Group:
     cells: set[tuple[int, int]] = field(default_factory=set)
     oversized: bool = False  # too large to hold: only its box and metadata are kept
     template: Detection | None = None  # the best-scored fragment's metadata, once oversized
-
-
-def _union_box(a: Rect, b: Rect) -> Rect:
-    x, y = min(a.x, b.x), min(a.y, b.y)
-    return Rect(x, y, max(a.x2, b.x2) - x, max(a.y2, b.y2) - y)
 
 
 def _paste(fragment: _Fragment, area: Rect) -> np.ndarray:
@@ -151,12 +146,12 @@ class Stitcher:
         gid = -negative_gid
         group = self._groups[gid]
         group.fragments.append(fragment)
-        group.box = _union_box(group.box, fragment.box)
+        group.box = group.box.union(fragment.box)
         self._index(gid, self._cells_of(group.box))
         if not group.oversized and group.box.w * group.box.h > self.max_pixels:
             group.oversized = True
             best = max(group.fragments, key=lambda f: f.detection.score).detection
-            group.template = _metadata(best)
+            group.template = metadata_of(best)
 
     def _index(self, gid: int, cells: set[tuple[int, int]]) -> None:
         group = self._groups[gid]
@@ -178,7 +173,7 @@ class Stitcher:
         best = 0.0
         for member in group.fragments:
             seen_by_both = member.tile.window.intersection(fragment.tile.window)
-            area = seen_by_both and seen_by_both.intersection(_union_box(member.box, fragment.box))
+            area = seen_by_both and seen_by_both.intersection(member.box.union(fragment.box))
             if area is None:
                 continue
             a, b = _paste(member, area), _paste(fragment, area)
@@ -236,16 +231,9 @@ class Stitcher:
             origin=(group.box.x * d, group.box.y * d), scale=d,
         )
         if _still_cut(group, mask, self._region):
-            self.looks.append(SecondLook(self._level0(group.box), _metadata(best), union))
+            self.looks.append(SecondLook(self._level0(group.box), metadata_of(best), union))
         else:
             yield view(union, "joined", level), None
-
-
-def _metadata(detection: Detection) -> Detection:
-    """``detection`` without its mask: what a second look copies onto the object it finds."""
-    return Detection(mask=np.zeros((0, 0), bool), score=detection.score, prompt_idx=detection.prompt_idx,
-                     mask_idx=detection.mask_idx, frame=detection.frame, label=detection.label,
-                     color=detection.color, extra=dict(detection.extra))
 
 
 def _longest_run(flags: np.ndarray) -> int:
