@@ -282,7 +282,7 @@ def test_masks_overlapping_within_a_tile_are_not_chained_through_a_neighbour() -
     for tile in tiles:
         out += stitcher.add(tile, [seen_by(tile, cell), seen_by(tile, nucleus)])
     out += stitcher.finish()
-    assert sorted(int(d.mask.sum()) for d, _ in out) == sorted([int(nucleus.sum()), int(cell.sum())])
+    assert sorted(int(d.mask.sum()) for d in out) == sorted([int(nucleus.sum()), int(cell.sum())])
 
 
 SEEN_DIFFERENTLY = [

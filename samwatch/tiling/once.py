@@ -1,10 +1,10 @@
 """Each object written once: a detection that is the same object as one already written (mask
 IoU above ``iou``, compared in level-0 pixels whatever downsample each was segmented at) is dropped.
 
-Two views from one tile are the model's own decision (a cell and the cell's larger outline, both
-kept untiled) and are not compared; everything else is: whole views of two tiles that the
-stitcher could not match, and second looks that found an object already written.
-Masks are held bit-packed and let go once nothing still to come can meet them.
+Such pairs are whole views of two tiles that the stitcher could not match, second looks that
+found an object already written, and (rarely) two masks of one tile whose boxes differ enough
+for automask's box NMS to keep both. Masks are held bit-packed and let go once nothing still to
+come can meet them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class _Written:
     scale: float
     area: float  # level-0 pixels
     box: Rect  # level-0, rounded outwards
-    source: int | None
 
     def sample(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """The mask at level-0 points (a grid: ``xs`` columns, ``ys`` rows), False outside it."""
@@ -52,11 +51,11 @@ def level0_box(detection: Detection) -> Rect:
                 math.ceil(detection.origin[1] + height * detection.scale) - y)
 
 
-def entry_of(detection: Detection, source: int | None = None) -> _Written:
+def entry_of(detection: Detection) -> _Written:
     """``detection`` as :class:`Once` holds it."""
     mask, scale = detection.mask, detection.scale
     return _Written(np.packbits(mask, axis=None), mask.shape, detection.origin, scale,
-                    float(np.count_nonzero(mask)) * scale * scale, level0_box(detection), source)
+                    float(np.count_nonzero(mask)) * scale * scale, level0_box(detection))
 
 
 def mask_iou(a: _Written, b: _Written) -> float:
@@ -86,17 +85,13 @@ class Once:
         c = self.cell
         return [(cx, cy) for cx in range(box.x // c, (box.x2 - 1) // c + 1) for cy in range(box.y // c, (box.y2 - 1) // c + 1)]
 
-    def admit(self, detection: Detection, source: int | None = None) -> bool:
-        """Whether ``detection`` is a new object (then it is remembered); ``source``: its tile, if
-        it is that tile's own view."""
-        entry = entry_of(detection, source)
+    def admit(self, detection: Detection) -> bool:
+        """Whether ``detection`` is a new object (then it is remembered)."""
+        entry = entry_of(detection)
         cells = self._cells_of(entry.box)
         near = {key for cell in cells for key in self._cells.get(cell, ())}
         for key in near:
-            other = self._entries[key]
-            if source is not None and other.source == source:
-                continue
-            if mask_iou(entry, other) > self.iou:
+            if mask_iou(entry, self._entries[key]) > self.iou:
                 self.dropped += 1
                 return False
         key, self._next = self._next, self._next + 1

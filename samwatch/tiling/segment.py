@@ -12,7 +12,7 @@ out once. No full-image mask is ever made.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,7 +198,7 @@ def _prompt_windows(
                                         metadata_of(detection), None))
             else:
                 yield view(detection, "whole", tile.level)
-    yield from (detection for detection, _ in _second_looks(adapter, looks, source, job, plan, progress, report))
+    yield from _second_looks(adapter, looks, source, job, plan, progress, report)
     _count_hits(job, report)
 
 
@@ -210,8 +210,8 @@ def _prompt_box(sidecar: Sidecar, detection: Detection) -> Rect:
 def _second_looks(
     adapter: Any, looks: list[SecondLook], source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn,
     report: TilingReport,
-) -> Iterator[tuple[Detection, None]]:
-    """What the second looks found (``refining 5/12``), each a view of no one tile."""
+) -> Iterator[Detection]:
+    """What the second looks found (``refining 5/12``)."""
     report.second_looks += len(looks)
     look_plan = LookPlan(plan.region, plan.downsample, plan.tile_size, plan.overlap)
 
@@ -220,13 +220,11 @@ def _second_looks(
         return _look_progress(progress, done, total, report)
 
     for detection, window in second_looks(adapter, looks, source, job, look_plan, window_progress):
-        yield view(detection, "refined", window.level), None
+        yield view(detection, "refined", window.level)
 
 
-def _admitted(once: Once, views: Any) -> Iterator[Detection]:
-    for detection, source_tile in views:
-        if once.admit(detection, source_tile):
-            yield detection
+def _admitted(once: Once, detections: Iterable[Detection]) -> Iterator[Detection]:
+    return (detection for detection in detections if once.admit(detection))
 
 
 def _count_hits(job: TileJob, report: TilingReport) -> None:

@@ -69,8 +69,7 @@ def _paste(fragment: _Fragment, area: Rect) -> np.ndarray:
 
 class Stitcher:
     """Takes each tile's placed detections (any tile order) and yields each object once, as
-    soon as it is final, with the tile it came from (None for a union of several tiles' views);
-    what it cannot finish goes to :attr:`looks`. Tiles are those of one ``plan_tiles`` call (one
+    soon as it is final; what it cannot finish goes to :attr:`looks`. Tiles are those of one ``plan_tiles`` call (one
     grid, equal windows)."""
 
     def __init__(self, tiles: Sequence[TileSpec], *, match_iou: float = 0.5, max_pixels: int = 1 << 26) -> None:
@@ -91,14 +90,14 @@ class Stitcher:
 
     # -- the public flow ------------------------------------------------------------------
 
-    def add(self, tile: TileSpec, detections: Sequence[Detection]) -> Iterator[tuple[Detection, int | None]]:
+    def add(self, tile: TileSpec, detections: Sequence[Detection]) -> Iterator[Detection]:
         """Add one tile's detections (level-0 placed, cropped to their box); yield what became final."""
         for detection in detections:
             self._insert(self._fragment(tile, detection))
         self._done.add(tile.index)
         yield from self._flush(final=False)
 
-    def finish(self) -> Iterator[tuple[Detection, int | None]]:
+    def finish(self) -> Iterator[Detection]:
         yield from self._flush(final=True)
 
     def settled(self, box: Rect) -> bool:
@@ -194,7 +193,7 @@ class Stitcher:
         """No tile still to come can meet ``box``."""
         return all(index in self._done for index in self._touching_tiles(box))
 
-    def _flush(self, *, final: bool) -> Iterator[tuple[Detection, int | None]]:
+    def _flush(self, *, final: bool) -> Iterator[Detection]:
         for gid, group in list(self._groups.items()):
             if group.oversized:  # keep only fragments a coming tile could match
                 group.fragments = [f for f in group.fragments if not final and not self._settled(f.box)]
@@ -209,7 +208,7 @@ class Stitcher:
         x, y = math.floor(box.x * d), math.floor(box.y * d)
         return Rect(x, y, math.ceil(box.x2 * d) - x, math.ceil(box.y2 * d) - y)
 
-    def _resolve(self, group: _Group) -> Iterator[tuple[Detection, int | None]]:
+    def _resolve(self, group: _Group) -> Iterator[Detection]:
         level = group.fragments[0].tile.level
         whole = [f for f in group.fragments if not f.cut]
         if whole:
@@ -218,7 +217,7 @@ class Stitcher:
                 return fragment.tile.core.contains(*centre), fragment.detection.score
 
             chosen = max(whole, key=preference)
-            yield view(chosen.detection, "whole", level), chosen.tile.index
+            yield view(chosen.detection, "whole", level)
             return
         best = max(group.fragments, key=lambda f: f.detection.score).detection
         mask = np.zeros((group.box.h, group.box.w), dtype=bool)
@@ -233,7 +232,7 @@ class Stitcher:
         if _still_cut(group, mask, self._region):
             self.looks.append(SecondLook(self._level0(group.box), metadata_of(best), union))
         else:
-            yield view(union, "joined", level), None
+            yield view(union, "joined", level)
 
 
 def _longest_run(flags: np.ndarray) -> int:
