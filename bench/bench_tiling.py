@@ -1,13 +1,14 @@
 """Tiled segmentation: automask on 4096² vs micro-sam, peak RSS on 4k/16k/40k slides, 50 boxes on 40k.
 
-    python bench/bench_tiling.py [--parts automask rss boxes] [--points 8] [--sizes 4096 16384 40000]
-                                 [--boxes 50] [--microsam-path /tmp/msam]
+    python bench/bench_tiling.py [--parts automask rss boxes] [--points 8] [--automask-size 4096]
+                                 [--sizes 4096 16384 40000] [--boxes 50] [--microsam-path /tmp/msam]
 
 All models are a random-weight vit_t (no downloads here), built once and saved as the checkpoint
 both samwatch and micro-sam load; the quality filters are off (random weights predict IoUs near
 0), so counts compare the two pipelines, not the masks' quality.
 
-1. **Automask on a 4096² image** (scikit-image content), micro-sam's tiling of tile 1024 + halo
+1. **Automask on a 4096² image** (scikit-image content, a piece every 600 px so that its own
+   straight edges lie on neither tiling's seams), micro-sam's tiling of tile 1024 + halo
    128 (windows of 1280, 16 of them; samwatch: ``tile_size`` 1280, ``overlap`` 256, the same
    windows), 8² points per window, the hypernetwork scaled as tests/conftest.py does so masks are
    decisive: samwatch's tiled automask (read, encode, decode, stitch, second looks) vs micro-sam
@@ -168,12 +169,12 @@ def _in_child(kind: str, pixels: Path, checkpoint: Path, points: int, extra_path
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_automask(checkpoint: Path, points: int, microsam_path: str | None, scratch: Path) -> None:
+def bench_automask(checkpoint: Path, points: int, microsam_path: str | None, scratch: Path, size: int) -> None:
     window = MICROSAM_TILE + 2 * MICROSAM_HALO
-    print(f"1. automask on 4096²: micro-sam's tile {MICROSAM_TILE} + halo {MICROSAM_HALO} (windows of {window}, "
+    print(f"1. automask on {size}²: micro-sam's tile {MICROSAM_TILE} + halo {MICROSAM_HALO} (windows of {window}, "
           f"samwatch tile_size {window}, overlap {2 * MICROSAM_HALO}), {points}² points per window, one process each")
     pixels = scratch / "pixels.npy"
-    np.save(pixels, skimage_content(4096, 4096))
+    np.save(pixels, skimage_content(size, size, pitch=600))  # content edges on neither tiling's seams
     weights = conditioned(checkpoint)
     ours = _in_child("samwatch", pixels, weights, points)
     if "error" in ours:
@@ -301,6 +302,7 @@ def bench_boxes(n_boxes: int, size: int, checkpoint: Path, scratch: Path) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--points", type=int, default=8)
+    parser.add_argument("--automask-size", type=int, default=4096, help="side of the automask image")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 40000])
     parser.add_argument("--boxes", type=int, default=50)
     parser.add_argument("--microsam-path", default="/tmp/msam",
@@ -323,7 +325,7 @@ def main() -> None:
         scratch = Path(tmp)
         checkpoint = vit_t_checkpoint(scratch)
         if "automask" in args.parts:
-            bench_automask(checkpoint, args.points, args.microsam_path or None, scratch)
+            bench_automask(checkpoint, args.points, args.microsam_path or None, scratch, args.automask_size)
         if "rss" in args.parts:
             bench_rss(args.sizes, checkpoint, scratch)
         if "boxes" in args.parts:

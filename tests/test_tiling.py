@@ -364,3 +364,14 @@ def test_a_prompt_whose_mask_reaches_its_window_border_is_asked_again_in_a_large
     assert by_prompt[0].extra["tiling"]["view"] == "refined" and by_prompt[0].scale > 1
     assert best_iou(Crop(long_bar, 0, 0), [crop_of_detection(by_prompt[0])]) > 0.97
     assert best_iou(Crop(small, 0, 0), [crop_of_detection(by_prompt[1])]) == 1.0
+
+
+def test_the_seam_and_duplicate_checks_find_a_cut_object_and_a_repeated_one() -> None:
+    tiles = plan_tiles(Rect(0, 0, 896, 512), 512, 128, 1.0, 0)
+    lines = seam_lines(tiles, (0, 0, 896, 512))
+    assert lines == ({384, 448, 512}, set())
+    cut = Crop(np.ones((60, 100), bool), 412, 100)  # ends at x = 512, a window border
+    round_one = Crop(_painted(512, 896, [(200, 200, 40)])[1][0], 0, 0)
+    assert seam_edges([round_one, cut], lines) == [(1, "x", 512, 60)]
+    shifted = Crop(round_one.mask[:, 2:], 2, 0)
+    assert duplicates([round_one, cut, shifted]) == [(0, 2, 1.0)]

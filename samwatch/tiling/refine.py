@@ -79,9 +79,13 @@ def touches_inner_border(detection: Detection, tile: TileSpec, region: Rect) -> 
             or (x + w >= window.x2 and window.x2 < grid_region.x2) or (y + h >= window.y2 and window.y2 < grid_region.y2))
 
 
+def _box_prompt(box: Rect) -> Prompt:
+    return Prompt(bbox=(float(box.x), float(box.y), float(box.x2), float(box.y2)))
+
+
 def _box_prompts_sidecar(sidecar: Sidecar, boxes: list[Rect]) -> Sidecar:
     """The job's sidecar asking for one mask in each of ``boxes`` (level-0)."""
-    prompts = [Prompt(bbox=(float(b.x), float(b.y), float(b.x2), float(b.y2))) for b in boxes]
+    prompts = [_box_prompt(box) for box in boxes]
     return sidecar.model_copy(update={"prompts": prompts, "automask": None, "output_type": None,
                                       "multimask_output": False})
 
@@ -125,8 +129,9 @@ def _in_window(adapter: Any, tile: TileSpec, members: list[tuple[SecondLook, Rec
 
 
 def _finished(found: Detection, look: SecondLook) -> Detection:
-    template = found_from = look.template
-    found.prompt_idx, found.mask_idx = found_from.prompt_idx, found_from.mask_idx
+    """What a look found, with the metadata of what the tiles saw."""
+    template = look.template
+    found.prompt_idx, found.mask_idx = template.prompt_idx, template.mask_idx
     found.label = found.label or template.label
     found.color = found.color or template.color
     found.extra = {**template.extra, **found.extra}
@@ -143,7 +148,7 @@ def second_looks(adapter: Any, looks: list[SecondLook], source: RegionSource, jo
     pending = [(look, _grown(look.box, context, plan.region)) for look in looks]
     done = 0
     while pending:
-        prompts = [Prompt(bbox=(float(b.x), float(b.y), float(b.x2), float(b.y2))) for _, b in pending]
+        prompts = [_box_prompt(box) for _, box in pending]
         windows = plan_prompt_windows(prompts, plan.region, plan.tile_size, plan.overlap, plan.downsample,
                                       source.best_level)
         again = []
