@@ -33,14 +33,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samwatch.config import Config  # noqa: E402
-from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
-from samwatch.media import content_hash  # noqa: E402
+from samwatch.jobs import JobRunner  # noqa: E402
+from samwatch.media_files import content_hash  # noqa: E402
 from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool  # noqa: E402
 from samwatch.weights.registry import WeightsRegistry  # noqa: E402
 from samwatch.models import sam1  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
 from samwatch.outbox import JobOutputs  # noqa: E402
+from samwatch.vocab import JobTicket, Progress  # noqa: E402
 
 MiB = 2**20
 

@@ -30,8 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samwatch.config import Config  # noqa: E402
-from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
-from samwatch.media import content_hash, probe  # noqa: E402
+from samwatch.jobs import JobRunner  # noqa: E402
+from samwatch.media import probe  # noqa: E402
+from samwatch.media_files import content_hash  # noqa: E402
 from samwatch.models.device import default_prompt_batch_size, pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool  # noqa: E402
 from samwatch.weights.registry import WeightsRegistry  # noqa: E402
@@ -39,6 +40,7 @@ from samwatch.models.sam1 import build_predictor  # noqa: E402
 from samwatch.outbox import JobOutputs  # noqa: E402
 from samwatch.outputs.extras import OutputPlan, result_extras  # noqa: E402
 from samwatch.sidecar import validate_sidecar  # noqa: E402
+from samwatch.vocab import JobTicket, Progress  # noqa: E402
 
 PLAIN = {"preview": False, "formats": ["geojson"]}
 EXTRAS = {"preview": True, "formats": ["geojson", "labels"]}

@@ -47,14 +47,15 @@ from samwatch.config import Config  # noqa: E402
 from samwatch.geometry import iou, mask_to_geometry  # noqa: E402
 from samwatch.executors.base import Dispatch, Finished  # noqa: E402
 from samwatch.executors.local import LocalExecutor  # noqa: E402
-from samwatch.jobs import JobRunner, JobTicket, Progress  # noqa: E402
+from samwatch.jobs import JobRunner  # noqa: E402
 from samwatch.models.accel import Accelerator  # noqa: E402
-from samwatch.models.base import LoadSpec  # noqa: E402
+from samwatch.vocab import LoadSpec  # noqa: E402
 from samwatch.models.device import pick_device  # noqa: E402
 from samwatch.models.pool import ModelPool  # noqa: E402
 from samwatch.models.sam1 import build_predictor  # noqa: E402
 from samwatch.outbox import JobOutputs  # noqa: E402
 from samwatch.weights.registry import WeightsRegistry  # noqa: E402
+from samwatch.vocab import JobTicket, Progress  # noqa: E402
 
 HYPERNETWORK_GAIN = 200.0
 

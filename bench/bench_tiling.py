@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from samwatch.config import Config  # noqa: E402
 from samwatch.media import MediaLimits  # noqa: E402
-from samwatch.models.base import Detection, LoadSpec, RunContext  # noqa: E402
+from samwatch.models.base import Detection, RunContext  # noqa: E402
+from samwatch.vocab import LoadSpec  # noqa: E402
 from samwatch.models.sam1 import Adapter  # noqa: E402
 from samwatch.sidecar import validate_sidecar  # noqa: E402
 from samwatch.slides import ArraySource  # noqa: E402
@@ -228,7 +229,8 @@ def write_slide(path: Path, size: int) -> Path:
 def rss_child(slide: Path, model: str, checkpoint: str) -> None:
     """One whole job in this process; prints its peak RSS (MiB), seconds and result."""
     import samwatch.jobs
-    from samwatch.jobs import JobRunner, JobTicket, Progress
+    from samwatch.jobs import JobRunner
+    from samwatch.vocab import JobTicket, Progress
     from samwatch.models.pool import ModelPool
     from samwatch.outbox import JobOutputs
     from samwatch.weights.registry import WeightsRegistry

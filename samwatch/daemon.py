@@ -25,10 +25,7 @@ from samwatch.config import Config, load_config, restart_only_changes
 from samwatch.dispatch import Dispatcher, StopKind, StopRequest
 from samwatch.errors import ConfigError
 from samwatch.executors.base import Executor, Finished
-from samwatch.executors.local import LocalExecutor
 from samwatch.ledger import ACTIVE_STATES, Ledger
-from samwatch.models.device import pick_devices
-from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.notify import SystemdNotifier
 from samwatch.atomic import sweep_temporaries
@@ -50,6 +47,11 @@ def _make_executor(config: Config, registry: Any, *, threaded: bool, clock: Call
         from samwatch.executors.dask import DaskExecutor  # samwatch[dask]: imported only when used
 
         return DaskExecutor(config, registry)
+    # The job side (torch, models, codecs) is imported only when this daemon runs jobs itself.
+    from samwatch.executors.local import LocalExecutor
+    from samwatch.models.device import pick_devices
+    from samwatch.models.pool import ModelPool
+
     pools = [ModelPool(device, config.models, cache_dir=config.state_dir / "encoders") for device in pick_devices(config.device)]
     return LocalExecutor(config, registry, pools, threaded=threaded, clock=clock)
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from samwatch.errors import JobError
-from samwatch.media import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from samwatch.media_files import FRAMES_DIR_SUFFIX, MEDIA_SUFFIXES
 from samwatch.sidecar import FOLDER_DEFAULTS_STEM, SIDECAR_SUFFIXES
 from samwatch.watcher import is_ignored_path, unusable_name
 
-MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MASK_MARK = ".mask"
 
 

@@ -17,9 +17,9 @@ from loguru import logger
 
 from samwatch.claims import ClaimStore
 from samwatch.executors.base import Dispatch, Executor, Finished, ProgressReport
-from samwatch.jobs import JobTicket
 from samwatch.ledger import JobRow, Ledger
 from samwatch.outbox import Outbox
+from samwatch.vocab import JobTicket
 
 
 class StopKind(Enum):

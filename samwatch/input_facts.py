@@ -22,7 +22,7 @@ from samwatch.config import Config
 from samwatch.errors import JobError
 from samwatch.job_sidecar import JobSidecar, load_job_sidecar
 from samwatch.ledger import Ledger
-from samwatch.media import content_hash
+from samwatch.media_files import content_hash
 from samwatch.watcher import FileState
 
 #: A sidecar as queueing sees it: loaded, or the error its job will fail with.

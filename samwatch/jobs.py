@@ -8,14 +8,13 @@ the log) and never escapes to the daemon.
 from __future__ import annotations
 
 import platform
-import shutil
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from samwatch.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry import class_color, feature_collection, make_feature, mask_to_geometry
 from samwatch.media import ChannelRule, Media, MediaLimits, open_region_source, probe
-from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool, adapter_class
 from samwatch.outputs.extras import OutputPlan, result_extras
@@ -38,93 +37,7 @@ from samwatch.slides import ArraySource
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob
-
-#: The stage of a job read ahead while the one before it holds the device (pipeline.py).
-WAITING_FOR_DEVICE = "waiting for the device"
-
-#: stage -> the span of the overall percent it covers
-STAGE_SPANS: dict[str, tuple[float, float]] = {
-    "reading": (0, 5),
-    "waiting for weights": (5, 10),
-    WAITING_FOR_DEVICE: (5, 10),
-    "loading model": (10, 20),
-    "encoding image": (20, 40),
-    "decoding prompts": (40, 95),
-    "automask": (20, 95),
-    "tracking": (20, 95),
-    "frames": (20, 95),
-    "tiles": (20, 95),
-    "writing": (95, 100),
-}
-
-
-@dataclass(frozen=True)
-class JobTicket:
-    """What the daemon hands the worker: one job version."""
-
-    job_id: str
-    sidecar: str | None  # own sidecar, or the folder defaults file for defaults-only jobs
-    image: str | None
-    image_sha: str | None
-    version: str
-
-
-@dataclass
-class Outcome:
-    state: str  # done | failed | cancelled | waiting
-    error: JobError | None = None
-    features: int = 0
-    waiting_for: tuple[str, str] | None = None
-    seconds: float = 0.0
-    summary: str = ""
-    #: the GeoJSON FeatureCollection of a done job: the daemon writes it, after checking
-    #: that this run is still the one the ledger expects (a late duplicate is dropped); the
-    #: local executor hands it over encoded (an ``orjson.Fragment``, atomic.py ``encoded_now``)
-    result: Any = None
-    #: files written with the result (outbox suffix -> bytes): preview, label image, table
-    extras: dict[str, bytes] = field(default_factory=dict)
-
-
-class ProgressSink(Protocol):
-    def running(self, stage: str, percent: float, message: str = "") -> None: ...
-
-
-class CancelFlag(Protocol):
-    def is_set(self) -> bool: ...
-
-
-@dataclass
-class Progress:
-    """The running job's progress, reported to ``sink`` (throttled); checks the cancel flag.
-
-    The sink is a message channel back to the daemon (an executor's queue) or, in tests, a
-    job's ``JobOutputs``; the flag is a ``threading.Event`` or a cluster-wide one.
-    """
-
-    sink: ProgressSink
-    cancel: CancelFlag
-    clock: Callable[[], float] = time.monotonic
-    min_interval: float = 0.5
-    stage: str = "reading"
-    percent: float = 0.0
-    last_change: float = field(default=0.0)
-    _last_write: float = field(default=float("-inf"))
-
-    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
-        if self.cancel.is_set():
-            raise JobCancelled("The job was cancelled: its sidecar was removed or the daemon is stopping.")
-        percent = stage_percent(stage if stage in STAGE_SPANS else "automask", fraction)
-        now = self.clock()
-        self.last_change = now
-        if stage != self.stage or now - self._last_write >= self.min_interval or fraction >= 1.0:
-            self.sink.running(stage, percent, message)
-            self._last_write = now
-        self.stage, self.percent = stage, percent
-
-
-def stage_percent(stage: str, fraction: float) -> float:
-    low, high = STAGE_SPANS[stage]
-    return low + (high - low) * max(0.0, min(1.0, fraction))
+from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress
 
 
 @dataclass
@@ -457,15 +370,3 @@ def _frame_progress(progress: Progress, index: int, total: int) -> Callable[[str
         progress("frames", (index + fraction) / total, f"plane {index + 1} of {total}: {stage}")
 
     return report
-
-
-def move_inputs(inbox: Path, paths: list[str], success: bool) -> None:
-    """inputs.after: move — to inbox/_done/ or inbox/_failed/, keeping the relative path."""
-    target_root = inbox / ("_done" if success else "_failed")
-    for rel in paths:
-        source = inbox / rel
-        if not source.exists():
-            continue
-        target = target_root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(source), str(target))

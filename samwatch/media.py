@@ -48,10 +48,8 @@ one frame's own bounds.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -67,17 +65,18 @@ import tifffile
 from PIL import Image
 
 from samwatch.errors import JobError
+from samwatch.media_files import (
+    FRAMES_DIR_SUFFIX,
+    IMAGE_SUFFIXES,
+    MEDIA_SUFFIXES,
+    TIFF_SUFFIXES,
+    frame_files,
+    not_found,
+)
 from samwatch.pixels import ChannelRule, check_channels, needs_stretch, select_channels, stretch_bounds, to_rgb8
-from samwatch.slides import SLIDE_SUFFIXES, ArraySource, RegionSource, SlideReader, is_slide, open_slide
+from samwatch.slides import ArraySource, RegionSource, SlideReader, is_slide, open_slide
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}) | SLIDE_SUFFIXES
-#: TIFFs are listed with the images: a multi-page one is a stack, known only once opened.
-VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".gif"})
-FRAMES_DIR_SUFFIX = ".frames"
-
-_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 _AV_SUFFIXES = frozenset({".mp4", ".avi", ".mov"})
-_HASH_CHUNK = 1 << 20
 _STRETCH_FRAMES = 5
 # Pillow modes whose arrays are usable as they are; every other mode (palette, LA, CMYK,
 # YCbCr, ...) is converted to RGB, since Pillow knows what colours those encode.
@@ -226,37 +225,6 @@ def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 
-def content_hash(path: Path) -> str:
-    """sha256 hex of a file's bytes; for a ``.frames`` folder, of its frames' names and bytes."""
-    path = Path(path)
-    if not path.exists():
-        raise _not_found(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for file in _frame_files(path):
-            # Name and length delimit each file: moving bytes between frames changes the hash.
-            digest.update(file.name.encode() + b"\0" + file.stat().st_size.to_bytes(8, "little"))
-            for chunk in _chunks(file):
-                digest.update(chunk)
-    else:
-        for chunk in _chunks(path):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def is_media_path(path: Path) -> bool:
-    """Whether samwatch reads ``path``, by suffix (a ``.frames`` name must be a folder).
-
-    Hidden names are never media: macOS writes ``._name.png`` companions that are not images.
-    """
-    path = Path(path)
-    if path.name.startswith("."):
-        return False
-    if path.name.lower().endswith(FRAMES_DIR_SUFFIX):
-        return path.is_dir()
-    return path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
-
-
 # ---------------------------------------------------------------------------------------
 # opening
 
@@ -291,15 +259,15 @@ def _open_any(
     path: Path, limits: MediaLimits, frame_axis: str | None, plane_position: int
 ) -> _Opened:
     if not path.exists():
-        raise _not_found(path)
+        raise not_found(path)
     if path.is_dir():
         if path.name.lower().endswith(FRAMES_DIR_SUFFIX):
             return _open_folder(path, limits)
         raise JobError("unsupported_format", f"'{path.name}' is a folder; to use its images as "
                        f"frames, rename it to '{path.name}{FRAMES_DIR_SUFFIX}'.", file=str(path))
     suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-        known = ", ".join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+    if suffix not in MEDIA_SUFFIXES:
+        known = ", ".join(sorted(MEDIA_SUFFIXES))
         raise JobError("unsupported_format", f"'{path.name}' is not a type samwatch reads; "
                        f"convert it to one of {known}.", file=str(path))
     if path.stat().st_size == 0:
@@ -307,16 +275,11 @@ def _open_any(
                        "once it is fully written.", file=str(path))
     if is_slide(path):
         return _open_slide(path, limits)
-    if suffix in _TIFF_SUFFIXES:
+    if suffix in TIFF_SUFFIXES:
         return _open_tiff(path, limits, frame_axis, plane_position)
     if suffix in _AV_SUFFIXES:
         return _open_video(path, limits)
     return _open_pil(path, limits, animated=suffix == ".gif")
-
-
-def _not_found(path: Path) -> JobError:
-    return JobError("image_not_found", f"'{path.name}' does not exist; check the name, or wait "
-                    "until it has been copied in.", file=str(path))
 
 
 @contextmanager
@@ -325,7 +288,7 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError as exc:
-        raise _not_found(path) from exc
+        raise not_found(path) from exc
     except PermissionError as exc:
         raise JobError("image_unreadable", f"'{path.name}' cannot be read (permission denied); "
                        "make it readable by the user samwatch runs as.", file=str(path)) from exc
@@ -669,18 +632,6 @@ def _open_video(path: Path, limits: MediaLimits) -> _Opened:
 # name.frames/ folders
 
 
-def _natural_key(path: Path) -> tuple[list[int | str], str]:
-    # re.split with a group alternates text and digits, so ints only meet ints.
-    parts = re.split(r"(\d+)", path.name.lower())
-    return [int(p) if i % 2 else p for i, p in enumerate(parts)], path.name
-
-
-def _frame_files(folder: Path) -> list[Path]:
-    files = (p for p in folder.iterdir()
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
-    return sorted(files, key=_natural_key)
-
-
 @dataclass(frozen=True)
 class _FolderSource:
     stills: tuple[_Source, ...]
@@ -692,7 +643,7 @@ class _FolderSource:
 
 
 def _open_folder(folder: Path, limits: MediaLimits) -> _Opened:
-    files = _frame_files(folder)
+    files = frame_files(folder)
     if not files:
         raise JobError("image_unreadable", f"'{folder.name}' holds no image files; put frames "
                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) in it.", file=str(folder))
@@ -711,9 +662,3 @@ def _open_folder(folder: Path, limits: MediaLimits) -> _Opened:
     source = _FolderSource(tuple(o.source for o in opened))
     return _Opened(source, first.width, first.height, len(files), first.n_channels,
                    "T" + first.axes, first.dtype)
-
-
-def _chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            yield chunk

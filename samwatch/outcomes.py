@@ -7,9 +7,11 @@ marker. Jobs waiting for weights are settled here too, when their download ends.
 
 from __future__ import annotations
 
+import shutil
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -19,14 +21,12 @@ from samwatch.config import Config
 from samwatch.discovery import is_folder_defaults
 from samwatch.dispatch import Running, StopKind
 from samwatch.errors import JobError
-from samwatch.jobs import Outcome, move_inputs, stage_percent
 from samwatch.ledger import JobRow, Ledger
 from samwatch.atomic import now_iso
 from samwatch.outbox import LABELS_SUFFIX, PREVIEW_SUFFIX, Outbox
 from samwatch.outputs.dashboard import RecentResults
 from samwatch.queueing import JobQueue
-
-WAITING_STAGE = "waiting for weights"
+from samwatch.vocab import WAITING_FOR_WEIGHTS, Outcome, stage_percent
 
 
 @dataclass
@@ -146,9 +146,21 @@ class OutcomeRecorder:
             state = self.registry.request(*key)
         percent = getattr(state, "percent", 0) or 0
         self.outbox.waiting(
-            job_id, WAITING_STAGE, self._download_percent(state), f"downloading weights {key[1]} for {key[0]}: {percent:.0f}%"
+            job_id, WAITING_FOR_WEIGHTS, self._download_percent(state), f"downloading weights {key[1]} for {key[0]}: {percent:.0f}%"
         )
 
     @staticmethod
     def _download_percent(state: Any) -> float:
-        return stage_percent(WAITING_STAGE, (getattr(state, "percent", 0) or 0) / 100)
+        return stage_percent(WAITING_FOR_WEIGHTS, (getattr(state, "percent", 0) or 0) / 100)
+
+
+def move_inputs(inbox: Path, paths: list[str], success: bool) -> None:
+    """inputs.after: move — to inbox/_done/ or inbox/_failed/, keeping the relative path."""
+    target_root = inbox / ("_done" if success else "_failed")
+    for rel in paths:
+        source = inbox / rel
+        if not source.exists():
+            continue
+        target = target_root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), str(target))

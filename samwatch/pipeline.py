@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from samwatch.jobs import WAITING_FOR_DEVICE, JobRunner, JobTicket, Outcome, Prepared, Progress, outcome_of_error
+from samwatch.jobs import JobRunner, Prepared, outcome_of_error
 from samwatch.models.base import Detection
+from samwatch.vocab import WAITING_FOR_DEVICE, JobTicket, Outcome, Progress
 
 Done = Callable[[JobTicket, Outcome], None]
 #: Detections in flight between the device and the writer, per job.

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from samwatch import __version__
 from samwatch.atomic import now_iso
-from samwatch.jobs import WAITING_FOR_DEVICE
 from samwatch.outputs.dashboard import PAGE, dashboard_page
+from samwatch.vocab import WAITING_FOR_DEVICE
 
 if TYPE_CHECKING:
     from samwatch.daemon import Daemon

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from samwatch.media import FRAMES_DIR_SUFFIX
+from samwatch.media_files import FRAMES_DIR_SUFFIX
 
 #: File systems whose writes from other hosts never reach inotify: always polled.
 NETWORK_FS_TYPES = frozenset(

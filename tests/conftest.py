@@ -63,7 +63,7 @@ def conditioned_vit_t(tmp_path_factory: pytest.TempPathFactory, vit_t_checkpoint
     Random weights give mask logits within ±0.05 of 0, where any rounding flips pixels; scaled,
     |logits| ≫ 0 away from real boundaries, so two computation paths can be compared by IoU.
     """
-    from samwatch.models.base import LoadSpec
+    from samwatch.vocab import LoadSpec
     from samwatch.models.sam1 import build_predictor
 
     predictor = build_predictor("vit_t", torch.load(vit_t_checkpoint, weights_only=True),

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.base import Detection, RunContext
+from samwatch.vocab import LoadSpec
 
 
 class FakeAdapter:

@@ -24,13 +24,15 @@ from PIL import Image
 
 from samwatch.config import Config, ModelSettings
 from samwatch.geometry import iou
-from samwatch.jobs import JobRunner, JobTicket, Progress
+from samwatch.jobs import JobRunner
 from samwatch.models.accel import Accelerator, onnx_runtime, torch_paths
-from samwatch.models.base import LoadSpec, RunContext
+from samwatch.models.base import RunContext
+from samwatch.vocab import LoadSpec
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.outbox import JobOutputs
 from samwatch.sidecar import validate_sidecar
+from samwatch.vocab import JobTicket, Progress
 from support import coins
 
 BOXES = [[40, 40, 120, 110], [150, 50, 260, 160], [250, 180, 360, 290], [10, 150, 140, 290], [200, 20, 380, 140]]

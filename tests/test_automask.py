@@ -24,7 +24,8 @@ from skimage import data
 
 from samwatch.errors import JobError
 from samwatch.models import automask, sam1, sam2
-from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.base import Detection, RunContext
+from samwatch.vocab import LoadSpec
 from samwatch.sidecar import AutomaskParams, validate_sidecar
 
 IMAGE = np.ascontiguousarray(data.astronaut()[::2, ::2])  # 256×256 RGB

@@ -17,11 +17,11 @@ from samwatch.claims import ClaimStore
 from samwatch.config import Config
 from samwatch.daemon import Daemon
 from samwatch.errors import JobCancelled, JobError
-from samwatch.jobs import Outcome
 from samwatch.ledger import Ledger
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.outbox import Outbox
 from samwatch.watcher import Watcher
+from samwatch.vocab import Outcome
 from support import fake_weights, read_json, save_image, write_sidecar
 
 SMALL = np.full((16, 16), 100, np.uint8)

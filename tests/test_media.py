@@ -21,19 +21,8 @@ import tifffile
 from PIL import Image, ImageSequence
 
 from samwatch.errors import JobError
-from samwatch.media import (
-    FRAMES_DIR_SUFFIX,
-    IMAGE_SUFFIXES,
-    VIDEO_SUFFIXES,
-    ChannelRule,
-    MediaLimits,
-    content_hash,
-    is_media_path,
-    probe,
-    read_image,
-    read_mask,
-    to_rgb8,
-)
+from samwatch.media import ChannelRule, MediaLimits, probe, read_image, read_mask, to_rgb8
+from samwatch.media_files import FRAMES_DIR_SUFFIX, IMAGE_SUFFIXES, VIDEO_SUFFIXES, content_hash, is_media_path
 
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 

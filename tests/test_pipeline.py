@@ -11,11 +11,12 @@ import yaml
 from PIL import Image
 
 from samwatch.config import Config
-from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress
+from samwatch.jobs import JobRunner
 from samwatch.models.pool import ModelPool
 from samwatch.outbox import JobOutputs
 from samwatch.pipeline import JobPipeline
 from samwatch.weights.registry import WeightsRegistry
+from samwatch.vocab import JobTicket, Outcome, Progress
 from support import as_json, coins
 
 SIDECARS = {
@@ -96,7 +97,7 @@ class _Recorder:
 def test_a_job_read_ahead_waits_for_the_device_and_can_be_cancelled_there(
     runner: JobRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from samwatch.jobs import WAITING_FOR_DEVICE
+    from samwatch.vocab import WAITING_FOR_DEVICE
     from support import wait_for
 
     release = threading.Event()

@@ -25,7 +25,7 @@ import support
 from samwatch.config import WeightsEntry
 from samwatch.errors import JobError
 from samwatch.weights import registry as registry_module
-from samwatch.models.base import LoadSpec
+from samwatch.vocab import LoadSpec
 from samwatch.weights.entries import download_path
 from samwatch.weights.locks import request_cancel
 from samwatch.weights.registry import DownloadState, WeightsRegistry

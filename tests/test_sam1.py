@@ -14,13 +14,15 @@ from PIL import Image
 from samwatch.config import Config
 from samwatch.errors import JobError
 from samwatch.geometry import iou, rasterize
-from samwatch.jobs import JobRunner, JobTicket, Progress
-from samwatch.models.base import LoadSpec, RunContext
+from samwatch.jobs import JobRunner
+from samwatch.models.base import RunContext
+from samwatch.vocab import LoadSpec
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.models.sam1 import Adapter, build_predictor
 from samwatch.outbox import JobOutputs
 from samwatch.sidecar import validate_sidecar
+from samwatch.vocab import JobTicket, Progress
 from support import coins, placed
 
 PROMPTS = [

@@ -16,7 +16,8 @@ from skimage import data
 
 from samwatch.errors import JobError
 from samwatch.geometry import iou
-from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.base import Detection, RunContext
+from samwatch.vocab import LoadSpec
 from samwatch.models.sam2 import Adapter, sam2_config_for
 from samwatch.sidecar import validate_sidecar
 from support import placed

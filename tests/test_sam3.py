@@ -19,7 +19,8 @@ from PIL import Image
 
 from samwatch.errors import JobError
 from samwatch.models import sam3 as sam3_adapter
-from samwatch.models.base import LoadSpec, RunContext
+from samwatch.models.base import RunContext
+from samwatch.vocab import LoadSpec
 from samwatch.models.sam3_device import CudaRedirect, empty_safe_connected_components, on_device
 from samwatch.sidecar import Sidecar
 

@@ -23,7 +23,9 @@ import psutil
 import pytest
 import torch
 
-from samwatch.models.base import Detection, LoadSpec, RunContext
+from samwatch.models.base import Detection, RunContext
+
+from samwatch.vocab import LoadSpec
 from samwatch.models.sam3 import Adapter, build_image_model, build_video_model
 from samwatch.models.sam3_device import on_device
 from samwatch.sidecar import Sidecar

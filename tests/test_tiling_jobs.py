@@ -13,10 +13,11 @@ from PIL import Image
 
 from samwatch.config import Config
 from samwatch.geometry import iou, rasterize
-from samwatch.jobs import JobRunner, JobTicket, Progress
+from samwatch.jobs import JobRunner
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.outbox import JobOutputs
+from samwatch.vocab import JobTicket, Progress
 from support import coins
 
 REGION = (1700, 1400, 384, 303)  # where coins() lies in the big image

@@ -12,10 +12,11 @@ import yaml
 from PIL import Image
 
 from samwatch.config import Config
-from samwatch.jobs import JobRunner, JobTicket, Progress
+from samwatch.jobs import JobRunner
 from samwatch.models.pool import ModelPool
 from samwatch.weights.registry import WeightsRegistry
 from samwatch.outbox import JobOutputs
+from samwatch.vocab import JobTicket, Progress
 from support import coins
 
 

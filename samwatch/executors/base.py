@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from samwatch.config import Config
-from samwatch.jobs import JobTicket, Outcome
+from samwatch.vocab import JobTicket, Outcome
 
 
 @dataclass(frozen=True)

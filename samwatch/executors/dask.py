@@ -24,9 +24,9 @@ from loguru import logger
 from samwatch.config import ClusterSettings, Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport
-from samwatch.jobs import JobTicket, Outcome, Progress
 from samwatch.job_sidecar import load_job_sidecar
-from samwatch.models.base import LoadSpec
+from samwatch.vocab import LoadSpec
+from samwatch.vocab import JobTicket, Outcome, Progress
 
 PROGRESS_TOPIC = "samwatch-progress"
 #: a worker asks the scheduler whether its job was cancelled at most this often
@@ -258,11 +258,7 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     progress = Progress(_EventChannel(worker, job), _CancelFlag(job.token))
     runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size)
     outcome = runner.run(job.ticket, progress)
-    return {
-        "state": outcome.state, "error": outcome.error.to_dict() if outcome.error else None,
-        "features": outcome.features, "seconds": outcome.seconds, "summary": outcome.summary,
-        "result": outcome.result, "worker": worker.address,
-    }
+    return outcome.to_wire() | {"worker": worker.address}
 
 
 def worker_state(dask_worker: Any) -> dict[str, Any]:
@@ -297,12 +293,7 @@ def _outcome_of(future: Any) -> Outcome:
         return Outcome("failed", error=JobError(
             "internal_error", f"The cluster could not run the job ({type(exc).__name__}: {str(exc)[:200]}).",
         ))
-    error = body["error"]
-    return Outcome(
-        body["state"], features=body["features"], seconds=body["seconds"], summary=body["summary"],
-        result=body["result"],
-        error=JobError(error["error"], error["message"], field=error.get("field"), file=error.get("file")) if error else None,
-    )
+    return Outcome.from_wire(body)
 
 
 def _worker_of(future: Any) -> str:

@@ -25,10 +25,11 @@ import torch
 from samwatch.atomic import encoded_now
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressChannel
 from samwatch.config import Config
-from samwatch.jobs import JobRunner, JobTicket, Outcome, Progress
+from samwatch.jobs import JobRunner
 from samwatch.models.device import describe
 from samwatch.models.pool import ModelPool
 from samwatch.pipeline import JobPipeline
+from samwatch.vocab import JobTicket, Outcome, Progress
 
 
 @dataclass

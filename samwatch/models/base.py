@@ -21,6 +21,7 @@ import torch
 from samwatch.errors import JobError
 from samwatch.models.accel import EAGER, Accelerator, DecoderExport, module_path, weights_identity
 from samwatch.sidecar import Prompt, Sidecar
+from samwatch.vocab import LoadSpec
 
 ProgressFn = Callable[[str, float], None]
 """``progress(stage, fraction)``: fraction in [0, 1] of that stage; raises JobCancelled."""
@@ -74,18 +75,6 @@ class RunContext:
     scratch_dir: Path | None = None  # a private temporary folder for this job
     # Embeddings outliving the process (samwatch.tiling.cache): consulted after the memo.
     embedding_store: Any = None
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """What ``setup`` loads: a verified local checkpoint for one model type."""
-
-    model_type: str
-    checkpoint: Path
-    weights_name: str
-    sha256: str | None = None
-    config: str | None = None  # family-specific (SAM2 Hydra config)
-    source: str = ""  # URL or path, for messages
 
 
 class ModelAdapter(Protocol):

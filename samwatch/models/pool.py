@@ -15,7 +15,8 @@ from loguru import logger
 from samwatch.config import ModelSettings
 from samwatch.errors import JobError
 from samwatch.models.accel import Accelerator
-from samwatch.models.base import LoadSpec, ModelAdapter
+from samwatch.models.base import ModelAdapter
+from samwatch.vocab import LoadSpec
 from samwatch.families import FAMILY_OF
 
 

@@ -20,7 +20,6 @@ from samwatch.models.base import (
     DecoderPlan,
     Detection,
     EmbeddingMemo,
-    LoadSpec,
     PromptAdapter,
     PromptBatch,
     RunContext,
@@ -28,6 +27,7 @@ from samwatch.models.base import (
     mask_at,
     parameter_bytes,
 )
+from samwatch.vocab import LoadSpec
 from samwatch.models.weights_io import load_checkpoint
 from samwatch.families import FAMILY_OF
 

@@ -28,7 +28,6 @@ from samwatch.models.base import (
     DecoderPlan,
     Detection,
     EmbeddingMemo,
-    LoadSpec,
     PromptAdapter,
     PromptBatch,
     RunContext,
@@ -36,6 +35,7 @@ from samwatch.models.base import (
     mask_at,
     parameter_bytes,
 )
+from samwatch.vocab import LoadSpec
 from samwatch.models.weights_io import load_checkpoint
 
 _SIZES = {"sam2_t": "t", "sam2_s": "s", "sam2_bp": "b+", "sam2_l": "l"}

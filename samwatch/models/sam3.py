@@ -38,14 +38,8 @@ from loguru import logger
 from PIL import Image
 
 from samwatch.errors import JobError
-from samwatch.models.base import (
-    Detection,
-    LoadSpec,
-    LruCache,
-    RunContext,
-    check_box,
-    load_state_dict_strict,
-)
+from samwatch.models.base import Detection, LruCache, RunContext, check_box, load_state_dict_strict
+from samwatch.vocab import LoadSpec
 from samwatch.models.sam3_device import empty_safe_connected_components, on_device
 from samwatch.models.weights_io import load_checkpoint
 from samwatch.sidecar import Box, VideoObject, VideoSpec

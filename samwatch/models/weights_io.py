@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from samwatch.errors import JobError
-from samwatch.models.base import LoadSpec
+from samwatch.vocab import LoadSpec
 
 
 def load_checkpoint(spec: LoadSpec) -> dict[str, Any]:

@@ -19,7 +19,6 @@ MRXS, SCN, BIF, ...), ``array`` (a decoded image).
 
 from samwatch.slides.array import ArraySource
 from samwatch.slides.base import Level, RegionSource, SlideReader
-from samwatch.slides.formats import FOREIGN_SLIDE_SUFFIXES, SLIDE_SUFFIXES, is_slide, open_slide
+from samwatch.slides.formats import is_slide, open_slide
 
-__all__ = ["ArraySource", "FOREIGN_SLIDE_SUFFIXES", "Level", "RegionSource", "SLIDE_SUFFIXES", "SlideReader",
-           "is_slide", "open_slide"]
+__all__ = ["ArraySource", "Level", "RegionSource", "SlideReader", "is_slide", "open_slide"]

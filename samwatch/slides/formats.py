@@ -11,22 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from samwatch.errors import JobError
+from samwatch.media_files import FOREIGN_SLIDE_SUFFIXES, OPENSLIDE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES
 from samwatch.pixels import ChannelRule
 from samwatch.slides.base import SlideReader
-from samwatch.slides.openslide import OPENSLIDE_SUFFIXES, OpenSlideReader
+from samwatch.slides.openslide import OpenSlideReader
 from samwatch.slides.tiff import TiffReader, is_tiff_slide
 
 if TYPE_CHECKING:
     from samwatch.media import MediaLimits
-
-_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
-#: Slide formats samwatch knows it cannot read, with what they are.
-FOREIGN_SLIDE_SUFFIXES: dict[str, str] = {
-    ".vsi": "Olympus/Evident VSI", ".lif": "Leica LIF", ".nd2": "Nikon ND2", ".ims": "Imaris IMS",
-    ".oib": "Olympus OIB", ".oir": "Olympus OIR",
-}
-#: Every suffix that names a slide (the TIFF suffixes only when the file is tiled; see is_slide).
-SLIDE_SUFFIXES: frozenset[str] = OPENSLIDE_SUFFIXES | frozenset(FOREIGN_SLIDE_SUFFIXES)
 
 
 def is_slide(path: Path) -> bool:
@@ -38,7 +30,7 @@ def is_slide(path: Path) -> bool:
     suffix = Path(path).suffix.lower()
     if suffix in SLIDE_SUFFIXES:
         return True
-    return suffix in _TIFF_SUFFIXES and is_tiff_slide(Path(path))
+    return suffix in TIFF_SUFFIXES and is_tiff_slide(Path(path))
 
 
 def open_slide(path: Path, *, limits: MediaLimits, channels: ChannelRule) -> SlideReader:

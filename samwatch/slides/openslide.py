@@ -21,10 +21,7 @@ from samwatch.slides.tiff import check_tiff_complete
 if TYPE_CHECKING:
     from samwatch.media import MediaLimits
 
-#: Suffixes read through OpenSlide (``.tif`` files go to tifffile, even Aperio or Ventana ones).
-OPENSLIDE_SUFFIXES: frozenset[str] = frozenset(
-    {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi"})
-# Those that are TIFF files, checked for truncation first: OpenSlide only says it cannot
+#: The OpenSlide suffixes (media_files) that are TIFF files, checked for truncation first: OpenSlide only says it cannot
 # recognise a cut-short file.
 _TIFF_BASED = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide"})
 

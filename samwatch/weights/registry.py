@@ -28,7 +28,7 @@ from loguru import logger
 from samwatch.config import WeightsEntry
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES
-from samwatch.models.base import LoadSpec
+from samwatch.vocab import LoadSpec
 from samwatch.weights.entries import Key, as_url, download_path, entries_with_defaults, entry_identity, entry_key
 from samwatch.weights.failures import checksum_mismatch, download_failed
 from samwatch.weights.files import file_size, part_progress, sha256_file, sibling, verified_sha
