@@ -142,7 +142,7 @@ def microsam_child(pixels: Path, checkpoint: Path, points: int) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         embeddings = util.precompute_image_embeddings(predictor, image, save_path=str(Path(scratch) / "emb.zarr"),
-                                                      tile_shape=tile_shape, halo=halo, verbose=False)
+                                                      tile_shape=tile_shape, halo=halo, verbose=False, ndim=2)
         generator = TiledAutomaticMaskGenerator(predictor, points_per_side=points)
         generator.initialize(image, image_embeddings=embeddings, tile_shape=tile_shape, halo=halo, verbose=False)
         masks = generator.generate(pred_iou_thresh=0.0, stability_score_thresh=0.0)
