@@ -145,7 +145,8 @@ def microsam_child(pixels: Path, checkpoint: Path, points: int) -> dict:
                                                       tile_shape=tile_shape, halo=halo, verbose=False, ndim=2)
         generator = TiledAutomaticMaskGenerator(predictor, points_per_side=points)
         generator.initialize(image, image_embeddings=embeddings, tile_shape=tile_shape, halo=halo, verbose=False)
-        masks = generator.generate(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        masks = generator.generate(pred_iou_thresh=0.0, stability_score_thresh=0.0, output_mode="binary_mask",
+                                   with_background=False)  # every object, as samwatch keeps them
     seconds = time.perf_counter() - started
     crops = []
     for record in masks:

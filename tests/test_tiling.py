@@ -354,18 +354,6 @@ def test_cancelling_stops_between_second_looks() -> None:
     assert prompted.count("automask") == 9 and prompted.count("prompts") == 0
 
 
-def test_a_prompt_whose_mask_reaches_its_window_border_is_asked_again_in_a_larger_window() -> None:
-    image, (long_bar, small) = _painted(3000, 3000, [(slice(1000, 1300), slice(200, 1900)), (2500, 2500, 30)])
-    prompts = [{"bbox": [900, 1100, 1000, 1200]}, {"bbox": [2470, 2470, 2530, 2530]}]
-    messages: list[str] = []
-    detections, report = _run(image, {"label": "painted", "prompts": prompts}, messages=messages)
-    by_prompt = {d.prompt_idx: d for d in detections}
-    assert sorted(by_prompt) == [0, 1] and report.second_looks == 1 and "refining 1/1" in messages
-    assert by_prompt[0].extra["tiling"]["view"] == "refined" and by_prompt[0].scale > 1
-    assert best_iou(Crop(long_bar, 0, 0), [crop_of_detection(by_prompt[0])]) > 0.97
-    assert best_iou(Crop(small, 0, 0), [crop_of_detection(by_prompt[1])]) == 1.0
-
-
 def test_the_seam_and_duplicate_checks_find_a_cut_object_and_a_repeated_one() -> None:
     tiles = plan_tiles(Rect(0, 0, 896, 512), 512, 128, 1.0, 0)
     lines = seam_lines(tiles, (0, 0, 896, 512))

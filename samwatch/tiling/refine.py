@@ -8,8 +8,7 @@ at the job's resolution while that fits the model input and coarser (read from t
 that matches) when the object is larger. While the new mask still touches the window's border,
 the box grows to the mask and by half its size, up to the whole region at a downsample that
 fits one window. SAM3 (text), which takes no box prompt, runs its text in that window instead and
-the object that overlaps the look's own mask best is kept. A user's prompt whose mask reached the
-border of its window is asked again, as it was, in the grown window. Looks that fit together in
+the object that overlaps the look's own mask best is kept. Looks that fit together in
 one window share it (and its one embedding), as prompts do.
 """
 
@@ -110,18 +109,6 @@ def _in_window(adapter: Any, tile: TileSpec, members: list[tuple[SecondLook, Rec
     if mode == "text":
         found = run_tile(adapter, replace(tile, prompt_indices=()), source, job, progress)
         return [_best_match(found, look) for look, _ in members]
-    if mode == "prompts":  # the user's own prompts, again
-        asked = sorted({look.template.prompt_idx for look, _ in members})
-        found = run_tile(adapter, replace(tile, prompt_indices=tuple(asked)), source, job, progress)
-        by_prompt: dict[int, list[Detection]] = {}
-        for detection in found:
-            by_prompt.setdefault(detection.prompt_idx, []).append(detection)
-        answers = []
-        for look, _ in members:
-            candidates = by_prompt.get(look.template.prompt_idx, [])
-            same = [d for d in candidates if d.mask_idx == look.template.mask_idx]
-            answers.append((same or candidates or [None])[0])
-        return answers
     prompted = replace(job, sidecar=_box_prompts_sidecar(job.sidecar, [box for _, box in members]))
     found = run_tile(adapter, replace(tile, prompt_indices=tuple(range(len(members)))), source, prompted, progress)
     by_prompt = {detection.prompt_idx: detection for detection in found}

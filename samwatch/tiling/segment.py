@@ -19,14 +19,12 @@ from typing import Any
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn
 from samwatch.sidecar import Sidecar, TilingSpec
-from samwatch.tiling.once import Once, level0_box
+from samwatch.tiling.once import Once
 from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
 from samwatch.tiling.refine import (
     LookPlan,
     SecondLook,
-    metadata_of,
     second_looks,
-    touches_inner_border,
     view,
 )
 from samwatch.tiling.stitch import Stitcher
@@ -188,23 +186,12 @@ def _prompt_windows(
     adapter: Any, tiles: list[TileSpec], source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn,
     report: TilingReport,
 ) -> Iterator[Detection]:
-    """Each prompt window's masks; a mask that reached its window's border is asked again in a larger one."""
-    looks = []
+    """Each prompt window's masks, final as they come (each prompt is asked in one window)."""
     for tile in tiles:
-        progress("tiles", _TILES_SHARE * tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
-        for detection in run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, _TILES_SHARE)):
-            if touches_inner_border(detection, tile, plan.region):
-                looks.append(SecondLook(level0_box(detection).union(_prompt_box(job.sidecar, detection)),
-                                        metadata_of(detection), None))
-            else:
-                yield view(detection, "whole", tile.level)
-    yield from _second_looks(adapter, looks, source, job, plan, progress, report)
+        progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+        for detection in run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, 1.0)):
+            yield view(detection, "whole", tile.level)
     _count_hits(job, report)
-
-
-def _prompt_box(sidecar: Sidecar, detection: Detection) -> Rect:
-    x1, y1, x2, y2 = prompt_extent(sidecar.prompts[detection.prompt_idx])
-    return Rect(math.floor(x1), math.floor(y1), max(1, math.ceil(x2) - math.floor(x1)), max(1, math.ceil(y2) - math.floor(y1)))
 
 
 def _second_looks(
