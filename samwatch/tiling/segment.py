@@ -160,7 +160,7 @@ def segment(
     tiles, stitched = plan_windows(job.sidecar, plan, source)
     report.tiles += len(tiles)
     if not stitched:
-        yield from _prompt_windows(adapter, tiles, source, job, plan, progress, report)
+        yield from _prompt_windows(adapter, tiles, source, job, progress, report)
         return
     stitcher = Stitcher(tiles, max_pixels=max_object_pixels)
     once = Once(cell=round(plan.tile_size * plan.downsample))
@@ -183,8 +183,7 @@ def segment(
 
 
 def _prompt_windows(
-    adapter: Any, tiles: list[TileSpec], source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn,
-    report: TilingReport,
+    adapter: Any, tiles: list[TileSpec], source: RegionSource, job: TileJob, progress: ProgressFn, report: TilingReport,
 ) -> Iterator[Detection]:
     """Each prompt window's masks, final as they come (each prompt is asked in one window)."""
     for tile in tiles:
