@@ -1,4 +1,4 @@
-"""Joining tiles' masks into objects: each object once, neither cut at a seam nor duplicated.
+"""Joining tiles' masks into objects, and handing on what no tile saw whole.
 
 micro-sam's tiled automatic segmentation drops every mask that touches a tile's border and then
 de-duplicates whole-image masks by box NMS; an object wider than the halo is lost, and every
