@@ -128,7 +128,9 @@ def samwatch_child(pixels: Path, checkpoint: Path, points: int) -> dict:
     height, width = image.shape[:2]
     tiles = plan_tiles(Rect(0, 0, width, height), tiling["tile_size"], tiling["overlap"], 1.0, 0)
     crops = [seams.crop_of_detection(d) for d in detections]
-    return {"seconds": seconds, **_checked(crops, seams.seam_lines(tiles, (0, 0, width, height))),
+    lines = seams.seam_lines(tiles, (0, 0, width, height))
+    flagged = [(detections[i].extra["tiling"], axis, line, run) for i, axis, line, run in seams.seam_edges(crops, lines)]
+    return {"seconds": seconds, **_checked(crops, lines), "seam_edge_views": flagged,
             "tiles": report.tiles, "windows_encoded": report.windows_encoded, "second_looks": report.second_looks}
 
 
@@ -185,6 +187,8 @@ def bench_automask(checkpoint: Path, points: int, microsam_path: str | None, scr
     print(f"  samwatch:  {ours['seconds']:7.1f} s  peak RSS {ours['rss_mib']:6.0f} MiB  {ours['objects']:5d} objects, "
           f"{ours['seam_edges']} seam edges, {ours['duplicates']} duplicates (tiles {ours['tiles']}, "
           f"{ours['second_looks']} second looks, {ours['windows_encoded']} windows encoded)")
+    for tiling, axis, line, run in ours["seam_edge_views"]:
+        print(f"    seam edge: {run} px along {axis} = {line}, object seen {tiling}")
     if microsam_path is None:
         return
     theirs = _in_child("microsam", pixels, weights, points, microsam_path)
