@@ -1,24 +1,29 @@
 """Tiled segmentation: automask on 4096² vs micro-sam, peak RSS on 4k/16k/40k slides, 50 boxes on 40k.
 
-    python bench/bench_tiling.py [--parts automask rss boxes] [--points 4] [--sizes 4096 16384 40000]
-                                 [--boxes 50] [--no-microsam]
+    python bench/bench_tiling.py [--parts automask rss boxes] [--points 8] [--automask-size 4096]
+                                 [--sizes 4096 16384 40000] [--boxes 50] [--microsam-path /tmp/msam]
 
 All models are a random-weight vit_t (no downloads here), built once and saved as the checkpoint
-both samwatch and micro-sam load. On 2 shared CPU cores the automask grid is cut to
-``--points``² points per tile (default 4² = 16) and the quality filters are off (random
-weights predict IoUs near 0), so counts compare the two pipelines, not the masks' quality.
+both samwatch and micro-sam load; the quality filters are off (random weights predict IoUs near
+0), so counts compare the two pipelines, not the masks' quality.
 
-1. **Automask on a 4096² image** (scikit-image content), 1024-px windows with a 128-px overlap
-   (micro-sam: tile_shape 896 + halo 64 on each side: the same 25 windows): samwatch's tiled
-   automask (read, encode, decode, stitch) vs micro-sam 1.8.14's ``TiledAutomaticMaskGenerator``
-   (``precompute_image_embeddings`` to zarr + ``initialize`` + ``generate``), seconds and object
-   counts; then samwatch again with its disk cache warm.                target: <= 1.0x micro-sam
+1. **Automask on a 4096² image** (scikit-image content, a piece every 600 px so that its own
+   straight edges lie on neither tiling's seams), micro-sam's tiling of tile 1024 + halo
+   128 (windows of 1280, 16 of them; samwatch: ``tile_size`` 1280, ``overlap`` 256, the same
+   windows), 8² points per window, the hypernetwork scaled as tests/conftest.py does so masks are
+   decisive: samwatch's tiled automask (read, encode, decode, stitch, second looks) vs micro-sam
+   1.8.14's ``TiledAutomaticMaskGenerator`` (``precompute_image_embeddings`` to zarr +
+   ``initialize`` + ``generate``), each in a process of its own, one after the other: seconds,
+   peak RSS, objects, edges running straight along a seam for more than 20 px and duplicates
+   (mask IoU > 0.5) of both (tests/seams.py).     targets: <= 0.5x the time, <= 0.25x the peak RSS
    micro-sam is not a samwatch dependency, and ``pip install micro-sam`` would put ~130 packages
    (napari, PyQt6, and segment-anything-py, which shadows segment_anything) into the venv; install
-   it aside instead: ``pip install --target /tmp/msam --no-deps micro-sam==1.8.14 torch_em
-   python-elf bioimage-cpp==0.10.0 matplotlib scikit-learn kiwisolver cycler fonttools contourpy
-   pyparsing python-dateutil threadpoolctl joblib narwhals kornia kornia_rs pandas pooch
-   platformdirs xxhash`` and run with ``PYTHONPATH=$PWD:/tmp/msam``.
+   it aside instead (``--no-deps``, the venv's versions untouched):
+   ``pip install --target /tmp/msam --no-deps micro-sam==1.8.14 torch-em python-elf bioimage-cpp
+   threadpoolctl pooch platformdirs xxhash matplotlib pyparsing cycler python-dateutil kiwisolver
+   scikit-learn joblib narwhals kornia kornia_rs pandas`` (the bench puts ``--microsam-path`` on
+   the child's PYTHONPATH; ``--microsam-path ''`` skips micro-sam). The micro-sam run takes
+   ~400 s and ~9 GB.
 2. **Peak RSS** of a whole tiled automask job (the real ``JobRunner``: slide reader, tiles,
    stitching, polygons, result file) on mostly-white pyramidal OME-TIFF slides of each size with
    skimage patches, each in its own process. The model is a stand-in that finds dark connected
@@ -59,9 +64,12 @@ from samwatch.media.slides import ArraySource  # noqa: E402
 from samwatch.tiling.cache import TileEmbeddingStore  # noqa: E402
 from samwatch.tiling.segment import TilingReport, plan_for, segment  # noqa: E402
 from samwatch.tiling.tile import TileJob  # noqa: E402
+import seams  # noqa: E402
 from slides import SparseSlide, skimage_content, write_ome_pyramid  # noqa: E402
 
 TILE, OVERLAP = 1024, 128
+MICROSAM_TILE, MICROSAM_HALO = 1024, 128
+HYPERNETWORK_GAIN = 200.0  # tests/conftest.py's
 
 
 def vit_t_checkpoint(folder: Path) -> Path:
@@ -81,53 +89,116 @@ def automask_params(points: int) -> dict:
 # -- 1. automask vs micro-sam ------------------------------------------------------------------
 
 
-def samwatch_automask(adapter: Adapter, image: np.ndarray, points: int, store: TileEmbeddingStore | None) -> tuple[float, int, dict]:
-    sidecar = validate_sidecar({"automask": automask_params(points), "tiling": {"tile_size": TILE, "overlap": OVERLAP}},
-                               name="bench")
+def conditioned(checkpoint: Path) -> Path:
+    """The checkpoint with its hypernetwork output layers scaled, as tests/conftest.py does, so
+    masks are decisive (random weights alone give logits near 0)."""
+    from mobile_sam import build_sam_vit_t
+
+    model = build_sam_vit_t()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    with torch.no_grad():
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(HYPERNETWORK_GAIN)
+            mlp.layers[-1].bias.mul_(HYPERNETWORK_GAIN)
+    path = checkpoint.with_name("vit_t_conditioned.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _checked(crops: list, lines: tuple[set[int], set[int]]) -> dict:
+    return {"objects": len(crops), "seam_edges": len(seams.seam_edges(crops, lines)),
+            "duplicates": len(seams.duplicates(crops))}
+
+
+def samwatch_child(pixels: Path, checkpoint: Path, points: int) -> dict:
+    """samwatch's tiled automask on the pixels: windows of MICROSAM_TILE + 2 halo, overlap 2 halo."""
+    from samwatch.tiling.plan import Rect, plan_tiles
+
+    image = np.load(pixels)
+    tiling = {"tile_size": MICROSAM_TILE + 2 * MICROSAM_HALO, "overlap": 2 * MICROSAM_HALO}
+    sidecar = validate_sidecar({"automask": automask_params(points), "tiling": tiling}, name="bench")
+    adapter = Adapter()
+    adapter.setup(LoadSpec("vit_t", checkpoint, "bench"), torch.device("cpu"), embedding_cache=0)
     source = ArraySource(Path("bench.png"), image, MediaLimits())
     plan = plan_for(sidecar, source)
     report = TilingReport(plan)
-    job = TileJob(sidecar=sidecar, image_key="bench-4096", embedding_store=store)
     started = time.perf_counter()
-    count = sum(1 for _ in segment(adapter, source, job, plan, lambda *a: None, report))
-    return time.perf_counter() - started, count, report.to_dict()
+    detections = list(segment(adapter, source, TileJob(sidecar=sidecar, image_key="bench"), plan, lambda *a: None, report))
+    seconds = time.perf_counter() - started
+    height, width = image.shape[:2]
+    tiles = plan_tiles(Rect(0, 0, width, height), tiling["tile_size"], tiling["overlap"], 1.0, 0)
+    crops = [seams.crop_of_detection(d) for d in detections]
+    lines = seams.seam_lines(tiles, (0, 0, width, height))
+    flagged = [(detections[i].extra["tiling"], axis, line, run) for i, axis, line, run in seams.seam_edges(crops, lines)]
+    return {"seconds": seconds, **_checked(crops, lines), "seam_edge_views": flagged,
+            "tiles": report.tiles, "windows_encoded": report.windows_encoded, "second_looks": report.second_looks}
 
 
-def microsam_automask(checkpoint: Path, image: np.ndarray, points: int, scratch: Path) -> tuple[float, int] | None:
-    try:
-        from micro_sam import util
-        from micro_sam.instance_segmentation import TiledAutomaticMaskGenerator
-    except ImportError as exc:
-        print(f"  micro-sam: not importable ({exc}); skipped")
-        return None
+def microsam_child(pixels: Path, checkpoint: Path, points: int) -> dict:
+    from micro_sam import util
+    from micro_sam.instance_segmentation import TiledAutomaticMaskGenerator
+
+    image = np.load(pixels)
     predictor = util.get_sam_model(model_type="vit_t", checkpoint_path=str(checkpoint), device="cpu")
-    halo = (OVERLAP // 2, OVERLAP // 2)
-    tile_shape = (TILE - OVERLAP, TILE - OVERLAP)
+    tile_shape, halo = (MICROSAM_TILE, MICROSAM_TILE), (MICROSAM_HALO, MICROSAM_HALO)
     started = time.perf_counter()
-    embeddings = util.precompute_image_embeddings(predictor, image, save_path=str(scratch / "emb.zarr"),
-                                                  tile_shape=tile_shape, halo=halo, verbose=False)
-    generator = TiledAutomaticMaskGenerator(predictor, points_per_side=points)
-    generator.initialize(image, image_embeddings=embeddings, tile_shape=tile_shape, halo=halo)
-    masks = generator.generate(pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    return time.perf_counter() - started, len(masks)
+    with tempfile.TemporaryDirectory() as scratch:
+        embeddings = util.precompute_image_embeddings(predictor, image, save_path=str(Path(scratch) / "emb.zarr"),
+                                                      tile_shape=tile_shape, halo=halo, verbose=False, ndim=2)
+        generator = TiledAutomaticMaskGenerator(predictor, points_per_side=points)
+        generator.initialize(image, image_embeddings=embeddings, tile_shape=tile_shape, halo=halo, verbose=False)
+        masks = generator.generate(pred_iou_thresh=0.0, stability_score_thresh=0.0, output_mode="binary_mask",
+                                   with_background=False)  # every object, as samwatch keeps them
+    seconds = time.perf_counter() - started
+    crops = []
+    for record in masks:
+        x, y, w, h = (int(v) for v in record["bbox"])
+        crops.append(seams.Crop(np.asarray(record["segmentation"])[y:y + h + 1, x:x + w + 1], x, y))
+    height, width = image.shape[:2]
+    lines = ({v for k in range(1, width // MICROSAM_TILE + 1) for v in (k * MICROSAM_TILE - MICROSAM_HALO,
+              k * MICROSAM_TILE, k * MICROSAM_TILE + MICROSAM_HALO)} - {0, width},
+             {v for k in range(1, height // MICROSAM_TILE + 1) for v in (k * MICROSAM_TILE - MICROSAM_HALO,
+              k * MICROSAM_TILE, k * MICROSAM_TILE + MICROSAM_HALO)} - {0, height})
+    return {"seconds": seconds, **_checked(crops, lines)}
 
 
-def bench_automask(checkpoint: Path, points: int, use_microsam: bool, scratch: Path) -> None:
-    print(f"1. automask on 4096² ({TILE}-px windows, overlap {OVERLAP}, {points}² points per window)")
-    image = skimage_content(4096, 4096)
-    adapter = Adapter()
-    adapter.setup(LoadSpec("vit_t", checkpoint, "bench"), torch.device("cpu"), embedding_cache=0)
-    store = TileEmbeddingStore(scratch / "tile-embeddings", "bench", 1 << 31)
-    seconds, count, report = samwatch_automask(adapter, image, points, store)  # an empty cache: every window encoded
-    print(f"  samwatch:  {seconds:7.1f} s  {count:5d} objects  tiles {report['tiles']}, encoded {report['windows_encoded']}")
-    store.hits = 0
-    warm, warm_count, warm_report = samwatch_automask(adapter, image, points, store)
-    print(f"  samwatch, disk cache warm: {warm:7.1f} s  {warm_count:5d} objects  encoded "
-          f"{warm_report['windows_encoded']}, cache hits {warm_report['cache_hits']} ({warm / seconds:.2f}x the cold run)")
-    theirs = microsam_automask(checkpoint, image, points, scratch) if use_microsam else None
-    if theirs is not None:
-        print(f"  micro-sam: {theirs[0]:7.1f} s  {theirs[1]:5d} objects")
-        print(f"  ratio samwatch / micro-sam: {seconds / theirs[0]:.2f}x time, objects {count} vs {theirs[1]}")
+def _in_child(kind: str, pixels: Path, checkpoint: Path, points: int, extra_path: str = "") -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), extra_path]))
+    out = subprocess.run([sys.executable, __file__, "--automask-child", kind, str(pixels), str(checkpoint), str(points)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": out.stderr[-1500:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_automask(checkpoint: Path, points: int, microsam_path: str | None, scratch: Path, size: int) -> None:
+    window = MICROSAM_TILE + 2 * MICROSAM_HALO
+    print(f"1. automask on {size}²: micro-sam's tile {MICROSAM_TILE} + halo {MICROSAM_HALO} (windows of {window}, "
+          f"samwatch tile_size {window}, overlap {2 * MICROSAM_HALO}), {points}² points per window, one process each")
+    pixels = scratch / "pixels.npy"
+    np.save(pixels, skimage_content(size, size, pitch=600))  # content edges on neither tiling's seams
+    weights = conditioned(checkpoint)
+    ours = _in_child("samwatch", pixels, weights, points)
+    if "error" in ours:
+        print(f"  samwatch failed: {ours['error']}")
+        return
+    print(f"  samwatch:  {ours['seconds']:7.1f} s  peak RSS {ours['rss_mib']:6.0f} MiB  {ours['objects']:5d} objects, "
+          f"{ours['seam_edges']} seam edges, {ours['duplicates']} duplicates (tiles {ours['tiles']}, "
+          f"{ours['second_looks']} second looks, {ours['windows_encoded']} windows encoded)")
+    for tiling, axis, line, run in ours["seam_edge_views"]:
+        print(f"    seam edge: {run} px along {axis} = {line}, object seen {tiling}")
+    if microsam_path is None:
+        return
+    theirs = _in_child("microsam", pixels, weights, points, microsam_path)
+    if "error" in theirs:
+        print(f"  micro-sam failed (install it aside, see the docstring): {theirs['error']}")
+        return
+    print(f"  micro-sam: {theirs['seconds']:7.1f} s  peak RSS {theirs['rss_mib']:6.0f} MiB  {theirs['objects']:5d} objects, "
+          f"{theirs['seam_edges']} seam edges, {theirs['duplicates']} duplicates")
+    print(f"  samwatch / micro-sam: {ours['seconds'] / theirs['seconds']:.2f}x time (target <= 0.5x), "
+          f"{ours['rss_mib'] / theirs['rss_mib']:.2f}x peak RSS (target <= 0.25x)")
 
 
 # -- 2. peak RSS over slide sizes --------------------------------------------------------------
@@ -234,22 +305,31 @@ def bench_boxes(n_boxes: int, size: int, checkpoint: Path, scratch: Path) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--points", type=int, default=4)
+    parser.add_argument("--points", type=int, default=8)
+    parser.add_argument("--automask-size", type=int, default=4096, help="side of the automask image")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 40000])
     parser.add_argument("--boxes", type=int, default=50)
-    parser.add_argument("--no-microsam", action="store_true")
+    parser.add_argument("--microsam-path", default="/tmp/msam",
+                        help="where micro-sam was installed aside (see above); '' skips it")
     parser.add_argument("--parts", nargs="+", choices=["automask", "rss", "boxes"], default=["automask", "rss", "boxes"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--automask-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.child:
         rss_child(Path(args.child[0]), args.child[1], args.child[2])
         return
+    if args.automask_child:
+        kind, pixels, checkpoint, points = args.automask_child
+        run = samwatch_child if kind == "samwatch" else microsam_child
+        result = run(Path(pixels), Path(checkpoint), int(points))
+        print(json.dumps({**result, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-tiling-") as tmp:
         scratch = Path(tmp)
         checkpoint = vit_t_checkpoint(scratch)
         if "automask" in args.parts:
-            bench_automask(checkpoint, args.points, not args.no_microsam, scratch)
+            bench_automask(checkpoint, args.points, args.microsam_path or None, scratch, args.automask_size)
         if "rss" in args.parts:
             bench_rss(args.sizes, checkpoint, scratch)
         if "boxes" in args.parts:

@@ -81,3 +81,15 @@ def conditioned_vit_t(tmp_path_factory: pytest.TempPathFactory, vit_t_checkpoint
 def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One ONNX export cache for the session, as the daemon's ``state_dir/encoders``."""
     return tmp_path_factory.mktemp("state") / "encoders"
+
+
+@pytest.fixture(scope="session")
+def conditioned_sam2_t(tmp_path_factory: pytest.TempPathFactory, sam2_t_checkpoint: Path) -> Path:
+    """sam2_t with its mask decoder's hypernetwork output layers scaled as ``conditioned_vit_t``'s."""
+    state = torch.load(sam2_t_checkpoint, weights_only=True)["model"]
+    for key in state:
+        if key.startswith("sam_mask_decoder.output_hypernetworks_mlps.") and ".layers.2." in key:
+            state[key] = state[key] * HYPERNETWORK_GAIN
+    path = tmp_path_factory.mktemp("weights") / "sam2.1_hiera_t_conditioned.pt"
+    torch.save({"model": state}, path)
+    return path

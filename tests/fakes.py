@@ -8,7 +8,8 @@ A prompt's box becomes its mask. A sidecar label ``slow:N`` makes the job take N
 reporting progress ten times a second (so cancellation and heartbeats can be observed).
 With the label ``painted``, automask and text jobs find the image's painted objects: one
 mask per distinct non-black colour in the pixels they are given (a tile sees the parts of the
-objects inside it), so stitching can be checked against known objects.
+objects inside it), so stitching can be checked against known objects; a box prompt then finds
+the painted object that fills most of its box (what SAM does with a box around an object).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class FakeAdapter(ModelAdapter):
         height, width = ctx.image.shape[:2]
         for index, prompt in enumerate(ctx.sidecar.prompts):
             mask = np.full((height, width), False)  # every page written, as a real decoder does
-            if prompt.bbox is not None:
+            if label == "painted" and prompt.bbox is not None:
+                mask = painted_in_box(ctx.image, prompt.bbox)
+            elif prompt.bbox is not None:
                 x1, y1, x2, y2 = (int(round(v)) for v in prompt.bbox)
                 mask[y1:y2, x1:x2] = True
             yield Detection(mask=mask, score=0.9, prompt_idx=index, label=prompt.label, color=prompt.color)
@@ -57,6 +60,17 @@ def painted_objects(image: np.ndarray) -> list[Detection]:
     """One detection per distinct non-black colour of ``image``."""
     codes = image[..., 0].astype(np.int64) << 16 | image[..., 1].astype(np.int64) << 8 | image[..., 2]
     return [Detection(mask=codes == code, score=0.9) for code in np.unique(codes) if code != 0]
+
+
+def painted_in_box(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """All pixels of the non-black colour most frequent within ``box``."""
+    codes = image[..., 0].astype(np.int64) << 16 | image[..., 1].astype(np.int64) << 8 | image[..., 2]
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    values, counts = np.unique(codes[max(y1, 0):y2, max(x1, 0):x2], return_counts=True)
+    counts[values == 0] = 0
+    if not counts.size or counts.max() == 0:
+        return np.zeros(codes.shape, bool)
+    return codes == values[counts.argmax()]
 
 
 def worker_plugin():  # noqa: ANN201

@@ -97,12 +97,15 @@ def _pieces() -> tuple[np.ndarray, np.ndarray]:
     return skimage.data.astronaut(), coffee.astype(np.uint8)
 
 
-def skimage_content(height: int, width: int) -> np.ndarray:
-    """Real image content of any size: scikit-image's astronaut and coffee tiled, RGB uint8."""
+def skimage_content(height: int, width: int, pitch: int = 512) -> np.ndarray:
+    """Real image content of any size: scikit-image's astronaut and coffee tiled, RGB uint8, a
+    piece every ``pitch`` pixels (a tiling test keeps the pieces' straight edges off its seams)."""
     pieces = _pieces()
+    if pitch != 512:
+        pieces = tuple(skimage.transform.resize(p, (pitch, pitch), preserve_range=True).astype(np.uint8) for p in pieces)
     rows = []
-    for i, y in enumerate(range(0, height, 512)):
-        row = [pieces[(i + j) % 2][:512, :512] for j, _ in enumerate(range(0, width, 512))]
+    for i, y in enumerate(range(0, height, pitch)):
+        row = [pieces[(i + j) % 2][:pitch, :pitch] for j, _ in enumerate(range(0, width, pitch))]
         rows.append(np.concatenate(row, axis=1))
     return np.ascontiguousarray(np.concatenate(rows, axis=0)[:height, :width])
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fakes import FakeAdapter
+from fakes import FakeAdapter, painted_objects
+from seams import Crop, best_iou, crop_of_detection, duplicates, seam_edges, seam_lines
 
 from samwatch.errors import JobCancelled, JobError
 from samwatch.media.read import MediaLimits
 from samwatch.sidecars.schema import validate_sidecar
 from samwatch.media.slides import ArraySource
 from samwatch.tiling.plan import Rect, plan_tiles
-from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
+from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, plan_windows, segment
 from samwatch.tiling.tile import TileJob, tile_sidecar
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 64, 32)]
@@ -45,16 +46,45 @@ def _placed(detection, height: int, width: int) -> np.ndarray:
     return full
 
 
-def _run(image: np.ndarray, body: dict, **options) -> tuple[list, TilingReport]:
+class ContextSensitive(FakeAdapter):
+    """A fake that, as a real model does, sees an object differently in each window: an object
+    cut by the window's left border (inside the image) is seen only in its top 40 %, so the two
+    tiles of a seam disagree where both look."""
+
+    def run(self, ctx):  # noqa: ANN001, ANN201
+        if ctx.sidecar.mode not in ("automask", "text"):
+            yield from super().run(ctx)
+            return
+        ctx.progress("encoding image", 0.0)
+        window_x = int(ctx.image_key.rsplit(":", 1)[1].split(",")[0])
+        for detection in painted_objects(ctx.image):
+            rows = np.flatnonzero(detection.mask.any(axis=1))
+            if window_x > 0 and detection.mask[:, 0].any():
+                detection.mask[rows[0] + int(0.4 * (rows[-1] + 1 - rows[0])):] = False
+            yield detection
+
+
+def _run(image: np.ndarray, body: dict, adapter=None, messages=None, **options) -> tuple[list, TilingReport]:  # noqa: ANN001
     sidecar = validate_sidecar(body, name="t.yaml")
     source = _source(image)
     assert is_tiled(sidecar, source.width, source.height, max_image_pixels=10**9)
     plan = plan_for(sidecar, source)
     report = TilingReport(plan)
     job = TileJob(sidecar=sidecar, image_key="painted")
-    messages = []
-    detections = list(segment(FakeAdapter(), source, job, plan, lambda s, f, m="": messages.append(m), report, **options))
+    messages = [] if messages is None else messages
+    detections = list(segment(adapter or FakeAdapter(), source, job, plan, lambda s, f, m="": messages.append(m),
+                              report, **options))
     return detections, report
+
+
+def _assert_clean(detections: list, image: np.ndarray, report: TilingReport) -> None:
+    """No edge along a seam, no object twice."""
+    sidecar_plan = report.plan
+    tiles = plan_tiles(sidecar_plan.grid, sidecar_plan.tile_size, sidecar_plan.overlap, sidecar_plan.downsample, 0)
+    region = sidecar_plan.region
+    crops = [crop_of_detection(d) for d in detections]
+    assert seam_edges(crops, seam_lines(tiles, (region.x, region.y, region.w, region.h))) == []
+    assert duplicates(crops) == []
 
 
 def test_tiles_cover_the_region_with_cores_that_partition_it() -> None:
@@ -180,17 +210,19 @@ def test_sam3_exemplar_boxes_go_to_the_tiles_that_hold_them() -> None:
     assert tile_sidecar(boxes_only, tiles[-1]) is None
 
 
-def test_an_object_larger_than_the_limit_comes_in_one_piece_per_tile() -> None:
+def test_a_tissue_sized_object_comes_out_once_from_a_coarser_look() -> None:
     height, width = 1100, 1400
     image, (disc,) = _painted(height, width, [(300, 300, 40)])
     image[~disc] = (250, 250, 250)  # a background spanning every tile
     detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}},
                               max_object_pixels=800 * 800)
-    found = [_placed(d, height, width) for d in detections]
-    background = [f for f in found if not (f & disc).any()]
-    assert len(background) == report.tiles == 9
-    assert (np.sum(background, axis=0) == ~disc).all()  # the pieces cover it exactly once
-    assert sum(1 for f in found if (f & disc).any()) == 1
+    found = [crop_of_detection(d) for d in detections]
+    assert len(found) == 2 and report.second_looks == 1
+    (tissue,) = [d for d in detections if d.extra["tiling"]["view"] == "refined"]
+    assert tissue.scale > 2 and tissue.extra["tiling"] == {"view": "refined", "level": 0, "downsample": tissue.scale}
+    assert best_iou(Crop(~disc, 0, 0), found) > 0.97
+    assert best_iou(Crop(disc, 0, 0), found) == 1.0
+    _assert_clean(detections, image, report)
 
 
 def test_the_tile_embedding_store_round_trips_and_evicts_the_least_recently_used(tmp_path) -> None:
@@ -251,3 +283,83 @@ def test_masks_overlapping_within_a_tile_are_not_chained_through_a_neighbour() -
         out += stitcher.add(tile, [seen_by(tile, cell), seen_by(tile, nucleus)])
     out += stitcher.finish()
     assert sorted(int(d.mask.sum()) for d in out) == sorted([int(nucleus.sum()), int(cell.sum())])
+
+
+SEEN_DIFFERENTLY = [
+    (480, 300, 60),                        # a disc across the first vertical seam
+    (slice(600, 700), slice(300, 1100)),   # a bar 3 windows wide
+    (slice(880, 1000), slice(820, 990)),   # across a vertical seam, near the bottom
+    (200, 800, 15),                        # well inside one tile
+]
+
+
+@pytest.mark.parametrize("mode", [{}, {"text": "painted things"}], ids=["automask", "sam3-text"])
+def test_an_object_each_neighbour_sees_differently_is_segmented_again_whole_and_once(mode: dict) -> None:
+    height, width = 1100, 1400
+    image, masks = _painted(height, width, SEEN_DIFFERENTLY)
+    messages: list[str] = []
+    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}, **mode},
+                              adapter=ContextSensitive(), messages=messages)
+    crops = [crop_of_detection(d) for d in detections]
+    assert len(detections) == len(masks)
+    for mask in masks:  # the bar is wider than a window: seen whole at a coarser downsample
+        assert best_iou(Crop(mask, 0, 0), crops) > 0.95
+    assert report.second_looks >= 3 and report.duplicates_dropped >= 1
+    views = {d.extra["tiling"]["view"] for d in detections}
+    assert views == {"whole", "refined"}
+    looks = [m for m in messages if m.startswith("refining") and ":" not in m]
+    assert looks[0] == f"refining 1/{report.second_looks}" and messages.index(looks[0]) > messages.index("tile 9/9")
+    _assert_clean(detections, image, report)
+
+
+def test_an_object_larger_than_a_window_is_seen_whole_at_a_coarser_downsample() -> None:
+    height, width = 1100, 1400
+    image, (bar,) = _painted(height, width, [(slice(300, 800), slice(100, 1300))])
+    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}},
+                              adapter=ContextSensitive())
+    (only,) = detections
+    assert only.scale > 2 and only.extra["tiling"]["downsample"] == only.scale
+    assert best_iou(Crop(bar, 0, 0), [crop_of_detection(only)]) > 0.98
+    _assert_clean(detections, image, report)
+
+
+def test_tiled_equals_untiled_on_an_image_that_fits_one_window() -> None:
+    height, width = 1000, 1000
+    image, masks = _painted(height, width, SEEN_DIFFERENTLY[:1] + [(slice(400, 520), slice(100, 980)), (750, 750, 90)])
+    untiled = [Crop(d.mask, 0, 0) for d in painted_objects(image)]
+    detections, report = _run(image, {"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}},
+                              adapter=ContextSensitive())
+    tiled = [crop_of_detection(d) for d in detections]
+    assert len(tiled) == len(untiled)
+    assert all(best_iou(crop, tiled) >= 0.9 for crop in untiled)
+    _assert_clean(detections, image, report)
+
+
+def test_cancelling_stops_between_second_looks() -> None:
+    image, _ = _painted(1100, 1400, SEEN_DIFFERENTLY)
+    sidecar = validate_sidecar({"label": "painted", "tiling": {"tile_size": 512, "overlap": 64}}, name="t.yaml")
+    source = _source(image)
+    plan = plan_for(sidecar, source)
+
+    def progress(stage: str, fraction: float, message: str = "") -> None:
+        if message.startswith("refining 1/"):
+            raise JobCancelled()
+
+    adapter = ContextSensitive()
+    prompted = []
+    original = adapter.run
+    adapter.run = lambda ctx: (prompted.append(ctx.sidecar.mode), original(ctx))[1]
+    with pytest.raises(JobCancelled):
+        list(segment(adapter, source, TileJob(sidecar=sidecar, image_key="k"), plan, progress, TilingReport(plan)))
+    assert prompted.count("automask") == 9 and prompted.count("prompts") == 0
+
+
+def test_the_seam_and_duplicate_checks_find_a_cut_object_and_a_repeated_one() -> None:
+    tiles = plan_tiles(Rect(0, 0, 896, 512), 512, 128, 1.0, 0)
+    lines = seam_lines(tiles, (0, 0, 896, 512))
+    assert lines == ({384, 448, 512}, set())
+    cut = Crop(np.ones((60, 100), bool), 412, 100)  # ends at x = 512, a window border
+    round_one = Crop(_painted(512, 896, [(200, 200, 40)])[1][0], 0, 0)
+    assert seam_edges([round_one, cut], lines) == [(1, "x", 512, 60)]
+    shifted = Crop(round_one.mask[:, 2:], 2, 0)
+    assert duplicates([round_one, cut, shifted]) == [(0, 2, 1.0)]

@@ -1,5 +1,6 @@
 """Tiled jobs through a running daemon: stitching on a slide, bad region/tiling values, the
-tile-embedding cache across a sidecar change, a tagged sidecar and a restart."""
+tile-embedding cache across a sidecar change, a tagged sidecar and a restart, and a real
+random-weight vit_t and sam2_t tiled automask: no edge along a seam, no object twice."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from slides import SparseSlide, write_ome_pyramid
+from seams import crops_of, duplicates, seam_edges, seam_lines
+from slides import SparseSlide, skimage_content, write_ome_pyramid
 from support import (
     DaemonProcess,
     coins,
@@ -21,10 +23,12 @@ from support import (
 )
 
 from samwatch.geometry.raster import rasterize
+from samwatch.tiling.plan import Rect, plan_tiles
 
 pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 JOB_TIMEOUT = 120
+REAL_MODEL_TIMEOUT = 800  # a deadline, not a wait: a busy 2-core machine
 PAINTED = [  # (colour, slices or disc) on a black 3000 x 2400 slide, tiles of 512 with a 64 halo
     ((255, 0, 0), (700, 470, 35)),                           # across a vertical seam
     ((0, 255, 0), (slice(380, 460), slice(1500, 1580))),     # across a horizontal seam
@@ -131,3 +135,35 @@ def test_tile_embeddings_survive_a_sidecar_change_a_tagged_sidecar_and_a_restart
     tagged = job("mosaic.cells.yaml", "mosaic.cells", [1260, 960, 1340, 1030])
     assert (tagged["windows_encoded"], tagged["cache_hits"]) == (0, 1)
     assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.mark.timeout(900)  # a real model on 4 windows: a minute on 2 quiet cores, far more on a busy machine
+@pytest.mark.parametrize("model", ["vit_t", "sam2_t"])
+def test_a_real_model_tiled_automask_has_no_seam_edges_and_no_duplicates(
+    tmp_path: Path, model: str, request: pytest.FixtureRequest
+) -> None:
+    weights = request.getfixturevalue("conditioned_vit_t" if model == "vit_t" else "conditioned_sam2_t")
+    config = write_config(tmp_path, [{"name": "default", "type": model, "path": str(weights)}])
+    size, tiling = 768, {"tile_size": 512, "overlap": 64}
+    # pieces every 300 px: their straight edges lie on none of the tiles' seams (256, 384, 512)
+    save_image(tmp_path / "inbox" / "astronaut.png", skimage_content(size, size, pitch=300))
+    write_sidecar(tmp_path / "inbox" / "astronaut.yaml", {
+        "model": model, "tiling": tiling,
+        "automask": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                     "include_image_edge": True},
+    })
+    daemon = DaemonProcess(config)
+    try:
+        wait_for(lambda: finished(tmp_path / "outbox", "astronaut"), REAL_MODEL_TIMEOUT, what="the tiled automask")
+        result, error = _outcome(tmp_path / "outbox", "astronaut")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert error is None, error
+    crops = crops_of(result["features"])
+    provenance = result["samwatch"]["tiling"]
+    assert crops and provenance["tiles"] == 4
+    tiles = plan_tiles(Rect(0, 0, size, size), tiling["tile_size"], tiling["overlap"], 1.0, 0)
+    assert seam_edges(crops, seam_lines(tiles, (0, 0, size, size))) == []
+    assert duplicates(crops) == []
+    views = {f["properties"]["tiling"]["view"] for f in result["features"]}
+    assert views <= {"whole", "joined", "refined"}

@@ -43,6 +43,11 @@ class Rect:
         x2, y2 = min(self.x2, other.x2), min(self.y2, other.y2)
         return Rect(x, y, x2 - x, y2 - y) if x2 > x and y2 > y else None
 
+    def union(self, other: Rect) -> Rect:
+        """The smallest rectangle holding both."""
+        x, y = min(self.x, other.x), min(self.y, other.y)
+        return Rect(x, y, max(self.x2, other.x2) - x, max(self.y2, other.y2) - y)
+
     def contains(self, px: float, py: float) -> bool:
         return self.x <= px < self.x2 and self.y <= py < self.y2
 

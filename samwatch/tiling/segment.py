@@ -4,19 +4,29 @@
 window, or a coarser level is asked for); ``plan_for`` checks the ``region:``/``tiling:`` values
 against the image. ``segment`` then runs each tile as its own unit (:func:`~samwatch.tiling.tile.run_tile`)
 and yields detections as soon as they are final: prompt windows' masks at once, automask and
-SAM3 text through the :class:`~samwatch.tiling.stitch.Stitcher`. No full-image mask is ever made.
+SAM3 text through the :class:`~samwatch.tiling.stitch.Stitcher`. What no tile saw whole then gets
+a second look (samwatch.tiling.refine), and :class:`~samwatch.tiling.once.Once` lets each object
+out once. No full-image mask is ever made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from samwatch.errors import JobError
 from samwatch.models.base import Detection, ProgressFn
 from samwatch.sidecars.schema import Sidecar, TilingSpec
+from samwatch.tiling.once import Once
 from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles, prompt_extent, to_grid
+from samwatch.tiling.refine import (
+    LookPlan,
+    SecondLook,
+    second_looks,
+    view,
+)
 from samwatch.tiling.stitch import Stitcher
 from samwatch.media.slides import RegionSource
 from samwatch.tiling.tile import TileJob, run_tile, tile_sidecar
@@ -42,6 +52,9 @@ class TilingReport:
     tiles: int = 0  # windows run through the model
     windows_encoded: int = 0
     tiles_skipped: int = 0  # windows with nothing to do (a box-only SAM3 job's tiles without a box)
+    second_looks: int = 0  # objects no tile saw whole, segmented again
+    second_look_encodes: int = 0  # windows the second looks encoded
+    duplicates_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan
@@ -53,6 +66,8 @@ class TilingReport:
             # in memory: prompt windows snapped to the same place), so the two add up to tiles
             "tiles": self.tiles, "windows_encoded": self.windows_encoded,
             "cache_hits": self.tiles - self.windows_encoded, "tiles_skipped": self.tiles_skipped,
+            "second_looks": self.second_looks, "second_look_encodes": self.second_look_encodes,
+            "duplicates_dropped": self.duplicates_dropped,
         }
 
 
@@ -136,28 +151,96 @@ def _check_prompts(sidecar: Sidecar, region: Rect) -> None:
             )
 
 
+#: Of a stitched job's progress, the share of the tiles (the rest is for second looks).
+_TILES_SHARE = 0.9
+
+
 def segment(
     adapter: Any, source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport,
     *, max_object_pixels: int = 1 << 26,
 ) -> Iterator[Detection]:
     """Every window of the job in turn (cancellable between them), results as they become final;
-    stitched objects larger than ``max_object_pixels`` (grid pixels) come in per-tile pieces."""
+    stitched objects larger than ``max_object_pixels`` (grid pixels) get a second look at a
+    coarser resolution."""
     tiles, stitched = plan_windows(job.sidecar, plan, source)
-    stitcher = Stitcher(tiles, max_pixels=max_object_pixels) if stitched else None
+    if not stitched:
+        yield from _prompt_windows(adapter, tiles, source, job, progress, report)
+        return
+    stitcher = Stitcher(tiles, max_pixels=max_object_pixels)
+    once = Once(cell=round(plan.tile_size * plan.downsample))
+    window0 = plan.tile_size * plan.downsample
+
+    def done(box: Rect) -> bool:  # nothing to come, neither a tile nor a pending second look, can meet it
+        grown = Rect(math.floor(box.x - window0), math.floor(box.y - window0), math.ceil(box.w + 2 * window0),
+                     math.ceil(box.h + 2 * window0))
+        return stitcher.settled(grown) and not any(look.box.intersection(box) for look in stitcher.looks)
+
+    for tile in tiles:
+        progress("tiles", _TILES_SHARE * tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+        _count_tile(job, tile, report)
+        detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, _TILES_SHARE))
+        yield from _admitted(once, stitcher.add(tile, detections))
+        once.forget(done)
+    yield from _admitted(once, stitcher.finish())
+    yield from _admitted(once, _second_looks(adapter, stitcher.looks, source, job, plan, progress, report))
+    report.duplicates_dropped += once.dropped
+
+
+def _count_tile(job: TileJob, tile: TileSpec, report: TilingReport) -> None:
+    if tile_sidecar(job.sidecar, tile) is None:
+        report.tiles_skipped += 1
+    else:
+        report.tiles += 1
+
+
+def _prompt_windows(
+    adapter: Any, tiles: list[TileSpec], source: RegionSource, job: TileJob, progress: ProgressFn, report: TilingReport,
+) -> Iterator[Detection]:
+    """Each prompt window's masks, final as they come (each prompt is asked in one window)."""
     for tile in tiles:
         progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
-        if tile_sidecar(job.sidecar, tile) is None:
-            report.tiles_skipped += 1
-        else:
-            report.tiles += 1
-        detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report))
-        yield from stitcher.add(tile, detections) if stitcher is not None else detections
-    if stitcher is not None:
-        yield from stitcher.finish()
+        _count_tile(job, tile, report)
+        for detection in run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, 1.0)):
+            yield view(detection, "whole", tile.level)
 
 
-def _tile_progress(progress: ProgressFn, tile: TileSpec, report: TilingReport) -> ProgressFn:
+def _second_looks(
+    adapter: Any, looks: list[SecondLook], source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn,
+    report: TilingReport,
+) -> Iterator[Detection]:
+    """What the second looks found (``refining 5/12``)."""
+    report.second_looks += len(looks)
+    look_plan = LookPlan(plan.region, plan.downsample, plan.tile_size, plan.overlap)
+
+    def window_progress(done: int, total: int) -> ProgressFn:
+        progress("tiles", _TILES_SHARE + (1 - _TILES_SHARE) * done / total, f"refining {done + 1}/{total}")
+        return _look_progress(progress, done, total, report)
+
+    for detection, window in second_looks(adapter, looks, source, job, look_plan, window_progress):
+        yield view(detection, "refined", window.level)
+
+
+def _admitted(once: Once, detections: Iterable[Detection]) -> Iterator[Detection]:
+    return (detection for detection in detections if once.admit(detection))
+
+
+def _tile_progress(progress: ProgressFn, tile: TileSpec, report: TilingReport, share: float) -> ProgressFn:
     """The adapter's progress as a share of its tile's; counts the windows the encoder ran on."""
+
+    encoded = False
+
+    def report_stage(stage: str, fraction: float, message: str = "") -> None:
+        nonlocal encoded
+        if stage == "encoding image" and not encoded:  # a cached embedding skips the stage
+            encoded = True
+            report.windows_encoded += 1
+        progress("tiles", share * (tile.index + fraction) / tile.count, f"tile {tile.index + 1}/{tile.count}: {stage}")
+
+    return report_stage
+
+
+def _look_progress(progress: ProgressFn, index: int, count: int, report: TilingReport) -> ProgressFn:
+    """A second look's progress, its windows' encodes counted."""
 
     encoded = False
 
@@ -165,7 +248,8 @@ def _tile_progress(progress: ProgressFn, tile: TileSpec, report: TilingReport) -
         nonlocal encoded
         if stage == "encoding image" and not encoded:
             encoded = True
-            report.windows_encoded += 1
-        progress("tiles", (tile.index + fraction) / tile.count, f"tile {tile.index + 1}/{tile.count}: {stage}")
+            report.second_look_encodes += 1
+        progress("tiles", _TILES_SHARE + (1 - _TILES_SHARE) * (index + fraction) / count,
+                 f"refining {index + 1}/{count}: {stage}")
 
     return report_stage
