@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from samwatch.geometry import ring_edges, rasterize_edges
-from samwatch.geometry import _polygons_of  # noqa: PLC2701 (the one walker of GeoJSON rings)
+from samwatch.geometry.raster import polygons_of, rasterize_edges, ring_edges
 
 MIN_RUN = 20  # pixels: the tiling bar's "straight edge along a seam"
 
@@ -32,7 +31,7 @@ def crops_of(features: Iterable[dict]) -> list[Crop]:
     """Each feature rasterised into its own bounding box."""
     crops = []
     for feature in features:
-        rings = [np.asarray(ring, np.float64) for rings in _polygons_of(feature["geometry"]) for ring in rings]
+        rings = [np.asarray(ring, np.float64) for rings in polygons_of(feature["geometry"]) for ring in rings]
         points = np.concatenate(rings)
         x0, y0 = np.floor(points.min(axis=0)).astype(int)
         x1, y1 = np.ceil(points.max(axis=0)).astype(int)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def _polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:
+def polygons_of(geometry: dict[str, Any]) -> list[list[list[list[float]]]]:
     if geometry["type"] == "Polygon":
         return [geometry["coordinates"]]
     if geometry["type"] == "MultiPolygon":
@@ -31,7 +31,7 @@ def rasterize(geometry: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
     polygons minus their holes. Scanlines through pixel centres never meet a corner of an
     exact (pixel-corner) polygon, so the result has no boundary ambiguity.
     """
-    rings = [np.asarray(ring, np.float64) for rings in _polygons_of(geometry) for ring in rings]
+    rings = [np.asarray(ring, np.float64) for rings in polygons_of(geometry) for ring in rings]
     return rasterize_edges(*ring_edges(rings), shape)
 
 
