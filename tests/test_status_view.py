@@ -40,7 +40,8 @@ def test_a_pipe_gets_plain_lines(tmp_path: Path) -> None:
     assert "running: exp1/[red]img001 automask 50% (4.2 s)" in text and "\x1b[" not in text
     outbox = tmp_path / "outbox" / "_samwatch"
     outbox.mkdir(parents=True)
-    (outbox / "status.json").write_text(json.dumps({**STATUS, "updated": now_iso()}))  # fresh: not stale
+    # fresh, and with a long beat: a busy machine's slow start must not make it stale
+    (outbox / "status.json").write_text(json.dumps({**STATUS, "updated": now_iso(), "heartbeat_seconds": 60}))
     (tmp_path / "config.yaml").write_text(f"outbox: {tmp_path / 'outbox'}\ninbox: {tmp_path / 'inbox'}\n")
     done = subprocess.run([sys.executable, "-m", "samwatch", "status", "--config", str(tmp_path / "config.yaml")],
                           capture_output=True, text=True, timeout=60)
