@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -95,10 +94,7 @@ def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: P
     drop(inbox, "last", 60)
     wait_for(lambda: any(w.get("job") == "last" for w in workers(outbox)), 120, what="the last job on a worker")
     assert daemon.stop() == 0
-    deadline = time.monotonic() + 30
-    while slurm_jobs(slurm) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not slurm_jobs(slurm), "the daemon stopped but left worker jobs"
+    wait_for(lambda: not slurm_jobs(slurm), 30, what="no worker job left once the daemon stopped", interval=0.5)
     assert progress_state(outbox, "last") == "queued"
     stopped = read_json(outbox / "_samwatch" / "status.json")
     assert stopped["state"] == "stopped" and stopped["workers"] == []
