@@ -3,27 +3,20 @@
 Relative paths in a config file are resolved against the folder of that file (so a unit
 file and a person in a shell mean the same folders); with no config file they are relative
 to the working directory, which gives the contract's ./inbox, ./outbox and ./.samwatch.
+Reading a config file into this model is ``samwatch.config_file``'s.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from samwatch.errors import ConfigError
 from samwatch.families import ModelType
-from samwatch.schema_errors import describe_validation_error
-from samwatch.yaml_child import DuplicateKey, unique_keys
 
-MAX_CONFIG_BYTES = 1024 * 1024
-#: Read by every command given no --config, when it exists; ``weights add`` creates it.
-DEFAULT_CONFIG_PATH = Path("samwatch.config.yaml")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -363,94 +356,6 @@ class Config(StrictModel):
                 "weights": weights,
             }
         )
-
-
-def read_yaml_mapping(path: Path, max_bytes: int) -> dict[str, Any]:
-    """Safe-load a YAML (or JSON) mapping, refusing oversized files before parsing."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"file is {size} bytes, more than the limit of {max_bytes}")
-    with path.open("rb") as handle:
-        data = yaml.load(handle.read(max_bytes + 1), Loader=unique_keys(yaml.SafeLoader))
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a mapping of keys, found {type(data).__name__}")
-    return data
-
-
-def config_path_from(given: Path | None) -> Path | None:
-    """--config if given, else ./samwatch.config.yaml if it exists; None: built-in defaults."""
-    if given is not None:
-        return given
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
-
-
-def outbox_named_by(path: Path | None) -> Path:
-    """The outbox a config file names, read from the file alone: for a config with errors elsewhere."""
-    if path is None:
-        return Config().resolved(Path.cwd()).outbox
-    try:
-        value = read_yaml_mapping(path, MAX_CONFIG_BYTES).get("outbox", Config.model_fields["outbox"].default)
-    except (OSError, ValueError, yaml.YAMLError):
-        value = Config.model_fields["outbox"].default
-    outbox = Path(value) if isinstance(value, str | Path) else Config.model_fields["outbox"].default
-    return outbox if outbox.is_absolute() else (path.resolve().parent / outbox).resolve()
-
-
-def load_config(path: Path | None, *, check_files: bool = True, missing_ok: bool = False) -> Config:
-    """The config from ``path`` (or the defaults), validated; raises ConfigError.
-
-    ``missing_ok``: a ``path`` that does not exist means the built-in defaults (the default
-    config path, which ``samwatch weights add`` may create later).
-    """
-    if path is None or (missing_ok and not path.exists()):
-        return Config().resolved(Path.cwd() if path is None else path.absolute().parent)
-    try:
-        data = read_yaml_mapping(path, MAX_CONFIG_BYTES)
-    except FileNotFoundError:
-        raise ConfigError(str(path), ["the config file does not exist"]) from None
-    except DuplicateKey as exc:
-        raise ConfigError(str(path), [f"{exc.key}: given twice in one mapping (again at line {exc.line}); keep one"]) from None
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(str(path), [f"cannot read it as YAML: {exc}"]) from None
-    try:
-        config = Config.model_validate(data).resolved(path.resolve().parent)
-    except ValidationError as exc:
-        raise ConfigError(str(path), describe_validation_error(exc, Config)) from None
-    if check_files and (absent := missing_extras(config)):
-        raise ConfigError(str(path), absent)
-    if check_files:
-        missing = [
-            f"weights.{index}.path: no such file {entry.path}"
-            for index, entry in enumerate(config.weights)
-            if entry.path is not None and not entry.path.is_file()
-        ]
-        if missing:
-            raise ConfigError(str(path), missing)
-    return config
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a blocked import, or a module without a spec
-        return False
-
-
-def missing_extras(config: Config) -> list[str]:
-    """The config's keys that need an optional extra which is not installed (found, not imported)."""
-    needs = []
-    if config.executor.kind == "dask":
-        needs.append("distributed")
-        if config.executor.cluster is not None:
-            needs.append("dask_jobqueue")
-    absent = [module for module in needs if not _installed(module)]
-    if not absent:
-        return []
-    key = "executor.cluster" if "dask_jobqueue" in absent else "executor.kind"
-    return [f"{key}: needs {' and '.join(absent)}, not installed: pip install 'samwatch[dask]' "
-            "(in the daemon's environment, e.g. .venv/bin/pip)"]
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:

@@ -43,7 +43,7 @@ class InProcessDaemon:
         from loguru import logger
 
         from fakes import fake_adapters
-        from samwatch.config import load_config
+        from samwatch.config_file import load_config
         from samwatch.control.daemon import Daemon
 
         self.lines: list[str] = []

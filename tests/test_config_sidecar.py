@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from samwatch.config import Config, load_config
+from samwatch.config import Config
+from samwatch.config_file import load_config
 from samwatch.errors import ConfigError, JobError
 from samwatch.sidecars.parse import parse_sidecar_text
 from samwatch.sidecars.schema import merge_folder_defaults, validate_sidecar

@@ -300,7 +300,7 @@ def test_the_start_line_names_each_kind_of_device_once_and_idle_dask_workers_the
     assert started and " device=cpu watch=" in started[0], started
 
     distributed = pytest.importorskip("distributed")
-    from samwatch.config import load_config
+    from samwatch.config_file import load_config
     from samwatch.executors.dask import DaskExecutor
 
     with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as local, \

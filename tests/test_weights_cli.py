@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from samwatch.config import WeightsEntry, load_config
+from samwatch.config import WeightsEntry
+from samwatch.config_file import load_config
 from samwatch.cli.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError
 from samwatch.weights.locks import cancel_file_path

@@ -18,7 +18,8 @@ from ruamel.yaml.error import CommentMark, YAMLError
 from ruamel.yaml.tokens import CommentToken
 from ruamel.yaml.util import load_yaml_guess_indent
 
-from samwatch.config import MAX_CONFIG_BYTES, WeightsEntry, load_config
+from samwatch.config import WeightsEntry
+from samwatch.config_file import MAX_CONFIG_BYTES, load_config
 from samwatch.errors import ConfigError
 from samwatch.atomic import atomic_write_bytes
 

@@ -33,14 +33,14 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from samwatch.config import config_path_from, load_config
+    from samwatch.config_file import config_path_from, load_config
 
     args.config = config_path_from(args.config)
     return load_config(args.config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from samwatch.config import DEFAULT_CONFIG_PATH
+    from samwatch.config_file import DEFAULT_CONFIG_PATH
     from samwatch.control.daemon import Daemon
     from samwatch.control.ledger import LedgerUnreadable
     from samwatch.models.device import DeviceUnavailable
@@ -90,7 +90,7 @@ def _status_outbox(args: argparse.Namespace) -> Path:
     try:
         return _load(args).outbox
     except ConfigError as exc:
-        from samwatch.config import outbox_named_by
+        from samwatch.config_file import outbox_named_by
 
         print(f"samwatch: the config has an error (the daemon keeps its old one): {exc}", file=sys.stderr)
         return outbox_named_by(args.config)

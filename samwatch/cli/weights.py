@@ -19,7 +19,9 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from samwatch.config import DEFAULT_CONFIG_PATH, WeightsEntry, config_path_from, describe_validation_error, load_config
+from samwatch.config import WeightsEntry
+from samwatch.config_file import DEFAULT_CONFIG_PATH, config_path_from, load_config
+from samwatch.schema_errors import describe_validation_error
 from samwatch.cli.config_edit import add_weights_entry, remove_weights_entry
 from samwatch.errors import ConfigError, JobError
 from samwatch.weights.entries import download_path, entries_with_defaults

@@ -21,7 +21,8 @@ from loguru import logger
 
 from samwatch import __version__
 from samwatch.control.claims import ClaimStore
-from samwatch.config import Config, load_config, restart_only_changes
+from samwatch.config import Config, restart_only_changes
+from samwatch.config_file import load_config
 from samwatch.control.dispatch import Dispatcher, StopKind, StopRequest
 from samwatch.errors import ConfigError
 from samwatch.executors.base import Executor, Finished

@@ -20,7 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from samwatch.config import OutputFormat, describe_validation_error
+from samwatch.config import OutputFormat
+from samwatch.schema_errors import describe_validation_error
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, ModelType
 
