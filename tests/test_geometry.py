@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from skimage import data, filters
 
-from samwatch.geometry.features import class_color, feature_collection, make_feature
 from samwatch.geometry.outline import mask_to_geometry
 from samwatch.geometry.raster import iou, rasterize
+from samwatch.outputs.geojson import feature_collection, make_feature
+from samwatch.outputs.shapes import class_color
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -473,7 +474,7 @@ def test_iou() -> None:
 
 def test_class_color_is_stable_across_processes() -> None:
     assert class_color("Tumor") == [41, 233, 37]
-    code = "import json, samwatch.geometry.features as g; print(json.dumps(g.class_color('Tumor')))"
+    code = "import json, samwatch.outputs.shapes as g; print(json.dumps(g.class_color('Tumor')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == class_color("Tumor")
     colours = {tuple(class_color(n)) for n in ("Tumor", "Stroma", "Immune cells", "", "a")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -14,15 +15,15 @@ import tifffile
 from PIL import Image
 
 from samwatch.config import OutputSettings
-from samwatch.geometry.features import make_feature
 from samwatch.geometry.outline import mask_to_geometry
-from samwatch.geometry.raster import rasterize
+from samwatch.geometry.raster import polygons_of, rasterize
 from samwatch.media.read import probe
 from samwatch.control.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX, JobOutputs
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.outputs.labels import labels_csv, pyramid_factors, write_labels
 from samwatch.outputs.preview import contact_planes, encode_png, render_preview
-from samwatch.outputs.shapes import read_shapes
+from samwatch.outputs.geojson import shape_feature
+from samwatch.outputs.shapes import Shape, drawable
 from samwatch.sidecars.schema import OutputSpec, validate_sidecar
 
 RED, GREEN = (230, 30, 30), (30, 200, 40)
@@ -33,14 +34,16 @@ def disc(shape: tuple[int, int], cx: float, cy: float, r: float) -> np.ndarray:
     return (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
 
 
-def feature(mask: np.ndarray, index: int, *, label: str = "cell", color=RED, quality: float = 0.9,
-            frame: int | None = None) -> dict:
-    properties = {"object_idx": index, "prompt_idx": index, "quality": quality}
-    plane = None
-    if frame is not None:
-        properties["frame"] = frame
-        plane = {"c": -1, "z": 0, "t": frame}
-    return make_feature(mask_to_geometry(mask), label=label, color=list(color), plane=plane, properties=properties)
+def shape_of(geometry: dict, index: int = 0, *, object_idx: int | None = None, label: str = "cell", color=RED,
+             quality: float = 0.9, frame: int | None = None) -> Shape:
+    polygons = tuple(tuple(np.asarray(ring) for ring in polygon) for polygon in polygons_of(geometry))
+    return Shape(polygons=polygons, name=label, color=color, object_idx=index if object_idx is None else object_idx,
+                 index=index, quality=quality, model="vit_t", prompt_idx=index, frame=frame,
+                 zt=None if frame is None else (0, frame))
+
+
+def feature(mask: np.ndarray, index: int, **kwargs) -> Shape:  # noqa: ANN003
+    return shape_of(mask_to_geometry(mask), index, **kwargs)
 
 
 def ring_blob(shape: tuple[int, int]) -> np.ndarray:
@@ -67,7 +70,7 @@ def test_preview_outlines_lie_on_the_polygon_boundaries_in_class_colours() -> No
     shape = (900, 1200)
     masks = [ring_blob(shape), disc(shape, 900, 600, 150)]
     features = [feature(masks[0], 0, color=RED), feature(masks[1], 1, label="nucleus", color=GREEN)]
-    shapes = read_shapes(features)
+    shapes = features
     grey = np.full((*shape, 3), 120, np.uint8)
     preview = render_preview(shapes, lambda i: grey, width=shape[1], height=shape[0], size=400)
     assert preview.shape == (300, 400, 3)  # <= 400 a side, aspect kept
@@ -76,9 +79,7 @@ def test_preview_outlines_lie_on_the_polygon_boundaries_in_class_colours() -> No
         ys, xs = np.nonzero(np.all(preview == color, axis=-1))
         assert len(xs) > 100, f"class colour {color} not drawn"
         centres = np.stack([(xs + 0.5) / scale, (ys + 0.5) / scale], axis=1)
-        polygons = feat["geometry"]["coordinates"]
-        polygons = polygons if feat["geometry"]["type"] == "MultiPolygon" else [polygons]
-        rings = [np.asarray(ring, float) for polygon in polygons for ring in polygon]
+        rings = list(feat.rings)
         # Within one preview pixel (diagonal) of the true boundary, in image pixels.
         assert segment_distances(centres, rings).max() <= 1.5 / scale
     # Everything else is the untouched image (an outline, not a fill).
@@ -107,7 +108,7 @@ def test_output_plan_takes_the_sidecar_over_the_config() -> None:
 
 def test_automask_preview_fills_objects_semi_transparently() -> None:
     shape = (200, 200)
-    shapes = read_shapes([feature(disc(shape, 100, 100, 50), 0, color=RED)])
+    shapes = [feature(disc(shape, 100, 100, 50), 0, color=RED)]
     grey = np.full((*shape, 3), 100, np.uint8)
     filled = render_preview(shapes, lambda i: grey, width=200, height=200, filled=True)
     inside = filled[100, 100].astype(int)
@@ -120,8 +121,8 @@ def test_stack_preview_is_a_contact_sheet_of_at_most_16_planes() -> None:
     planes = contact_planes(40)
     assert len(planes) == 16 and planes[0] == 0 and planes[-1] == 39
     shape = (100, 120)
-    shapes = read_shapes([feature(disc(shape, 60, 50, 30), 0, frame=0, color=RED),
-                          feature(disc(shape, 60, 50, 30), 1, frame=39, color=GREEN)])
+    shapes = [feature(disc(shape, 60, 50, 30), 0, frame=0, color=RED),
+              feature(disc(shape, 60, 50, 30), 1, frame=39, color=GREEN)]
     frames = []
     sheet = render_preview(shapes, lambda i: frames.append(i) or np.full((*shape, 3), 90, np.uint8),
                            width=120, height=100, n_frames=40, size=480)
@@ -137,13 +138,14 @@ def test_stack_preview_is_a_contact_sheet_of_at_most_16_planes() -> None:
 # ----------------------------------------------------------------------------- labels
 
 
-def expected_labels(features: list[dict], shape: tuple[int, int], n_planes: int = 1) -> np.ndarray:
+def expected_labels(features: list[Shape], shape: tuple[int, int], n_planes: int = 1) -> np.ndarray:
     """Each feature's rasterised GeoJSON, higher quality over lower, later over earlier."""
     out = np.zeros((n_planes, *shape), np.uint32)
-    order = sorted(range(len(features)), key=lambda i: (features[i]["properties"]["quality"], i))
+    order = sorted(range(len(features)), key=lambda i: (features[i].quality, i))
     for i in order:
-        props = features[i]["properties"]
-        out[props.get("frame", 0)][rasterize(features[i]["geometry"], shape)] = props["object_idx"] + 1
+        encoded = shape_feature(features[i])
+        props = encoded["properties"]
+        out[props.get("frame", 0)][rasterize(encoded["geometry"], shape)] = props["object_idx"] + 1
     return out if n_planes > 1 else out[0]
 
 
@@ -155,7 +157,7 @@ def test_labels_read_back_equal_the_rasterised_geojson(tmp_path: Path) -> None:
     features = [feature(m, i, quality=float(rng.choice([0.5, 0.7, 0.9]))) for i, m in enumerate(masks)]
     path = tmp_path / "a.labels.tif"
     with path.open("wb") as handle:
-        write_labels(handle, read_shapes(features), width=shape[1], height=shape[0])
+        write_labels(handle, features, width=shape[1], height=shape[0])
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome and tif.pages[0].is_tiled
         labels = tif.asarray()
@@ -165,11 +167,11 @@ def test_labels_read_back_equal_the_rasterised_geojson(tmp_path: Path) -> None:
 
 def test_stack_labels_keep_planes_and_big_labels_use_uint32(tmp_path: Path) -> None:
     shape = (300, 260)
-    features = [feature(disc(shape, 100, 100, 40), 0, frame=0), feature(disc(shape, 150, 120, 60), 70000, frame=2),
-                feature(disc(shape, 120, 110, 50), 5, frame=2, quality=0.95)]
+    features = [feature(disc(shape, 100, 100, 40), 0, frame=0), feature(disc(shape, 150, 120, 60), 1, object_idx=70000, frame=2),
+                feature(disc(shape, 120, 110, 50), 2, object_idx=5, frame=2, quality=0.95)]
     path = tmp_path / "s.labels.tif"
     with path.open("wb") as handle:
-        write_labels(handle, read_shapes(features), width=260, height=300, n_planes=3, plane_axis="Z")
+        write_labels(handle, features, width=260, height=300, n_planes=3, plane_axis="Z")
     with tifffile.TiffFile(path) as tif:
         assert tif.series[0].axes == "ZYX"
         labels = tif.asarray()
@@ -181,11 +183,11 @@ def test_stack_labels_keep_planes_and_big_labels_use_uint32(tmp_path: Path) -> N
 def test_large_label_images_are_pyramidal(tmp_path: Path) -> None:
     width, height = 5000, 4300
     geometry = {"type": "Polygon", "coordinates": [[[100, 100], [4900, 300], [2500, 4200], [100, 100]]]}
-    features = [make_feature(geometry, label="tissue", properties={"object_idx": 0, "quality": 1.0})]
+    features = [shape_of(geometry, label="tissue", quality=1.0)]
     assert pyramid_factors(width, height) == [1, 2, 4, 8]
     path = tmp_path / "big.labels.tif"
     with path.open("wb") as handle:
-        write_labels(handle, read_shapes(features), width=width, height=height)
+        write_labels(handle, features, width=width, height=height)
     with tifffile.TiffFile(path) as tif:
         levels = tif.series[0].levels
         assert [level.shape for level in levels] == [(4300, 5000), (2150, 2500), (1075, 1250), (538, 625)]
@@ -200,26 +202,35 @@ def test_labels_csv_gives_class_score_and_prompt() -> None:
     shape = (50, 50)
     features = [feature(disc(shape, 20, 20, 8), 0, label="nucleus", quality=0.81),
                 feature(disc(shape, 30, 30, 8), 1, label="cell, big", quality=0.5)]
-    rows = list(csv.DictReader(io.StringIO(labels_csv(read_shapes(features), lambda i: f"prompt {i}").decode())))
+    rows = list(csv.DictReader(io.StringIO(labels_csv(features, lambda i: f"prompt {i}").decode())))
     assert rows == [
         {"label": "1", "class": "nucleus", "score": "0.8100", "prompt_idx": "0", "prompt": "prompt 0", "planes": "1"},
         {"label": "2", "class": "cell, big", "score": "0.5000", "prompt_idx": "1", "prompt": "prompt 1", "planes": "1"},
     ]
 
 
-def test_features_are_read_defensively() -> None:
-    shape = (40, 40)
-    good = feature(disc(shape, 20, 20, 8), 3)
-    odd = [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}},
-        {"type": "Feature", "geometry": good["geometry"], "properties": None},
-        {"type": "Feature", "geometry": good["geometry"],
-         "properties": {"object_idx": "x", "classification": "?", "measurements": {"area": 3}, "name": "n"}},
-        good,
-    ]
-    shapes = read_shapes(odd)
-    assert [s.label for s in shapes] == [2, 3, 4]  # index + 1 where object_idx is unusable
-    assert shapes[0].name == "object" and len(shapes[0].color) == 3
+def test_a_shape_is_written_as_the_feature_qupath_imports() -> None:
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]]]}
+    base = shape_of(square, 4, object_idx=7, label="cell", color=(1, 2, 3), quality=0.5, frame=2)
+    shape = replace(base, mask_idx=1, obj_id=7, zt=(0, 2), object_type="detection",
+                    extra={"stability_score": 0.25, "name": "from QuPath"})
+    assert json.loads(json.dumps(shape_feature(shape), default=np.ndarray.tolist)) == {
+        "type": "Feature",
+        "geometry": {**square, "plane": {"c": -1, "z": 0, "t": 2}},
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": "cell", "color": [1, 2, 3]},
+            "measurements": {"SAM quality": 0.5, "SAM stability score": 0.25, "SAM object index": 7,
+                             "SAM prompt index": 4, "SAM mask index": 1, "SAM object id": 7, "SAM frame": 2},
+            "name": "from QuPath",  # a QuPath object's name is kept over "SAM (Quality=...)"
+            "object_idx": 7, "prompt_idx": 4, "label": "cell", "quality": 0.5, "sam_model": "vit_t",
+            "mask_idx": 1, "obj_id": 7, "frame": 2, "stability_score": 0.25,
+        },
+    }
+    assert shape.label == 8 and shape.plane == 2
+    assert replace(base, object_idx=-1).label == 5  # a negative video id: its position + 1
+    sliver = replace(base, polygons=((np.array([[0, 0], [1, 1], [0, 0]]),),))
+    assert drawable([sliver, base]) == [base]
 
 
 # ----------------------------------------------------------------------------- the outbox

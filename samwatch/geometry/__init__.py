@@ -1,9 +1,9 @@
-"""Binary masks to GeoJSON geometry and QuPath-ready features.
+"""Binary masks to GeoJSON geometry, and back to pixels.
 
 This package knows nothing of models or files: ``trace`` turns a 2-D mask into exact rings,
-``simplify`` thins them, ``outline`` makes them GeoJSON geometry (``mask_to_geometry``),
-``raster`` turns geometry back into pixels, and ``features`` wraps geometry in the
-``Feature``/``FeatureCollection`` objects QuPath imports.
+``simplify`` thins them, ``outline`` makes them GeoJSON geometry (``mask_to_geometry``), and
+``raster`` turns geometry back into pixels. The features QuPath imports are
+``samwatch.outputs``' (``shapes``, ``geojson``).
 
 Conventions
 -----------

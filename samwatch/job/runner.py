@@ -24,13 +24,15 @@ from samwatch import __version__
 from samwatch.config import Config, LimitSettings
 from samwatch.control.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
-from samwatch.geometry.features import class_color, feature_collection, make_feature
 from samwatch.geometry.outline import mask_to_geometry
+from samwatch.geometry.raster import polygons_of
 from samwatch.media.read import ChannelRule, Media, MediaLimits, open_region_source, probe
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool
 from samwatch.outputs.extras import OutputPlan, result_extras
+from samwatch.outputs.geojson import result_collection
+from samwatch.outputs.shapes import Shape, class_color
 from samwatch.job.prompts import prompt_masks
 from samwatch.sidecars.load import JobSidecar, load_job_sidecar
 from samwatch.sidecars.qupath import Imported, Source, import_annotations, read_export
@@ -180,25 +182,25 @@ class JobRunner:
         job.decoder = job.adapter.decoder_path
 
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
-        """Phase 3, CPU: features traced as detections arrive, the result assembled."""
+        """Phase 3, CPU: shapes traced as detections arrive, then written: the GeoJSON and the extras."""
         traced_started = time.perf_counter()
-        features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings, job.sources)
+        shapes = self._features(detections, job.sidecar, job.model_type, job.media, job.timings, job.sources)
         timings = job.timings
         timings["inference"] = time.perf_counter() - traced_started - timings["geometry"] - timings.get("load", 0.0)
         job.progress("writing", 0.0)
         timings["total"] = time.perf_counter() - job.started
-        meta = self._meta(job, timings, len(features)) | job.provenance
+        meta = self._meta(job, timings, len(shapes)) | job.provenance
         media = job.media
         extras = result_extras(
-            features, media, job.sidecar, OutputPlan.resolve(self.config.output, job.sidecar.output),
+            shapes, media, job.sidecar, OutputPlan.resolve(self.config.output, job.sidecar.output),
             frame_axis=_frame_axes(job.sidecar, media)[-1],
         )
         summary = (
             f"job {job.ticket.job_id} done model={job.model_type} weights={job.weights_name} "
             f"size={media.width}x{media.height}{'x' + str(media.n_frames) if media.n_frames > 1 else ''} "
-            f"features={len(features)} seconds={timings['total']:.2f}"
+            f"features={len(shapes)} seconds={timings['total']:.2f}"
         )
-        return Outcome("done", features=len(features), summary=summary, result=feature_collection(features, meta),
+        return Outcome("done", features=len(shapes), summary=summary, result=result_collection(shapes, meta),
                        extras=extras)
 
     def _infer(self, job: Prepared, scratch: Path) -> Iterator[Detection]:
@@ -271,13 +273,13 @@ class JobRunner:
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
         timings: dict[str, float], sources: list[Source | None] | None = None,
-    ) -> list[dict]:
-        """One feature per non-empty detection, traced as it arrives; ``timings["geometry"]``
+    ) -> list[Shape]:
+        """One shape per non-empty detection, traced as it arrives; ``timings["geometry"]``
         gets the time spent tracing. A prompt made from a QuPath object links back to it."""
         default_label = sidecar.label or self.config.defaults.label
         axes = _frame_axes(sidecar, media)
         plane_position = sidecar.video.plane_position if sidecar.video else 0
-        features = []
+        shapes: list[Shape] = []
         timings["geometry"] = 0.0
         for detection in detections:
             traced = time.perf_counter()
@@ -290,33 +292,24 @@ class JobRunner:
                 continue
             label = detection.label or default_label
             color = detection.color or sidecar.color or class_color(label)
-            plane = None
+            zt = None
             if detection.frame is not None:
-                z, t = (detection.frame, plane_position) if axes == "XYZ" else (plane_position, detection.frame)
-                plane = {"c": -1, "z": z, "t": t}
-            properties: dict[str, Any] = {
-                "object_idx": detection.obj_id if detection.obj_id is not None else len(features),
-                "prompt_idx": detection.prompt_idx,
-                "label": label,
-                "quality": float(detection.score),
-                "sam_model": model_type,
-            }
-            if sidecar.mask_choice != "single":
-                properties["mask_idx"] = detection.mask_idx
-            if detection.obj_id is not None:
-                properties["obj_id"] = detection.obj_id
-            if detection.frame is not None:
-                properties["frame"] = detection.frame
-            properties.update(detection.extra)
+                zt = (detection.frame, plane_position) if axes == "XYZ" else (plane_position, detection.frame)
+            extra = dict(detection.extra)
             source = sources[detection.prompt_idx] if sources and detection.prompt_idx is not None else None
             if source is not None:
-                properties.update(source.properties(sidecar.annotations.file if sidecar.annotations else ""))
-            features.append(make_feature(
-                geometry, label=label, color=list(color),
+                extra.update(source.properties(sidecar.annotations.file if sidecar.annotations else ""))
+            shapes.append(Shape(
+                polygons=tuple(tuple(polygon) for polygon in polygons_of(geometry)), name=label,
+                color=(int(color[0]), int(color[1]), int(color[2])),
+                object_idx=detection.obj_id if detection.obj_id is not None else len(shapes), index=len(shapes),
+                quality=float(detection.score), model=model_type,
                 object_type=sidecar.output.object_type or self.config.output.object_type,
-                plane=plane, properties=properties,
+                prompt_idx=detection.prompt_idx,
+                mask_idx=detection.mask_idx if sidecar.mask_choice != "single" else None,
+                obj_id=detection.obj_id, frame=detection.frame, zt=zt, extra=extra,
             ))
-        return features
+        return shapes
 
     def _meta(self, job: Prepared, timings: dict[str, float], n_features: int) -> dict[str, Any]:
         ticket, sidecar, spec, media = job.ticket, job.sidecar, job.spec, job.media

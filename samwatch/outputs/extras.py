@@ -1,6 +1,6 @@
 """What a result writes besides its GeoJSON: the preview and the label image.
 
-:func:`result_extras` reads the features once and renders both from the same arrays, in the
+:func:`result_extras` renders both from the job's shapes (``outputs/shapes.py``), in the
 worker that ran the job; the bytes travel in the job's ``Outcome`` and ``JobOutputs.done``
 writes them atomically with the result (so any executor works, local or remote).
 """
@@ -11,7 +11,6 @@ import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from loguru import logger
 
@@ -23,7 +22,7 @@ from samwatch.media.read import Media
 from samwatch.control.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
 from samwatch.outputs.labels import labels_csv, write_labels
 from samwatch.outputs.preview import PromptMark, View, encode_png, features_view, render_preview
-from samwatch.outputs.shapes import Shape, read_shapes
+from samwatch.outputs.shapes import Shape, drawable
 from samwatch.media.pixels import ChannelRule
 from samwatch.media.slides import open_slide
 from samwatch.sidecars.schema import OutputSpec, Sidecar
@@ -96,16 +95,17 @@ def preview_frames(media: Media, sidecar: Sidecar, size: int, view: View | None)
 
 
 def result_extras(
-    features: Sequence[dict[str, Any]], media: Media, sidecar: Sidecar, plan: OutputPlan, *, frame_axis: str = "T"
+    shapes: Sequence[Shape], media: Media, sidecar: Sidecar, plan: OutputPlan, *, frame_axis: str = "T"
 ) -> dict[str, bytes]:
-    """suffix -> content of the extra files ``plan`` asks for (none for a plain result).
+    """suffix -> content of the extra files ``plan`` asks for (none for a plain result);
+    ``frame_axis`` (T or Z): what a stack's planes are called.
 
     The label image is rasterised tile by tile into its compressed bytes, so memory follows
     the compressed size (mostly background: small even for slides), not the pixel count.
     """
     if not (plan.preview or plan.labels):
         return {}
-    shapes = read_shapes(features, frame_axis=frame_axis)
+    shapes = drawable(shapes)
     extras: dict[str, bytes] = {}
     if plan.preview and shapes:
         try:

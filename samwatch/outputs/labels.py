@@ -132,7 +132,7 @@ def labels_csv(shapes: Sequence[Shape], describe_prompt: Callable[[int | None], 
         row = rows.get(shape.label)
         if row is None:
             rows[shape.label] = {
-                "label": shape.label, "class": shape.name, "score": shape.quality,
+                "label": shape.label, "class": shape.name or "object", "score": shape.quality,
                 "prompt_idx": "" if shape.prompt_idx is None else shape.prompt_idx,
                 "prompt": describe_prompt(shape.prompt_idx), "planes": {shape.plane},
             }

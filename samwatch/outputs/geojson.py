@@ -1,27 +1,14 @@
-"""GeoJSON Features and FeatureCollections as QuPath imports them: classification, colour,
-measurements, the job's metadata."""
+"""A result's shapes as the GeoJSON QuPath imports: classification, colour, measurements,
+the plane inside the geometry, the job's metadata beside the features."""
 
 from __future__ import annotations
 
-import colorsys
-import hashlib
+from collections.abc import Iterable
 from typing import Any
 
+from samwatch.outputs.shapes import Shape, class_color
+
 OBJECT_TYPES = ("annotation", "detection")
-
-
-def class_color(name: str) -> list[int]:
-    """A stable, saturated [r, g, b] colour for a classification name.
-
-    Derived from SHA-256 of the name, so it is the same in every process and run (Python's
-    own ``hash`` is salted per process).
-    """
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    hue = int.from_bytes(digest[:4], "big") / 2**32
-    saturation = 0.55 + 0.35 * digest[4] / 255
-    value = 0.75 + 0.20 * digest[5] / 255
-    return [round(c * 255) for c in colorsys.hsv_to_rgb(hue, saturation, value)]
-
 
 #: property -> its QuPath measurement name. QuPath's "Import objects" keeps only name, color,
 #: classification, isLocked, measurements and metadata of a feature's properties, so scores
@@ -82,6 +69,32 @@ def make_feature(
     }
 
 
-def feature_collection(features: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+def shape_feature(shape: Shape) -> dict[str, Any]:
+    """``shape`` as its GeoJSON Feature; rings stay arrays (orjson writes them directly)."""
+    polygons = [list(polygon) for polygon in shape.polygons]
+    geometry = ({"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1
+                else {"type": "MultiPolygon", "coordinates": polygons})
+    properties: dict[str, Any] = {
+        "object_idx": shape.object_idx, "prompt_idx": shape.prompt_idx, "label": shape.name,
+        "quality": shape.quality, "sam_model": shape.model,
+    }
+    if shape.mask_idx is not None:
+        properties["mask_idx"] = shape.mask_idx
+    if shape.obj_id is not None:
+        properties["obj_id"] = shape.obj_id
+    if shape.frame is not None:
+        properties["frame"] = shape.frame
+    properties.update(shape.extra)
+    plane = None if shape.zt is None else {"c": -1, "z": shape.zt[0], "t": shape.zt[1]}
+    return make_feature(geometry, label=shape.name, color=list(shape.color), object_type=shape.object_type,
+                        plane=plane, properties=properties)
+
+
+def feature_collection(features: Iterable[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """A GeoJSON FeatureCollection with samwatch's job metadata under ``"samwatch"``."""
     return {"type": "FeatureCollection", "features": list(features), "samwatch": meta}
+
+
+def result_collection(shapes: Iterable[Shape], meta: dict[str, Any]) -> dict[str, Any]:
+    """A job's result: its shapes as features, with the job's metadata."""
+    return feature_collection((shape_feature(shape) for shape in shapes), meta)
