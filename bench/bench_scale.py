@@ -39,7 +39,6 @@ from samwatch.config import Config  # noqa: E402
 from samwatch.control.daemon import Daemon  # noqa: E402
 from support import fake_weights, save_image, write_sidecar  # noqa: E402
 
-fakes.install()
 
 
 def make_inbox(root: Path, count: int, seconds: float) -> Path:
@@ -72,7 +71,7 @@ def run(root: Path, inbox: Path, count: int, name: str, **overrides) -> dict[str
         watch={"mode": "polling", "settle_seconds": 0.0, "poll_interval_seconds": 0.05},
         service={"instance": name, "heartbeat_seconds": 1.0}, **overrides,
     )
-    daemon = Daemon.from_config(config)
+    daemon = Daemon.from_config(config, adapters=fakes.fake_adapters)
     discover = daemon.queue.discover = Timed(daemon.queue.discover)
     start = daemon.dispatcher.start = Timed(daemon.dispatcher.start)
     picks = daemon.queue.next_ready = Timed(daemon.queue.next_ready)

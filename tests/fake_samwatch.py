@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fakes  # noqa: E402
 
-fakes.install()
+fakes.fake_default_url()
 
 from samwatch.cli.main import main  # noqa: E402
 
-raise SystemExit(main())
+raise SystemExit(main(adapters=fakes.fake_adapters))

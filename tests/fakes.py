@@ -1,9 +1,9 @@
 """A fake model family: the seam tests use where only the plumbing is under test.
 
 ``fake_adapters`` is a families table (``models.pool.AdapterTable``): hand it to a
-``ModelPool`` or ``Daemon.from_config(adapters=...)``, and the daemon, watcher, ledger, claims
-and outbox all run for real while a "model" costs microseconds. ``install`` makes it the
-process's default table, for daemons in subprocesses (fake_samwatch.py) and Dask workers.
+``ModelPool``, ``Daemon.from_config(adapters=...)`` or ``cli.main(adapters=...)`` (daemons in
+subprocesses: fake_samwatch.py), or to Dask workers (``worker_plugin``, fake_worker.py), and
+the daemon, watcher, ledger, claims and outbox all run for real while a "model" costs microseconds.
 A prompt's box becomes its mask. A sidecar label ``slow:N`` makes the job take N seconds,
 reporting progress ten times a second (so cancellation and heartbeats can be observed).
 With the label ``painted``, automask and text jobs find the image's painted objects: one
@@ -74,19 +74,21 @@ def painted_in_box(image: np.ndarray, box: tuple[float, float, float, float]) ->
 
 
 def worker_plugin():  # noqa: ANN201
-    """A Dask worker plugin: the fake model family in every worker process (pickled by value)."""
+    """A Dask worker plugin: the fake model family handed to every worker's model pool (pickled by value)."""
     from distributed import WorkerPlugin
 
-    class InstallFakes(WorkerPlugin):
+    class FakeModels(WorkerPlugin):
         name = "samwatch-fake-model"
 
         def setup(self, worker) -> None:  # noqa: ANN001
-            install()
+            dask_setup(worker)
 
         def teardown(self, worker) -> None:  # noqa: ANN001
-            uninstall()
+            # the pool built with the fakes goes with them: the next job builds one of the real families
+            del worker.samwatch_adapters
+            worker.__dict__.pop("_samwatch_pool", None)
 
-    return InstallFakes()
+    return FakeModels()
 
 
 def fake_adapters(model_type: str) -> type[ModelAdapter]:
@@ -94,32 +96,23 @@ def fake_adapters(model_type: str) -> type[ModelAdapter]:
     return FakeAdapter
 
 
-def uninstall() -> None:
-    """Back to the real model families (after ``install``)."""
-    import samwatch.models.pool
-
-    # Kept on the module, not here: pickled by value (Dask workers), this file has its own globals.
-    real = getattr(samwatch.models.pool, "_real_adapter_class", None)
-    if real is not None:
-        samwatch.models.pool.adapter_class = real
+def dask_setup(worker) -> None:  # noqa: ANN001
+    """A Dask worker's model pool gets the fake families table (``executors/dask.py``); also
+    what a worker preload runs (fake_worker.py)."""
+    fake_default_url()
+    worker.samwatch_adapters = fake_adapters
 
 
-def install() -> None:
-    """Make the fake family the process's default table (pools built afterwards use it);
-    ``SAMWATCH_FAKE_DEFAULT_URL`` replaces vit_t's built-in default URL (a daemon on defaults
+def fake_default_url() -> None:
+    """``SAMWATCH_FAKE_DEFAULT_URL`` replaces vit_t's built-in default URL (a daemon on defaults
     must not download 40 MB in a test)."""
     import os
 
-    import samwatch.models.pool
     import samwatch.weights.entries
 
     if os.environ.get("SAMWATCH_FAKE_DEFAULT_URL"):
         urls = samwatch.weights.entries.DEFAULT_WEIGHT_URLS
         samwatch.weights.entries.DEFAULT_WEIGHT_URLS = {**urls, "vit_t": os.environ["SAMWATCH_FAKE_DEFAULT_URL"]}
-
-    if not hasattr(samwatch.models.pool, "_real_adapter_class"):
-        samwatch.models.pool._real_adapter_class = samwatch.models.pool.adapter_class
-    samwatch.models.pool.adapter_class = fake_adapters
 
 
 class FakeExecutor:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import fakes
 from crash_rig import (
     INLINE, PIPELINED, REFUSED, WRITES, Setup, all_final, broken, crash_at, enospc_at, jobs_for, ledger_states, of_job,
     outcome_writes, sigterm_at, sweep, writes,
@@ -26,13 +25,6 @@ from crash_rig import (
 from samwatch import faults
 from samwatch.atomic import TMP_PREFIX
 from support import DaemonProcess, fake_weights, wait_for, write_config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def fake_model():
-    fakes.install()
-    yield
-    fakes.uninstall()
 
 
 @pytest.fixture(autouse=True)

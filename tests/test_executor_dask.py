@@ -146,10 +146,8 @@ def test_a_job_on_a_worker_writes_what_it_writes_locally_and_names_its_worker(tm
 
 @pytest.mark.subprocess
 def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path, cluster, vit_t_checkpoint: Path) -> None:
-    import fakes
-
     _, client = cluster
-    client.run(fakes.uninstall)  # the real model families from here on (the last test of the module)
+    client.unregister_worker_plugin("samwatch-fake-model")  # the real model families from here on (the last test of the module)
     from support import coins
 
     weights = [{"name": "default", "type": "vit_t", "path": str(vit_t_checkpoint)}]

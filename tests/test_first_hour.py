@@ -20,9 +20,10 @@ from support import coins, fake_weights, read_json, save_image, write_config, wr
 MOBILE_SAM_URL = DEFAULT_WEIGHT_URLS["vit_t"]
 
 
-def run_once(config: Path) -> int:
-    """``samwatch run --once`` in this process: the real command, daemon, threads and outbox."""
-    return cli(["run", "--once", "--config", str(config)])
+def run_once(config: Path, adapters=None) -> int:  # noqa: ANN001
+    """``samwatch run --once`` in this process: the real command, daemon, threads and outbox;
+    ``adapters``: the families table (None: the real models)."""
+    return cli(["run", "--once", "--config", str(config)], adapters=adapters)
 
 
 @pytest.fixture(autouse=True)
@@ -41,11 +42,11 @@ def logging_left_as_found():
 
 
 @pytest.fixture
-def fake_model(monkeypatch):
+def fake_model():
+    """The fake families table, for ``run_once``."""
     import fakes
-    import samwatch.models.pool
 
-    monkeypatch.setattr(samwatch.models.pool, "adapter_class", lambda model_type: fakes.FakeAdapter)
+    return fakes.fake_adapters
 
 
 # -- 4. offline weights that keep their official URL --------------------------------------
@@ -130,7 +131,7 @@ def test_ome_tiff_pairs_with_its_plain_stem_and_an_unknown_double_suffix_says_wh
     for sidecar in ("a.yaml", "b.yaml", "c.ome.yaml", "d.yaml"):
         write_sidecar(inbox / sidecar, box)
 
-    assert run_once(config) == 1
+    assert run_once(config, fake_model) == 1
 
     for stem in ("a", "b", "c.ome"):
         assert (outbox / f"{stem}.geojson").is_file(), stem
@@ -161,7 +162,7 @@ def test_progress_moves_under_once_as_under_run(tmp_path, fake_model, monkeypatc
     write_sidecar(inbox / "large.yaml", {"label": "slow:0.6", "prompts": [{"bbox": [10, 10, 50, 50]},
                                                                          {"bbox": [1400, 1000, 1450, 1050]}]})
 
-    assert run_once(config) == 0
+    assert run_once(config, fake_model) == 0
 
     small = [stage for job, stage, _, _ in seen if job == "small"]
     assert "reading" in small and "decoding prompts" in small
@@ -183,10 +184,10 @@ def test_status_history_survives_restarts_once_per_job_and_a_fixed_failure_leave
     save_image(inbox / "a.png", np.full((32, 32), 80, np.uint8))
     write_sidecar(inbox / "a.yaml", {"prompts": [{"bbox": [2, 2, 20, 20]}]})
     write_sidecar(inbox / "b.yaml", {"prompts": [{"bbox": [2, 2, 20, 20]}]})  # no image yet
-    assert run_once(config) == 1
+    assert run_once(config, fake_model) == 1
     write_sidecar(inbox / "b.yaml", {"label": "again", "prompts": [{"bbox": [2, 2, 20, 20]}]})  # fails again
-    assert run_once(config) == 1
-    assert run_once(config) == 0  # a restart with nothing to do
+    assert run_once(config, fake_model) == 1
+    assert run_once(config, fake_model) == 0  # a restart with nothing to do
 
     status = read_json(status_file)
     assert status["state"] == "stopped" and status["loaded_models"] == []
@@ -203,7 +204,7 @@ def test_status_history_survives_restarts_once_per_job_and_a_fixed_failure_leave
     assert "jobs: 1 done, 1 failed, 0 queued" in shown
 
     save_image(inbox / "b.png", np.full((32, 32), 80, np.uint8))  # fixed
-    assert run_once(config) == 0
+    assert run_once(config, fake_model) == 0
     status = read_json(status_file)
     assert status["recent_failures"] == []
     assert [r["job"] for r in status["recent_results"]] == ["b", "a"]
@@ -228,7 +229,7 @@ def test_previews_show_a_region_or_the_features_extent_with_the_prompts_drawn(tm
     write_sidecar(inbox / "plain.yaml", {"prompts": [{"bbox": [50, 50, 150, 120], "points": [[100, 90], [60, 60]],
                                                       "point_labels": [1, 0]}]})
 
-    assert run_once(config) == 0
+    assert run_once(config, fake_model) == 0
 
     def preview(stem: str) -> np.ndarray:
         return np.asarray(Image.open(outbox / f"{stem}.preview.png").convert("RGB"))
@@ -295,7 +296,7 @@ def test_tile_provenance_counts_add_up_when_an_embedding_is_reused_from_memory(t
 
 def test_the_start_line_names_each_kind_of_device_once_and_idle_dask_workers_their_device(tmp_path, fake_model, capsys):
     config = write_config(tmp_path, fake_weights(tmp_path), device=["cpu", "cpu"])
-    assert run_once(config) == 0
+    assert run_once(config, fake_model) == 0
     started = [line for line in capsys.readouterr().err.splitlines() if " started inbox=" in line]
     assert started and " device=cpu watch=" in started[0], started
 
@@ -313,7 +314,7 @@ def test_weights_list_shows_the_sha256_the_daemon_computed(tmp_path, fake_model,
     config = write_config(tmp_path, fake_weights(tmp_path))
     save_image(tmp_path / "inbox" / "a.png", np.full((32, 32), 80, np.uint8))
     write_sidecar(tmp_path / "inbox" / "a.yaml", {"prompts": [{"bbox": [2, 2, 20, 20]}]})
-    assert run_once(config) == 0
+    assert run_once(config, fake_model) == 0
     capsys.readouterr()
     assert cli(["weights", "list", "--type", "vit_t", "--json", "--config", str(config)]) == 0
     listed = {item["name"]: item for item in json.loads(capsys.readouterr().out)}

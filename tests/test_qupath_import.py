@@ -32,13 +32,6 @@ from samwatch.geometry.raster import iou, rasterize
 SMALL = np.full((120, 160, 3), 90, np.uint8)
 
 
-@pytest.fixture
-def fake_model():
-    fakes.install()
-    yield
-    fakes.uninstall()
-
-
 def config_for(root: Path, weights: list[dict], **overrides) -> Config:
     body = {
         "inbox": root / "inbox", "outbox": root / "outbox", "state_dir": root / "state", "device": "cpu",
@@ -52,8 +45,9 @@ def config_for(root: Path, weights: list[dict], **overrides) -> Config:
     return config
 
 
-def run_once(config: Config) -> None:
-    Daemon.from_config(config, threaded=False).run_once()
+def run_once(config: Config, adapters=fakes.fake_adapters) -> None:  # noqa: ANN001
+    """One in-process pass of the daemon; ``adapters``: the families table (None: the real models)."""
+    Daemon.from_config(config, threaded=False, adapters=adapters).run_once()
 
 
 def outcome(config: Config, stem: str) -> tuple[dict | None, dict | None]:
@@ -70,7 +64,7 @@ def by_source(result: dict) -> dict[int, list[dict]]:
 # ---- the plumbing (fake model: a box prompt gives its box filled) --------------------------------
 
 
-def test_a_04_export_beside_its_image_is_a_job_and_keeps_classes_names_and_ids(tmp_path, fake_model) -> None:
+def test_a_04_export_beside_its_image_is_a_job_and_keeps_classes_names_and_ids(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "case17.png", SMALL)
     features = [
@@ -101,7 +95,7 @@ def test_a_04_export_beside_its_image_is_a_job_and_keeps_classes_names_and_ids(t
     assert "prompts" not in result["samwatch"]["parameters"]  # the export is not repeated in the result
 
 
-def test_a_02_bare_array_with_signed_colours_and_no_ids(tmp_path, fake_model) -> None:
+def test_a_02_bare_array_with_signed_colours_and_no_ids(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path), output={"preview": False, "object_type": "detection"})
     save_image(config.inbox / "old.png", SMALL)
     write_array(config.inbox / "old.geojson", [
@@ -121,7 +115,7 @@ def test_a_02_bare_array_with_signed_colours_and_no_ids(tmp_path, fake_model) ->
     assert {f["properties"]["objectType"] for f in result["features"]} == {"detection"}  # the config's output
 
 
-def test_detections_and_cells_are_prompts_when_asked_and_a_sidecar_adds_settings(tmp_path, fake_model) -> None:
+def test_detections_and_cells_are_prompts_when_asked_and_a_sidecar_adds_settings(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "s.png", SMALL)
     write_collection(config.inbox / "exports" / "all.geojson", [
@@ -139,7 +133,7 @@ def test_detections_and_cells_are_prompts_when_asked_and_a_sidecar_adds_settings
     assert not (config.outbox / "exports" / "all.geojson").exists()  # named by a sidecar: no job of its own
 
 
-def test_a_changed_export_runs_its_job_again(tmp_path, fake_model) -> None:
+def test_a_changed_export_runs_its_job_again(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "a.png", SMALL)
     write_sidecar(config.inbox / "a.yaml", {"annotations": "a.export.geojson"})
@@ -153,7 +147,7 @@ def test_a_changed_export_runs_its_job_again(tmp_path, fake_model) -> None:
     assert not (config.outbox / "a.export.geojson").exists()
 
 
-def test_a_geojson_with_no_image_of_its_stem_is_no_job(tmp_path, fake_model) -> None:
+def test_a_geojson_with_no_image_of_its_stem_is_no_job(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "a.png", SMALL)
     write_collection(config.inbox / "notes.geojson", [feature_04(rectangle(5, 5, 50, 50))])
@@ -161,7 +155,7 @@ def test_a_geojson_with_no_image_of_its_stem_is_no_job(tmp_path, fake_model) -> 
     assert not list(config.outbox.glob("notes.*"))
 
 
-def test_an_outbox_inside_the_inbox_never_refines_its_own_results(tmp_path, fake_model) -> None:
+def test_an_outbox_inside_the_inbox_never_refines_its_own_results(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path), outbox=tmp_path / "inbox")
     save_image(config.inbox / "a.png", SMALL)
     write_sidecar(config.inbox / "a.yaml", {"prompts": [{"bbox": [5, 5, 50, 50]}]})
@@ -173,7 +167,7 @@ def test_an_outbox_inside_the_inbox_never_refines_its_own_results(tmp_path, fake
 # ---- bad input ---------------------------------------------------------------------------------
 
 
-def test_an_export_that_is_not_geojson_fails_with_its_code(tmp_path, fake_model) -> None:
+def test_an_export_that_is_not_geojson_fails_with_its_code(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     for stem, text in (("broken", "{not json"), ("other", json.dumps({"type": "Topology"}))):
         save_image(config.inbox / f"{stem}.png", SMALL)
@@ -185,7 +179,7 @@ def test_an_export_that_is_not_geojson_fails_with_its_code(tmp_path, fake_model)
         assert error["file"] == f"{stem}.geojson"
 
 
-def test_bad_features_are_listed_and_the_rest_of_the_export_runs(tmp_path, fake_model) -> None:
+def test_bad_features_are_listed_and_the_rest_of_the_export_runs(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "b.png", SMALL)
     features = [
@@ -208,7 +202,7 @@ def test_bad_features_are_listed_and_the_rest_of_the_export_runs(tmp_path, fake_
     ]
 
 
-def test_strict_fails_on_the_first_bad_feature_naming_its_index_and_id(tmp_path, fake_model) -> None:
+def test_strict_fails_on_the_first_bad_feature_naming_its_index_and_id(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "c.png", SMALL)
     write_collection(config.inbox / "c.export.geojson",
@@ -220,7 +214,7 @@ def test_strict_fails_on_the_first_bad_feature_naming_its_index_and_id(tmp_path,
     assert error["index"] == 1 and error["id"] == "x1" and error["field"] == "features.1"
 
 
-def test_an_export_with_nothing_to_refine_fails(tmp_path, fake_model) -> None:
+def test_an_export_with_nothing_to_refine_fails(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "d.png", SMALL)
     write_collection(config.inbox / "d.geojson", [feature_04(multipoint([[5, 5]]), "Ignore*"),
@@ -230,7 +224,7 @@ def test_an_export_with_nothing_to_refine_fails(tmp_path, fake_model) -> None:
     assert result is None and error["error"] == "annotations_empty", error
 
 
-def test_an_export_of_200000_objects_is_refused_by_the_limit(tmp_path, fake_model) -> None:
+def test_an_export_of_200000_objects_is_refused_by_the_limit(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "e.png", SMALL)
     cell = {"type": "Feature", "id": "PathDetectionObject", "geometry": rectangle(1, 1, 3, 3), "properties": {}}
@@ -241,7 +235,7 @@ def test_an_export_of_200000_objects_is_refused_by_the_limit(tmp_path, fake_mode
     assert "limits.max_annotations (100000)" in error["message"]
 
 
-def test_images_under_image_roots_are_read_in_place_and_others_stay_outside(tmp_path, fake_model) -> None:
+def test_images_under_image_roots_are_read_in_place_and_others_stay_outside(tmp_path) -> None:
     store = tmp_path / "store"
     save_image(store / "slide1.png", SMALL)
     save_image(tmp_path / "elsewhere" / "x.png", SMALL)
@@ -298,7 +292,7 @@ def test_refined_objects_equal_upstreams_box_and_point_prompts(tmp_path, conditi
         feature_02(rectangle(*boxes[0]), "silver", signed_rgb(190, 190, 200)),
         feature_02(polygon(poly), "worn", signed_rgb(90, 90, 90)),
     ])
-    run_once(config)
+    run_once(config, adapters=None)
     predictor = _predictor(conditioned_vit_t, image)
 
     def upstream(**prompt) -> np.ndarray:
@@ -336,7 +330,7 @@ def test_refined_objects_equal_upstreams_box_and_point_prompts(tmp_path, conditi
 # ---- whole slides: level-0 windows around the annotations ---------------------------------------
 
 
-def test_annotations_on_a_100000_px_slide_are_refined_in_level0_windows(tmp_path, fake_model) -> None:
+def test_annotations_on_a_100000_px_slide_are_refined_in_level0_windows(tmp_path) -> None:
     from slides import SparseSlide, skimage_content, write_ome_pyramid
 
     config = config_for(tmp_path, fake_weights(tmp_path))
@@ -372,7 +366,7 @@ def test_samwatch_check_reports_an_exports_bad_features(tmp_path) -> None:
                      "the run skips it"]
 
 
-def test_an_export_saved_as_json_is_told_to_be_named_geojson(tmp_path, fake_model) -> None:
+def test_an_export_saved_as_json_is_told_to_be_named_geojson(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     for stem, body in (("f", {"type": "FeatureCollection", "features": []}), ("g", [feature_02(rectangle(1, 1, 5, 5))])):
         save_image(config.inbox / f"{stem}.png", SMALL)
@@ -400,7 +394,7 @@ def test_which_geojson_files_are_jobs(tmp_path) -> None:
     assert jobs["sub/d.ome"].image == "sub/d.ome.tif"
 
 
-def test_derived_classes_and_nested_child_objects(tmp_path, fake_model) -> None:
+def test_derived_classes_and_nested_child_objects(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "n.png", SMALL)
     parent = feature_04(rectangle(5, 5, 80, 80), id="parent")
@@ -415,7 +409,7 @@ def test_derived_classes_and_nested_child_objects(tmp_path, fake_model) -> None:
     assert found[0][0]["properties"]["classification"] == {"name": "Tumor: Positive", "color": [200, 0, 0]}
 
 
-def test_with_a_region_objects_outside_it_are_skipped_and_those_across_it_cut(tmp_path, fake_model) -> None:
+def test_with_a_region_objects_outside_it_are_skipped_and_those_across_it_cut(tmp_path) -> None:
     config = config_for(tmp_path, fake_weights(tmp_path))
     save_image(config.inbox / "r.png", SMALL)
     write_collection(config.inbox / "r.export.geojson", [

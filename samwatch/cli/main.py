@@ -17,6 +17,7 @@ from samwatch.logs import setup_logging
 
 if TYPE_CHECKING:
     from samwatch.config import Config
+    from samwatch.models.pool import AdapterTable
 
 # The config (pydantic) is imported by the commands that read one: `samwatch status --outbox`
 # needs none, and must answer in well under a second on a busy node.
@@ -50,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     watched = (args.config or DEFAULT_CONFIG_PATH).absolute()
     try:
-        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional)
+        daemon = Daemon.from_config(config, config_path=watched, config_optional=optional, adapters=args.adapters)
     except DeviceUnavailable as exc:
         print(f"samwatch: {exc}; set device: auto or cpu in the config", file=sys.stderr)
         return 2
@@ -206,9 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, adapters: AdapterTable | None = None) -> int:
+    """``adapters``: the families table ``run`` hands its model pools (None: samwatch's own;
+    tests hand theirs)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.adapters = adapters
     setup_logging()  # the daemon's format for every command; `run` then applies the config's level
     try:
         return int(args.func(args) or 0)

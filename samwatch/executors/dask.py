@@ -311,7 +311,9 @@ def _worker_pool(worker: Any, config: Config) -> Any:
     pool = getattr(worker, "_samwatch_pool", None)
     if pool is None:
         device = pick_devices(config.executor.device)[0]
-        pool = ModelPool(device, config.models, cache_dir=config.state_dir / "encoders")
+        # A worker's families table is samwatch's own unless a preload or plugin gave it one (tests' fakes).
+        pool = ModelPool(device, config.models, cache_dir=config.state_dir / "encoders",
+                         adapters=getattr(worker, "samwatch_adapters", None))
         worker._samwatch_pool = pool
     return pool
 

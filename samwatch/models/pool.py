@@ -47,14 +47,14 @@ class ModelPool:
         """``cache_dir`` keeps exported encoders; without one, encoders that need an export stay eager.
         ``adapters``: the families table (None: samwatch's own, ``adapter_class``)."""
         self.device = device
-        self._adapters = adapters
+        self._adapters = adapters or adapter_class
         self.settings = settings
         self.accelerator = Accelerator(settings.accelerate.steps_for(device.type), device, cache_dir)
         self._loaded: OrderedDict[tuple[str, str, str], ModelAdapter] = OrderedDict()
 
     def adapter_for(self, model_type: str) -> type[ModelAdapter]:
         """The class serving ``model_type``; raises ``model_not_installed`` when its package is missing."""
-        return (self._adapters or adapter_class)(model_type)  # the default looked up now: fakes.install
+        return self._adapters(model_type)
 
     @staticmethod
     def key(spec: LoadSpec) -> tuple[str, str, str]:
