@@ -27,6 +27,7 @@ from samwatch.config import Config
 from samwatch.control.daemon import Daemon
 from samwatch.control.ledger import ACTIVE_STATES
 from samwatch.vocab import WAITING_FOR_DEVICE
+from fakes import fake_adapters
 from support import fake_weights, read_json, save_image, write_sidecar
 
 IMAGE = np.full((24, 32), 120, np.uint8)
@@ -100,7 +101,7 @@ class Rig:
         self.root, self.threaded = root, setup.threaded or setup.dask is not None
         self.clock = Clock()
         config = config_for(root, 3 if setup.threaded else 1, setup.dask)
-        self.daemon = Daemon.from_config(config, threaded=setup.threaded, clock=self.clock)
+        self.daemon = Daemon.from_config(config, threaded=setup.threaded, clock=self.clock, adapters=fake_adapters)
 
     def step(self) -> None:
         self.clock.now += 0.2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import fakes
 from crash_rig import (
     INLINE, PIPELINED, REFUSED, WRITES, Setup, all_final, broken, crash_at, enospc_at, jobs_for, ledger_states, of_job,
     outcome_writes, sigterm_at, sweep, writes,
@@ -96,8 +97,10 @@ def test_the_subprocess_daemon_stopped_at_an_instant(tmp_path: Path, fault: str)
 @pytest.fixture(scope="module")
 def dask_scheduler():
     distributed = pytest.importorskip("distributed")
-    # Workers in this process: they see the fake model family, and a step's instants stay ours.
+    # Workers in this process, so that a step's instants stay ours; each given the fake model family.
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        for worker in cluster.workers.values():
+            fakes.dask_setup(worker)
         yield cluster.scheduler_address
 
 
