@@ -171,8 +171,5 @@ class FakeExecutor:
     def reconfigure(self, config, changed) -> None:  # noqa: ANN001
         pass
 
-    def map_units(self, fn, units) -> list:  # noqa: ANN001
-        return [fn(unit) for unit in units]
-
     def close(self) -> None:
         pass
