@@ -234,6 +234,18 @@ def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path,
     assert results["dask"] == results["local"] and results["local"]
 
 
+def test_a_job_error_crosses_a_pickle_whole() -> None:
+    """A tile's failure on a worker comes back through pickle as its job's error."""
+    import pickle
+
+    from samwatch.errors import JobCancelled, JobError
+
+    error = pickle.loads(pickle.dumps(JobError("image_unreadable", "Cannot read it.", file="a.png", field="image", page=3)))
+    assert type(error) is JobError and error.to_dict() == {
+        "error": "image_unreadable", "message": "Cannot read it.", "file": "a.png", "field": "image", "page": 3}
+    assert type(pickle.loads(pickle.dumps(JobCancelled()))) is JobCancelled
+
+
 def test_jobqueue_clusters_are_configured_without_a_batch_system() -> None:
     from samwatch.config import Config
     from samwatch.executors.jobqueue import jobqueue_arguments

@@ -21,7 +21,7 @@ from samwatch.media.read import ChannelRule, Media, MediaLimits, open_region_sou
 from samwatch.media.slides import ArraySource, RegionSource
 from samwatch.models.base import Detection
 from samwatch.tiling.plan import TileSpec
-from samwatch.tiling.tile import TileJob, run_tile
+from samwatch.tiling.tile import TileJob, run_tile, tile_sidecar
 from samwatch.vocab import LoadSpec
 
 if TYPE_CHECKING:
@@ -67,6 +67,8 @@ _opened = threading.local()  # this thread's last source: (its work key, the sou
 def run_tile_unit(unit: TileUnit, place: Place) -> TileResult:
     """``unit``'s tile through the model of ``place`` (an executor's worker)."""
     work = unit.work
+    if tile_sidecar(work.job.sidecar, unit.tile) is None:  # nothing to do here: no model to load for it
+        return TileResult([], False, place.worker)
     adapter = place.pool.get(work.spec)
     encoded = False
 
