@@ -6,11 +6,13 @@ from the worker's thread pool while its units run, so that worker's thread takes
 rejoins once they are through. Results come back in the units' order with at most two per
 cluster thread in flight (the job streams them into its stitcher: never all tiles' masks at
 once); closing the iterator early (a cancelled job) cancels the units not yet run. Each unit
-takes the model from the pool of the worker it lands on (:func:`worker_pool`).
+takes the model from the pool of the worker it lands on (:func:`worker_pool`), one unit at a
+time on each worker.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -24,6 +26,7 @@ UNIT_PREFIX = "samwatch_unit"
 MIN_SPREAD_UNITS = 4
 #: units in flight per cluster thread: the next one waits on a worker as soon as one ends
 IN_FLIGHT_PER_THREAD = 2
+_created = threading.Lock()  # a worker's unit lock is made once
 
 
 def worker_pool(worker: Any, config: Config) -> Any:
@@ -83,8 +86,12 @@ def map_ordered(client: Any, fn: Callable[[Any], Any], args: Iterable[tuple], *,
 
 
 def run_unit(fn: Callable[[Any, Place], Any], unit: Any, config: Config) -> Any:
-    """One unit on the worker it landed on, with that worker's pool."""
+    """One unit on the worker it landed on, with that worker's pool: one unit at a time there (a
+    worker of several threads has one pool, whose models hold each image's state)."""
     from distributed import get_worker
 
     worker = get_worker()
-    return fn(unit, Place(worker_pool(worker, config), str(worker.name)))
+    with _created:
+        lock = worker.__dict__.setdefault("_samwatch_unit_lock", threading.Lock())
+    with lock:
+        return fn(unit, Place(worker_pool(worker, config), str(worker.name)))
