@@ -1,8 +1,10 @@
 """Scaling out: throughput on 1, 2, 4, 8 Dask workers and on 1 vs 2 local slots; the daemon's own
-overhead per job; with --slurm, the daemon's own Slurm cluster (adapt max 1 vs 2).
+overhead per job; with --slurm, the daemon's own Slurm cluster (adapt max 1 vs 2); with --tiled,
+one tiled job's tiles on a LocalCluster of 1 vs 2 workers.
 
     python bench/bench_scale.py [--jobs 200] [--seconds 0.1] [--workers 1 2 4 8]
     python bench/bench_scale.py --slurm [--jobs 12] [--seconds 3]   # needs .ci/slurm_up.sh (root)
+    python bench/bench_scale.py --tiled [--seconds 0.2]             # 30 tiles of 0.2 s each
 
 The daemon runs in this process (``Daemon.from_config``, the real watcher, ledger, claims and
 outbox) and is stepped until every job is done. The model is the fake family (tests/fakes.py)
@@ -18,6 +20,10 @@ local Slurm; its workers are Slurm jobs preloading the fake model (tests/fake_wo
 starts cold (no worker job); "first result" is the time from the first dispatch to the first
 result file, the cold start of a worker job included; jobs/s is over the whole run and, "steady",
 from the first result to the last.
+
+--tiled: one automask job on a 1300 x 1000 image in tiles of 256 (6 x 5 = 30 tiles), each tile
+sleeping ``--seconds``. On one worker (one thread) the tiles run in the job's own thread; on two,
+the job sends them to both workers (executors/dask_units.py). Ideal ratio 2.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fakes  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
 from samwatch.config import Config  # noqa: E402
 from samwatch.control.daemon import Daemon  # noqa: E402
 from support import fake_weights, save_image, write_sidecar  # noqa: E402
@@ -128,6 +136,46 @@ def bench_slurm(args: argparse.Namespace) -> None:
               f"{runs[2]['steady_jobs_per_s'] / runs[1]['steady_jobs_per_s']:.2f}x steady (ideal 2)")
 
 
+@contextmanager
+def dask_cluster(workers: int):  # noqa: ANN201
+    """The executor block of a LocalCluster of ``workers`` one-thread workers in this process, the
+    daemon's DaskExecutor handed that cluster's client."""
+    from distributed import Client, LocalCluster
+
+    from samwatch.executors.dask import DaskExecutor
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            original = DaskExecutor.__init__
+
+            def with_client(self, config, registry, *, client=client):  # noqa: ANN001, ANN202
+                original(self, config, registry, client=client)
+
+            DaskExecutor.__init__ = with_client
+            try:
+                yield {"kind": "dask", "address": cluster.scheduler_address}
+            finally:
+                DaskExecutor.__init__ = original
+
+
+def bench_tiled(args: argparse.Namespace) -> None:
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="bench-tiled-", dir=args.root) as tmp:
+        root = Path(tmp)
+        save_image(root / "inbox" / "big.png", np.zeros((1000, 1300, 3), np.uint8))
+        write_sidecar(root / "inbox" / "big.yaml", {"label": f"slow:{args.seconds}", "tiling": {"tile_size": 256, "overlap": 32}})
+        print(f"one tiled job: 30 tiles of {args.seconds} s (sleeping fake model)")
+        runs = {}
+        for workers in (1, 2):
+            with dask_cluster(workers) as executor:
+                runs[workers] = run(root, root / "inbox", 1, f"tiled{workers}", executor=executor)
+            tiling = json.loads((root / f"tiled{workers}" / "outbox" / "big.geojson").read_text())["samwatch"]["tiling"]
+            print(f"{workers} worker(s): {runs[workers]['wall']:.1f} s, tiles {tiling['tiles']}, "
+                  f"on {tiling.get('tile_workers', 'the job thread')}")
+        print(f"2 workers / 1: {runs[1]['wall'] / runs[2]['wall']:.2f}x faster (ideal 2)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
@@ -136,16 +184,17 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None,
                         help="folder for inbox/outbox/state (e.g. /dev/shm: the daemon's CPU cost without the disk's fsyncs)")
     parser.add_argument("--slurm", action="store_true", help="adapt max 1 vs 2 on the local Slurm (.ci/slurm_up.sh)")
+    parser.add_argument("--tiled", action="store_true", help="one tiled job on a LocalCluster of 1 vs 2 workers")
     args = parser.parse_args()
     if args.slurm:
         args.jobs = 12 if args.jobs == parser.get_default("jobs") else args.jobs
         args.seconds = 3.0 if args.seconds == parser.get_default("seconds") else args.seconds
         bench_slurm(args)
         return
-    from distributed import Client, LocalCluster
-
-    from samwatch.executors.dask import DaskExecutor
-
+    if args.tiled:
+        args.seconds = 0.2 if args.seconds == parser.get_default("seconds") else args.seconds
+        bench_tiled(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.root) as tmp:
         root = Path(tmp)
         inbox = make_inbox(root, args.jobs, args.seconds)
@@ -157,19 +206,8 @@ def main() -> None:
         print(f"local 2 slots / 1 slot: {local[2]['jobs_per_s'] / local[1]['jobs_per_s']:.2f}x (ideal 2)")
         dask: dict[int, dict[str, float]] = {}
         for workers in args.workers:
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-                with Client(cluster) as client:
-                    original = DaskExecutor.__init__
-
-                    def with_client(self, config, registry, *, client=client):  # noqa: ANN001, ANN202
-                        original(self, config, registry, client=client)
-
-                    DaskExecutor.__init__ = with_client
-                    try:
-                        dask[workers] = run(root, inbox, args.jobs, f"dask{workers}",
-                                            executor={"kind": "dask", "address": cluster.scheduler_address})
-                    finally:
-                        DaskExecutor.__init__ = original
+            with dask_cluster(workers) as executor:
+                dask[workers] = run(root, inbox, args.jobs, f"dask{workers}", executor=executor)
             figures = dask[workers]
             ratio = figures["jobs_per_s"] / dask[args.workers[0]]["jobs_per_s"]
             print(f"dask {workers} worker(s): {figures['jobs_per_s']:6.1f} jobs/s  ({figures['wall']:.1f} s)  "

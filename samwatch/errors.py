@@ -75,6 +75,11 @@ class JobError(Exception):
         self.file = file
         self.details = details
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A tile's failure on a Dask worker comes back as its job's: Exception's own reduce
+        # would call __init__ with the message alone.
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"error": self.code, "message": self.message}
         if self.file is not None:
@@ -83,6 +88,13 @@ class JobError(Exception):
             body["field"] = self.field
         body.update(self.details)
         return body
+
+
+def _rebuilt(kind: type[JobError], args: tuple[Any, ...], state: dict[str, Any]) -> JobError:
+    error = Exception.__new__(kind)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class JobCancelled(JobError):

@@ -4,8 +4,9 @@
 ``ModelPool``, ``Daemon.from_config(adapters=...)`` or ``cli.main(adapters=...)`` (daemons in
 subprocesses: fake_samwatch.py), or to Dask workers (``worker_plugin``, fake_worker.py), and
 the daemon, watcher, ledger, claims and outbox all run for real while a "model" costs microseconds.
-A prompt's box becomes its mask. A sidecar label ``slow:N`` makes the job take N seconds,
-reporting progress ten times a second (so cancellation and heartbeats can be observed).
+A prompt's box becomes its mask. A sidecar label ``slow:N`` makes the job (each tile of a tiled
+one) take N seconds, reporting progress ten times a second (so cancellation and heartbeats can be
+observed); ``painted slow:N`` does both.
 With the label ``painted``, automask and text jobs find the image's painted objects: one
 mask per distinct non-black colour in the pixels they are given (a tile sees the parts of the
 objects inside it), so stitching can be checked against known objects; a box prompt then finds
@@ -34,20 +35,23 @@ class FakeAdapter(ModelAdapter):
         """Lazily, one full-frame mask at a time, as a real adapter may: the job runner must
         not hold them all (test_faults measures that)."""
         label = ctx.sidecar.label or ""
-        if label.startswith("slow:"):
-            seconds = float(label.split(":", 1)[1])
+        words = label.split()  # e.g. "painted slow:0.2": each tile of a painted job takes 0.2 s
+        painted = "painted" in words
+        slow = next((word for word in words if word.startswith("slow:")), None)
+        if slow is not None:
+            seconds = float(slow.split(":", 1)[1])
             started = time.monotonic()
             while (elapsed := time.monotonic() - started) < seconds:
                 ctx.progress("decoding prompts", elapsed / seconds)
                 time.sleep(0.1)
-        if label == "painted" and ctx.sidecar.mode in ("automask", "text"):
+        if painted and ctx.sidecar.mode in ("automask", "text"):
             ctx.progress("encoding image", 0.0)
             yield from painted_objects(ctx.image)
             return
         height, width = ctx.image.shape[:2]
         for index, prompt in enumerate(ctx.sidecar.prompts):
             mask = np.full((height, width), False)  # every page written, as a real decoder does
-            if label == "painted" and prompt.bbox is not None:
+            if painted and prompt.bbox is not None:
                 mask = painted_in_box(ctx.image, prompt.bbox)
             elif prompt.bbox is not None:
                 x1, y1, x2, y2 = (int(round(v)) for v in prompt.bbox)
@@ -163,9 +167,6 @@ class FakeExecutor:
 
     def reconfigure(self, config, changed) -> None:  # noqa: ANN001
         pass
-
-    def map_units(self, fn, units) -> list:  # noqa: ANN001
-        return [fn(unit) for unit in units]
 
     def close(self) -> None:
         pass

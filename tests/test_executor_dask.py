@@ -10,6 +10,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from support import DaemonProcess, fake_weights, finished, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
@@ -144,6 +145,70 @@ def test_a_job_on_a_worker_writes_what_it_writes_locally_and_names_its_worker(tm
     assert dask["samwatch"]["worker"]["host"]
 
 
+TILED = {"tiling": {"tile_size": 256, "overlap": 32}}  # a 900 x 700 image: 4 x 3 tiles
+
+
+def painted_image(path: Path) -> None:
+    """Three painted objects on black: one across a seam, a bar through every column, one inside a tile."""
+    pixels = np.zeros((700, 900, 3), np.uint8)
+    yy, xx = np.ogrid[:700, :900]
+    pixels[(xx - 240) ** 2 + (yy - 150) ** 2 <= 30 ** 2] = (255, 0, 0)
+    pixels[400:430, 50:850] = (0, 255, 0)
+    pixels[(xx - 600) ** 2 + (yy - 580) ** 2 <= 20 ** 2] = (0, 0, 255)
+    save_image(path, pixels)
+
+
+@pytest.mark.subprocess
+def test_a_tiled_jobs_tiles_run_on_both_workers_and_give_the_local_result(tmp_path: Path, cluster) -> None:
+    results = {}
+    for kind in ("local", "dask"):
+        root = tmp_path / kind
+        root.mkdir()
+        executor = {"kind": "dask", "address": cluster[0].scheduler_address} if kind == "dask" else "local"
+        config = write_config(root, fake_weights(root), executor=executor)
+        painted_image(root / "inbox" / "p.png")
+        write_sidecar(root / "inbox" / "p.yaml", {"label": "painted slow:0.2", **TILED})
+        daemon = DaemonProcess(config, fake_model=True)
+        wait_for(lambda: finished(root / "outbox", "p"), 120, what=f"{kind} tiled job")
+        assert daemon.stop() == 0
+        assert progress_state(root / "outbox", "p") == "done", daemon.log()[-2000:]
+        results[kind] = read_json(root / "outbox" / "p.geojson")
+    local, dask = results["local"], results["dask"]
+    assert len(local["features"]) == 3 and dask["features"] == local["features"]
+    tiling, local_tiling = dask["samwatch"]["tiling"], local["samwatch"]["tiling"]
+    names = {str(info["name"]) for info in cluster[1].scheduler_info()["workers"].values()}
+    assert set(tiling["tile_workers"]) == names and len(names) == 2, tiling
+    assert sum(tiling["tile_workers"].values()) == tiling["tiles"] == local_tiling["tiles"] == 12
+    assert "tile_workers" not in local_tiling  # the local executor runs a job's tiles in its slot
+
+
+def unit_tasks(client, since: float) -> list[dict]:  # noqa: ANN001
+    """The tile tasks the cluster ran to their end since ``since``."""
+    return [record for record in client.get_task_stream(start=since) if str(record["key"]).startswith("samwatch_unit-")]
+
+
+@pytest.mark.subprocess
+def test_cancelling_a_spread_job_stops_its_remaining_tiles(tmp_path: Path, cluster) -> None:
+    import time
+
+    _, client = cluster
+    config = dask_config(tmp_path, cluster)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    save_image(inbox / "big.png", np.zeros((1000, 1300, 3), np.uint8))  # 6 x 5 tiles of 0.5 s
+    client.get_task_stream()  # the scheduler records task ends from now on
+    since = time.time()
+    daemon = DaemonProcess(config, fake_model=True)
+    write_sidecar(inbox / "big.yaml", {"label": "slow:0.5", **TILED})
+    wait_for(lambda: len(unit_tasks(client, since)) >= 4, 90, what="some tiles done")
+    (inbox / "big.yaml").unlink()
+    wait_for(lambda: progress_state(outbox, "big") == "cancelled", 30, what="cancelled")
+    drop(inbox, "after", "slow:0.2")  # both workers free again: the tiles still pending were cancelled
+    wait_for(lambda: progress_state(outbox, "after") == "done", 60, what="next job")
+    ran = len(unit_tasks(client, since))
+    assert ran < 20, ran  # of 30: at most those in flight (two per worker thread) ran after the cancel
+    assert daemon.stop() == 0
+
+
 @pytest.mark.subprocess
 def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path, cluster, vit_t_checkpoint: Path) -> None:
     _, client = cluster
@@ -165,6 +230,18 @@ def test_a_real_vit_t_job_on_the_cluster_equals_the_local_result(tmp_path: Path,
         assert progress_state(root / "outbox", "c") == "done", daemon.log()[-2000:]
         results[kind] = read_json(root / "outbox" / "c.geojson")["features"]
     assert results["dask"] == results["local"] and results["local"]
+
+
+def test_a_job_error_crosses_a_pickle_whole() -> None:
+    """A tile's failure on a worker comes back through pickle as its job's error."""
+    import pickle
+
+    from samwatch.errors import JobCancelled, JobError
+
+    error = pickle.loads(pickle.dumps(JobError("image_unreadable", "Cannot read it.", file="a.png", field="image", page=3)))
+    assert type(error) is JobError and error.to_dict() == {
+        "error": "image_unreadable", "message": "Cannot read it.", "file": "a.png", "field": "image", "page": 3}
+    assert type(pickle.loads(pickle.dumps(JobCancelled()))) is JobCancelled
 
 
 def test_jobqueue_clusters_are_configured_without_a_batch_system() -> None:

@@ -8,6 +8,7 @@ The workers are Slurm jobs on this machine running the cluster block's ``python`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: P
     log = daemon.log()
     assert [progress_state(outbox, s) for s in stems] == ["done"] * len(stems), log[-3000:]
     assert [log.count(f"job {s} done ") for s in stems] == [1] * len(stems), log[-3000:]
-    assert f"dask worker {victim['name']} lost while running job {victim['job']}" in log, log[-3000:]
+    # A one-thread worker may hold two jobs (one waiting on it): the line names every job it held.
+    lost = re.search(rf"dask worker {victim['name']} lost while running job ([^;]+);", log)
+    assert lost and victim["job"] in lost.group(1).split(", "), log[-3000:]
     assert f"job {victim['job']} runs again on dask worker" in log, log[-3000:]
     ran_on = {s: read_json(outbox / f"{s}.geojson")["samwatch"]["worker"] for s in stems}
     assert all(worker["slurm_job"] and worker["name"].startswith("SLURMCluster-") for worker in ran_on.values())

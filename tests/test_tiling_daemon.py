@@ -1,6 +1,7 @@
 """Tiled jobs through a running daemon: stitching on a slide, bad region/tiling values, the
 tile-embedding cache across a sidecar change, a tagged sidecar and a restart, and a real
-random-weight vit_t and sam2_t tiled automask: no edge along a seam, no object twice."""
+random-weight vit_t (on a region of a 40 000² slide) and sam2_t tiled automask: no edge along a
+seam, no object twice."""
 
 from __future__ import annotations
 
@@ -138,20 +139,29 @@ def test_tile_embeddings_survive_a_sidecar_change_a_tagged_sidecar_and_a_restart
 
 
 @pytest.mark.timeout(900)  # a real model on 4 windows: a minute on 2 quiet cores, far more on a busy machine
-@pytest.mark.parametrize("model", ["vit_t", "sam2_t"])
+@pytest.mark.parametrize("model, image", [("vit_t", "slide"), ("sam2_t", "png")])
 def test_a_real_model_tiled_automask_has_no_seam_edges_and_no_duplicates(
-    tmp_path: Path, model: str, request: pytest.FixtureRequest
+    tmp_path: Path, model: str, image: str, request: pytest.FixtureRequest
 ) -> None:
+    """vit_t on a region of a 40 000² sparse slide (the path a scanner's file takes), sam2_t on a
+    plain image: the same seam and duplicate checks in level-0 pixels."""
     weights = request.getfixturevalue("conditioned_vit_t" if model == "vit_t" else "conditioned_sam2_t")
     config = write_config(tmp_path, [{"name": "default", "type": model, "path": str(weights)}])
     size, tiling = 768, {"tile_size": 512, "overlap": 64}
     # pieces every 300 px: their straight edges lie on none of the tiles' seams (256, 384, 512)
-    save_image(tmp_path / "inbox" / "astronaut.png", skimage_content(size, size, pitch=300))
-    write_sidecar(tmp_path / "inbox" / "astronaut.yaml", {
-        "model": model, "tiling": tiling,
-        "automask": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-                     "include_image_edge": True},
-    })
+    content = skimage_content(size, size, pitch=300)
+    body = {"model": model, "tiling": tiling,
+            "automask": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                         "include_image_edge": True}}
+    if image == "slide":
+        x, y = 20_480, 12_288
+        slide = SparseSlide(40_000, 40_000, patches=[(x, y, content)])
+        write_ome_pyramid(tmp_path / "inbox" / "astronaut.ome.tif", slide, levels=4)
+        body["region"] = [x, y, size, size]
+    else:
+        x, y = 0, 0
+        save_image(tmp_path / "inbox" / "astronaut.png", content)
+    write_sidecar(tmp_path / "inbox" / "astronaut.yaml", body)
     daemon = DaemonProcess(config)
     try:
         wait_for(lambda: finished(tmp_path / "outbox", "astronaut"), REAL_MODEL_TIMEOUT, what="the tiled automask")
@@ -162,8 +172,9 @@ def test_a_real_model_tiled_automask_has_no_seam_edges_and_no_duplicates(
     crops = crops_of(result["features"])
     provenance = result["samwatch"]["tiling"]
     assert crops and provenance["tiles"] == 4
-    tiles = plan_tiles(Rect(0, 0, size, size), tiling["tile_size"], tiling["overlap"], 1.0, 0)
-    assert seam_edges(crops, seam_lines(tiles, (0, 0, size, size))) == []
+    region = Rect(x, y, size, size)
+    tiles = plan_tiles(region, tiling["tile_size"], tiling["overlap"], 1.0, 0)
+    assert seam_edges(crops, seam_lines(tiles, (x, y, size, size))) == []
     assert duplicates(crops) == []
     views = {f["properties"]["tiling"]["view"] for f in result["features"]}
     assert views <= {"whole", "joined", "refined"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,10 +67,29 @@ class Executor(Protocol):
     def reconfigure(self, config: Config, changed: set[tuple[str, str]]) -> None:
         """The config was reloaded: later runs use it; models of ``changed`` weights entries unload."""
 
-    def map_units(self, fn: Callable[[Any], Any], units: Iterable[Any]) -> list[Any]:
-        """Run ``fn`` on each unit (a tile, a frame) where this executor runs work; results in order."""
-
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a unit of a job runs: that worker's model pool and its name."""
+
+    pool: Any  # a models.pool.ModelPool
+    worker: str
+
+
+class UnitMapper(Protocol):
+    """How a job spreads its units (tiles) over the executor's workers, handed to its ``JobRunner``.
+
+    The local executor gives none (a slot owns its device: its job's tiles run there in turn);
+    a Dask worker gives a mapper onto the cluster (executors/dask_units.py)."""
+
+    def spreads(self, count: int) -> bool:
+        """Whether ``count`` units are worth sending out (more than one worker thread can take them)."""
+
+    def map_units(self, fn: Callable[[Any, Place], Any], units: Iterable[Any]) -> Iterator[Any]:
+        """``fn(unit, place)`` for each unit, wherever a worker is free; results in the units' order,
+        a bounded number in flight. Closing the iterator early cancels the units not yet run."""
 
 
 def worker_identity(executor: str, name: str) -> dict[str, str]:

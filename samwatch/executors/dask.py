@@ -3,7 +3,7 @@
 The daemon keeps everything but the run itself. Before dispatch it resolves the job's
 weights (fetched and verified into ``state_dir``), so a worker only loads a file it can see
 (``path_map`` rewrites prefixes for workers that mount the share elsewhere). Each worker
-keeps a model pool between jobs (``_worker_pool``: keyed by type, weights and sha256).
+keeps a model pool between jobs (``dask_units.worker_pool``: keyed by type, weights and sha256).
 Progress comes back as worker events (``log_event`` → ``subscribe_topic``); cancelling sets
 a cluster-wide ``Event`` the job's ``Progress`` checks and cancels the future. A worker that
 dies mid-job makes the scheduler run the task elsewhere; the daemon sees one result per
@@ -18,7 +18,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from loguru import logger
 from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
+from samwatch.executors.dask_units import ClusterUnits, worker_pool
 from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
 from samwatch.sidecars.load import load_job_sidecar
 from samwatch.vocab import LoadSpec
@@ -244,10 +244,6 @@ class DaskExecutor:
         if changed:
             self.client.run(evict_on_worker, sorted(changed))
 
-    def map_units(self, fn: Callable[[Any], Any], units: Iterable[Any]) -> list[Any]:
-        """Each unit a task on the cluster; from inside a job, call it through ``worker_client``."""
-        return self.client.gather(self.client.map(fn, list(units), pure=False))
-
     def close(self) -> None:
         for token in list(self._futures):
             self._futures[token][1].release()
@@ -303,31 +299,17 @@ class _CancelFlag:
         return self._set
 
 
-def _worker_pool(worker: Any, config: Config) -> Any:
-    """This worker's model pool, kept between jobs (on the worker object: one per process)."""
-    from samwatch.models.device import pick_devices
-    from samwatch.models.pool import ModelPool
-
-    pool = getattr(worker, "_samwatch_pool", None)
-    if pool is None:
-        device = pick_devices(config.executor.device)[0]
-        # A worker's families table is samwatch's own unless a preload or plugin gave it one (tests' fakes).
-        pool = ModelPool(device, config.models, cache_dir=config.state_dir / "encoders",
-                         adapters=getattr(worker, "samwatch_adapters", None))
-        worker._samwatch_pool = pool
-    return pool
-
-
 def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     from distributed import get_worker
 
     from samwatch.job.runner import JobRunner
 
     worker = get_worker()
-    pool = _worker_pool(worker, job.config)
+    pool = worker_pool(worker, job.config)
     progress = Progress(_EventChannel(worker, job), _CancelFlag(job.token))
     identity = worker_identity("dask", str(worker.name))
-    runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size, identity)
+    runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size, identity,
+                       units=ClusterUnits(job.config, job.token))  # a tiled job's tiles spread over the cluster
     outcome = runner.run(job.ticket, progress)
     outcome.worker = identity
     return outcome.to_wire()

@@ -14,7 +14,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +134,6 @@ class LocalExecutor:
         for slot in self._slots:
             slot.pool.evict(changed)
             slot.pool.settings = config.models
-
-    def map_units(self, fn: Callable[[Any], Any], units: Iterable[Any]) -> list[Any]:
-        # A slot owns its device: the units of its job run there, one after another.
-        return [fn(unit) for unit in units]
 
     def close(self) -> None:
         for slot in self._slots:

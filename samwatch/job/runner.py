@@ -12,7 +12,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from samwatch.control.discovery import image_on_disk, is_folder_defaults
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry.outline import mask_to_geometry
 from samwatch.geometry.raster import polygons_of
-from samwatch.media.read import ChannelRule, Media, MediaLimits, open_region_source, probe
+from samwatch.media.read import ChannelRule, Media, MediaLimits, probe
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool
@@ -37,10 +37,10 @@ from samwatch.job.prompts import prompt_masks
 from samwatch.sidecars.load import JobSidecar, load_job_sidecar
 from samwatch.sidecars.qupath import Imported, Source, import_annotations, read_export
 from samwatch.sidecars.schema import Sidecar
-from samwatch.media.slides import ArraySource
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob
+from samwatch.tiling.units import TileSpread, TileWork
 from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress
 
 
@@ -97,11 +97,13 @@ class JobRunner:
 
     def __init__(
         self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None,
-        worker: dict[str, str] | None = None,
+        worker: dict[str, str] | None = None, units: Any = None,
     ) -> None:
         """``prompt_batch_size`` None: chosen per device (models/device.py); ``worker``: who runs
-        the jobs, for their provenance (executors/base.py ``worker_identity``)."""
+        the jobs, for their provenance (executors/base.py ``worker_identity``); ``units``: the
+        executor's ``UnitMapper`` a tiled job's windows may spread over (None: they run here)."""
         self.worker = worker
+        self.units = units
         self.config = config
         self.registry = registry
         self.pool = pool
@@ -248,27 +250,23 @@ class JobRunner:
         )
         report: TilingReport | None = None
         for frame_index in range(media.n_frames):
-            with self._frame_source(media, frame_index, sidecar) as source:
+            job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
+                          prompt_batch_size=self.prompt_batch_size, embedding_store=store,
+                          memory_budget=self.config.limits.max_job_memory)
+            work = TileWork(media.path, frame_index, media.kind == "slide", media_limits(self.config.limits),
+                            channel_rule(sidecar), job, spec)
+            spread = TileSpread(self.units, work) if self.units is not None else None
+            with work.open(media) as source:
                 plan = plan_for(sidecar, source)
                 report = report or TilingReport(plan)
-                job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
-                              prompt_batch_size=self.prompt_batch_size, scratch_dir=scratch, embedding_store=store,
-                              memory_budget=self.config.limits.max_job_memory)
                 frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
-                for detection in segment(adapter, source, job, plan, frame_progress, report,
-                                         max_object_pixels=self.config.limits.max_image_pixels):
+                for detection in segment(adapter, source, replace(job, scratch_dir=scratch), plan, frame_progress,
+                                         report, max_object_pixels=self.config.limits.max_image_pixels, spread=spread):
                     if media.n_frames > 1:
                         detection.frame = frame_index
                     yield detection
         if report is not None:
             provenance["tiling"] = report.to_dict()
-
-    def _frame_source(self, media: Media, index: int, sidecar: Sidecar) -> Any:
-        """Frame ``index`` behind the region API: a slide read lazily, other images decoded."""
-        limits = media_limits(self.config.limits)
-        if media.kind == "slide":
-            return open_region_source(media.path, limits=limits, channels=channel_rule(sidecar))
-        return ArraySource(media.path, media.frame(index), limits)
 
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,

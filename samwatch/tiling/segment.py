@@ -12,8 +12,10 @@ out once. No full-image mask is ever made.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from typing import Any
 
 from samwatch.errors import JobError
@@ -24,12 +26,14 @@ from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles
 from samwatch.tiling.refine import (
     LookPlan,
     SecondLook,
+    on_finer_grid,
     second_looks,
     view,
 )
 from samwatch.tiling.stitch import Stitcher
 from samwatch.media.slides import RegionSource
 from samwatch.tiling.tile import TileJob, run_tile, tile_sidecar
+from samwatch.tiling.units import TileSpread
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class TilingReport:
     second_looks: int = 0  # objects no tile saw whole, segmented again
     second_look_encodes: int = 0  # windows the second looks encoded
     duplicates_dropped: int = 0
+    tile_workers: Counter[str] = field(default_factory=Counter)  # worker name -> windows it ran (spread jobs)
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan
@@ -68,6 +73,7 @@ class TilingReport:
             "cache_hits": self.tiles - self.windows_encoded, "tiles_skipped": self.tiles_skipped,
             "second_looks": self.second_looks, "second_look_encodes": self.second_look_encodes,
             "duplicates_dropped": self.duplicates_dropped,
+            **({"tile_workers": dict(sorted(self.tile_workers.items()))} if self.tile_workers else {}),
         }
 
 
@@ -157,15 +163,36 @@ _TILES_SHARE = 0.9
 
 def segment(
     adapter: Any, source: RegionSource, job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport,
-    *, max_object_pixels: int = 1 << 26,
+    *, max_object_pixels: int = 1 << 26, spread: TileSpread | None = None,
 ) -> Iterator[Detection]:
     """Every window of the job in turn (cancellable between them), results as they become final;
     stitched objects larger than ``max_object_pixels`` (grid pixels) get a second look at a
-    coarser resolution."""
+    coarser resolution. With ``spread`` (and enough windows for it to pay) the windows run on the
+    executor's workers, their results still taken in the plan's order; second looks stay here."""
     tiles, stitched = plan_windows(job.sidecar, plan, source)
-    if not stitched:
-        yield from _prompt_windows(adapter, tiles, source, job, progress, report)
-        return
+    share = _TILES_SHARE if stitched else 1.0
+    if spread is not None and spread.worth(tiles):
+        ran = _spread_windows(spread, tiles, job, progress, report, share)
+    else:
+        ran = _windows(adapter, tiles, source, job, progress, report, share)
+    with closing(ran):  # a cancelled job stops the windows still to run
+        if not stitched:
+            yield from _final(ran)
+            return
+        yield from _stitched(adapter, tiles, ran, source, job, plan, progress, report, max_object_pixels)
+
+
+def _final(ran: Iterator[tuple[TileSpec, list[Detection]]]) -> Iterator[Detection]:
+    """Each prompt window's masks, final as they come (each prompt is asked in one window)."""
+    for tile, detections in ran:
+        for detection in detections:
+            yield view(detection, "whole", tile.level)
+
+
+def _stitched(
+    adapter: Any, tiles: list[TileSpec], ran: Iterator[tuple[TileSpec, list[Detection]]], source: RegionSource,
+    job: TileJob, plan: TilingPlan, progress: ProgressFn, report: TilingReport, max_object_pixels: int,
+) -> Iterator[Detection]:
     stitcher = Stitcher(tiles, max_pixels=max_object_pixels)
     once = Once(cell=round(plan.tile_size * plan.downsample))
     window0 = plan.tile_size * plan.downsample
@@ -175,10 +202,7 @@ def segment(
                      math.ceil(box.h + 2 * window0))
         return stitcher.settled(grown) and not any(look.box.intersection(box) for look in stitcher.looks)
 
-    for tile in tiles:
-        progress("tiles", _TILES_SHARE * tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
-        _count_tile(job, tile, report)
-        detections = run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, _TILES_SHARE))
+    for tile, detections in ran:
         yield from _admitted(once, stitcher.add(tile, detections))
         once.forget(done)
     yield from _admitted(once, stitcher.finish())
@@ -193,15 +217,31 @@ def _count_tile(job: TileJob, tile: TileSpec, report: TilingReport) -> None:
         report.tiles += 1
 
 
-def _prompt_windows(
+def _windows(
     adapter: Any, tiles: list[TileSpec], source: RegionSource, job: TileJob, progress: ProgressFn, report: TilingReport,
-) -> Iterator[Detection]:
-    """Each prompt window's masks, final as they come (each prompt is asked in one window)."""
+    share: float,
+) -> Iterator[tuple[TileSpec, list[Detection]]]:
+    """Each window through the job's own adapter, in turn."""
     for tile in tiles:
-        progress("tiles", tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
+        progress("tiles", share * tile.index / len(tiles), f"tile {tile.index + 1}/{len(tiles)}")
         _count_tile(job, tile, report)
-        for detection in run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, 1.0)):
-            yield view(detection, "whole", tile.level)
+        yield tile, run_tile(adapter, tile, source, job, _tile_progress(progress, tile, report, share))
+
+
+def _spread_windows(
+    spread: TileSpread, tiles: list[TileSpec], job: TileJob, progress: ProgressFn, report: TilingReport, share: float,
+) -> Iterator[tuple[TileSpec, list[Detection]]]:
+    """Each window on whichever worker is free, results in the plan's order (``tile 37/240``);
+    the job's cancel flag is checked as each one comes back."""
+    progress("tiles", 0.0, f"{len(tiles)} tiles over the cluster")
+    results = spread.run(tiles)
+    with closing(results):  # closed early (cancelled, failed): the windows not yet run are cancelled
+        for tile, result in zip(tiles, results):
+            _count_tile(job, tile, report)
+            report.windows_encoded += result.encoded
+            report.tile_workers[result.worker] += 1
+            progress("tiles", share * (tile.index + 1) / len(tiles), f"tile {tile.index + 1}/{len(tiles)} on {result.worker}")
+            yield tile, result.detections
 
 
 def _second_looks(
@@ -217,7 +257,7 @@ def _second_looks(
         return _look_progress(progress, done, total, report)
 
     for detection, window in second_looks(adapter, looks, source, job, look_plan, window_progress):
-        yield view(detection, "refined", window.level)
+        yield on_finer_grid(view(detection, "refined", window.level), plan.downsample)
 
 
 def _admitted(once: Once, detections: Iterable[Detection]) -> Iterator[Detection]:
