@@ -145,6 +145,8 @@ def dask_cluster(workers: int):  # noqa: ANN201
     from samwatch.executors.dask import DaskExecutor
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        for worker in cluster.workers.values():
+            fakes.dask_setup(worker)  # the fake model family in each worker's pool
         with Client(cluster) as client:
             original = DaskExecutor.__init__
 
