@@ -7,6 +7,7 @@ No weights can be downloaded in CI, so every model test builds the real network 
 from __future__ import annotations
 
 import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,35 @@ def no_leftover_daemons():
         if daemon.alive():
             daemon.kill()
         DaemonProcess.live.remove(daemon)
+
+
+#: programs that start a samwatch daemon (``samwatch run``) besides ``-m samwatch``
+DAEMON_WRAPPERS = ("fake_samwatch.py", "without_extras.py")
+
+
+def starts_a_daemon(args: object) -> bool:
+    """Whether a Popen argv runs ``samwatch run`` (a CLI command such as ``check`` is not a daemon)."""
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    if "run" not in argv:
+        return False
+    samwatch = any(argv[i:i + 2] == ["-m", "samwatch"] for i in range(len(argv) - 1))
+    return samwatch or any(Path(a).name in DAEMON_WRAPPERS or Path(a).name == "samwatch" for a in argv)
+
+
+@pytest.fixture(autouse=True)
+def daemons_only_in_subprocess_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """``-m "not subprocess"`` is the fast suite: a test that starts a daemon process must say so."""
+    if request.node.get_closest_marker("subprocess") is not None:
+        return
+    real_init = subprocess.Popen.__init__
+
+    def checked(self, args, *rest, **kwargs):  # noqa: ANN001, ANN202
+        if starts_a_daemon(args):
+            pytest.fail(f"{request.node.nodeid} starts a daemon process ({args}): mark it @pytest.mark.subprocess, "
+                        "or drive the daemon in-process (tests/support.py's InProcessDaemon)", pytrace=False)
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked)
 
 
 @pytest.fixture(scope="session")
