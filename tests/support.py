@@ -35,11 +35,12 @@ def wait_for(condition: Callable[[], Any], timeout: float, *, what: str = "condi
 
 
 class InProcessDaemon:
-    """The daemon of a config file in this process, unthreaded, on the fake model family: each
-    ``step`` runs the jobs that are ready inside it. For tests of plumbing; signals, kill -9,
-    systemd and shares need ``DaemonProcess``. Its log lines are collected in ``lines``."""
+    """The daemon of a config file in this process, on the fake model family: unthreaded, each
+    ``step`` runs the jobs that are ready inside it; ``threaded``, the local executor's slots run
+    them at once (several slots). For tests of plumbing; signals, kill -9, systemd and shares need
+    ``DaemonProcess``. Its log lines are collected in ``lines``."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, *, threaded: bool = False) -> None:
         from loguru import logger
 
         from fakes import fake_adapters
@@ -49,7 +50,7 @@ class InProcessDaemon:
         self.lines: list[str] = []
         self._sink = logger.add(lambda message: self.lines.append(message.rstrip("\n")), level="DEBUG",
                                 format="{level} {message}")
-        self.daemon = Daemon.from_config(load_config(config_path), config_path=config_path, threaded=False,
+        self.daemon = Daemon.from_config(load_config(config_path), config_path=config_path, threaded=threaded,
                                          adapters=fake_adapters)
 
     def run_until(self, condition: Callable[[], Any], timeout: float, *, what: str = "condition") -> Any:

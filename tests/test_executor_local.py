@@ -6,16 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from support import DaemonProcess, fake_weights, progress_state, read_json, save_image, wait_for, write_config, write_sidecar
+from support import (
+    DaemonProcess, InProcessDaemon, fake_weights, progress_state, read_json, save_image, wait_for, write_config,
+    write_sidecar,
+)
 from test_service import SMALL
-
-pytestmark = pytest.mark.subprocess  # each test starts a real samwatch process
 
 
 def test_two_cpu_slots_run_two_jobs_at_once(tmp_path: Path) -> None:
     config = write_config(tmp_path, fake_weights(tmp_path), device=["cpu", "cpu"])
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    daemon = DaemonProcess(config, fake_model=True)
+    daemon = InProcessDaemon(config, threaded=True)
     for stem in ("one", "two"):
         save_image(inbox / f"{stem}.png", SMALL)
         write_sidecar(inbox / f"{stem}.yaml", {"label": "slow:3", "prompts": [{"bbox": [1, 1, 9, 9]}]})
@@ -25,22 +26,24 @@ def test_two_cpu_slots_run_two_jobs_at_once(tmp_path: Path) -> None:
         running = {job["job"] for job in status.get("running", [])}
         return running == {"one", "two"} and all(progress_state(outbox, s) == "running" for s in ("one", "two"))
 
+    daemon.run_until(both_running, 30, what="both jobs running at the same time")
     wait_for(both_running, 30, what="both jobs running at the same time")
     status = read_json(outbox / "_samwatch" / "status.json")
     assert status["executor"] == {"kind": "local", "slots": 2}
     assert sorted(worker["job"] for worker in status["workers"]) == ["one", "two"]
     assert {job["worker"] for job in status["running"]} == {"local-0", "local-1"}
-    wait_for(lambda: all(progress_state(outbox, s) == "done" for s in ("one", "two")), 30, what="both done")
-    counted = wait_for(lambda: [w["done"] for w in read_json(outbox / "_samwatch" / "status.json")["workers"]
-                                if w.get("done")], 10, what="per-slot done counts")
+    daemon.run_until(lambda: all(progress_state(outbox, s) == "done" for s in ("one", "two")), 30, what="both done")
+    counted = daemon.run_until(lambda: [w["done"] for w in read_json(outbox / "_samwatch" / "status.json")["workers"]
+                                        if w.get("done")], 10, what="per-slot done counts")
     assert counted == [1, 1]
     ran_on = {read_json(outbox / f"{s}.geojson")["samwatch"]["worker"]["name"] for s in ("one", "two")}
     assert ran_on == {"local-0", "local-1"}
-    assert daemon.stop() == 0
+    daemon.close()
     stopped = read_json(outbox / "_samwatch" / "status.json")
     assert stopped["state"] == "stopped" and stopped["workers"] == []
 
 
+@pytest.mark.subprocess  # SIGTERM to a real process
 def test_after_sigterm_the_interrupted_job_reads_queued_and_the_daemon_stopped(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from slides import dense_slide, write_ome_pyramid, write_svs
 from support import fake_weights, read_json, write_config, write_sidecar
+
+pytestmark = pytest.mark.subprocess  # each test runs `samwatch run --once` in a process without the extras
 
 WRAPPER = Path(__file__).with_name("without_extras.py")
 EXTRAS = "openslide,tiffslide,dask,distributed,dask_jobqueue"

@@ -127,7 +127,7 @@ def timed_run(adapter: Adapter, ctx: RunContext) -> tuple[list[Detection], float
     return detections, time.perf_counter() - start
 
 
-@pytest.mark.slow
+@pytest.mark.slow_model
 def test_random_weights_through_the_adapter_on_cpu(random_sam3_checkpoint: Path) -> None:
     image = np.repeat(skimage_data.coins()[..., None], 3, axis=2)  # 303×384: not square
     spec = LoadSpec(model_type="sam3", checkpoint=random_sam3_checkpoint, weights_name="random",
@@ -166,7 +166,7 @@ class ShiftedFrames:
         return iter(self.images)
 
 
-@pytest.mark.slow
+@pytest.mark.slow_model
 @pytest.mark.skipif(not os.environ.get("SAMWATCH_SAM3_CPU_VIDEO"), reason="minutes of CPU; set SAMWATCH_SAM3_CPU_VIDEO=1")
 def test_random_weights_track_on_cpu(random_sam3_video_checkpoint: Path) -> None:
     frames = ShiftedFrames(np.repeat(skimage_data.coins()[::2, ::2, None], 3, axis=2), n_frames=2)

@@ -53,6 +53,7 @@ def drop(inbox: Path, stem: str, seconds: float) -> None:
 
 
 @pytest.mark.slurm
+@pytest.mark.subprocess
 def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: Path, slurm: dict[str, str]) -> None:
     assert not slurm_jobs(slurm), "dask worker jobs from elsewhere are in the queue"
     cluster = {
@@ -104,6 +105,7 @@ def test_adapt_grows_to_two_workers_survives_scancel_and_stops_clean(tmp_path: P
 
 
 @pytest.mark.slurm
+@pytest.mark.subprocess
 def test_worker_jobs_that_die_at_start_are_reported_and_the_stop_is_clean(tmp_path: Path, slurm: dict[str, str]) -> None:
     cluster = {"kind": "slurm", "queue": "ci", "cores": 1, "memory": "1GB", "adapt_maximum": 1,
                "python": "/nonexistent/venv/bin/python"}  # what a node without the daemon's venv sees
