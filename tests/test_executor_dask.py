@@ -182,6 +182,40 @@ def test_a_tiled_jobs_tiles_run_on_both_workers_and_give_the_local_result(tmp_pa
     assert "tile_workers" not in local_tiling  # the local executor runs a job's tiles in its slot
 
 
+def painted_stack(path: Path) -> None:
+    """Six planes of a Z stack, each with its disc elsewhere and of its own grey."""
+    import tifffile
+
+    planes = np.zeros((6, 200, 240), np.uint8)
+    yy, xx = np.ogrid[:200, :240]
+    for index, plane in enumerate(planes):
+        plane[(xx - 40 - 30 * index) ** 2 + (yy - 100) ** 2 <= 15 ** 2] = 100 + 20 * index
+    tifffile.imwrite(path, planes, metadata={"axes": "ZYX"})
+
+
+@pytest.mark.subprocess
+def test_a_stacks_planes_run_on_both_workers_and_give_the_local_result(tmp_path: Path, cluster) -> None:
+    results = {}
+    for kind in ("local", "dask"):
+        root = tmp_path / kind
+        root.mkdir()
+        executor = {"kind": "dask", "address": cluster[0].scheduler_address} if kind == "dask" else "local"
+        config = write_config(root, fake_weights(root), executor=executor)
+        painted_stack(root / "inbox" / "z.tif")
+        write_sidecar(root / "inbox" / "z.yaml", {"label": "painted slow:0.2", "automask": {}})
+        daemon = DaemonProcess(config, fake_model=True)
+        wait_for(lambda: finished(root / "outbox", "z"), 120, what=f"{kind} stack job")
+        assert daemon.stop() == 0
+        assert progress_state(root / "outbox", "z") == "done", daemon.log()[-2000:]
+        results[kind] = read_json(root / "outbox" / "z.geojson")
+    local, dask = results["local"], results["dask"]
+    assert len(local["features"]) == 6 and dask["features"] == local["features"]
+    names = {str(info["name"]) for info in cluster[1].scheduler_info()["workers"].values()}
+    workers = dask["samwatch"]["frame_workers"]
+    assert set(workers) == names and sum(workers.values()) == 6, workers
+    assert "frame_workers" not in local["samwatch"]  # the local executor runs a job's planes in its slot
+
+
 def unit_tasks(client, since: float) -> list[dict]:  # noqa: ANN001
     """The tile tasks the cluster ran to their end since ``since``."""
     return [record for record in client.get_task_stream(start=since) if str(record["key"]).startswith("samwatch_unit-")]

@@ -11,7 +11,9 @@ import platform
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from samwatch.sidecars.schema import Sidecar
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob
-from samwatch.tiling.units import TileSpread, TileWork
+from samwatch.tiling.units import TileSpread, TileWork, frames_over, whole_frame
 from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress
 
 
@@ -224,6 +226,9 @@ class JobRunner:
             return
         masks = prompt_masks(sidecar.prompts, inbox=self.config.inbox, sidecar_rel=ticket.sidecar or "",
                              image_hw=(media.height, media.width)) if sidecar.mode == "prompts" else []
+        if self.units is not None and all(m is None for m in masks) and self.units.spreads(media.n_frames):
+            yield from self._spread_frames(job, base_key)
+            return
         for frame_index in range(media.n_frames):
             # A stack without a video block: every plane is segmented as an image.
             frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
@@ -237,6 +242,25 @@ class JobRunner:
                 if media.n_frames > 1:
                     detection.frame = frame_index
                 yield detection
+
+    def _spread_frames(self, job: Prepared, base_key: str) -> Iterator[Detection]:
+        """The planes of a stack over the cluster's workers, each a unit, results in the planes'
+        order (``plane 3 of 40 on worker``); closing early (a cancel) cancels the planes not yet run."""
+        sidecar, media = job.sidecar, job.media
+        tile = whole_frame(media.width, media.height, len(sidecar.prompts) if sidecar.mode == "prompts" else 0)
+        works = [TileWork(media.path, index, False, media_limits(self.config.limits), channel_rule(sidecar),
+                          TileJob(sidecar=sidecar, image_key=f"{base_key}:{index}", prompt_batch_size=self.prompt_batch_size,
+                                  memory_budget=self.config.limits.max_job_memory), job.spec)
+                 for index in range(media.n_frames)]
+        workers: Counter[str] = Counter()
+        with closing(frames_over(self.units, works, tile)) as results:
+            for index, result in enumerate(results):
+                workers[result.worker] += 1
+                job.progress("frames", (index + 1) / media.n_frames, f"plane {index + 1} of {media.n_frames} on {result.worker}")
+                for detection in result.detections:
+                    detection.frame = index
+                    yield detection
+        job.provenance["frame_workers"] = dict(workers)
 
     def _infer_tiled(
         self, adapter: Any, sidecar: Sidecar, media: Media, base_key: str, progress: Progress, scratch: Path,

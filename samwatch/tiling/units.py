@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from samwatch.media.read import ChannelRule, Media, MediaLimits, open_region_source, probe
 from samwatch.media.slides import ArraySource, RegionSource
 from samwatch.models.base import Detection
-from samwatch.tiling.plan import TileSpec
+from samwatch.tiling.plan import Rect, TileSpec
 from samwatch.tiling.tile import TileJob, run_tile, tile_sidecar
 from samwatch.vocab import LoadSpec
 
@@ -104,3 +104,14 @@ class TileSpread:
 
     def run(self, tiles: list[TileSpec]) -> Iterator[TileResult]:
         return self.units.map_units(run_tile_unit, [TileUnit(self.work, tile) for tile in tiles])
+
+
+def whole_frame(width: int, height: int, prompts: int) -> TileSpec:
+    """One plane of a stack as a unit: a window that is the whole image, owning all its prompts."""
+    rect = Rect(0, 0, width, height)
+    return TileSpec(0, 1, rect, rect, 1.0, 0, tuple(range(prompts)))
+
+
+def frames_over(units: Any, works: list[TileWork], tile: TileSpec) -> Iterator[TileResult]:
+    """Each plane's ``tile`` (``whole_frame``) through the unit mapper, in the planes' order."""
+    return units.map_units(run_tile_unit, [TileUnit(work, tile) for work in works])
