@@ -158,22 +158,28 @@ def painted_image(path: Path) -> None:
     save_image(path, pixels)
 
 
-@pytest.mark.subprocess
-def test_a_tiled_jobs_tiles_run_on_both_workers_and_give_the_local_result(tmp_path: Path, cluster) -> None:
+def local_and_dask(tmp_path: Path, cluster, image: str, make_image, body: dict) -> tuple[dict, dict]:  # noqa: ANN001
+    """The result of one job run by a local daemon, then by one on the cluster."""
     results = {}
+    stem = Path(image).stem
     for kind in ("local", "dask"):
         root = tmp_path / kind
         root.mkdir()
         executor = {"kind": "dask", "address": cluster[0].scheduler_address} if kind == "dask" else "local"
         config = write_config(root, fake_weights(root), executor=executor)
-        painted_image(root / "inbox" / "p.png")
-        write_sidecar(root / "inbox" / "p.yaml", {"label": "painted slow:0.2", **TILED})
+        make_image(root / "inbox" / image)
+        write_sidecar(root / "inbox" / f"{stem}.yaml", body)
         daemon = DaemonProcess(config, fake_model=True)
-        wait_for(lambda: finished(root / "outbox", "p"), 120, what=f"{kind} tiled job")
+        wait_for(lambda: finished(root / "outbox", stem), 120, what=f"{kind} job")
         assert daemon.stop() == 0
-        assert progress_state(root / "outbox", "p") == "done", daemon.log()[-2000:]
-        results[kind] = read_json(root / "outbox" / "p.geojson")
-    local, dask = results["local"], results["dask"]
+        assert progress_state(root / "outbox", stem) == "done", daemon.log()[-2000:]
+        results[kind] = read_json(root / "outbox" / f"{stem}.geojson")
+    return results["local"], results["dask"]
+
+
+@pytest.mark.subprocess
+def test_a_tiled_jobs_tiles_run_on_both_workers_and_give_the_local_result(tmp_path: Path, cluster) -> None:
+    local, dask = local_and_dask(tmp_path, cluster, "p.png", painted_image, {"label": "painted slow:0.2", **TILED})
     assert len(local["features"]) == 3 and dask["features"] == local["features"]
     tiling, local_tiling = dask["samwatch"]["tiling"], local["samwatch"]["tiling"]
     names = {str(info["name"]) for info in cluster[1].scheduler_info()["workers"].values()}
@@ -195,20 +201,7 @@ def painted_stack(path: Path) -> None:
 
 @pytest.mark.subprocess
 def test_a_stacks_planes_run_on_both_workers_and_give_the_local_result(tmp_path: Path, cluster) -> None:
-    results = {}
-    for kind in ("local", "dask"):
-        root = tmp_path / kind
-        root.mkdir()
-        executor = {"kind": "dask", "address": cluster[0].scheduler_address} if kind == "dask" else "local"
-        config = write_config(root, fake_weights(root), executor=executor)
-        painted_stack(root / "inbox" / "z.tif")
-        write_sidecar(root / "inbox" / "z.yaml", {"label": "painted slow:0.2", "automask": {}})
-        daemon = DaemonProcess(config, fake_model=True)
-        wait_for(lambda: finished(root / "outbox", "z"), 120, what=f"{kind} stack job")
-        assert daemon.stop() == 0
-        assert progress_state(root / "outbox", "z") == "done", daemon.log()[-2000:]
-        results[kind] = read_json(root / "outbox" / "z.geojson")
-    local, dask = results["local"], results["dask"]
+    local, dask = local_and_dask(tmp_path, cluster, "z.tif", painted_stack, {"label": "painted slow:0.2", "automask": {}})
     assert len(local["features"]) == 6 and dask["features"] == local["features"]
     names = {str(info["name"]) for info in cluster[1].scheduler_info()["workers"].values()}
     workers = dask["samwatch"]["frame_workers"]
