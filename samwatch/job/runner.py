@@ -11,6 +11,7 @@ import platform
 import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +22,18 @@ import torch
 from loguru import logger
 
 from samwatch import __version__
-from samwatch.config import Config, LimitSettings
-from samwatch.control.discovery import image_on_disk, is_folder_defaults
+from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry.features import class_color, feature_collection, make_feature
 from samwatch.geometry.outline import mask_to_geometry
-from samwatch.media.read import ChannelRule, Media, MediaLimits, open_region_source, probe
+from samwatch.job.inputs import load_ticket_sidecar, media_limits, open_media, ticket_image
+from samwatch.media.read import Media
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool
 from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.job.prompts import prompt_masks
-from samwatch.sidecars.load import JobSidecar, load_job_sidecar
+from samwatch.sidecars.load import JobSidecar
 from samwatch.sidecars.qupath import Imported, Source, import_annotations, read_export
 from samwatch.sidecars.schema import Sidecar
 from samwatch.media.slides import ArraySource
@@ -95,11 +96,14 @@ class JobRunner:
 
     def __init__(
         self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None,
-        worker: dict[str, str] | None = None,
+        worker: dict[str, str] | None = None, *, sidecar: JobSidecar | None = None,
     ) -> None:
         """``prompt_batch_size`` None: chosen per device (models/device.py); ``worker``: who runs
-        the jobs, for their provenance (executors/base.py ``worker_identity``)."""
+        the jobs, for their provenance (executors/base.py ``worker_identity``); ``sidecar``: the
+        sidecar of the one job this runner runs, as discovery parsed it in this process
+        (executors/base.py ``Dispatch``); without it a job parses its ticket's bytes."""
         self.worker = worker
+        self.sidecar = sidecar
         self.config = config
         self.registry = registry
         self.pool = pool
@@ -118,25 +122,27 @@ class JobRunner:
 
     # ---- the pipeline -----------------------------------------------------------------
 
-    def image_path(self, ticket: JobTicket, sidecar: Sidecar) -> str:
-        if ticket.sidecar is None or is_folder_defaults(ticket.sidecar):
-            if ticket.image is None:
-                raise JobError("image_not_found", "The image of this job vanished.")
-            return ticket.image
-        return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image, self.config.inputs.image_roots)
-
     def prepare(self, ticket: JobTicket, progress: Progress) -> Prepared | Outcome:
         """Phase 1, CPU: sidecar, image opened (a single image read and converted), weights
         requested; an ``Outcome`` when the job must wait for its weights."""
         started = time.perf_counter()
         progress("reading", 0.0)
-        if ticket.sidecar is None:
-            raise JobError("image_not_found", "The job has no sidecar.")
-        loaded = load_job_sidecar(self.config, ticket.sidecar)
+        loaded = self.sidecar if self.sidecar is not None else load_ticket_sidecar(self.config, ticket)
+        self.pool.adapter_for(loaded.model_type)  # a missing model package fails before the image is read
+        image_rel = ticket_image(ticket)
+        media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, loaded.sidecar)
+        try:
+            return self._prepared(ticket, progress, loaded, media, image_rel, started)
+        except BaseException:
+            media.close()
+            raise
+
+    def _prepared(
+        self, ticket: JobTicket, progress: Progress, loaded: JobSidecar, media: Media, image_rel: str, started: float,
+    ) -> Prepared | Outcome:
+        """The rest of phase 1, once the image is open (it is closed by ``finish``, or here when
+        the job waits for its weights)."""
         sidecar, model_type, weights_name = loaded.sidecar, loaded.model_type, loaded.weights_name
-        self.pool.adapter_for(model_type)  # a missing model package fails before the image is read
-        image_rel = self.image_path(ticket, sidecar)
-        media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
         imported = self._imported(loaded, media)
         sidecar = imported.sidecar if imported else sidecar
         if imported and imported.report["warnings_total"]:
@@ -151,6 +157,7 @@ class JobRunner:
         if not isinstance(spec, LoadSpec):
             if spec.error is not None:
                 raise spec.error
+            media.close()
             return Outcome("waiting", waiting_for=(model_type, weights_name))
         return Prepared(ticket, progress, sidecar, model_type, weights_name, image_rel, media, spec, pixels,
                         timings, started, provenance={"annotations": imported.report} if imported else {},
@@ -180,7 +187,13 @@ class JobRunner:
         job.decoder = job.adapter.decoder_path
 
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
-        """Phase 3, CPU: features traced as detections arrive, the result assembled."""
+        """Phase 3, CPU: features traced as detections arrive, the result assembled; the image closed."""
+        try:
+            return self._finish(job, detections)
+        finally:
+            job.media.close()
+
+    def _finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
         traced_started = time.perf_counter()
         features = self._features(detections, job.sidecar, job.model_type, job.media, job.timings, job.sources)
         timings = job.timings
@@ -246,7 +259,7 @@ class JobRunner:
         )
         report: TilingReport | None = None
         for frame_index in range(media.n_frames):
-            with self._frame_source(media, frame_index, sidecar) as source:
+            with self._frame_source(media, frame_index) as source:
                 plan = plan_for(sidecar, source)
                 report = report or TilingReport(plan)
                 job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
@@ -261,12 +274,12 @@ class JobRunner:
         if report is not None:
             provenance["tiling"] = report.to_dict()
 
-    def _frame_source(self, media: Media, index: int, sidecar: Sidecar) -> Any:
-        """Frame ``index`` behind the region API: a slide read lazily, other images decoded."""
-        limits = media_limits(self.config.limits)
-        if media.kind == "slide":
-            return open_region_source(media.path, limits=limits, channels=channel_rule(sidecar))
-        return ArraySource(media.path, media.frame(index), limits)
+    def _frame_source(self, media: Media, index: int) -> Any:
+        """Frame ``index`` behind the region API: a slide read lazily (the job's open reader,
+        closed with the job), other images decoded."""
+        if media.region is not None:
+            return nullcontext(media.region)
+        return ArraySource(media.path, media.frame(index), media_limits(self.config.limits))
 
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
@@ -353,50 +366,11 @@ class JobRunner:
 _OPENING_STAGE = {"prompts": "encoding image", "text": "encoding image", "automask": "automask", "video": "tracking"}
 
 
-def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidecar) -> Media:
-    """The job's image opened from its header (limits checked), as the sidecar reads it."""
-    if path.is_file() and path.stat().st_size > limits.max_image_bytes:
-        raise JobError(
-            "image_too_large",
-            f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
-            file=image_rel,
-        )
-    video = sidecar.video
-    try:
-        return probe(
-            path,
-            limits=media_limits(limits),
-            channels=channel_rule(sidecar),
-            frame_axis=(video.axes[-1] if video else None),
-            plane_position=(video.plane_position if video else 0),
-            max_frames=_frames_held(video),
-        )
-    except JobError as exc:
-        exc.file = image_rel  # inbox-relative: what the person sees on the share
-        raise
-
-
 def _frame_axes(sidecar: Sidecar, media: Media) -> str:
     """XYT or XYZ: which axis a stack's frames run along."""
     if sidecar.video:
         return sidecar.video.axes
     return "XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT"
-
-
-def media_limits(limits: LimitSettings) -> MediaLimits:
-    return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
-                       max_slide_pixels=limits.max_slide_pixels)
-
-
-def channel_rule(sidecar: Sidecar) -> ChannelRule:
-    return ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
-
-
-def _frames_held(video: Any) -> int | None:
-    """How many frames a video job may touch: what the memory limit is checked against."""
-    if video is None or video.max_frame_num_to_track is None or video.reverse:
-        return None
-    return (video.start_frame_idx or 0) + video.max_frame_num_to_track + 1
 
 
 def _frame_progress(progress: Progress, index: int, total: int) -> Callable[[str, float], None]:
