@@ -35,16 +35,19 @@ def _relative(config: Config, path: Path) -> str | None:
         return None
 
 
-def check_sidecar(config: Config, path: Path, registry: WeightsRegistry, inbox_files: Collection[str]) -> list[str]:
+def check_sidecar(
+    config: Config, path: Path, registry: WeightsRegistry, inbox_files: Collection[str], unreadable: Collection[str] = (),
+) -> list[str]:
     """Problems of one sidecar, each ``file: field: code: message``; ``inbox_files``: the
-    inbox's files (``scan_tree``), where its folder defaults and image are found."""
+    inbox's files (``scan_tree``), where its folder defaults and image are found; an image among
+    the ``unreadable`` entries (a link loop) is named in its problem."""
     rel = _relative(config, path)
     # A sidecar outside the inbox is checked as if its folder were the inbox.
     if rel is not None:
-        inbox, files = config.inbox, inbox_files
+        inbox, files, images = config.inbox, inbox_files, [*inbox_files, *unreadable]
     else:
         inbox, rel = path.parent, path.name
-        files = [entry.name for entry in os.scandir(inbox)] if inbox.is_dir() else []
+        files = images = [entry.name for entry in os.scandir(inbox)] if inbox.is_dir() else []
     problems: list[JobError] = []
     defaults = nearest_defaults(split_name(rel)[0], folder_defaults(files))
     try:
@@ -55,7 +58,7 @@ def check_sidecar(config: Config, path: Path, registry: WeightsRegistry, inbox_f
         return _lines(exc, rel)
     problems.extend(_weights_problems(registry, loaded))
     if not is_folder_defaults(rel):
-        problems.extend(_image_problems(config, inbox, loaded, files))
+        problems.extend(_image_problems(config, inbox, loaded, images))
     return [line for problem in problems for line in _lines(problem, rel)]
 
 
@@ -147,7 +150,8 @@ def _lines(problem: JobError, rel: str) -> list[str]:
 def check_paths(config: Config, paths: list[Path], *, config_file: Path | None = None) -> list[str]:
     """Every problem of the sidecars at ``paths`` (default: the inbox's); ``config_file`` is
     named in the advice of weights that cannot be fetched."""
-    files = sorted(scan_tree(config.inbox)) if config.inbox.is_dir() else []
+    skipped: dict[str, str] = {}
+    files = sorted(scan_tree(config.inbox, skipped=skipped)) if config.inbox.is_dir() else []
     if not paths:
         # Exports that are jobs of their own (an image of their stem, no sidecar of it).
         exports = {job.sidecar for job in find_jobs(config.inbox, files, lambda rel: None)
@@ -155,7 +159,7 @@ def check_paths(config: Config, paths: list[Path], *, config_file: Path | None =
         paths = [config.inbox / rel for rel in files if is_sidecar(rel) or is_folder_defaults(rel) or rel in exports]
     registry = WeightsRegistry(config.weights, config.state_dir, config_file=config_file)
     try:
-        return [line for path in paths for line in check_sidecar(config, path, registry, files)]
+        return [line for path in paths for line in check_sidecar(config, path, registry, files, skipped)]
     finally:
         registry.close()
 

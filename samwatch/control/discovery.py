@@ -291,18 +291,32 @@ def nearest_defaults(folder: str, defaults_by_folder: Mapping[str, str]) -> str 
         folder = posixpath.dirname(folder)
 
 
+def _readable(image: str, sidecar: str, unreadable: Mapping[str, str]) -> tuple[str, None]:
+    if image in unreadable:
+        raise JobError("image_unreadable", f"The image {posixpath.basename(image)!r} cannot be used: "
+                       f"{unreadable[image]}.", file=sidecar, field="image")
+    return image, None
+
+
 def find_jobs(
     inbox: Path,
     files: Collection[str],
     image_ref_of: Callable[[str], str | None],
     annotations_ref_of: Callable[[str], str | None] = lambda rel: None,
     roots: Collection[Path] = (),
+    unreadable: Mapping[str, str] | None = None,
 ) -> list[JobSource]:
-    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none."""
+    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none.
+
+    ``unreadable``: entries the watcher could not read (path -> why, e.g. a symlink loop). A
+    sidecar still pairs with such an image by name, so that its job fails saying why.
+    """
     files = [rel for rel in files if not is_ignored_path(rel)]
     jobs: list[JobSource] = []
     claimed: set[str] = set()
     images = index_images(files)
+    unreadable = unreadable or {}
+    pairing = index_images([*files, *unreadable]) if unreadable else images
     defaults_by_folder = folder_defaults(files)
     sidecars_of: dict[str, list[str]] = {}
     for rel in sorted(files):
@@ -312,7 +326,7 @@ def find_jobs(
     for job_id, (rel, *rivals) in sidecars_of.items():
         folder = split_name(rel)[0]
         try:
-            image, image_error = resolve_image(inbox, rel, image_ref_of(rel), images, roots), None
+            image, image_error = _readable(resolve_image(inbox, rel, image_ref_of(rel), pairing, roots), rel, unreadable)
         except JobError as error:
             image, image_error = None, error.to_dict()
         if image:
@@ -328,7 +342,7 @@ def find_jobs(
         if not is_export(rel) or rel in named or job_id in sidecars_of or implicit_image(rel, images) is None:
             continue
         try:
-            image, image_error = resolve_image(inbox, rel, None, images), None
+            image, image_error = _readable(resolve_image(inbox, rel, None, pairing), rel, unreadable)
         except JobError as error:  # e.g. a link out of the inbox: the job says so when it runs
             image, image_error = None, error.to_dict()
         if image:

@@ -76,7 +76,8 @@ class JobQueue:
             if is_folder_defaults(path):  # what its sidecars inherit changed
                 self.facts.forget_sidecars_under(split_name(path)[0])
         self._defaults_by_folder = folder_defaults(files)
-        found = find_jobs(self.config.inbox, files, self._image_ref, self._annotations_ref, self.config.inputs.image_roots)
+        found = find_jobs(self.config.inbox, files, self._image_ref, self._annotations_ref, self.config.inputs.image_roots,
+                          unreadable=self.watcher.skipped)
         jobs = {job.job_id: job for job in found}
         previous = self.known_jobs
         for job_id in set(previous) - set(jobs):
