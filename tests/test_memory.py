@@ -44,9 +44,9 @@ def test_an_empty_mask_crops_to_one_empty_pixel() -> None:
 
 def test_prompt_batches_shrink_to_the_job_memory() -> None:
     budget = 1024 * MiB
-    assert prompt_batch(32, (1024, 1024), 3, budget) == (budget - 32 * MiB) // (DECODER_BYTES_PER_PROMPT + 36 * MiB) == 16
+    assert prompt_batch(32, (1024, 1024), 3, budget) == (budget - 32 * MiB) // (DECODER_BYTES_PER_PROMPT + 36 * MiB) == 15
     assert prompt_batch(4, (256, 256), 3, budget) == 4
-    assert prompt_batch(32, (4096, 4096), 1, budget) == 4  # 24 + 192 MiB a prompt
+    assert prompt_batch(32, (4096, 4096), 1, budget) == 4  # 30 + 192 MiB a prompt
     assert prompt_batch(32, (30000, 30000), 3, None) == 32  # no limit set
 
 
@@ -58,7 +58,7 @@ def test_a_prompt_job_that_cannot_fit_one_prompt_is_refused_with_its_code() -> N
 
 
 def test_automask_point_batches_shrink_and_refuse_the_same_way() -> None:
-    assert automask_batch(64, 1024 * 1024, 3, 1024 * MiB) == 39  # 976 MiB left at 24.75 MiB a point
+    assert automask_batch(64, 1024 * 1024, 3, 1024 * MiB) == 31  # 976 MiB left at 30.75 MiB a point
     assert automask_batch(64, 1024 * 1024, 3, None) == 64
     with pytest.raises(JobError) as caught:
         automask_batch(1, 1024 * 1024, 3, 32 * MiB)

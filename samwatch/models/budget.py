@@ -16,8 +16,9 @@ from samwatch.errors import JobError
 MiB = 1 << 20
 #: Mask decoder working memory per prompt at SAM's 64×64 embedding (its 4× upscaling to 256×256
 #: with 32 channels, and the transformer's per-prompt copy of the embedding), and per call;
-#: measured for vit_t in ONNX Runtime on 1024² (1 prompt: 54 MiB, 16: 396 MiB, 64: 1297 MiB), rounded up.
-DECODER_BYTES_PER_PROMPT = 24 * MiB
+#: measured for vit_t on 1024², ONNX Runtime (1 prompt: 54 MiB, 16: 396, 64: 1297) and eager PyTorch
+#: (1: 59, 16: 517, 64: 1864: 29 MiB a prompt), rounded up to the larger.
+DECODER_BYTES_PER_PROMPT = 30 * MiB
 DECODER_BYTES_PER_CALL = 32 * MiB
 #: Low-res logits of one mask (256 × 256 float32).
 LOW_RES_MASK_BYTES = 256 * 256 * 4

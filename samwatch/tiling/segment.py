@@ -24,6 +24,7 @@ from samwatch.tiling.plan import Rect, TileSpec, plan_prompt_windows, plan_tiles
 from samwatch.tiling.refine import (
     LookPlan,
     SecondLook,
+    on_finer_grid,
     second_looks,
     view,
 )
@@ -217,7 +218,7 @@ def _second_looks(
         return _look_progress(progress, done, total, report)
 
     for detection, window in second_looks(adapter, looks, source, job, look_plan, window_progress):
-        yield view(detection, "refined", window.level)
+        yield on_finer_grid(view(detection, "refined", window.level), plan.downsample)
 
 
 def _admitted(once: Once, detections: Iterable[Detection]) -> Iterator[Detection]:
