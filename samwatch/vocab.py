@@ -44,13 +44,22 @@ def stage_percent(stage: str, fraction: float) -> float:
 
 @dataclass(frozen=True)
 class JobTicket:
-    """What the daemon hands the worker: one job version."""
+    """What the daemon hands the worker: one job version, with what discovery found of it, so
+    the job resolves nothing again (queueing.py builds it; executors pickle it to workers)."""
 
     job_id: str
     sidecar: str | None  # own sidecar, or the folder defaults file for defaults-only jobs
     image: str | None
     image_sha: str | None
     version: str
+    #: the error (``JobError.to_dict``) the job fails with: its sidecar's, and why it has no image
+    sidecar_error: dict[str, Any] | None = None
+    image_error: dict[str, Any] | None = None
+    defaults: str | None = None  # the folder defaults file merged into its own sidecar
+    #: the sidecar's bytes the version was computed from; None: read from disk (a QuPath export)
+    sidecar_bytes: bytes | None = None
+    model_type: str | None = None  # what the sidecar asks for, with the config's defaults
+    weights_name: str | None = None
 
 
 @dataclass(frozen=True)

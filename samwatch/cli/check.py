@@ -1,6 +1,7 @@
 """``samwatch check``: the config and sidecars validated without running anything.
 
-A sidecar is read exactly as its job would read it (``load_job_sidecar``), then checked the way
+A sidecar is read exactly as its job would read it (``load_job_sidecar``, with the folder
+defaults and image discovery finds in a listing of the inbox), then checked the way
 the run would go on: its weights (registered, on disk or obtainable now), its image (found,
 readable from its header, within the limits) and its prompts against the image size. Every
 problem of a sidecar is reported, not only the first. A cluster's workers' Python is run once.
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from samwatch.config import Config
-from samwatch.control.discovery import find_jobs, image_on_disk, is_export, is_folder_defaults, is_sidecar
+from samwatch.control.discovery import (
+    find_jobs, folder_defaults, index_images, is_export, is_folder_defaults, is_sidecar, nearest_defaults,
+    resolve_image, split_name,
+)
 from samwatch.errors import JobError
 from samwatch.sidecars.load import JobSidecar, load_job_sidecar
 from samwatch.sidecars.qupath import import_annotations, read_export
@@ -31,21 +35,30 @@ def _relative(config: Config, path: Path) -> str | None:
         return None
 
 
-def check_sidecar(config: Config, path: Path, registry: WeightsRegistry) -> list[str]:
-    """Problems of one sidecar, each ``file: field: code: message``."""
+def check_sidecar(
+    config: Config, path: Path, registry: WeightsRegistry, inbox_files: Collection[str], unreadable: Collection[str] = (),
+) -> list[str]:
+    """Problems of one sidecar, each ``file: field: code: message``; ``inbox_files``: the
+    inbox's files (``scan_tree``), where its folder defaults and image are found; an image among
+    the ``unreadable`` entries (a link loop) is named in its problem."""
     rel = _relative(config, path)
     # A sidecar outside the inbox is checked as if its folder were the inbox.
-    inbox, rel = (config.inbox, rel) if rel is not None else (path.parent, path.name)
+    if rel is not None:
+        inbox, files, images = config.inbox, inbox_files, [*inbox_files, *unreadable]
+    else:
+        inbox, rel = path.parent, path.name
+        files = images = [entry.name for entry in os.scandir(inbox)] if inbox.is_dir() else []
     problems: list[JobError] = []
+    defaults = nearest_defaults(split_name(rel)[0], folder_defaults(files))
     try:
-        loaded = load_job_sidecar(config, rel, inbox=inbox, problems=problems)
+        loaded = load_job_sidecar(config, rel, defaults=defaults, inbox=inbox, problems=problems)
     except FileNotFoundError:
         return [f"{path}: no such file"]
     except JobError as exc:
         return _lines(exc, rel)
     problems.extend(_weights_problems(registry, loaded))
     if not is_folder_defaults(rel):
-        problems.extend(_image_problems(config, inbox, loaded))
+        problems.extend(_image_problems(config, inbox, loaded, images))
     return [line for problem in problems for line in _lines(problem, rel)]
 
 
@@ -57,14 +70,16 @@ def _weights_problems(registry: WeightsRegistry, loaded: JobSidecar) -> list[Job
     return [problem] if problem is not None else []
 
 
-def _image_problems(config: Config, inbox: Path, loaded: JobSidecar) -> list[JobError]:
-    from samwatch.job.runner import open_media  # torch: only once the sidecar itself is fine
+def _image_problems(config: Config, inbox: Path, loaded: JobSidecar, files: Collection[str]) -> list[JobError]:
+    from samwatch.job.inputs import open_media  # image codecs: only once the sidecar itself is fine
 
     try:
-        image_rel = image_on_disk(inbox, loaded.rel, loaded.sidecar.image, config.inputs.image_roots)
+        image_rel = resolve_image(inbox, loaded.rel, loaded.sidecar.image, index_images(files),
+                                  config.inputs.image_roots)
         media = open_media(config.limits, inbox / image_rel, image_rel, loaded.sidecar)
     except JobError as exc:
         return [exc]
+    media.close()  # its size is all the checks need
     return [*bounds_problems(loaded.sidecar, media.width, media.height, media.n_frames),
             *_export_problems(config, inbox, loaded, media.width, media.height)]
 
@@ -135,17 +150,16 @@ def _lines(problem: JobError, rel: str) -> list[str]:
 def check_paths(config: Config, paths: list[Path], *, config_file: Path | None = None) -> list[str]:
     """Every problem of the sidecars at ``paths`` (default: the inbox's); ``config_file`` is
     named in the advice of weights that cannot be fetched."""
+    skipped: dict[str, str] = {}
+    files = sorted(scan_tree(config.inbox, skipped=skipped)) if config.inbox.is_dir() else []
     if not paths:
-        if not config.inbox.is_dir():
-            return []
-        files = sorted(scan_tree(config.inbox))
         # Exports that are jobs of their own (an image of their stem, no sidecar of it).
         exports = {job.sidecar for job in find_jobs(config.inbox, files, lambda rel: None)
                    if is_export(job.sidecar or "")}
         paths = [config.inbox / rel for rel in files if is_sidecar(rel) or is_folder_defaults(rel) or rel in exports]
     registry = WeightsRegistry(config.weights, config.state_dir, config_file=config_file)
     try:
-        return [line for path in paths for line in check_sidecar(config, path, registry)]
+        return [line for path in paths for line in check_sidecar(config, path, registry, files, skipped)]
     finally:
         registry.close()
 

@@ -105,7 +105,7 @@ class Daemon:
         self.recorder = OutcomeRecorder(config, ledger, claims, outbox, registry, self.queue)
         self.recorder.recover_unwritten()
         self.reporter = StatusReporter(self)
-        self.retrier = Retrier(config, ledger, claims, outbox, registry, clock)
+        self.retrier = Retrier(config, ledger, claims, outbox, registry, clock, self.queue.ticket_of)
         self.workers: list[dict[str, Any]] = executor.workers()
         self._config_mtime = self._stat_config()
         self._next_heartbeat = float("-inf")
@@ -250,8 +250,8 @@ class Daemon:
             self._write_status()
 
     def _dispatch(self, now: float) -> None:
-        while self.dispatcher.free_slots() > 0 and (row := self.queue.next_ready(now)) is not None:
-            self.dispatcher.start(row)
+        while self.dispatcher.free_slots() > 0 and (picked := self.queue.next_ready(now)) is not None:
+            self.dispatcher.start(*picked)
             self._status_changed()
             self._collect(0.0)  # an inline executor has finished it already
 
@@ -309,9 +309,10 @@ class Daemon:
         changed = self.registry.update(new.weights)
         self.executor.reconfigure(new, changed)
         self.watcher.settle_seconds = new.watch.settle_seconds
-        self.config = self.queue.config = self.recorder.config = self.facts.config = new
+        self.config = self.recorder.config = self.facts.config = new
         self.config_error = None
         self.retrier.after_change(new)
+        self.queue.reconfigure(new)
         logger.info(f"config reloaded from {self.config_path}; weights changed: {sorted(changed) or 'none'}")
         self.notifier.ready(self.status_line())
         self.heartbeat()

@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from samwatch.errors import JobError
 from samwatch.media.files import FRAMES_DIR_SUFFIX, MEDIA_SUFFIXES
@@ -40,6 +41,8 @@ class JobSource:
     # and their going is a change of its inputs, so it then runs again by itself.
     rivals: tuple[str, ...] = ()
     annotations: str | None = None  # the QuPath export its sidecar names
+    #: why ``image`` is None (``JobError.to_dict``): the error its run fails with
+    image_error: dict[str, Any] | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -262,13 +265,6 @@ def _spelled_on_disk(inbox: Path, rel: str) -> str | None:
     return None
 
 
-def image_on_disk(inbox: Path, sidecar_rel: str, image_ref: str | None, roots: Collection[Path] = ()) -> str:
-    """The image of the sidecar ``sidecar_rel`` among the files in its folder now."""
-    folder = split_name(sidecar_rel)[0]
-    listing = [f"{folder}/{p.name}" if folder else p.name for p in (inbox / folder).iterdir()]
-    return resolve_image(inbox, sidecar_rel, image_ref, index_images(listing), roots)
-
-
 def _named_export(inbox: Path, sidecar_rel: str, reference: str | None) -> str | None:
     if reference is None:
         return None
@@ -278,7 +274,15 @@ def _named_export(inbox: Path, sidecar_rel: str, reference: str | None) -> str |
         return None
 
 
+def folder_defaults(files: Collection[str]) -> dict[str, str]:
+    """folder -> its folder defaults file, among ``files`` (``samwatch.json`` before ``.yaml``
+    when a folder has two: its jobs then fail naming both)."""
+    return {split_name(rel)[0]: rel for rel in sorted(files, reverse=True) if is_folder_defaults(rel)}
+
+
 def nearest_defaults(folder: str, defaults_by_folder: Mapping[str, str]) -> str | None:
+    """The folder defaults ``folder``'s jobs inherit: its own, or the nearest folder's up the tree
+    (the one answer to it: discovery, the job and ``samwatch check`` all ask here)."""
     while True:
         if folder in defaults_by_folder:
             return defaults_by_folder[folder]
@@ -287,19 +291,33 @@ def nearest_defaults(folder: str, defaults_by_folder: Mapping[str, str]) -> str 
         folder = posixpath.dirname(folder)
 
 
+def _readable(image: str, sidecar: str, unreadable: Mapping[str, str]) -> tuple[str, None]:
+    if image in unreadable:
+        raise JobError("image_unreadable", f"The image {posixpath.basename(image)!r} cannot be used: "
+                       f"{unreadable[image]}.", file=sidecar, field="image")
+    return image, None
+
+
 def find_jobs(
     inbox: Path,
     files: Collection[str],
     image_ref_of: Callable[[str], str | None],
     annotations_ref_of: Callable[[str], str | None] = lambda rel: None,
     roots: Collection[Path] = (),
+    unreadable: Mapping[str, str] | None = None,
 ) -> list[JobSource]:
-    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none."""
+    """Every job the inbox's files define (ready or not); ignored paths (``_done/...``) define none.
+
+    ``unreadable``: entries the watcher could not read (path -> why, e.g. a symlink loop). A
+    sidecar still pairs with such an image by name, so that its job fails saying why.
+    """
     files = [rel for rel in files if not is_ignored_path(rel)]
     jobs: list[JobSource] = []
     claimed: set[str] = set()
     images = index_images(files)
-    defaults_by_folder = {split_name(rel)[0]: rel for rel in sorted(files, reverse=True) if is_folder_defaults(rel)}
+    unreadable = unreadable or {}
+    pairing = index_images([*files, *unreadable]) if unreadable else images
+    defaults_by_folder = folder_defaults(files)
     sidecars_of: dict[str, list[str]] = {}
     for rel in sorted(files):
         if is_sidecar(rel):
@@ -308,15 +326,15 @@ def find_jobs(
     for job_id, (rel, *rivals) in sidecars_of.items():
         folder = split_name(rel)[0]
         try:
-            image = resolve_image(inbox, rel, image_ref_of(rel), images, roots)
-        except JobError:
-            image = None
+            image, image_error = _readable(resolve_image(inbox, rel, image_ref_of(rel), pairing, roots), rel, unreadable)
+        except JobError as error:
+            image, image_error = None, error.to_dict()
         if image:
             claimed.add(image)
         annotations = _named_export(inbox, rel, annotations_ref_of(rel))
         # Its folder defaults count as an input: settings it inherits may change.
         jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder),
-                              image=image, rivals=tuple(rivals), annotations=annotations))
+                              image=image, rivals=tuple(rivals), annotations=annotations, image_error=image_error))
     named = {job.annotations for job in jobs}
     for rel in sorted(files):
         folder, stem, _ = split_name(rel)
@@ -324,13 +342,13 @@ def find_jobs(
         if not is_export(rel) or rel in named or job_id in sidecars_of or implicit_image(rel, images) is None:
             continue
         try:
-            image = resolve_image(inbox, rel, None, images)
-        except JobError:  # e.g. a link out of the inbox: the job says so when it runs
-            image = None
+            image, image_error = _readable(resolve_image(inbox, rel, None, pairing), rel, unreadable)
+        except JobError as error:  # e.g. a link out of the inbox: the job says so when it runs
+            image, image_error = None, error.to_dict()
         if image:
             claimed.add(image)
         jobs.append(JobSource(job_id=job_id, sidecar=rel, defaults=nearest_defaults(folder, defaults_by_folder),
-                              image=image))
+                              image=image, image_error=image_error))
     if defaults_by_folder:
         for rel in sorted({path for paths in images.values() for path in paths}):
             if rel in claimed:

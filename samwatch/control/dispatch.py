@@ -20,6 +20,7 @@ from samwatch.control.claims import ClaimStore
 from samwatch.executors.base import Dispatch, Executor, Finished, ProgressReport
 from samwatch.control.ledger import JobRow, Ledger
 from samwatch.control.outbox import Outbox
+from samwatch.sidecars.load import JobSidecar
 from samwatch.vocab import JobTicket
 
 
@@ -63,8 +64,8 @@ class Dispatcher:
     def by_job(self, job_id: str) -> Running | None:
         return next((run for run in self.running.values() if run.ticket.job_id == job_id), None)
 
-    def start(self, row: JobRow) -> Running:
-        ticket = JobTicket(row.job_id, row.sidecar, row.image, row.image_sha, row.version)
+    def start(self, row: JobRow, ticket: JobTicket, sidecar: JobSidecar | None = None) -> Running:
+        """Hand ``row`` to the executor as ``ticket`` (``sidecar``: its parse, see ``Dispatch``)."""
         token = secrets.token_hex(8)
         now = self.clock()
         run = Running(ticket, row, token, now, last_change=now)
@@ -73,7 +74,7 @@ class Dispatcher:
         self.outbox.running(row.job_id, "reading", 0, "started")
         self.running[token] = run
         logger.info(f"job {row.job_id} started")
-        self.executor.submit(Dispatch(ticket, token))
+        self.executor.submit(Dispatch(ticket, token, sidecar))
         return run
 
     def stop(self, job_id: str, request: StopRequest) -> bool:

@@ -24,11 +24,10 @@ from loguru import logger
 
 from samwatch.control.claims import ClaimStore
 from samwatch.config import Config
-from samwatch.errors import JobError
-from samwatch.sidecars.load import load_job_sidecar
 from samwatch.control.ledger import JobRow, Ledger
 from samwatch.control.outbox import Outbox
 from samwatch.control.retry_requests import take_retry_requests
+from samwatch.vocab import JobTicket
 
 #: failed jobs are looked over at most this often (a ledger query, a stat per weights file)
 _LOOK_SECONDS = 1.0
@@ -112,9 +111,9 @@ class Retrier:
     outbox: Outbox
     registry: Any
     clock: Callable[[], float]
+    #: the row's ticket (queueing.py): its model type and weights, as discovery read them
+    ticket_of: Callable[[JobRow], JobTicket | None]
     _next_look: float = float("-inf")
-    #: (job, version) -> its (type, weights name): a sidecar is read once, not every look
-    _weights_keys: dict[tuple[str, str], tuple[str, str] | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         service = self.config.service
@@ -137,13 +136,10 @@ class Retrier:
             key = self._weights_of(row)
             if key is not None and self.registry.on_disk(*key):
                 self.requeue(row, f"the {key[0]} weights {key[1]!r} are on disk now")
-        live = {(row.job_id, row.version) for row in failed}
-        self._weights_keys = {version: key for version, key in self._weights_keys.items() if version in live}
 
     def after_change(self, config: Config) -> None:
         """The config was reloaded: what failed or waits for lack of weights or limits tries again."""
         self.config = config
-        self._weights_keys.clear()  # folder defaults or default weights may mean others now
         self.schedule.base_seconds = config.service.retry_base_seconds
         self.schedule.max_attempts = config.service.retry_attempts
         for row in [*cured_by_change(self.ledger.jobs_in(("failed",))), *self.ledger.jobs_in(("waiting",))]:
@@ -157,11 +153,7 @@ class Retrier:
         logger.info(f"job {row.job_id} queued again: {reason}")
 
     def _weights_of(self, row: JobRow) -> tuple[str, str] | None:
-        version = (row.job_id, row.version)
-        if version not in self._weights_keys:
-            try:
-                loaded = load_job_sidecar(self.config, row.sidecar) if row.sidecar else None
-            except (OSError, JobError):
-                loaded = None
-            self._weights_keys[version] = (loaded.model_type, loaded.weights_name) if loaded else None
-        return self._weights_keys[version]
+        ticket = self.ticket_of(row)
+        if ticket is None or ticket.model_type is None or ticket.weights_name is None:
+            return None
+        return ticket.model_type, ticket.weights_name

@@ -14,17 +14,23 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from samwatch import faults
 from samwatch.config import Config
 from samwatch.vocab import JobTicket, Outcome
+
+if TYPE_CHECKING:
+    from samwatch.sidecars.load import JobSidecar
 
 
 @dataclass(frozen=True)
 class Dispatch:
     ticket: JobTicket
     token: str  # unique per run: the ledger's record of which run may report the outcome
+    #: the ticket's sidecar as discovery parsed it, for an executor in this process (a remote
+    #: one parses the ticket's bytes where the job runs); None when its job fails with its error
+    sidecar: JobSidecar | None = None
 
 
 @dataclass(frozen=True)

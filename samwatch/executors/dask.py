@@ -29,9 +29,7 @@ from samwatch.errors import JobCancelled, JobError
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
 from samwatch.executors.dask_units import ClusterUnits, worker_pool
 from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
-from samwatch.sidecars.load import load_job_sidecar
-from samwatch.vocab import LoadSpec
-from samwatch.vocab import JobTicket, Outcome, Progress
+from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress, error_from_wire
 
 PROGRESS_TOPIC = "samwatch-progress"
 #: a worker asks the scheduler whether its job was cancelled at most this often
@@ -105,15 +103,18 @@ class DaskExecutor:
         self._futures[dispatch.token] = (dispatch, future)
 
     def _resolve(self, ticket: JobTicket) -> LoadSpec | tuple[str, str]:
+        """The weights the ticket names (discovery read the sidecar: the worker parses it once)."""
         if ticket.sidecar is None:
             raise JobError("image_not_found", "The job has no sidecar.")
-        loaded = load_job_sidecar(self._config, ticket.sidecar)
-        spec = self._registry.request(loaded.model_type, loaded.weights_name)
+        if ticket.sidecar_error is not None:
+            raise error_from_wire(ticket.sidecar_error)
+        assert ticket.model_type is not None and ticket.weights_name is not None  # queueing names them
+        spec = self._registry.request(ticket.model_type, ticket.weights_name)
         if isinstance(spec, LoadSpec):
             return spec
         if spec.error is not None:
             raise spec.error
-        return (loaded.model_type, loaded.weights_name)
+        return (ticket.model_type, ticket.weights_name)
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
         events: list[Event] = list(self._immediate)

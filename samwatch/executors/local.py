@@ -79,7 +79,8 @@ class LocalExecutor:
         progress = Progress(channel, cancel, clock=self._clock)
         config = self._config  # the job runs under the config of its dispatch, start to end
         identity = slot.identity
-        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size, identity)
+        runner = JobRunner(config, self._registry, slot.pool, config.models.prompt_batch_size, identity,
+                           sidecar=dispatch.sidecar)
 
         def done(ticket: JobTicket, outcome: Outcome) -> None:
             outcome.worker = identity

@@ -13,7 +13,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,12 @@ import torch
 from loguru import logger
 
 from samwatch import __version__
-from samwatch.config import Config, LimitSettings
-from samwatch.control.discovery import image_on_disk, is_folder_defaults
+from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.geometry.outline import mask_to_geometry
 from samwatch.geometry.raster import polygons_of
-from samwatch.media.read import ChannelRule, Media, MediaLimits, probe
+from samwatch.job.inputs import channel_rule, load_ticket_sidecar, media_limits, open_media, ticket_image
+from samwatch.media.read import Media
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool
@@ -36,7 +36,7 @@ from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.outputs.geojson import result_collection
 from samwatch.outputs.shapes import Shape, class_color
 from samwatch.job.prompts import prompt_masks
-from samwatch.sidecars.load import JobSidecar, load_job_sidecar
+from samwatch.sidecars.load import JobSidecar
 from samwatch.sidecars.qupath import Imported, Source, import_annotations, read_export
 from samwatch.sidecars.schema import Sidecar
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
@@ -99,13 +99,16 @@ class JobRunner:
 
     def __init__(
         self, config: Config, registry: Any, pool: ModelPool, prompt_batch_size: int | None = None,
-        worker: dict[str, str] | None = None, units: Any = None,
+        worker: dict[str, str] | None = None, units: Any = None, *, sidecar: JobSidecar | None = None,
     ) -> None:
         """``prompt_batch_size`` None: chosen per device (models/device.py); ``worker``: who runs
         the jobs, for their provenance (executors/base.py ``worker_identity``); ``units``: the
-        executor's ``UnitMapper`` a tiled job's windows may spread over (None: they run here)."""
+        executor's ``UnitMapper`` a tiled job's windows may spread over (None: they run here);
+        ``sidecar``: the sidecar of the one job this runner runs, as discovery parsed it in this
+        process (executors/base.py ``Dispatch``); without it a job parses its ticket's bytes."""
         self.worker = worker
         self.units = units
+        self.sidecar = sidecar
         self.config = config
         self.registry = registry
         self.pool = pool
@@ -124,25 +127,27 @@ class JobRunner:
 
     # ---- the pipeline -----------------------------------------------------------------
 
-    def image_path(self, ticket: JobTicket, sidecar: Sidecar) -> str:
-        if ticket.sidecar is None or is_folder_defaults(ticket.sidecar):
-            if ticket.image is None:
-                raise JobError("image_not_found", "The image of this job vanished.")
-            return ticket.image
-        return image_on_disk(self.config.inbox, ticket.sidecar, sidecar.image, self.config.inputs.image_roots)
-
     def prepare(self, ticket: JobTicket, progress: Progress) -> Prepared | Outcome:
         """Phase 1, CPU: sidecar, image opened (a single image read and converted), weights
         requested; an ``Outcome`` when the job must wait for its weights."""
         started = time.perf_counter()
         progress("reading", 0.0)
-        if ticket.sidecar is None:
-            raise JobError("image_not_found", "The job has no sidecar.")
-        loaded = load_job_sidecar(self.config, ticket.sidecar)
+        loaded = self.sidecar if self.sidecar is not None else load_ticket_sidecar(self.config, ticket)
+        self.pool.adapter_for(loaded.model_type)  # a missing model package fails before the image is read
+        image_rel = ticket_image(ticket)
+        media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, loaded.sidecar)
+        try:
+            return self._prepared(ticket, progress, loaded, media, image_rel, started)
+        except BaseException:
+            media.close()
+            raise
+
+    def _prepared(
+        self, ticket: JobTicket, progress: Progress, loaded: JobSidecar, media: Media, image_rel: str, started: float,
+    ) -> Prepared | Outcome:
+        """The rest of phase 1, once the image is open (it is closed by ``finish``, or here when
+        the job waits for its weights)."""
         sidecar, model_type, weights_name = loaded.sidecar, loaded.model_type, loaded.weights_name
-        self.pool.adapter_for(model_type)  # a missing model package fails before the image is read
-        image_rel = self.image_path(ticket, sidecar)
-        media = open_media(self.config.limits, self.config.inbox / image_rel, image_rel, sidecar)
         imported = self._imported(loaded, media)
         sidecar = imported.sidecar if imported else sidecar
         if imported and imported.report["warnings_total"]:
@@ -157,6 +162,7 @@ class JobRunner:
         if not isinstance(spec, LoadSpec):
             if spec.error is not None:
                 raise spec.error
+            media.close()
             return Outcome("waiting", waiting_for=(model_type, weights_name))
         return Prepared(ticket, progress, sidecar, model_type, weights_name, image_rel, media, spec, pixels,
                         timings, started, provenance={"annotations": imported.report} if imported else {},
@@ -186,7 +192,13 @@ class JobRunner:
         job.decoder = job.adapter.decoder_path
 
     def finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
-        """Phase 3, CPU: shapes traced as detections arrive, then written: the GeoJSON and the extras."""
+        """Phase 3, CPU: shapes traced as detections arrive, then written: the GeoJSON and the extras; the image closed."""
+        try:
+            return self._finish(job, detections)
+        finally:
+            job.media.close()
+
+    def _finish(self, job: Prepared, detections: Iterable[Detection]) -> Outcome:
         traced_started = time.perf_counter()
         shapes = self._features(detections, job.sidecar, job.model_type, job.media, job.timings, job.sources)
         timings = job.timings
@@ -280,7 +292,7 @@ class JobRunner:
             work = TileWork(media.path, frame_index, media.kind == "slide", media_limits(self.config.limits),
                             channel_rule(sidecar), job, spec)
             spread = TileSpread(self.units, work) if self.units is not None else None
-            with work.open(media) as source:
+            with self._frame_source(media, frame_index) as source:
                 plan = plan_for(sidecar, source)
                 report = report or TilingReport(plan)
                 frame_progress = progress if media.n_frames == 1 else _frame_progress(progress, frame_index, media.n_frames)
@@ -291,6 +303,13 @@ class JobRunner:
                     yield detection
         if report is not None:
             provenance["tiling"] = report.to_dict()
+
+    def _frame_source(self, media: Media, index: int) -> Any:
+        """Frame ``index`` behind the region API: a slide read lazily (the job's open reader,
+        closed with the job), other images decoded."""
+        if media.region is not None:
+            return nullcontext(media.region)
+        return ArraySource(media.path, media.frame(index), media_limits(self.config.limits))
 
     def _features(
         self, detections: Iterable[Detection], sidecar: Sidecar, model_type: str, media: Media,
@@ -368,50 +387,11 @@ class JobRunner:
 _OPENING_STAGE = {"prompts": "encoding image", "text": "encoding image", "automask": "automask", "video": "tracking"}
 
 
-def open_media(limits: LimitSettings, path: Path, image_rel: str, sidecar: Sidecar) -> Media:
-    """The job's image opened from its header (limits checked), as the sidecar reads it."""
-    if path.is_file() and path.stat().st_size > limits.max_image_bytes:
-        raise JobError(
-            "image_too_large",
-            f"The file is {path.stat().st_size} bytes, more than limits.max_image_bytes ({limits.max_image_bytes}).",
-            file=image_rel,
-        )
-    video = sidecar.video
-    try:
-        return probe(
-            path,
-            limits=media_limits(limits),
-            channels=channel_rule(sidecar),
-            frame_axis=(video.axes[-1] if video else None),
-            plane_position=(video.plane_position if video else 0),
-            max_frames=_frames_held(video),
-        )
-    except JobError as exc:
-        exc.file = image_rel  # inbox-relative: what the person sees on the share
-        raise
-
-
 def _frame_axes(sidecar: Sidecar, media: Media) -> str:
     """XYT or XYZ: which axis a stack's frames run along."""
     if sidecar.video:
         return sidecar.video.axes
     return "XYZ" if "Z" in media.axes and "T" not in media.axes else "XYT"
-
-
-def media_limits(limits: LimitSettings) -> MediaLimits:
-    return MediaLimits(max_image_pixels=limits.max_image_pixels, max_video_bytes=limits.max_video_bytes,
-                       max_slide_pixels=limits.max_slide_pixels)
-
-
-def channel_rule(sidecar: Sidecar) -> ChannelRule:
-    return ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
-
-
-def _frames_held(video: Any) -> int | None:
-    """How many frames a video job may touch: what the memory limit is checked against."""
-    if video is None or video.max_frame_num_to_track is None or video.reverse:
-        return None
-    return (video.start_frame_idx or 0) + video.max_frame_num_to_track + 1
 
 
 def _frame_progress(progress: Progress, index: int, total: int) -> Callable[[str, float], None]:

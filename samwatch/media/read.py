@@ -94,6 +94,9 @@ class Media:
     _rule: ChannelRule = field(repr=False, compare=False)
     #: For a slide, its reader's ``describe()`` (reader, vendor, levels, mpp, tile size) for provenance.
     slide: dict[str, Any] | None = None
+    #: A slide's reader, open from ``probe`` to ``close`` with the job's limits and channel rule:
+    #: the job's tiles and its preview read through it, so a job opens its slide once.
+    region: SlideReader | None = field(default=None, repr=False, compare=False)
 
     def frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as RGB uint8 H x W x 3."""
@@ -106,6 +109,11 @@ class Media:
         """Frames ``start`` .. ``stop - 1`` (slice semantics), one at a time."""
         for raw in self._source.read(range(self.n_frames)[start:stop]):
             yield self._convert(raw)
+
+    def close(self) -> None:
+        """Release a slide's file (other kinds hold none between reads)."""
+        if self.region is not None:
+            self.region.close()
 
     def _convert(self, raw: np.ndarray) -> np.ndarray:
         return to_rgb8(raw, self._rule, channel_axis=-1, bounds=self._stack_bounds)
@@ -133,7 +141,8 @@ def probe(
     plane_position: int = 0,
     max_frames: int | None = None,
 ) -> Media:
-    """Open ``path`` from its header, check the limits, and return it ready to read.
+    """Open ``path`` from its header, check the limits, and return it ready to read (close it
+    after use: a slide stays open, see ``Media.region``).
 
     ``frame_axis`` ("T" or "Z") and ``plane_position`` choose the frames of a stack (module
     docstring). ``max_frames`` is how many frames the caller will hold at once (the
@@ -151,7 +160,10 @@ def read_image(
 ) -> np.ndarray:
     """A still as RGB uint8; for a multi-frame file its frame 0 (T=0, Z=0), alone."""
     media = _open(Path(path), limits, channels, None, 0)
-    (raw,) = media._source.read([0])
+    try:
+        (raw,) = media._source.read([0])
+    finally:
+        media.close()
     return to_rgb8(raw, channels, channel_axis=-1)
 
 
@@ -179,18 +191,26 @@ def _open(
 ) -> Media:
     if frame_axis not in (None, "T", "Z"):
         raise ValueError(f"frame_axis must be 'T', 'Z' or None, not {frame_axis!r}")
-    opened = _open_any(path, limits, frame_axis, plane_position)
-    check_channels(rule.channels, opened.n_channels, path)
+    opened = _open_any(path, limits, frame_axis, plane_position, slide_rule=rule)
+    region = opened.source.reader if isinstance(opened.source, _SlideSource) else None
+    try:
+        check_channels(rule.channels, opened.n_channels, path)
+    except JobError:
+        if region is not None:
+            region.close()
+        raise
     return Media(
         path=path, kind="slide" if opened.slide else "stack" if opened.n_frames > 1 else "image",
         width=opened.width, slide=opened.slide,
         height=opened.height, n_frames=opened.n_frames, axes=opened.axes,
-        source_dtype=opened.dtype, _source=opened.source, _rule=rule)
+        source_dtype=opened.dtype, _source=opened.source, _rule=rule, region=region)
 
 
 def _open_any(
-    path: Path, limits: MediaLimits, frame_axis: str | None, plane_position: int
+    path: Path, limits: MediaLimits, frame_axis: str | None, plane_position: int, *,
+    slide_rule: ChannelRule | None = None,
 ) -> Opened:
+    """``slide_rule``: a slide is kept open, read with that rule; None: opened for each read."""
     if not path.exists():
         raise not_found(path)
     if path.is_dir():
@@ -207,7 +227,7 @@ def _open_any(
         raise JobError("image_unreadable", f"'{path.name}' is empty (0 bytes); copy it again "
                        "once it is fully written.", file=str(path))
     if is_slide(path):
-        return _open_slide(path, limits)
+        return _open_slide(path, limits, slide_rule)
     if suffix in TIFF_SUFFIXES:
         return open_tiff(path, limits, frame_axis, plane_position)
     if suffix in AV_SUFFIXES:
@@ -235,12 +255,20 @@ def _check_sequence(media: Media, held: int, limits: MediaLimits) -> None:
 class _SlideSource:
     path: Path
     limits: MediaLimits
+    reader: SlideReader | None  # the job's open slide; None: opened for each read (a frame of a folder)
 
     def read(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        if self.reader is not None:
+            yield from _whole(self.reader, indices, self.limits)
+            return
         with open_slide(self.path, limits=self.limits, channels=ChannelRule()) as reader:
-            _check_whole_slide(reader, self.limits)
-            for _ in indices:
-                yield reader.read_raw(0, 0, reader.width, reader.height)
+            yield from _whole(reader, indices, self.limits)
+
+
+def _whole(reader: SlideReader, indices: Sequence[int], limits: MediaLimits) -> Iterator[np.ndarray]:
+    _check_whole_slide(reader, limits)
+    for _ in indices:
+        yield reader.read_raw(0, 0, reader.width, reader.height)
 
 
 def _check_whole_slide(reader: SlideReader, limits: MediaLimits) -> None:
@@ -253,11 +281,14 @@ def _check_whole_slide(reader: SlideReader, limits: MediaLimits) -> None:
             file=str(reader.path))
 
 
-def _open_slide(path: Path, limits: MediaLimits) -> Opened:
-    with open_slide(path, limits=limits, channels=ChannelRule()) as reader:
-        axes = "YX" if reader.n_channels == 1 else "YXS"
-        return Opened(_SlideSource(path, limits), reader.width, reader.height, 1, reader.n_channels,
-                       axes, str(reader.dtype), slide=reader.describe())
+def _open_slide(path: Path, limits: MediaLimits, rule: ChannelRule | None) -> Opened:
+    reader = open_slide(path, limits=limits, channels=rule or ChannelRule())
+    axes = "YX" if reader.n_channels == 1 else "YXS"
+    opened = Opened(_SlideSource(path, limits, reader if rule is not None else None), reader.width, reader.height,
+                    1, reader.n_channels, axes, str(reader.dtype), slide=reader.describe())
+    if rule is None:
+        reader.close()
+    return opened
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,14 +17,11 @@ from loguru import logger
 from samwatch.config import OutputSettings
 import numpy as np
 
-from samwatch.media.limits import MediaLimits
 from samwatch.media.read import Media
 from samwatch.control.outbox import LABELS_CSV_SUFFIX, LABELS_SUFFIX, PREVIEW_SUFFIX
 from samwatch.outputs.labels import labels_csv, write_labels
 from samwatch.outputs.preview import PromptMark, View, encode_png, features_view, render_preview
 from samwatch.outputs.shapes import Shape, drawable
-from samwatch.media.pixels import ChannelRule
-from samwatch.media.slides import open_slide
 from samwatch.sidecars.schema import OutputSpec, Sidecar
 
 
@@ -78,18 +75,18 @@ def preview_view(media: Media, sidecar: Sidecar, shapes: Sequence[Shape], marks:
     return None
 
 
-def preview_frames(media: Media, sidecar: Sidecar, size: int, view: View | None) -> Callable[[int], np.ndarray]:
+def preview_frames(media: Media, size: int, view: View | None) -> Callable[[int], np.ndarray]:
     """Plane reader for the preview's ``view``: a slide's comes from its coarsest level that is
-    still at least ``size`` a side, never from decoding the slide whole."""
+    still at least ``size`` a side, never from decoding the slide whole, through the job's open
+    reader (its limits and channel rule)."""
     x0, y0, x1, y1 = view or (0, 0, media.width, media.height)
-    if media.kind != "slide":
+    reader = media.region
+    if reader is None:
         return lambda plane: media.frame(plane)[y0:y1, x0:x1]
-    rule = ChannelRule(channels=tuple(sidecar.channels) if sidecar.channels else None, normalize=sidecar.normalize)
 
     def overview(_plane: int) -> np.ndarray:
-        with open_slide(media.path, limits=MediaLimits(), channels=rule) as reader:
-            level = reader.best_level(max(x1 - x0, y1 - y0) / size)
-            return reader.read_region(x0, y0, x1 - x0, y1 - y0, level=level)
+        level = reader.best_level(max(x1 - x0, y1 - y0) / size)
+        return reader.read_region(x0, y0, x1 - x0, y1 - y0, level=level)
 
     return overview
 
@@ -112,7 +109,7 @@ def result_extras(
             marks = prompt_marks(sidecar)
             view = preview_view(media, sidecar, shapes, marks)
             sheet = render_preview(
-                shapes, preview_frames(media, sidecar, plan.preview_size, view), width=media.width, height=media.height,
+                shapes, preview_frames(media, plan.preview_size, view), width=media.width, height=media.height,
                 n_frames=media.n_frames, size=plan.preview_size, filled=sidecar.mode == "automask",
                 plane_letter=frame_axis.lower(), view=view, prompts=marks,
             )

@@ -3,12 +3,15 @@
 Discovery (which image a sidecar names), priority, the job runner and ``samwatch check`` all
 call it, so they cannot disagree about what a sidecar means. Its steps, in order:
 
-1. ``_read``: open one file (size cap, YAML/JSON parse). Checks of the file itself and of its
-   place in the inbox (where a link leads, its name, a sibling sidecar of the same stem)
-   belong here: they then hold for the sidecar and its folder defaults alike.
-   A QuPath GeoJSON export that is a job of its own (``case17.geojson`` beside ``case17.svs``)
-   is not read at all: it stands for ``annotations: case17.geojson``.
-2. The nearest folder defaults fill the keys the sidecar leaves unset.
+1. ``read_sidecar_file``: one file's bytes (size cap), then the YAML/JSON parse. Checks of the
+   file itself and of its place in the inbox (where a link leads, its name, a sibling sidecar
+   of the same stem) belong there: they then hold for the sidecar and its folder defaults
+   alike. Discovery reads a job's sidecar once and the job gets those bytes (``data``), the
+   ones its version was computed from. A QuPath GeoJSON export that is a job of its own
+   (``case17.geojson`` beside ``case17.svs``) is not read at all: it stands for
+   ``annotations: case17.geojson``.
+2. The folder defaults discovery found (``defaults``, ``control.discovery.nearest_defaults``)
+   fill the keys the sidecar leaves unset.
 3. ``validate_sidecar``: the pydantic schema, native and samapi forms (a samapi null means
    absent). Checks of raw values before the schema (numbers, strings) belong in the schema.
 4. ``_resolve_weights``: the weights name, with samapi's ``checkpoint_url``.
@@ -31,9 +34,8 @@ from samwatch.config import Config
 from samwatch.control.discovery import is_export, is_folder_defaults, resolve_inside, split_name
 from samwatch.errors import JobError
 from samwatch.families import MODEL_TYPES, mode_advice, modes_of
-from samwatch.sidecars.parse import read_sidecar_data
+from samwatch.sidecars.parse import parse_sidecar_text, read_sidecar_bytes
 from samwatch.sidecars.schema import (
-    FOLDER_DEFAULTS_STEM,
     SIDECAR_SUFFIXES,
     Sidecar,
     merge_folder_defaults,
@@ -56,9 +58,12 @@ class JobSidecar:
 
 
 def load_job_sidecar(
-    config: Config, rel: str, *, inbox: Path | None = None, problems: list[JobError] | None = None
+    config: Config, rel: str, *, defaults: str | None, data: bytes | None = None, inbox: Path | None = None,
+    problems: list[JobError] | None = None,
 ) -> JobSidecar:
-    """The sidecar ``rel`` (relative to ``inbox``, default the config's) as its job sees it.
+    """The sidecar ``rel`` (relative to ``inbox``, default the config's) as its job sees it,
+    merged with the folder defaults file ``defaults``; ``data``: its bytes, already read by
+    ``read_sidecar_file`` (else they are read here).
 
     Raises the JobError a job would fail with. With ``problems`` given, problems of a valid
     sidecar (weights, mode) are appended there instead, so all of them can be reported.
@@ -68,16 +73,15 @@ def load_job_sidecar(
         # An export dropped beside its image is a job of its own: the export is its prompts,
         # folder defaults its settings. Its bytes are read by the job, never here.
         resolve_inside(inbox, split_name(rel)[0], posixpath.basename(rel), field="annotations", sidecar=rel)
-        data: dict[str, Any] = {"annotations": posixpath.basename(rel)}
+        body: dict[str, Any] = {"annotations": posixpath.basename(rel)}
     else:
-        data = _read(inbox, rel, config)
-    defaults_rel = None
-    if not is_folder_defaults(rel):
-        defaults_rel = nearest_defaults_rel(inbox, split_name(rel)[0])
-        if defaults_rel is not None:
-            data = merge_folder_defaults(data, _read(inbox, defaults_rel, config))
-    checkpoint_url = data.pop("checkpoint_url", None)
-    sidecar = validate_sidecar(data, name=rel) if problems is None else _validate_reporting(data, rel, problems)
+        body = parse_sidecar_text(read_sidecar_file(config, rel, inbox=inbox) if data is None else data, name=rel)
+    defaults_rel = None if is_folder_defaults(rel) else defaults
+    if defaults_rel is not None:
+        own_defaults = read_sidecar_file(config, defaults_rel, inbox=inbox)
+        body = merge_folder_defaults(body, parse_sidecar_text(own_defaults, name=defaults_rel))
+    checkpoint_url = body.pop("checkpoint_url", None)
+    sidecar = validate_sidecar(body, name=rel) if problems is None else _validate_reporting(body, rel, problems)
     model_type = sidecar.model or config.defaults.model
     found: list[JobError] = []
     weights_name = _resolve_weights(config, sidecar, model_type, checkpoint_url, rel, found)
@@ -94,20 +98,9 @@ def load_job_sidecar(
     return JobSidecar(rel, defaults_rel, sidecar, model_type, weights_name, priority, annotations_rel)
 
 
-def nearest_defaults_rel(inbox: Path, folder: str) -> str | None:
-    """The folder defaults file for ``folder``: its own or the nearest above it in the inbox."""
-    current = folder
-    while True:
-        for suffix in SIDECAR_SUFFIXES:
-            rel = posixpath.join(current, f"{FOLDER_DEFAULTS_STEM}{suffix}") if current else f"{FOLDER_DEFAULTS_STEM}{suffix}"
-            if (inbox / rel).is_file():
-                return rel
-        if not current:
-            return None
-        current = posixpath.dirname(current)
-
-
-def _read(inbox: Path, rel: str, config: Config) -> dict[str, Any]:
+def read_sidecar_file(config: Config, rel: str, *, inbox: Path | None = None) -> bytes:
+    """The bytes of the sidecar (or folder defaults) ``rel``, once its place in the inbox is checked."""
+    inbox = config.inbox if inbox is None else inbox
     folder, stem, _ = split_name(rel)
     # Before a byte is read: a link out of the inbox could show what it points at through the
     # errors (an unknown key is named in them).
@@ -124,7 +117,7 @@ def _read(inbox: Path, rel: str, config: Config) -> dict[str, Any]:
             "(a tagged sidecar such as name.cells.yaml is a second job).",
             file=rel,
         )
-    return read_sidecar_data(inbox / rel, max_bytes=config.limits.max_sidecar_bytes, name=rel)
+    return read_sidecar_bytes(inbox / rel, max_bytes=config.limits.max_sidecar_bytes, name=rel)
 
 
 #: a stand-in for a prompt with schema errors of its own: inside any image, so only its own

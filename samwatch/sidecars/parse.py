@@ -76,7 +76,7 @@ def parse_sidecar_text(text: str | bytes, *, name: str) -> dict[str, Any]:
     return data
 
 
-def read_sidecar_data(path: Path, *, max_bytes: int, name: str) -> dict[str, Any]:
+def read_sidecar_bytes(path: Path, *, max_bytes: int, name: str) -> bytes:
     size = path.stat().st_size
     if size > max_bytes:
         raise JobError(
@@ -86,4 +86,4 @@ def read_sidecar_data(path: Path, *, max_bytes: int, name: str) -> dict[str, Any
             file=name,
         )
     with path.open("rb") as handle:
-        return parse_sidecar_text(handle.read(max_bytes + 1), name=name)
+        return handle.read(max_bytes + 1)
