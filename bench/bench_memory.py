@@ -14,8 +14,8 @@ same for a 4096² tiled automask; after <= 256 MiB over idle.
 Scenarios: ``boxes`` (``--boxes`` boxes on a ``--box-side``² image; masks cut to their boxes, as
 a trained model's lie around them, so what is measured is what the pipeline holds, not the size
 of random blobs' polygons), ``automask`` (1024², ``--points``² points, batches of 64),
-``tiled`` (4096² tiled automask, ``--tile-points``² points per 1024 window, filters off as in
-bench_tiling.py), ``upstream`` (mobile_sam's own SamAutomaticMaskGenerator on the 1024² job,
+``tiled`` (4096² tiled automask, ``--tile-points``² points per 1024 window, filters off and the
+weights made decisive as in bench_tiling.py), ``upstream`` (mobile_sam's own SamAutomaticMaskGenerator on the 1024² job,
 as samwatch ran it before: whole batches upsampled to the image's size) and ``microsam`` (micro-sam's
 TiledAutomaticMaskGenerator on the 4096² job, if micro-sam is importable).
 """
@@ -90,6 +90,15 @@ def settled_rss() -> int:
 # ---- in the child -------------------------------------------------------------------------
 
 
+def decisive(checkpoint: Path) -> Path:
+    """The random weights with their hypernetwork scaled (bench_tiling.py, tests/conftest.py), for
+    the two tiled scenarios: with logits near 0 every mask is noise the size of its tile, and
+    micro-sam then spends hours on them (two runs were stopped after 17 and 24 CPU minutes)."""
+    from bench_tiling import conditioned
+
+    return conditioned(checkpoint)
+
+
 def samwatch_job(root: Path, args: argparse.Namespace, scenario: str) -> dict:
     import torch
     import yaml
@@ -109,6 +118,8 @@ def samwatch_job(root: Path, args: argparse.Namespace, scenario: str) -> dict:
     torch.manual_seed(0)
     checkpoint = root / "vit_t.pt"
     torch.save(build_predictor("vit_t", None).model.state_dict(), checkpoint)
+    if scenario == "tiled":
+        checkpoint = decisive(checkpoint)
     config = Config(inbox=root / "inbox", outbox=root / "outbox", state_dir=args.state or root / "state", device="cpu",
                     weights=[{"name": "default", "type": "vit_t", "path": str(checkpoint)}],
                     models={"accelerate": {"cpu": [] if args.eager else ["onnxruntime"]}})
@@ -182,6 +193,7 @@ def microsam_job(root: Path, args: argparse.Namespace) -> dict | None:
     torch.manual_seed(0)
     checkpoint = root / "vit_t.pt"
     torch.save(build_sam_vit_t().state_dict(), checkpoint)
+    checkpoint = decisive(checkpoint)
     predictor = util.get_sam_model(model_type="vit_t", checkpoint_path=str(checkpoint), device="cpu")
     image = np.repeat(test_image(4096)[..., None], 3, axis=2)
     idle = settled_rss()
