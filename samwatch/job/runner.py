@@ -29,6 +29,7 @@ from samwatch.geometry.outline import mask_to_geometry
 from samwatch.geometry.raster import polygons_of
 from samwatch.job.inputs import channel_rule, load_ticket_sidecar, media_limits, open_media, ticket_image
 from samwatch.media.read import Media
+from samwatch.media.slides import ArraySource
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.device import default_prompt_batch_size, describe
 from samwatch.models.pool import ModelPool

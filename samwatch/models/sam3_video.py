@@ -27,7 +27,7 @@ from samwatch.models.base import Detection, RunContext, load_state_dict_strict
 from samwatch.models.sam3 import BPE_PATH, DETECTOR, cuda_failures, import_sam3
 from samwatch.models.sam3_device import empty_safe_connected_components, on_device
 from samwatch.models.weights_io import load_checkpoint
-from samwatch.sidecars.schema import VideoObject, VideoSpec
+from samwatch.sidecars.schema import Box, VideoObject, VideoSpec
 
 if TYPE_CHECKING:
     from samwatch.models.sam3 import Adapter
