@@ -43,7 +43,7 @@ from samwatch.sidecars.schema import Sidecar
 from samwatch.tiling.cache import TileEmbeddingStore, weights_identity
 from samwatch.tiling.segment import TilingReport, is_tiled, plan_for, segment
 from samwatch.tiling.tile import TileJob
-from samwatch.tiling.units import TileSpread, TileWork, frames_over, whole_frame
+from samwatch.tiling.units import TileSpread, TileUnit, TileWork, map_tile_units, whole_frame
 from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress
 
 
@@ -261,12 +261,10 @@ class JobRunner:
         order (``plane 3 of 40 on worker``); closing early (a cancel) cancels the planes not yet run."""
         sidecar, media = job.sidecar, job.media
         tile = whole_frame(media.width, media.height, len(sidecar.prompts) if sidecar.mode == "prompts" else 0)
-        works = [TileWork(media.path, index, False, media_limits(self.config.limits), channel_rule(sidecar),
-                          TileJob(sidecar=sidecar, image_key=f"{base_key}:{index}", prompt_batch_size=self.prompt_batch_size,
-                                  memory_budget=self.config.limits.max_job_memory), job.spec)
+        units = [TileUnit(self._tile_work(sidecar, media, base_key, index, job.spec), tile)
                  for index in range(media.n_frames)]
         workers: Counter[str] = Counter()
-        with closing(frames_over(self.units, works, tile)) as results:
+        with closing(map_tile_units(self.units, units)) as results:
             for index, result in enumerate(results):
                 workers[result.worker] += 1
                 job.progress("frames", (index + 1) / media.n_frames, f"plane {index + 1} of {media.n_frames} on {result.worker}")
@@ -287,11 +285,8 @@ class JobRunner:
         )
         report: TilingReport | None = None
         for frame_index in range(media.n_frames):
-            job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{frame_index}",
-                          prompt_batch_size=self.prompt_batch_size, embedding_store=store,
-                          memory_budget=self.config.limits.max_job_memory)
-            work = TileWork(media.path, frame_index, media.kind == "slide", media_limits(self.config.limits),
-                            channel_rule(sidecar), job, spec)
+            work = self._tile_work(sidecar, media, base_key, frame_index, spec, store)
+            job = work.job
             spread = TileSpread(self.units, work) if self.units is not None else None
             with self._frame_source(media, frame_index) as source:
                 plan = plan_for(sidecar, source)
@@ -304,6 +299,16 @@ class JobRunner:
                     yield detection
         if report is not None:
             provenance["tiling"] = report.to_dict()
+
+    def _tile_work(
+        self, sidecar: Sidecar, media: Media, base_key: str, index: int, spec: LoadSpec,
+        store: TileEmbeddingStore | None = None,
+    ) -> TileWork:
+        """What the windows of frame ``index`` share, wherever they run."""
+        job = TileJob(sidecar=sidecar, image_key=f"{base_key}:{index}", prompt_batch_size=self.prompt_batch_size,
+                      embedding_store=store, memory_budget=self.config.limits.max_job_memory)
+        return TileWork(media.path, index, media.kind == "slide", media_limits(self.config.limits),
+                        channel_rule(sidecar), job, spec)
 
     def _frame_source(self, media: Media, index: int) -> Any:
         """Frame ``index`` behind the region API: a slide read lazily (the job's open reader,

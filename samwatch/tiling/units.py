@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from samwatch.media.read import ChannelRule, Media, MediaLimits, open_region_source, probe
+from samwatch.media.read import ChannelRule, MediaLimits, open_region_source, probe
 from samwatch.media.slides import ArraySource, RegionSource
 from samwatch.models.base import Detection
 from samwatch.tiling.plan import Rect, TileSpec
@@ -40,11 +40,11 @@ class TileWork:
     job: TileJob  # no scratch folder: that is the job's own worker's
     spec: LoadSpec
 
-    def open(self, media: Media | None = None) -> RegionSource:
-        """The frame behind the region API; ``media`` (the job's, already probed) saves a probe."""
+    def open(self) -> RegionSource:
+        """The frame behind the region API, opened where the unit runs."""
         if self.slide:
             return open_region_source(self.path, limits=self.limits, channels=self.channels)
-        media = media or probe(self.path, limits=self.limits, channels=self.channels)
+        media = probe(self.path, limits=self.limits, channels=self.channels)
         return ArraySource(self.path, media.frame(self.frame), self.limits)
 
 
@@ -103,15 +103,15 @@ class TileSpread:
         return self.units.spreads(len(tiles))
 
     def run(self, tiles: list[TileSpec]) -> Iterator[TileResult]:
-        return self.units.map_units(run_tile_unit, [TileUnit(self.work, tile) for tile in tiles])
+        return map_tile_units(self.units, [TileUnit(self.work, tile) for tile in tiles])
+
+
+def map_tile_units(units: Any, tile_units: list[TileUnit]) -> Iterator[TileResult]:
+    """Each unit through the executor's unit mapper, results in the units' order."""
+    return units.map_units(run_tile_unit, tile_units)
 
 
 def whole_frame(width: int, height: int, prompts: int) -> TileSpec:
     """One plane of a stack as a unit: a window that is the whole image, owning all its prompts."""
     rect = Rect(0, 0, width, height)
     return TileSpec(0, 1, rect, rect, 1.0, 0, tuple(range(prompts)))
-
-
-def frames_over(units: Any, works: list[TileWork], tile: TileSpec) -> Iterator[TileResult]:
-    """Each plane's ``tile`` (``whole_frame``) through the unit mapper, in the planes' order."""
-    return units.map_units(run_tile_unit, [TileUnit(work, tile) for work in works])
