@@ -45,6 +45,10 @@ WHOLE_LIFE = {"queued", "reading", "loading model", "encoding image", "decoding 
 REFUSED = {"queued", "reading", *WRITES, "renamed", "recorded"}
 
 
+#: seconds of the rig's clock between status.json writes (a step is 0.2)
+STATUS_GAP = 2.0
+
+
 class Clock:
     """The daemon's time: it moves only when a step is taken, so every run meets the same instants."""
 
@@ -101,7 +105,9 @@ class Rig:
         self.root, self.threaded = root, setup.threaded or setup.dask is not None
         self.clock = Clock()
         config = config_for(root, 3 if setup.threaded else 1, setup.dask)
-        self.daemon = Daemon.from_config(config, threaded=setup.threaded, clock=self.clock, adapters=fake_adapters)
+        # status.json is not a job's file (the sweep's instants leave it out): written every few steps, not each one
+        self.daemon = Daemon.from_config(config, threaded=setup.threaded, clock=self.clock, adapters=fake_adapters,
+                                         status_gap=STATUS_GAP)
 
     def step(self) -> None:
         self.clock.now += 0.2

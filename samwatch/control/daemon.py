@@ -85,6 +85,7 @@ class Daemon:
         config_optional: bool = False,
         notifier: SystemdNotifier | None = None,
         facts: InputFacts | None = None,
+        status_gap: float = STATUS_MIN_GAP_SECONDS,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -112,6 +113,7 @@ class Daemon:
         self._next_claim_refresh = float("-inf")
         self._status_dirty = False
         self._status_written = float("-inf")
+        self.status_gap = status_gap  # status.json is rewritten at most this often (seconds of ``clock``)
 
     @classmethod
     def from_config(
@@ -124,6 +126,7 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         notifier: SystemdNotifier | None = None,
         adapters: Any = None,
+        status_gap: float = STATUS_MIN_GAP_SECONDS,
     ) -> Daemon:
         """The daemon with its real collaborators; ``threaded=False`` runs each job inside ``step``;
         ``adapters`` is the local pools' families table (``models.pool.AdapterTable``; tests fake it)."""
@@ -159,7 +162,7 @@ class Daemon:
         return cls(
             config, ledger=ledger, registry=registry, claims=claims, watcher=watcher, executor=executor,
             outbox=outbox, clock=clock, config_path=config_path, config_optional=config_optional, notifier=notifier,
-            facts=InputFacts(config, ledger, threaded=threaded),
+            facts=InputFacts(config, ledger, threaded=threaded), status_gap=status_gap,
         )
 
     # ---- signals ----------------------------------------------------------------------
@@ -246,7 +249,7 @@ class Daemon:
             self._next_claim_refresh = now + min(5.0, self.config.service.claim_ttl_seconds / 4)
         if now >= self._next_heartbeat:
             self.heartbeat()
-        elif self._status_dirty and now - self._status_written >= STATUS_MIN_GAP_SECONDS:
+        elif self._status_dirty and now - self._status_written >= self.status_gap:
             self._write_status()
 
     def _dispatch(self, now: float) -> None:

@@ -8,7 +8,6 @@ the log) and never escapes to the daemon.
 from __future__ import annotations
 
 import platform
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -37,6 +36,7 @@ from samwatch.outputs.extras import OutputPlan, result_extras
 from samwatch.outputs.geojson import result_collection
 from samwatch.outputs.shapes import Shape, class_color
 from samwatch.job.prompts import prompt_masks
+from samwatch.job.scratch import job_scratch
 from samwatch.sidecars.load import JobSidecar
 from samwatch.sidecars.qupath import Imported, Source, import_annotations, read_export
 from samwatch.sidecars.schema import Sidecar
@@ -187,8 +187,8 @@ class JobRunner:
         load_started = time.perf_counter()
         job.adapter = self.pool.get(job.spec)
         job.timings["load"] = time.perf_counter() - load_started
-        with tempfile.TemporaryDirectory(prefix="samwatch-job-") as scratch:
-            yield from self._infer(job, Path(scratch))
+        with job_scratch() as scratch:
+            yield from self._infer(job, scratch)
         job.encoder = job.adapter.encoder_path  # before another job can use it
         job.decoder = job.adapter.decoder_path
 
