@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -104,16 +105,31 @@ class Rig:
     def __init__(self, root: Path, *, setup: Setup) -> None:
         self.root, self.threaded = root, setup.threaded or setup.dask is not None
         self.clock = Clock()
+        # Held through each step: a job thread that meets its instant takes the crash image between
+        # two steps, never while the loop is halfway through writing another job's outcome
+        # (which a kill could not split as a copy taken meanwhile would: a result missing under
+        # its final progress file and done marker).
+        self.stepping = threading.RLock()
         config = config_for(root, 3 if setup.threaded else 1, setup.dask)
         # status.json is not a job's file (the sweep's instants leave it out): written every few steps, not each one
         self.daemon = Daemon.from_config(config, threaded=setup.threaded, clock=self.clock, adapters=fake_adapters,
                                          status_gap=STATUS_GAP)
 
     def step(self) -> None:
-        self.clock.now += 0.2
-        self.daemon.step(self.clock.now)
-        if self.threaded:
-            self.daemon._collect(0.005)
+        with self.stepping:
+            self.clock.now += 0.2
+            self.daemon.step(self.clock.now)
+            if self.threaded:
+                self.daemon._collect(0.005)
+
+    def crash_image(self, target: Path) -> None:
+        """What a kill -9 now leaves, as ``crash_image``, the loop held between two steps."""
+        held = self.stepping.acquire(timeout=10)
+        try:
+            crash_image(self.root, target)
+        finally:
+            if held:
+                self.stepping.release()
 
     def idle(self) -> bool:
         daemon = self.daemon
@@ -261,7 +277,7 @@ def crash_at(base: Path, stems: list[str], target: Instant, *, setup: Setup) -> 
         subject = _relative(live, subject)
         counts[instant, subject] += 1
         if not taken and (instant, subject, counts[instant, subject]) == target:
-            crash_image(live, image)
+            rig.crash_image(image)
             taken.append(True)
 
     rig = Rig(live, setup=setup)
@@ -323,7 +339,7 @@ def enospc_at(base: Path, stems: list[str], target: Instant, *, setup: Setup, th
         if instant == "write 50%" and (_ours(live, subject, stems) or (spool and then == "crash, spool full")):
             raise OSError(errno.ENOSPC, "No space left on device", subject)
         if instant == "recorded" and subject == job and not taken:
-            crash_image(live, image)
+            rig.crash_image(image)
             taken.append(True)
 
     rig = Rig(live, setup=setup)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from samwatch.atomic import atomic_write_json
+from samwatch.processes import process_gone
 
 #: a claim still unreadable this long after it was created was cut short (a full disk)
 HALF_WRITTEN_SECONDS = 2.0
@@ -77,13 +78,7 @@ class ClaimStore:
         instance, _, pid = owner.rpartition(":")
         if instance != self.instance.rpartition(":")[0] or not pid.isdigit() or int(pid) == os.getpid():
             return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return process_gone(int(pid))
 
     @staticmethod
     def _half_written(lock: Path, age: float) -> bool:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from samwatch.processes import process_gone
+
 PREFIX = "samwatch-job-"
 
 
@@ -37,7 +39,7 @@ def remove_abandoned(root: Path) -> int:
     removed = 0
     for folder in root.glob(f"{PREFIX}*"):
         pid = _owner(folder.name)
-        if pid is None or pid == os.getpid() or _running(pid):
+        if pid is None or pid == os.getpid() or not process_gone(pid):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed += not folder.exists()
@@ -50,12 +52,3 @@ def _owner(name: str) -> int | None:
     pid = name[len(PREFIX):].split("-", 1)[0]
     return int(pid) if pid.isdigit() else None
 
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: running, and not ours to judge
-        return True
-    return True
