@@ -27,6 +27,7 @@ from samwatch.atomic import TMP_PREFIX
 from samwatch.config import Config
 from samwatch.control.daemon import Daemon
 from samwatch.control.ledger import ACTIVE_STATES
+from samwatch.processes import process_gone
 from samwatch.vocab import WAITING_FOR_DEVICE
 from fakes import fake_adapters
 from support import fake_weights, read_json, save_image, write_sidecar
@@ -200,21 +201,17 @@ def crash_image(source: Path, target: Path) -> None:
                 except FileNotFoundError:
                     pass  # renamed or removed as we copied: the copy is of an instant a moment later
     shutil.copy2(source / "fake.pt", target / "fake.pt")
-    dead = _dead_pid()
+    dead = dead_pid()
     for lock in (target / "outbox" / "_samwatch" / "claims").glob("*.lock"):  # the killed process's claims
         lock.write_text(lock.read_text().replace(f":{os.getpid()}\"", f":{dead}\""))
 
 
-def _dead_pid() -> int:
+def dead_pid() -> int:
+    """A pid no process has (the claims of a killed process name one)."""
     pid = 4_000_000
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            pass
+    while not process_gone(pid):
         pid += 1
+    return pid
 
 
 def ledger_states(root: Path) -> dict[str, str]:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from crash_rig import dead_pid
 from samwatch.job.scratch import PREFIX, job_scratch
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid  # reaped: no process has it (pids are not reused this quickly)
-
-
 def test_a_killed_process_s_scratch_is_removed_by_the_next_job_and_nothing_else(tmp_path: Path) -> None:
-    killed = tmp_path / f"{PREFIX}{_dead_pid()}-abc123"
+    killed = tmp_path / f"{PREFIX}{dead_pid()}-abc123"
     (killed / "frames").mkdir(parents=True)
     (killed / "frames" / "00000.jpg").write_bytes(b"\xff" * 1000)
     running = tmp_path / f"{PREFIX}{os.getppid()}-def456"  # a live process (our parent): still in use

@@ -51,4 +51,3 @@ def remove_abandoned(root: Path) -> int:
 def _owner(name: str) -> int | None:
     pid = name[len(PREFIX):].split("-", 1)[0]
     return int(pid) if pid.isdigit() else None
-
