@@ -13,13 +13,15 @@ import psutil
 import pytest
 import torch
 
+from samwatch import memory
 from samwatch.errors import JobError
 from samwatch.geometry.outline import mask_to_geometry
+from samwatch.job import pipeline
 from samwatch.models import automask, sam1
 from samwatch.models.base import Detection, RunContext
 from samwatch.models.budget import DECODER_BYTES_PER_PROMPT, MiB, automask_batch, prompt_batch
 from samwatch.sidecars.schema import validate_sidecar
-from samwatch.vocab import LoadSpec
+from samwatch.vocab import JobTicket, LoadSpec, Outcome
 from support import DaemonProcess, finished, read_json, save_image, wait_for, write_config, write_sidecar
 
 
@@ -87,6 +89,40 @@ def test_a_big_yaml_text_parsed_in_a_child_is_what_yaml_gives() -> None:
     assert load_yaml(text, yaml.SafeLoader) == yaml.safe_load(text)
     dated = "when: 2024-01-01\n#" + "x" * CHILD_MIN_BYTES  # JSON cannot carry a date: parsed here
     assert load_yaml(dated, yaml.SafeLoader) == yaml.safe_load(dated)
+
+
+class HoldingRunner:
+    """A job that holds ``hold`` bytes (touched) while on the device: JobRunner's three stages."""
+
+    def __init__(self, hold: int) -> None:
+        self.hold = hold
+
+    def prepare(self, ticket, progress):  # noqa: ANN001, ANN201
+        return object()
+
+    def infer(self, prepared):  # noqa: ANN001, ANN201
+        held = np.ones(self.hold, np.uint8)
+        yield from ()
+        del held
+
+    def finish(self, prepared, detections):  # noqa: ANN001, ANN201
+        list(detections)
+        return Outcome("done", result={})
+
+
+def test_only_a_job_that_grew_the_process_pays_for_giving_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full garbage collection walks every object (a quarter second with torch loaded): a job
+    that grew the process by less than GIVE_BACK_MIN_BYTES skips it, one that grew it more does not."""
+    given: list[str] = []
+    monkeypatch.setattr(pipeline, "give_back", lambda: given.append("collected"))
+    outcomes: list[str] = []
+    for name, hold in (("small", 1 * memory.MiB), ("big", 4 * memory.GIVE_BACK_MIN_BYTES)):
+        jobs = pipeline.JobPipeline()  # one job at a time: no other job's memory in its window
+        jobs.submit(HoldingRunner(hold), JobTicket(name, f"{name}.yaml", f"{name}.png", "sha", "v1"),
+                    lambda *args: None, lambda ticket, outcome: outcomes.append(ticket.job_id))
+        jobs.close()
+    assert outcomes == ["small", "big"]
+    assert given == ["collected"]  # the big job's only
 
 
 @pytest.mark.subprocess  # the RSS of a real daemon process is what is measured

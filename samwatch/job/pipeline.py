@@ -42,6 +42,8 @@ class _Job:
     started: float
     prepared: Prepared | None = None
     detections: queue.Queue | None = None
+    #: the process's RSS when the job reached the device (memory.PeakMeter.start)
+    rss_at_start: int = 0
 
 
 class _End:
@@ -109,7 +111,7 @@ class JobPipeline:
     def _device(self) -> None:
         while (job := self._to_device.get()) is not None:
             started = time.perf_counter()
-            self._meter.start()
+            job.rss_at_start = self._meter.start()
             job.detections = queue.Queue(maxsize=HANDOFF)
             self._to_write.put(job)  # the writer traces while this stage decodes
             try:
@@ -137,7 +139,8 @@ class JobPipeline:
             self._end(job, outcome)
             job.prepared = job.detections = None  # the other stages' threads still name this job
             del outcome, stream
-            give_back()  # what the job used goes back to the system, not into an idle daemon's RSS
+            if self._meter.worth_giving_back(job.rss_at_start):
+                give_back()  # what the job used goes back to the system, not into an idle daemon's RSS
 
 
 class _Stream:
