@@ -68,6 +68,12 @@ def daemons_only_in_subprocess_tests(request: pytest.FixtureRequest, monkeypatch
     monkeypatch.setattr(subprocess.Popen, "__init__", checked)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow_model tests first. SAM3's alone runs two minutes on one core; started late, as the
+    files' order had it, it ran on while the other xdist worker had long finished everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("slow_model") is None)
+
+
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """The checkpoint ``name``, built by ``build(path)`` once per session: xdist's workers share
     the session's temp root, so the first builds it under a lock and the others load it."""
