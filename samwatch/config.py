@@ -275,7 +275,7 @@ class ExecutorSettings(StrictModel):
     path_map: dict[str, str] = Field(
         default_factory=dict,
         description="dask: prefixes rewritten for workers that mount the share elsewhere "
-        "({'/srv/samwatch': '/mnt/samwatch'}): inbox, state_dir and weights paths.",
+        "({'/srv/samwatch': '/mnt/samwatch'}): inbox, state_dir, weights paths and images under inputs.image_roots.",
     )
 
     @model_validator(mode="after")

@@ -285,3 +285,48 @@ def test_jobqueue_clusters_are_configured_without_a_batch_system() -> None:
     }
     with pytest.raises(ValueError, match="exactly one of address or cluster"):
         Config(executor={"kind": "dask"})
+
+
+@pytest.fixture(scope="module")
+def threads_cluster():
+    """A cluster of one worker inside this process, on the fake model (an in-process daemon's jobs)."""
+    import fakes
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as local:
+        for worker in local.workers.values():
+            fakes.dask_setup(worker)
+        yield local.scheduler_address
+
+
+@pytest.mark.parametrize("worker_mount", ["elsewhere", "missing"])
+def test_workers_read_inputs_through_the_path_map(tmp_path: Path, threads_cluster: str, worker_mount: str) -> None:
+    """The share is srv/ here and mnt/ on the workers (a symlink stands in for the second mount):
+    an inbox image and one a sidecar names under inputs.image_roots are read on the worker at
+    their mapped paths; a worker without that mount says which path it could not find."""
+    from support import InProcessDaemon
+
+    share, mount = tmp_path / "srv", tmp_path / "mnt"
+    slides = share / "slides"
+    slides.mkdir(parents=True)
+    if worker_mount == "elsewhere":
+        mount.symlink_to(share)
+    config = write_config(share, fake_weights(share), inputs={"image_roots": [str(slides)]},
+                          executor={"kind": "dask", "address": threads_cluster, "path_map": {str(share): str(mount)}})
+    save_image(slides / "s.png", SMALL)
+    write_sidecar(share / "inbox" / "s.yaml", {"image": str(slides / "s.png"), "prompts": [{"bbox": [1, 1, 9, 9]}]})
+    drop(share / "inbox", "i", "cell")
+    read_at = {"s": mount / "slides" / "s.png", "i": mount / "inbox" / "i.png"}
+    with InProcessDaemon(config) as daemon:
+        daemon.run_until(lambda: all(finished(share / "outbox", stem) for stem in read_at), 60, what="the jobs on the worker")
+    for stem, path in read_at.items():
+        if worker_mount == "elsewhere":
+            assert progress_state(share / "outbox", stem) == "done", daemon.log()[-2000:]
+            result = read_json(share / "outbox" / f"{stem}.geojson")
+            assert result["samwatch"]["worker"]["executor"] == "dask"
+            if stem == "s":  # an inbox image is named inbox-relative, the same on both sides
+                assert result["samwatch"]["image"]["path"] == str(path)
+        else:
+            error = read_json(share / "outbox" / f"{stem}.error.json")
+            assert error["error"] == "image_not_found" and error["file"] == str(path), error
+            assert error["message"].startswith(f"The Dask worker 0 finds no file at {path},"), error
+            assert "executor.path_map" in error["message"]

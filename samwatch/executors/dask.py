@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,9 @@ class DaskExecutor:
         if isinstance(spec, tuple):  # weights still downloading: the job waits here, not on a worker
             self._immediate.append(Finished(ticket.job_id, dispatch.token, Outcome("waiting", waiting_for=spec), "daemon"))
             return
-        job = WorkerJob(_mapped_config(self._config), ticket, dispatch.token, _mapped_spec(spec, self._config.executor.path_map))
+        path_map = self._config.executor.path_map
+        job = WorkerJob(_mapped_config(self._config), _mapped_ticket(ticket, path_map), dispatch.token,
+                        _mapped_spec(spec, path_map))
         future = self.client.submit(run_on_worker, job, key=f"{TASK_PREFIX}-{dispatch.token}", pure=False)
         self._futures[dispatch.token] = (dispatch, future)
 
@@ -313,7 +315,29 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
                        units=ClusterUnits(job.config, job.token))  # a tiled job's tiles spread over the cluster
     outcome = runner.run(job.ticket, progress)
     outcome.worker = identity
+    if outcome.error is not None and _image_unseen(outcome.error, job):
+        outcome.error = _unseen_on_worker(job, str(worker.name))
     return outcome.to_wire()
+
+
+def _image_unseen(error: JobError, job: WorkerJob) -> bool:
+    image = job.ticket.image
+    return error.code == "image_not_found" and image is not None and error.file == image and \
+        not (job.config.inbox / image).exists()
+
+
+def _unseen_on_worker(job: WorkerJob, worker_name: str) -> JobError:
+    """The daemon found the image before it sent the job, so a worker that finds none does not
+    see the share where the config (and ``executor.path_map``) says it is."""
+    assert job.ticket.image is not None
+    where = job.config.inbox / job.ticket.image
+    path_map = job.config.executor.path_map
+    return JobError(
+        "image_not_found",
+        f"The Dask worker {worker_name} finds no file at {where}, where this job's image is for it. "
+        f"Check that the worker mounts the share there, and executor.path_map ({path_map or 'empty'}).",
+        file=str(where),
+    )
 
 
 def worker_state(device: str = "auto", *, dask_worker: Any) -> dict[str, Any]:
@@ -373,7 +397,13 @@ def _mapped_config(config: Config) -> Config:
     })
 
 
-def _mapped_spec(spec: LoadSpec, path_map: dict[str, str]) -> LoadSpec:
-    from dataclasses import replace
+def _mapped_ticket(ticket: JobTicket, path_map: dict[str, str]) -> JobTicket:
+    """An image under inputs.image_roots travels as its absolute (real) path, mapped like the inbox;
+    an inbox image is inbox-relative and follows the mapped inbox."""
+    if not path_map or ticket.image is None or not Path(ticket.image).is_absolute():
+        return ticket
+    return replace(ticket, image=str(_map_path(Path(ticket.image), path_map)))
 
+
+def _mapped_spec(spec: LoadSpec, path_map: dict[str, str]) -> LoadSpec:
     return replace(spec, checkpoint=_map_path(Path(spec.checkpoint), path_map)) if path_map else spec
