@@ -289,10 +289,11 @@ def test_jobqueue_clusters_are_configured_without_a_batch_system() -> None:
 
 @pytest.fixture(scope="module")
 def threads_cluster():
-    """A cluster of one worker inside this process, on the fake model (an in-process daemon's jobs)."""
+    """A cluster of one worker of two threads inside this process, on the fake model (an in-process
+    daemon's jobs; a job's thread secedes while its tiles run, so the worker takes them)."""
     import fakes
 
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as local:
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as local:
         for worker in local.workers.values():
             fakes.dask_setup(worker)
         yield local.scheduler_address
@@ -330,3 +331,31 @@ def test_workers_read_inputs_through_the_path_map(tmp_path: Path, threads_cluste
             assert error["error"] == "image_not_found" and error["file"] == str(path), error
             assert error["message"].startswith(f"The Dask worker 0 finds no file at {path},"), error
             assert "executor.path_map" in error["message"]
+
+
+def test_status_shows_the_tiles_a_worker_runs_for_a_spread_job(tmp_path: Path, threads_cluster: str) -> None:
+    from support import InProcessDaemon
+
+    from samwatch.cli.status_view import render_plain
+    from samwatch.control.dashboard import render
+
+    config = write_config(tmp_path, fake_weights(tmp_path), executor={"kind": "dask", "address": threads_cluster})
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    save_image(inbox / "big.png", np.zeros((1000, 1300, 3), np.uint8))  # 6 x 5 tiles of 0.2 s, one at a time
+    write_sidecar(inbox / "big.yaml", {"label": "slow:0.2", **TILED})
+    shown: list[dict] = []
+
+    def tiles_shown() -> bool:
+        heartbeat = status(outbox)
+        if any(worker.get("units") for worker in heartbeat.get("workers", [])):
+            shown.append(heartbeat)
+        return finished(outbox, "big")
+
+    with InProcessDaemon(config) as daemon:
+        daemon.run_until(tiles_shown, 120, what="the spread job")
+    assert progress_state(outbox, "big") == "done", daemon.log()[-2000:]
+    assert shown, "no heartbeat showed the job's tiles on its worker"
+    (worker,) = shown[-1]["workers"]
+    assert set(worker["units"]) == {"big"} and worker["units"]["big"] >= 1
+    assert f"{worker['units']['big']} tiles/planes of big" in render_plain(shown[-1], 0.0, False, [])
+    assert f"<td>{worker['units']['big']} of big</td>" in render([shown[-1]])

@@ -193,12 +193,15 @@ def _workers(instances: list[dict[str, Any]]) -> str:
             if not isinstance(worker, dict):
                 continue
             peak = worker.get("last_job_peak_mb")
+            units = ", ".join(f"{count} of {job}" for job, count in (worker.get("units") or {}).items())
             rows.append(
                 f"<tr><td>{_text(worker.get('name'))}</td><td>{_text(status.get('instance'))}</td>"
                 f"<td>{_text(worker.get('device'))}</td><td>{_text(worker.get('rss_mb', worker.get('memory_mb')))} MB</td>"
-                f"<td>{_text(peak) + ' MB' if peak is not None else ''}</td><td>{_text(worker.get('job') or '')}</td></tr>"
+                f"<td>{_text(peak) + ' MB' if peak is not None else ''}</td><td>{_text(worker.get('job') or '')}</td>"
+                f"<td>{_text(units)}</td></tr>"
             )
-    return _table("Workers", ["worker", "daemon", "device", "memory now", "last job's peak", "job"], rows, "no workers")
+    return _table("Workers", ["worker", "daemon", "device", "memory now", "last job's peak", "job", "tiles/planes"],
+                  rows, "no workers")
 
 
 def _running(jobs: list[dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from loguru import logger
 from samwatch.config import Config
 from samwatch.errors import JobCancelled, JobError
 from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, worker_identity
-from samwatch.executors.dask_units import ClusterUnits, worker_pool
+from samwatch.executors.dask_units import UNIT_PREFIX, ClusterUnits, worker_pool
 from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
+from samwatch.executors.path_map import as_workers_see_them
 from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress, error_from_wire
 
 PROGRESS_TOPIC = "samwatch-progress"
@@ -98,9 +99,8 @@ class DaskExecutor:
         if isinstance(spec, tuple):  # weights still downloading: the job waits here, not on a worker
             self._immediate.append(Finished(ticket.job_id, dispatch.token, Outcome("waiting", waiting_for=spec), "daemon"))
             return
-        path_map = self._config.executor.path_map
-        job = WorkerJob(_mapped_config(self._config), _mapped_ticket(ticket, path_map), dispatch.token,
-                        _mapped_spec(spec, path_map))
+        config, seen_ticket, seen_spec = as_workers_see_them(self._config, ticket, spec)  # path_map applied
+        job = WorkerJob(config, seen_ticket, dispatch.token, seen_spec)
         future = self.client.submit(run_on_worker, job, key=f"{TASK_PREFIX}-{dispatch.token}", pure=False)
         self._futures[dispatch.token] = (dispatch, future)
 
@@ -185,6 +185,7 @@ class DaskExecutor:
             if token in self._futures:
                 in_hand.setdefault(worker, []).append(self._futures[token][0].ticket.job_id)
         keys = {f"{TASK_PREFIX}-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
+        jobs_of_tokens = {token: dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
         info = []
         for address, state in sorted(loaded.items()):
             name = names[address]
@@ -199,6 +200,7 @@ class DaskExecutor:
                 **({"slurm_job": state["slurm_job"]} if "slurm_job" in state else {}),
                 "job": jobs[0] if jobs else None,
                 "jobs": jobs,
+                "units": _units_of_jobs(processing.get(address, ()), jobs_of_tokens),
                 **self._counts.get(name, {"done": 0, "failed": 0}),
             })
         self._worker_info = (time.monotonic(), info)
@@ -380,30 +382,12 @@ def _outcome_of(future: Any) -> Outcome:
     return Outcome.from_wire(body)
 
 
-def _map_path(path: Path, path_map: dict[str, str]) -> Path:
-    text = str(path)
-    for source, target in path_map.items():
-        if text == source or text.startswith(source.rstrip("/") + "/"):
-            return Path(target.rstrip("/") + text[len(source.rstrip("/")):])
-    return path
-
-
-def _mapped_config(config: Config) -> Config:
-    path_map = config.executor.path_map
-    if not path_map:
-        return config
-    return config.model_copy(update={
-        "inbox": _map_path(config.inbox, path_map), "state_dir": _map_path(config.state_dir, path_map),
-    })
-
-
-def _mapped_ticket(ticket: JobTicket, path_map: dict[str, str]) -> JobTicket:
-    """An image under inputs.image_roots travels as its absolute (real) path, mapped like the inbox;
-    an inbox image is inbox-relative and follows the mapped inbox."""
-    if not path_map or ticket.image is None or not Path(ticket.image).is_absolute():
-        return ticket
-    return replace(ticket, image=str(_map_path(Path(ticket.image), path_map)))
-
-
-def _mapped_spec(spec: LoadSpec, path_map: dict[str, str]) -> LoadSpec:
-    return replace(spec, checkpoint=_map_path(Path(spec.checkpoint), path_map)) if path_map else spec
+def _units_of_jobs(keys: Any, jobs_of_tokens: dict[str, str]) -> dict[str, int]:
+    """The tiles or planes a worker is running, counted by their job (keys ``UNIT_PREFIX-token-index``)."""
+    units: dict[str, int] = {}
+    for key in keys:
+        if isinstance(key, str) and key.startswith(f"{UNIT_PREFIX}-"):
+            job = jobs_of_tokens.get(key[len(UNIT_PREFIX) + 1:].rpartition("-")[0])
+            if job is not None:
+                units[job] = units.get(job, 0) + 1
+    return units
