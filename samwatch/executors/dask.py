@@ -383,7 +383,8 @@ def _outcome_of(future: Any) -> Outcome:
 
 
 def _units_of_jobs(keys: Any, jobs_of_tokens: dict[str, str]) -> dict[str, int]:
-    """The tiles or planes a worker is running, counted by their job (keys ``UNIT_PREFIX-token-index``)."""
+    """The tiles or planes the scheduler has given a worker (running, or next there), counted by
+    their job (keys ``UNIT_PREFIX-token-index``)."""
     units: dict[str, int] = {}
     for key in keys:
         if isinstance(key, str) and key.startswith(f"{UNIT_PREFIX}-"):
