@@ -359,3 +359,24 @@ def test_status_shows_the_tiles_a_worker_runs_for_a_spread_job(tmp_path: Path, t
     assert set(worker["units"]) == {"big"} and worker["units"]["big"] >= 1
     assert f"{worker['units']['big']} tiles/planes of big" in render_plain(shown[-1], 0.0, False, [])
     assert f"<td>{worker['units']['big']} of big</td>" in render([shown[-1]])
+
+
+@pytest.mark.parametrize("grew", [True, False])
+def test_a_worker_gives_back_what_a_job_that_grew_it_used(tmp_path: Path, threads_cluster: str, grew: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the local executor does (memory.PeakMeter decides: tests/test_memory.py), so that a big
+    job's freed memory does not stay with a worker that lives as long as its batch job."""
+    from support import InProcessDaemon
+
+    from samwatch.executors import dask
+    from samwatch.memory import PeakMeter
+
+    given: list[str] = []
+    monkeypatch.setattr(PeakMeter, "worth_giving_back", lambda self, started_at: grew)
+    monkeypatch.setattr(dask, "give_back", lambda: given.append("given back"))
+    config = write_config(tmp_path, fake_weights(tmp_path), executor={"kind": "dask", "address": threads_cluster})
+    drop(tmp_path / "inbox", "j", "cell")
+    with InProcessDaemon(config) as daemon:
+        daemon.run_until(lambda: finished(tmp_path / "outbox", "j"), 60, what="the job on the worker")
+    assert progress_state(tmp_path / "outbox", "j") == "done"
+    assert given == (["given back"] if grew else [])

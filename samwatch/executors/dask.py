@@ -30,6 +30,7 @@ from samwatch.executors.base import Dispatch, Event, Finished, ProgressReport, w
 from samwatch.executors.dask_units import UNIT_PREFIX, ClusterUnits, worker_pool
 from samwatch.executors.jobqueue import TASK_PREFIX, start_jobqueue_cluster
 from samwatch.executors.path_map import as_workers_see_them
+from samwatch.memory import PeakMeter, give_back
 from samwatch.vocab import JobTicket, LoadSpec, Outcome, Progress, error_from_wire
 
 PROGRESS_TOPIC = "samwatch-progress"
@@ -315,11 +316,19 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     identity = worker_identity("dask", str(worker.name))
     runner = JobRunner(job.config, _ResolvedWeights(job.spec), pool, job.config.models.prompt_batch_size, identity,
                        units=ClusterUnits(job.config, job.token))  # a tiled job's tiles spread over the cluster
+    meter = PeakMeter()
+    started_at = meter.start()
     outcome = runner.run(job.ticket, progress)
     outcome.worker = identity
     if outcome.error is not None and _image_unseen(outcome.error, job):
         outcome.error = _unseen_on_worker(job, str(worker.name))
-    return outcome.to_wire()
+    wire = outcome.to_wire()
+    del outcome, runner
+    # A worker lives as long as its batch job: what a big job used goes back to the node, as on
+    # the local executor, instead of staying as the "unmanaged memory" Dask pauses workers for.
+    if meter.worth_giving_back(started_at):
+        give_back()
+    return wire
 
 
 def _image_unseen(error: JobError, job: WorkerJob) -> bool:
