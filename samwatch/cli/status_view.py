@@ -153,7 +153,7 @@ def print_status(
 
 def _tally(worker: dict[str, Any]) -> str:
     """What a slot or cluster worker finished since start (and its Slurm job, if it runs in one),
-    and the tiles or planes of spread jobs it is running now."""
+    and the tiles or planes of spread jobs the scheduler has given it now."""
     slurm = f", Slurm job {worker['slurm_job']}" if worker.get("slurm_job") else ""
     units = "".join(f", {count} tiles/planes of {job}" for job, count in (worker.get("units") or {}).items())
     return f"{worker.get('done', 0)} done, {worker.get('failed', 0)} failed{slurm}{units}"
