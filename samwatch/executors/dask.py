@@ -184,8 +184,8 @@ class DaskExecutor:
         for token, (worker, _) in list(self._running_on.items()):
             if token in self._futures:
                 in_hand.setdefault(worker, []).append(self._futures[token][0].ticket.job_id)
-        keys = {f"{TASK_PREFIX}-{token}": dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
         jobs_of_tokens = {token: dispatch.ticket.job_id for token, (dispatch, _) in self._futures.items()}
+        keys = {f"{TASK_PREFIX}-{token}": job for token, job in jobs_of_tokens.items()}
         info = []
         for address, state in sorted(loaded.items()):
             name = names[address]
@@ -319,8 +319,8 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     started_at = meter.start()
     outcome = runner.run(job.ticket, progress)
     outcome.worker = identity
-    if outcome.error is not None and _image_unseen(outcome.error, job):
-        outcome.error = _unseen_on_worker(job, str(worker.name))
+    if outcome.error is not None:
+        outcome.error = _as_the_worker_sees_it(outcome.error, job, str(worker.name))
     wire = outcome.to_wire()
     del outcome, runner
     # A worker lives as long as its batch job: what a big job used goes back to the node, as on
@@ -330,22 +330,19 @@ def run_on_worker(job: WorkerJob) -> dict[str, Any]:
     return wire
 
 
-def _image_unseen(error: JobError, job: WorkerJob) -> bool:
-    image = job.ticket.image
-    return error.code == "image_not_found" and image is not None and error.file == image and \
-        not (job.config.inbox / image).exists()
-
-
-def _unseen_on_worker(job: WorkerJob, worker_name: str) -> JobError:
+def _as_the_worker_sees_it(error: JobError, job: WorkerJob, worker_name: str) -> JobError:
     """The daemon found the image before it sent the job, so a worker that finds none does not
-    see the share where the config (and ``executor.path_map``) says it is."""
-    assert job.ticket.image is not None
-    where = job.config.inbox / job.ticket.image
-    path_map = job.config.executor.path_map
+    see the share where the config (and ``executor.path_map``) says it is: it says so."""
+    image = job.ticket.image
+    if error.code != "image_not_found" or image is None or error.file != image:
+        return error
+    where = job.config.inbox / image
+    if where.exists():
+        return error
     return JobError(
         "image_not_found",
         f"The Dask worker {worker_name} finds no file at {where}, where this job's image is for it. "
-        f"Check that the worker mounts the share there, and executor.path_map ({path_map or 'empty'}).",
+        f"Check that the worker mounts the share there, and executor.path_map ({job.config.executor.path_map or 'empty'}).",
         file=str(where),
     )
 
