@@ -66,7 +66,9 @@ munged --force --key-file="$KEY" --socket="$SOCKET" --pid-file="$DIR/munged.pid"
   --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed"
 
 HOST=$(hostname -s)
-CPUS=$(nproc)
+# Not the OMP_* variables nproc honours: a Dask nanny sets OMP_NUM_THREADS=1 in its parent, so when
+# a test process that ran a LocalCluster starts Slurm, plain nproc made a one-CPU node.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEMORY=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
 cat >"$CONF" <<EOF
 # Written by samwatch's .ci/slurm_up.sh: a one-node test cluster, no accounting.
